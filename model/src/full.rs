@@ -1,0 +1,138 @@
+//! Dense causal attention, the baseline (`transformer.py::Attention` of the reference): pre-norm,
+//! separate q/k/v projections, rotary embeddings, GQA.
+//!
+//! GQA head pairing follows the reference, which repeats kv heads with
+//! `'b h ... -> b (g h) ...'`: query head `i` uses kv head `i % kv_heads` (the sparse layer
+//! pairs head `i` with kv head `i / group` instead).
+
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+
+use crate::attend::attend;
+use crate::cache::{FullCache, KvBuffer};
+use crate::norm::RmsNorm;
+use crate::rope::Rotation;
+use crate::tensor_util::bool_tensor;
+
+/// One dense attention layer.
+#[derive(Module, Debug)]
+pub struct FullAttention<B: Backend> {
+    /// Pre-norm.
+    pub norm: RmsNorm<B>,
+    /// `dim → heads * dim_head`, no bias.
+    pub to_q: Linear<B>,
+    /// `dim → kv_heads * dim_head`, no bias.
+    pub to_k: Linear<B>,
+    /// `dim → kv_heads * dim_head`, no bias.
+    pub to_v: Linear<B>,
+    /// `heads * dim_head → dim`, no bias.
+    pub to_out: Linear<B>,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub dim_head: usize,
+}
+
+impl<B: Backend> FullAttention<B> {
+    /// New layer (the caller validated the sizes).
+    pub fn new(
+        dim: usize,
+        dim_head: usize,
+        heads: usize,
+        kv_heads: usize,
+        device: &B::Device,
+    ) -> Self {
+        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        Self {
+            norm: RmsNorm::new(dim, device),
+            to_q: linear(dim, heads * dim_head),
+            to_k: linear(dim, kv_heads * dim_head),
+            to_v: linear(dim, kv_heads * dim_head),
+            to_out: linear(heads * dim_head, dim),
+            heads,
+            kv_heads,
+            dim_head,
+        }
+    }
+
+    /// Projects a normed input `[batch, seq, dim]` to `[batch, heads | kv_heads, seq, dim_head]`.
+    pub(crate) fn project(&self, x: Tensor<B, 3>, rotation: &Rotation<B>) -> [Tensor<B, 4>; 3] {
+        let [b, n, _] = x.dims();
+        let d = self.dim_head;
+        let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
+        let q = rotation.apply(split(self.to_q.forward(x.clone()), self.heads));
+        let k = rotation.apply(split(self.to_k.forward(x.clone()), self.kv_heads));
+        let v = split(self.to_v.forward(x), self.kv_heads);
+        [q, k, v]
+    }
+
+    /// Attention of rotated `q` `[batch, heads, n, dim_head]` at positions
+    /// `offset..offset + n` over all keys `[batch, kv_heads, offset + n, dim_head]`, then the
+    /// output projection: → `[batch, n, dim]`.
+    pub(crate) fn attend_keys(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        offset: usize,
+    ) -> Tensor<B, 3> {
+        let [b, h, n, d] = q.dims();
+        let keys = k.dims()[2];
+        let g = h / self.kv_heads;
+        let blocked = (n > 1).then(|| {
+            let mask: Vec<bool> = (0..g * n)
+                .flat_map(|r| (0..keys).map(move |j| j > offset + r % n))
+                .collect();
+            bool_tensor::<B, 5>(mask, [1, 1, 1, g * n, keys], &q.device())
+        });
+        // head i = gi * kv_heads + kv  →  [b, kv_heads, 1, g * n, d]
+        let q = q
+            .reshape([b, g, self.kv_heads, n, d])
+            .swap_dims(1, 2)
+            .reshape([b, self.kv_heads, 1, g * n, d]);
+        let scale = (d as f64).powf(-0.5);
+        let out = attend(q, k.unsqueeze_dim(2), v.unsqueeze_dim(2), blocked, scale).out;
+        let out = out
+            .reshape([b, self.kv_heads, g, n, d])
+            .swap_dims(1, 2)
+            .reshape([b, h, n, d]);
+        self.to_out
+            .forward(out.swap_dims(1, 2).reshape([b, n, h * d]))
+    }
+
+    /// Causal forward: `[batch, seq, dim]` → `[batch, seq, dim]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let rotation = Rotation::new(self.dim_head, 0, x.dims()[1], &x.device());
+        let [q, k, v] = self.project(self.norm.forward(x), &rotation);
+        self.attend_keys(q, k, v, 0)
+    }
+
+    /// Forward over a prompt that also returns the decode cache, with room for `extra` tokens.
+    pub fn prefill(&self, x: Tensor<B, 3>, extra: usize) -> (Tensor<B, 3>, FullCache<B>) {
+        let rotation = Rotation::new(self.dim_head, 0, x.dims()[1], &x.device());
+        let [q, k, v] = self.project(self.norm.forward(x), &rotation);
+        let out = self.attend_keys(q, k.clone(), v.clone(), 0);
+        (
+            out,
+            FullCache {
+                kv: KvBuffer::new(k, v, extra),
+            },
+        )
+    }
+
+    /// Decodes one token `[batch, 1, dim]` at position `cache.kv.len()`, rotated by `rotation`.
+    pub fn step(
+        &self,
+        x: Tensor<B, 3>,
+        cache: FullCache<B>,
+        rotation: &Rotation<B>,
+    ) -> (Tensor<B, 3>, FullCache<B>) {
+        let pos = cache.kv.len();
+        let [q, k, v] = self.project(self.norm.forward(x), rotation);
+        let kv = cache.kv.push(k, v);
+        let (k, v) = kv.all();
+        (self.attend_keys(q, k, v, pos), FullCache { kv })
+    }
+}

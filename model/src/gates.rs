@@ -1,0 +1,45 @@
+//! The learned per-head, per-token mix of the three branches: `sigmoid(Linear(x))` with one gate
+//! per (head, branch), initialised (weights 0, biases −2, −2, +2) so that the sliding window
+//! leads at the start of training, as in the reference.
+
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::sigmoid;
+
+/// Gate projection `dim → 3 * heads`, output column `3 * head + branch`.
+#[derive(Module, Debug)]
+pub struct BranchGates<B: Backend> {
+    /// The projection.
+    pub proj: Linear<B>,
+    /// Query heads.
+    pub heads: usize,
+}
+
+impl<B: Backend> BranchGates<B> {
+    /// Reference initialisation.
+    pub fn new(dim: usize, heads: usize, device: &B::Device) -> Self {
+        let mut proj = LinearConfig::new(dim, 3 * heads).init(device);
+        proj.weight = Param::from_tensor(Tensor::zeros([dim, 3 * heads], device));
+        let bias: Vec<f32> = (0..heads).flat_map(|_| [-2.0, -2.0, 2.0]).collect();
+        proj.bias = Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(bias, [3 * heads]),
+            device,
+        )));
+        Self { proj, heads }
+    }
+
+    /// Mixes `[compressed, selected, sliding]` outputs `[batch, heads, seq, dim_head]` by the gates
+    /// computed from the (normed) layer input `x` `[batch, seq, dim]`.
+    pub fn combine(&self, x: Tensor<B, 3>, branches: [Tensor<B, 4>; 3]) -> Tensor<B, 4> {
+        let [b, n, _] = x.dims();
+        let [_, h, _, d] = branches[0].dims();
+        // [b, h, n, 1, 3]
+        let gates = sigmoid(self.proj.forward(x))
+            .reshape([b, n, h, 1, 3])
+            .swap_dims(1, 2);
+        // [b, h, n, 3, d]: one small matmul instead of three scaled adds
+        let stacked = Tensor::stack::<5>(branches.to_vec(), 3);
+        gates.matmul(stacked).reshape([b, h, n, d])
+    }
+}

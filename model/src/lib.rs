@@ -1,0 +1,35 @@
+//! Native Sparse Attention (NSA, DeepSeek, arXiv 2502.11089) for Burn, generic over any backend,
+//! and a decoder-only transformer LM built on it.
+//!
+//! Numerically equal to `native-sparse-attention-pytorch==0.2.3` (`SparseAttention`,
+//! `causal=True`, and its `transformer.py`); see the crate's parity tests.
+//!
+//! One file per concern: [`compress`], [`select`] and [`sliding`] are the three branches,
+//! [`gates`] mixes them, [`attend`] is the one attention core they share, [`nsa`] is the layer,
+//! [`full`] the dense baseline and [`transformer`] the LM.
+
+pub mod attend;
+pub mod cache;
+pub mod compress;
+pub mod config;
+pub mod full;
+pub mod gates;
+pub mod generate;
+pub mod interop;
+pub mod kernels;
+pub mod norm;
+pub mod nsa;
+pub mod rope;
+pub mod sampling;
+pub mod select;
+pub mod sliding;
+pub mod tensor_util;
+pub mod transformer;
+
+pub use cache::Cache;
+pub use config::{AttentionKind, ConfigError, NsaConfig, SparseSettings, TransformerConfig};
+pub use full::FullAttention;
+pub use generate::GenerateError;
+pub use nsa::SparseAttention;
+pub use sampling::{Sampling, SamplingError, SplitMix64, TopK};
+pub use transformer::{cross_entropy, Attention, Transformer};

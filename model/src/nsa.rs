@@ -1,0 +1,248 @@
+//! Native sparse attention layer: the three branches over the same queries, mixed per head by
+//! learned sigmoid gates (`native_sparse_attention_pytorch.SparseAttention`, causal).
+//!
+//! ```text
+//!              ┌─ compressed: q · pooled blocks of k/v (+ memory kv) ──┐
+//! x ─ norm ─ qkv ─ selected:   q_rot · top-n blocks of k_rot/v + own ──┼─ gates ─ out
+//!              └─ sliding:    q_rot · last `window` k_rot/v ──────────┘
+//! ```
+
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+
+use crate::attend::attend;
+use crate::cache::{KvBuffer, NsaCache};
+use crate::compress::Compressor;
+use crate::config::{ConfigError, NsaConfig};
+use crate::gates::BranchGates;
+use crate::norm::RmsNorm;
+use crate::rope::Rotation;
+use crate::select::{fine_attention, fine_attention_step, importance, select_top};
+use crate::sliding::sliding_attention;
+use crate::tensor_util::pad_zeros;
+
+/// One NSA layer.
+#[derive(Module, Debug)]
+pub struct SparseAttention<B: Backend> {
+    /// Optional pre-norm of the input.
+    pub norm: Option<RmsNorm<B>>,
+    /// `dim → (heads + 2 kv_heads) * dim_head`, no bias.
+    pub to_qkv: Linear<B>,
+    /// Compressed-branch parameters.
+    pub compress: Compressor<B>,
+    /// Branch gates.
+    pub gates: BranchGates<B>,
+    /// `heads * dim_head → dim`, no bias.
+    pub combine_heads: Linear<B>,
+    /// The settings this layer was built with.
+    pub config: NsaConfig,
+}
+
+/// Queries, keys and values of a layer input, `[batch, heads | kv_heads, seq, dim_head]`.
+pub(crate) struct Qkv<B: Backend> {
+    pub q: Tensor<B, 4>,
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+}
+
+impl NsaConfig {
+    /// Builds a layer with the reference's initialisation; refuses an invalid config.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<SparseAttention<B>, ConfigError> {
+        self.validate()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads(), self.dim_head);
+        Ok(SparseAttention {
+            norm: self.norm.then(|| RmsNorm::new(self.dim, device)),
+            to_qkv: LinearConfig::new(self.dim, (h + 2 * kvh) * d)
+                .with_bias(false)
+                .init(device),
+            compress: Compressor::new(self, device),
+            gates: BranchGates::new(self.dim, h, device),
+            combine_heads: LinearConfig::new(h * d, self.dim)
+                .with_bias(false)
+                .init(device),
+            config: self.clone(),
+        })
+    }
+}
+
+impl<B: Backend> SparseAttention<B> {
+    /// Softmax scale `dim_head^-0.5`.
+    pub fn scale(&self) -> f64 {
+        (self.config.dim_head as f64).powf(-0.5)
+    }
+
+    pub(crate) fn normed(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.norm {
+            Some(norm) => norm.forward(x),
+            None => x,
+        }
+    }
+
+    /// Splits the projection of `x` `[batch, seq, dim]` into heads.
+    pub(crate) fn qkv(&self, x: Tensor<B, 3>) -> Qkv<B> {
+        let [b, n, _] = x.dims();
+        let c = &self.config;
+        let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
+        let qkv = self.to_qkv.forward(x);
+        let heads = |start: usize, count: usize| {
+            qkv.clone()
+                .narrow(2, start * d, count * d)
+                .reshape([b, n, count, d])
+                .swap_dims(1, 2)
+        };
+        Qkv {
+            q: heads(0, h),
+            k: heads(h, kvh),
+            v: heads(h + kvh, kvh),
+        }
+    }
+
+    /// Gates, merges heads and projects out: branches `[batch, heads, seq, dim_head]` →
+    /// `[batch, seq, dim]`.
+    pub(crate) fn mix(&self, normed: Tensor<B, 3>, branches: [Tensor<B, 4>; 3]) -> Tensor<B, 3> {
+        let [b, n, _] = normed.dims();
+        let out = self.gates.combine(normed, branches);
+        let inner = self.config.heads * self.config.dim_head;
+        self.combine_heads
+            .forward(out.swap_dims(1, 2).reshape([b, n, inner]))
+    }
+
+    /// Causal forward over a whole sequence: `x` `[batch, seq, dim]` → `[batch, seq, dim]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_inner(x, None).0
+    }
+
+    /// Forward over a prompt that also returns the decode cache, with room for `extra` tokens.
+    pub fn prefill(&self, x: Tensor<B, 3>, extra: usize) -> (Tensor<B, 3>, NsaCache<B>) {
+        let (out, cache) = self.forward_inner(x, Some(extra));
+        (out, cache.expect("cache requested"))
+    }
+
+    fn forward_inner(
+        &self,
+        x: Tensor<B, 3>,
+        cache_extra: Option<usize>,
+    ) -> (Tensor<B, 3>, Option<NsaCache<B>>) {
+        let x = self.normed(x);
+        let Qkv { q, k, v } = self.qkv(x.clone());
+        let [b, _, n, d] = q.dims();
+        let scale = self.scale();
+        let c = &self.config;
+
+        // 1. compressed
+        let compressed = self.compress.compress(k.clone(), v.clone());
+        let (ck, cv) = self.compress.with_memory(b, compressed);
+        // (with the block selection it drives: one fused kernel where registered)
+        let (comp, selection) =
+            self.compress
+                .attend_and_select(q.clone(), ck.clone(), cv.clone(), c, scale);
+
+        // 2. selected (rotary on queries and keys from here on)
+        let rotation = Rotation::new(d, 0, n, &q.device());
+        let q = rotation.apply(q);
+        let k_rot = rotation.apply(k.clone());
+        let cache = cache_extra.map(|extra| {
+            let l = c.compress_block_size;
+            // the last `l` un-rotated keys/values (zeros before the start)
+            let tail = |t: Tensor<B, 4>| {
+                let t = pad_zeros(t, 2, l.saturating_sub(n), 0);
+                let len = t.dims()[2];
+                t.narrow(2, len - l, l)
+            };
+            NsaCache {
+                kv: KvBuffer::new(k_rot.clone(), v.clone(), extra),
+                compressed: KvBuffer::new(ck, cv, extra / c.compress_block_sliding_stride + 1),
+                tail_k: tail(k),
+                tail_v: tail(v.clone()),
+            }
+        });
+        let k = k_rot;
+        let fine = fine_attention(q.clone(), k.clone(), v.clone(), selection, c, scale);
+
+        // 3. sliding window
+        let sliding = sliding_attention(q, k, v, c.sliding_window_size, scale);
+
+        (self.mix(x, [comp, fine, sliding]), cache)
+    }
+
+    /// Decodes one token: `x` `[batch, 1, dim]` at position `cache.kv.len()`, rotated by
+    /// `rotation` (that position's) → `[batch, 1, dim]`.
+    pub fn step(
+        &self,
+        x: Tensor<B, 3>,
+        cache: NsaCache<B>,
+        rotation: &Rotation<B>,
+    ) -> (Tensor<B, 3>, NsaCache<B>) {
+        let NsaCache {
+            kv,
+            mut compressed,
+            tail_k,
+            tail_v,
+        } = cache;
+        let pos = kv.len();
+        let x = self.normed(x);
+        let Qkv { q, k, v } = self.qkv(x.clone());
+        let scale = self.scale();
+        let c = &self.config;
+
+        // 1. compressed: memory + every block that ended before `pos`
+        let (ck, cv) = compressed.all();
+        let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
+        // the un-rotated tail; a block ending at `pos` is pooled now and seen from `pos + 1` on
+        let l = c.compress_block_size;
+        let shift = |tail: Tensor<B, 4>, new: Tensor<B, 4>| {
+            if l == 1 {
+                new
+            } else {
+                Tensor::cat(vec![tail.narrow(2, 1, l - 1), new], 2)
+            }
+        };
+        let tail_k = shift(tail_k, k.clone());
+        let tail_v = shift(tail_v, v.clone());
+        if (pos + 1) % c.compress_block_sliding_stride == 0 {
+            let (nk, nv) = self.compress.compress_one(tail_k.clone(), tail_v.clone());
+            compressed = compressed.push(nk, nv);
+        }
+
+        // 2. selected
+        let q = rotation.apply(q);
+        let kv = kv.push(rotation.apply(k), v);
+        let selection = comp
+            .importance
+            .and_then(|logits| importance(logits, c, pos))
+            .and_then(|probs| select_top(probs, c));
+        let fine = fine_attention_step(q.clone(), &kv, selection, c, scale);
+
+        // 3. sliding window: the last `window + 1` keys
+        let start = pos.saturating_sub(c.sliding_window_size);
+        let (sk, sv) = kv.rows(start, pos + 1 - start);
+        let sliding = attend_one(q, sk, sv, scale);
+
+        let out = self.mix(x, [comp.out, fine, sliding]);
+        (
+            out,
+            NsaCache {
+                kv,
+                compressed,
+                tail_k,
+                tail_v,
+            },
+        )
+    }
+}
+
+/// Attention of one query per head `[batch, heads, 1, dim_head]` over keys and values
+/// `[batch, kv_heads, n, dim_head]` (query head `i` uses kv head `i / group`), no mask.
+pub(crate) fn attend_one<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let [b, h, _, d] = q.dims();
+    let kvh = k.dims()[1];
+    let q = q.reshape([b, kvh, 1, h / kvh, d]);
+    attend(q, k.unsqueeze_dim(2), v.unsqueeze_dim(2), None, scale)
+        .out
+        .reshape([b, h, 1, d])
+}

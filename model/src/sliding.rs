@@ -1,0 +1,61 @@
+//! Branch 3, sliding-window attention (NSA paper §3.3.3), as `local_attention.LocalAttention`
+//! with `causal=True, exact_windowsize=True`: the query at position `t` sees rotated keys
+//! `t - window ..= t`.
+//!
+//! The sequence is cut into buckets of `window` queries; each bucket attends to its own and the
+//! previous bucket's keys (`2 * window`) under a mask, so work is linear in the sequence length.
+
+use burn::prelude::*;
+
+use crate::attend::attend;
+use crate::tensor_util::{bool_tensor, pad_zeros, round_up, windows};
+
+/// `q` `[batch, heads, seq, dim_head]`, `k`, `v` `[batch, kv_heads, seq, dim_head]` (rotated,
+/// same positions) → `[batch, heads, seq, dim_head]`.
+pub fn sliding_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    window: usize,
+    scale: f64,
+) -> Tensor<B, 4> {
+    if let Some(kernels) = crate::kernels::get::<B>() {
+        if let Some(out) = kernels.sliding_attention(&q, &k, &v, window, scale) {
+            return out;
+        }
+    }
+    let [b, h, n, d] = q.dims();
+    let kvh = k.dims()[1];
+    let g = h / kvh;
+    let w = window;
+    let padded = round_up(n, w);
+    let buckets = padded / w;
+    let q = pad_zeros(q, 2, 0, padded - n);
+    // one bucket of padding in front, so bucket x sees buckets x - 1 and x
+    let k = windows(pad_zeros(k, 2, w, padded - n), 2 * w, w, buckets);
+    let v = windows(pad_zeros(v, 2, w, padded - n), 2 * w, w, buckets);
+
+    let mut blocked = Vec::with_capacity(buckets * g * w * 2 * w);
+    for x in 0..buckets {
+        for _ in 0..g {
+            for t in 0..w {
+                let qp = (x * w + t) as i64;
+                for j in 0..2 * w {
+                    let kp = (x * w + j) as i64 - w as i64;
+                    blocked.push(kp < 0 || kp > qp || qp - kp > w as i64);
+                }
+            }
+        }
+    }
+    let blocked = bool_tensor::<B, 5>(blocked, [1, 1, buckets, g * w, 2 * w], &q.device());
+
+    let q = q
+        .reshape([b, kvh, g, buckets, w, d])
+        .permute([0, 1, 3, 2, 4, 5])
+        .reshape([b, kvh, buckets, g * w, d]);
+    let out = attend(q, k, v, Some(blocked), scale).out;
+    out.reshape([b, kvh, buckets, g, w, d])
+        .permute([0, 1, 3, 2, 4, 5])
+        .reshape([b, h, padded, d])
+        .narrow(2, 0, n)
+}

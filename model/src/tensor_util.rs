@@ -1,0 +1,73 @@
+//! Small tensor helpers shared by the branches (host-built masks and indices, padding, windows).
+
+use burn::prelude::*;
+
+/// A boolean tensor from host values.
+pub fn bool_tensor<B: Backend, const D: usize>(
+    values: Vec<bool>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Bool> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// An integer tensor from host values.
+pub fn int_tensor<B: Backend, const D: usize>(
+    values: Vec<i64>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// Pads dimension `dim` of `x` with `before` zeros in front and `after` zeros behind.
+pub fn pad_zeros<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    dim: usize,
+    before: usize,
+    after: usize,
+) -> Tensor<B, D> {
+    if before == 0 && after == 0 {
+        return x;
+    }
+    let mut parts = Vec::with_capacity(3);
+    let device = x.device();
+    let mut shape = x.dims();
+    if before > 0 {
+        shape[dim] = before;
+        parts.push(Tensor::zeros(shape, &device));
+    }
+    parts.push(x);
+    if after > 0 {
+        shape[dim] = after;
+        parts.push(Tensor::zeros(shape, &device));
+    }
+    Tensor::cat(parts, dim)
+}
+
+/// Overlapping windows along the sequence axis: `x` `[b, h, n, d]` → `[b, h, count, size, d]`
+/// where window `w` holds rows `w * step .. w * step + size` (which must exist).
+pub fn windows<B: Backend>(
+    x: Tensor<B, 4>,
+    size: usize,
+    step: usize,
+    count: usize,
+) -> Tensor<B, 5> {
+    let [b, h, n, d] = x.dims();
+    if size == step && count * size == n {
+        return x.reshape([b, h, count, size, d]);
+    }
+    if size == step {
+        return x.narrow(2, 0, count * size).reshape([b, h, count, size, d]);
+    }
+    let idx: Vec<i64> = (0..count)
+        .flat_map(|w| (0..size).map(move |t| (w * step + t) as i64))
+        .collect();
+    let idx = int_tensor::<B, 1>(idx, [count * size], &x.device());
+    x.select(2, idx).reshape([b, h, count, size, d])
+}
+
+/// Rounds `n` up to a multiple of `m`.
+pub fn round_up(n: usize, m: usize) -> usize {
+    n.div_ceil(m) * m
+}

@@ -1,0 +1,237 @@
+//! The decoder-only language model (`transformer.py::Transformer` of the reference):
+//! token embedding → `depth` × (attention + pre-RMSNorm GELU feed-forward, both residual) →
+//! RMSNorm → logits.
+
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, log_softmax};
+
+use crate::cache::{Cache, LayerCache};
+use crate::config::{AttentionKind, ConfigError, TransformerConfig};
+use crate::full::FullAttention;
+use crate::norm::RmsNorm;
+use crate::nsa::SparseAttention;
+use crate::rope::{RopeTable, Rotation};
+
+/// The attention of one block.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Attention<B: Backend> {
+    /// Native sparse attention.
+    Nsa(SparseAttention<B>),
+    /// Dense causal attention.
+    Full(FullAttention<B>),
+}
+
+impl<B: Backend> Attention<B> {
+    /// `[batch, seq, dim]` → `[batch, seq, dim]` (causal).
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Self::Nsa(a) => a.forward(x),
+            Self::Full(a) => a.forward(x),
+        }
+    }
+
+    /// Forward that also returns this layer's decode cache.
+    pub fn prefill(&self, x: Tensor<B, 3>, extra: usize) -> (Tensor<B, 3>, LayerCache<B>) {
+        match self {
+            Self::Nsa(a) => {
+                let (out, cache) = a.prefill(x, extra);
+                (out, LayerCache::Nsa(cache))
+            }
+            Self::Full(a) => {
+                let (out, cache) = a.prefill(x, extra);
+                (out, LayerCache::Full(cache))
+            }
+        }
+    }
+
+    /// One decode step `[batch, 1, dim]` with the rotation of its position.
+    pub fn step(
+        &self,
+        x: Tensor<B, 3>,
+        cache: LayerCache<B>,
+        rotation: &Rotation<B>,
+    ) -> (Tensor<B, 3>, LayerCache<B>) {
+        match (self, cache) {
+            (Self::Nsa(a), LayerCache::Nsa(c)) => {
+                let (out, cache) = a.step(x, c, rotation);
+                (out, LayerCache::Nsa(cache))
+            }
+            (Self::Full(a), LayerCache::Full(c)) => {
+                let (out, cache) = a.step(x, c, rotation);
+                (out, LayerCache::Full(cache))
+            }
+            _ => panic!("layer cache of the wrong attention kind"),
+        }
+    }
+}
+
+/// `RMSNorm → Linear(dim → hidden) → GELU → Linear(hidden → dim)` (with biases).
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// Pre-norm.
+    pub norm: RmsNorm<B>,
+    /// Up projection.
+    pub fc1: Linear<B>,
+    /// Down projection.
+    pub fc2: Linear<B>,
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// New block part.
+    pub fn new(dim: usize, hidden: usize, device: &B::Device) -> Self {
+        Self {
+            norm: RmsNorm::new(dim, device),
+            fc1: LinearConfig::new(dim, hidden).init(device),
+            fc2: LinearConfig::new(hidden, dim).init(device),
+        }
+    }
+
+    /// `[..., dim]` → `[..., dim]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.fc2
+            .forward(gelu(self.fc1.forward(self.norm.forward(x))))
+    }
+}
+
+/// One residual block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// Attention.
+    pub attn: Attention<B>,
+    /// Feed-forward.
+    pub ff: FeedForward<B>,
+}
+
+/// The language model.
+#[derive(Module, Debug)]
+pub struct Transformer<B: Backend> {
+    /// Token embedding `[num_tokens, dim]`, `N(0, 1)` at init.
+    pub token_emb: Embedding<B>,
+    /// The blocks.
+    pub layers: Vec<Block<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// `dim → num_tokens`, no bias.
+    pub to_logits: Linear<B>,
+    /// The config this model was built from.
+    pub config: TransformerConfig,
+}
+
+impl TransformerConfig {
+    /// Builds the model with the reference's initialisation; refuses an invalid config.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Transformer<B>, ConfigError> {
+        self.validate()?;
+        let layers = (0..self.depth)
+            .map(|_| {
+                let attn = match self.attention {
+                    AttentionKind::Nsa => Attention::Nsa(self.nsa().init(device)?),
+                    AttentionKind::Full => Attention::Full(FullAttention::new(
+                        self.dim,
+                        self.dim_head,
+                        self.heads,
+                        self.kv_heads(),
+                        device,
+                    )),
+                };
+                Ok(Block {
+                    attn,
+                    ff: FeedForward::new(self.dim, self.ff_hidden(), device),
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        Ok(Transformer {
+            token_emb: EmbeddingConfig::new(self.num_tokens, self.dim).init(device),
+            layers,
+            norm: RmsNorm::new(self.dim, device),
+            to_logits: LinearConfig::new(self.dim, self.num_tokens)
+                .with_bias(false)
+                .init(device),
+            config: self.clone(),
+        })
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Final hidden states before the logits: ids `[batch, seq]` → `[batch, seq, dim]`.
+    pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let mut x = self.token_emb.forward(ids);
+        for layer in &self.layers {
+            x = layer.attn.forward(x.clone()) + x;
+            x = layer.ff.forward(x.clone()) + x;
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits of a prompt `[batch, seq]` → `[batch, seq, num_tokens]`, and the decode cache with
+    /// room for `extra` more tokens (it grows beyond that if needed).
+    pub fn prefill(&self, ids: Tensor<B, 2, Int>, extra: usize) -> (Tensor<B, 3>, Cache<B>) {
+        let len = ids.dims()[1];
+        let mut x = self.token_emb.forward(ids);
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (a, cache) = layer.attn.prefill(x.clone(), extra);
+            layers.push(cache);
+            x = a + x;
+            x = layer.ff.forward(x.clone()) + x;
+        }
+        let logits = self.to_logits.forward(self.norm.forward(x));
+        let rope = RopeTable::new(self.config.dim_head, len, extra.max(1), &logits.device());
+        (logits, Cache { layers, len, rope })
+    }
+
+    /// Logits `[batch, num_tokens]` of the next token after `ids` `[batch]`, which sit at
+    /// position `cache.len`; updates the cache. Work per token is independent of the context for
+    /// the window and selection branches.
+    pub fn step(&self, ids: Tensor<B, 1, Int>, cache: Cache<B>) -> (Tensor<B, 2>, Cache<B>) {
+        let [b] = ids.dims();
+        let pos = cache.len;
+        let mut rope = cache.rope;
+        if !rope.covers(pos, 1) {
+            // past the planned length: a new table twice as long (amortised O(1) per token)
+            rope = RopeTable::new(self.config.dim_head, pos, pos.max(16), &ids.device());
+        }
+        let rotation = rope.rotation(pos, 1);
+        let mut x = self.token_emb.forward(ids.reshape([b, 1]));
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (layer, c) in self.layers.iter().zip(cache.layers) {
+            let (a, c) = layer.attn.step(x.clone(), c, &rotation);
+            layers.push(c);
+            x = a + x;
+            x = layer.ff.forward(x.clone()) + x;
+        }
+        let v = self.config.num_tokens;
+        let logits = self.to_logits.forward(self.norm.forward(x)).reshape([b, v]);
+        (
+            logits,
+            Cache {
+                layers,
+                len: pos + 1,
+                rope,
+            },
+        )
+    }
+
+    /// Logits `[batch, seq, num_tokens]` for ids `[batch, seq]`.
+    pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.to_logits.forward(self.hidden(ids))
+    }
+
+    /// Mean next-token cross-entropy of `ids` `[batch, seq + 1]` (inputs `ids[:, :-1]`, targets
+    /// `ids[:, 1:]`), like the reference's `return_loss=True`.
+    pub fn loss(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let [_, n1] = ids.dims();
+        let inputs = ids.clone().narrow(1, 0, n1 - 1);
+        let targets = ids.narrow(1, 1, n1 - 1);
+        cross_entropy(self.forward(inputs), targets).reshape([1])
+    }
+}
+
+/// Mean cross-entropy of logits `[batch, seq, vocab]` against targets `[batch, seq]`; returns a
+/// scalar tensor `[1]`.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [b, n, v] = logits.dims();
+    let logp = log_softmax(logits.reshape([b * n, v]), 1);
+    logp.gather(1, targets.reshape([b * n, 1])).mean().neg()
+}

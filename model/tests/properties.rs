@@ -1,0 +1,229 @@
+//! Properties that hold for any config: causality, gradients against finite differences, and
+//! that the parity harness notices a wrong setting (so the parity tests can fail).
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use common::*;
+use nsa_model::interop::HostTensor;
+use nsa_model::{AttentionKind, NsaConfig, TransformerConfig};
+
+type B = NdArray<f32>;
+
+/// Small deterministic generator (xorshift*), so failures reproduce.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[(self.next() % xs.len() as u64) as usize]
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next() % (hi - lo + 1) as u64) as usize
+    }
+}
+
+/// A random valid NSA config.
+fn random_config(rng: &mut Rng) -> NsaConfig {
+    let kv_heads = rng.pick(&[1, 2]);
+    let heads = kv_heads * rng.pick(&[1, 2, 4]);
+    let stride = rng.pick(&[2, 4]);
+    let block = stride * rng.pick(&[1, 2]);
+    let selection = stride * rng.pick(&[1, 2, 4]);
+    let mut c = NsaConfig::new(
+        16,
+        4,
+        heads,
+        rng.pick(&[3, 4, 8]),
+        block,
+        stride,
+        selection,
+        rng.pick(&[0, 1, 2, 5]),
+    )
+    .with_kv_heads(kv_heads);
+    c.num_compressed_mem_kv = rng.pick(&[1, 2]);
+    c.use_diff_topk = rng.pick(&[false, true]);
+    c.query_heads_share_selected_kv = rng.pick(&[false, true]);
+    c
+}
+
+/// Random values for every parameter (zero-initialised ones included), so that every branch and
+/// gate matters.
+fn randomise<M: burn::module::Module<B>>(module: M, device: &burn::tensor::Device<B>) -> M {
+    struct Mapper<'a>(&'a burn::tensor::Device<B>);
+    impl burn::module::ModuleMapper<B> for Mapper<'_> {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<B, D>>,
+        ) -> burn::module::Param<Tensor<B, D>> {
+            let shape = param.dims();
+            let device = *self.0;
+            param.map(|_| Tensor::random(shape, Distribution::Normal(0.0, 0.5), &device))
+        }
+    }
+    module.map(&mut Mapper(device))
+}
+
+fn max_diff_prefix(a: &Tensor<B, 3>, b: &Tensor<B, 3>, upto: usize) -> f32 {
+    let a = HostTensor::from_tensor(a.clone().narrow(1, 0, upto));
+    let b = HostTensor::from_tensor(b.clone().narrow(1, 0, upto));
+    max_abs_diff(&a, &b)
+}
+
+#[test]
+fn nsa_layer_is_causal_for_random_configs_and_lengths() {
+    let device = Default::default();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for case in 0..24 {
+        let config = random_config(&mut rng);
+        let layer = randomise(config.init::<B>(&device).unwrap(), &device);
+        let n = rng.range(1, 70);
+        let t = rng.range(0, n - 1);
+        let x = Tensor::<B, 3>::random([2, n, 16], Distribution::Normal(0.0, 1.0), &device);
+        let out = layer.forward(x.clone());
+        // change every token after t
+        let later = n - t - 1;
+        let changed = if later > 0 {
+            let noise = Tensor::random([2, later, 16], Distribution::Normal(0.0, 3.0), &device);
+            Tensor::cat(vec![x.clone().narrow(1, 0, t + 1), noise], 1)
+        } else {
+            x.clone()
+        };
+        let out2 = layer.forward(changed);
+        let diff = max_diff_prefix(&out, &out2, t + 1);
+        assert!(
+            diff <= 1e-6,
+            "case {case}: output at positions <= {t} (n = {n}) changed by {diff} when later \
+             tokens changed; config {config:?}"
+        );
+        // and the check itself can fail: a change at t must show up at t
+        let mut bumped = HostTensor::from_tensor(x.clone());
+        for v in &mut bumped.values[t * 16..(t + 1) * 16] {
+            *v += 1.0;
+        }
+        let out3 = layer.forward(to_tensor::<B, 3>(&bumped, &device));
+        assert!(
+            max_diff_prefix(&out, &out3, t + 1) > 1e-4,
+            "case {case}: no effect at t"
+        );
+    }
+}
+
+#[test]
+fn transformer_is_causal_in_both_attention_modes() {
+    let device = Default::default();
+    let mut rng = Rng(7);
+    for kind in [AttentionKind::Nsa, AttentionKind::Full] {
+        for _ in 0..4 {
+            let mut c = TransformerConfig::new(50, 16, 2);
+            c.dim_head = 4;
+            c.heads = 4;
+            c.kv_heads = Some(2);
+            c.attention = kind;
+            c.sparse.sliding_window_size = 4;
+            c.sparse.compress_block_size = 4;
+            c.sparse.compress_block_sliding_stride = 2;
+            c.sparse.selection_block_size = 4;
+            c.sparse.num_selected_blocks = 2;
+            let model = randomise(c.init::<B>(&device).unwrap(), &device);
+            let n = rng.range(2, 40);
+            let t = rng.range(0, n - 2);
+            let ids: Vec<i64> = (0..n).map(|_| rng.range(0, 49) as i64).collect();
+            let mut ids2 = ids.clone();
+            for v in &mut ids2[t + 1..] {
+                *v = (*v + 1 + rng.range(0, 40) as i64) % 50;
+            }
+            let run = |ids: Vec<i64>| {
+                model.forward(Tensor::from_data(TensorData::new(ids, [1, n]), &device))
+            };
+            let diff = max_diff_prefix(&run(ids), &run(ids2), t + 1);
+            assert!(diff <= 1e-6, "{kind}: logits at <= {t} changed by {diff}");
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    // f64 on the CPU, so that central differences are accurate
+    type B64 = Autodiff<NdArray<f64>>;
+    let device = Default::default();
+    let mut rng = Rng(42);
+    for _ in 0..4 {
+        let mut config = random_config(&mut rng);
+        // straight-through top-k is a deliberately biased gradient: no finite-difference match
+        config.use_diff_topk = false;
+        let layer = config.init::<B64>(&device).unwrap();
+        let n = rng.range(5, 40);
+        let x = Tensor::<B64, 3>::random([1, n, 16], Distribution::Normal(0.0, 1.0), &device);
+        let r = Tensor::<B64, 3>::random([1, n, 16], Distribution::Normal(0.0, 1.0), &device);
+        let dir = Tensor::<B64, 3>::random([1, n, 16], Distribution::Normal(0.0, 1.0), &device);
+        let loss = |x: Tensor<B64, 3>| (layer.forward(x) * r.clone()).sum();
+        let xg = x.clone().require_grad();
+        let grads = loss(xg.clone()).backward();
+        let analytic: f64 = (xg.grad(&grads).unwrap() * dir.clone().inner())
+            .sum()
+            .into_scalar();
+        let eps = 1e-5;
+        let plus: f64 = loss(x.clone() + dir.clone().mul_scalar(eps)).into_scalar();
+        let minus: f64 = loss(x.clone() - dir.clone().mul_scalar(eps)).into_scalar();
+        let numeric = (plus - minus) / (2.0 * eps);
+        let rel = (analytic - numeric).abs() / numeric.abs().max(1.0);
+        assert!(
+            rel < 1e-5,
+            "directional derivative {analytic} vs finite difference {numeric} ({config:?})"
+        );
+    }
+}
+
+#[test]
+fn parity_harness_detects_a_wrong_setting() {
+    type AD = Autodiff<NdArray<f32>>;
+    let device = Default::default();
+    // the no-share fixture run with shared selection must not match
+    let f = load("gqa4_noshare_seq130");
+    let mut config = f.nsa_config();
+    config.query_heads_share_selected_kv = true;
+    let mut params = f.params();
+    let layer = config
+        .init::<AD>(&device)
+        .unwrap()
+        .load_reference(&mut params, "")
+        .unwrap();
+    let out = layer.forward(f.tensor::<AD, 3>("input", &device));
+    let err = max_abs_diff(&HostTensor::from_tensor(out), f.get("output"));
+    assert!(
+        err > 1e-2,
+        "sharing selection should change the output, error {err}"
+    );
+}
+
+#[test]
+fn invalid_configs_are_refused_at_construction() {
+    let device = Default::default();
+    let mut c = NsaConfig::new(16, 4, 4, 4, 4, 4, 6, 2);
+    assert!(
+        c.init::<B>(&device).is_err(),
+        "selection not a multiple of stride"
+    );
+    c.selection_block_size = 8;
+    c.kv_heads = Some(3);
+    assert!(
+        c.init::<B>(&device).is_err(),
+        "heads not divisible by kv_heads"
+    );
+    c.kv_heads = Some(2);
+    c.compress_block_sliding_stride = 8;
+    assert!(c.init::<B>(&device).is_err(), "stride > block");
+    c.compress_block_sliding_stride = 4;
+    assert!(c.init::<B>(&device).is_ok());
+    let mut t = TransformerConfig::new(10, 16, 1);
+    t.heads = 0;
+    let err = t.init::<B>(&device).unwrap_err().to_string();
+    assert!(err.contains("heads"), "{err}");
+}

@@ -1,0 +1,42 @@
+//! Reference parity on wgpu (WGSL; in CI on software Vulkan, lavapipe). Shapes are the small
+//! fixtures because software Vulkan is slow. Run with `cargo test -p nsa-model --features wgpu`.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::wgpu::{Wgpu, WgpuDevice};
+use burn::backend::Autodiff;
+use common::*;
+
+type B = Autodiff<Wgpu>;
+
+#[test]
+fn layer_fixtures_match_the_reference_on_wgpu() {
+    let device = WgpuDevice::default();
+    for name in [
+        "gqa2_overlap_seq77",
+        "difftopk_seq77",
+        "gqa4_noshare_seq130",
+    ] {
+        let e = layer_errors::<B>(name, &device);
+        println!(
+            "wgpu {name:28} output {:.2e}  grad(input) {:.2e}  grad(params, rel) {:.2e}",
+            e.output, e.grad_input, e.grad_params
+        );
+        assert!(e.output <= 1e-3, "{name}: {e:?}");
+        assert!(e.grad_input <= 1e-3, "{name}: {e:?}");
+        assert!(e.grad_params <= 1e-3, "{name}: {e:?}");
+    }
+}
+
+#[test]
+fn transformer_fixtures_match_the_reference_on_wgpu() {
+    let device = WgpuDevice::default();
+    for name in ["transformer_nsa", "transformer_full"] {
+        let (logits, loss, grads) = transformer_errors::<B>(name, &device);
+        println!(
+            "wgpu {name:28} logits {logits:.2e}  loss {loss:.2e}  grad(params, rel) {grads:.2e}"
+        );
+        assert!(logits <= 1e-3 && loss <= 1e-3 && grads <= 1e-3, "{name}");
+    }
+}
