@@ -1,0 +1,136 @@
+//! Decode-time state: key/value caches for every layer, so that generating token `t + 1`
+//! costs work independent of `t` for the sliding-window and selection branches (the compressed
+//! branch grows as `t / stride`, full attention as `t`).
+//!
+//! Buffers are preallocated with spare capacity and written in place (`slice_assign` on a
+//! uniquely owned tensor), doubling when full, so appending is amortised O(1).
+
+use burn::prelude::*;
+
+use crate::rope::RopeTable;
+
+/// Keys and values along the sequence axis, `[batch, kv_heads, capacity, dim_head]`, of which
+/// the first `len` rows are valid.
+#[derive(Debug, Clone)]
+pub struct KvBuffer<B: Backend> {
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    len: usize,
+}
+
+fn grow<B: Backend>(t: Tensor<B, 4>, extra: usize) -> Tensor<B, 4> {
+    if extra == 0 {
+        return t;
+    }
+    let mut shape = t.dims();
+    shape[2] = extra;
+    let device = t.device();
+    Tensor::cat(vec![t, Tensor::zeros(shape, &device)], 2)
+}
+
+impl<B: Backend> KvBuffer<B> {
+    /// A buffer holding `k`, `v` `[batch, kv_heads, n, dim_head]` with room for `extra` more rows.
+    pub fn new(k: Tensor<B, 4>, v: Tensor<B, 4>, extra: usize) -> Self {
+        let len = k.dims()[2];
+        Self {
+            k: grow(k, extra),
+            v: grow(v, extra),
+            len,
+        }
+    }
+
+    /// An empty buffer with room for `capacity` rows.
+    pub fn empty(shape: [usize; 3], capacity: usize, device: &B::Device) -> Self {
+        let [b, h, d] = shape;
+        let shape = [b, h, capacity.max(1), d];
+        Self {
+            k: Tensor::zeros(shape, device),
+            v: Tensor::zeros(shape, device),
+            len: 0,
+        }
+    }
+
+    /// Valid rows.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no row is valid.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `k`, `v` `[batch, kv_heads, n, dim_head]`.
+    pub fn push(self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        let n = k.dims()[2];
+        let cap = self.k.dims()[2];
+        let extra = if self.len + n > cap {
+            (self.len + n).max(2 * cap) - cap
+        } else {
+            0
+        };
+        let (buf_k, buf_v) = (grow(self.k, extra), grow(self.v, extra));
+        let [b, h, _, d] = buf_k.dims();
+        let at = [0..b, 0..h, self.len..self.len + n, 0..d];
+        Self {
+            k: buf_k.slice_assign(at.clone(), k),
+            v: buf_v.slice_assign(at, v),
+            len: self.len + n,
+        }
+    }
+
+    /// Rows `start..start + n`, `[batch, kv_heads, n, dim_head]` each.
+    pub fn rows(&self, start: usize, n: usize) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            self.k.clone().narrow(2, start, n),
+            self.v.clone().narrow(2, start, n),
+        )
+    }
+
+    /// All valid rows.
+    pub fn all(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        self.rows(0, self.len)
+    }
+}
+
+/// Cache of one sparse-attention layer.
+#[derive(Debug, Clone)]
+pub struct NsaCache<B: Backend> {
+    /// Rotated keys and values of every position so far (selection and sliding window).
+    pub kv: KvBuffer<B>,
+    /// The memory key/values followed by the compressed keys and values of every complete
+    /// compression block.
+    pub compressed: KvBuffer<B>,
+    /// Un-rotated keys and values of the last `compress_block_size` positions (zeros before the
+    /// start), the input of the next compression block, `[batch, kv_heads, block, dim_head]`.
+    pub tail_k: Tensor<B, 4>,
+    /// See `tail_k`.
+    pub tail_v: Tensor<B, 4>,
+}
+
+/// Cache of one dense-attention layer: rotated keys and values of every position so far.
+#[derive(Debug, Clone)]
+pub struct FullCache<B: Backend> {
+    /// Keys and values.
+    pub kv: KvBuffer<B>,
+}
+
+/// Cache of one layer.
+#[derive(Debug, Clone)]
+pub enum LayerCache<B: Backend> {
+    /// Sparse attention.
+    Nsa(NsaCache<B>),
+    /// Dense attention.
+    Full(FullCache<B>),
+}
+
+/// Decode state of a whole model.
+#[derive(Debug, Clone)]
+pub struct Cache<B: Backend> {
+    /// One per layer.
+    pub layers: Vec<LayerCache<B>>,
+    /// Tokens seen so far (the position of the next token).
+    pub len: usize,
+    /// Rotations of the coming positions, kept on the device.
+    pub rope: RopeTable<B>,
+}
