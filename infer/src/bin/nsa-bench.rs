@@ -1,0 +1,1005 @@
+//! `nsa-bench`: speed and memory of one attention layer (NSA with the fused kernels, NSA with
+//! tensor ops, dense attention) and of a training step of the seed model, on the backend chosen
+//! at run time. Prints tables and writes JSON in the format `scripts/bench_reference.py` also
+//! writes, so the two can be compared row by row.
+//!
+//! Each measured row runs in a child process (the same binary, `--worker`): an out-of-memory
+//! crash costs that row only, every row starts from an empty memory pool (so the pool's reserved
+//! bytes after the row are its peak), and the child measures its own start-up time.
+//!
+//! Timing: warm-up runs excluded, then the median of `--runs` runs; the device is synced before
+//! each clock read.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::Distribution;
+use clap::Parser;
+use nsa_model::interop::HostTensor;
+use nsa_model::{kernels, FullAttention, NsaConfig, TransformerConfig};
+use nsa_train::backend::{
+    self, BackendKind, DeviceRequest, OnAutodiffBackend, OnBackend, Precision, Selection,
+};
+use nsa_train::kernel_cache::{self, Workload};
+use serde::{Deserialize, Serialize};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "nsa-bench",
+    version,
+    about = "Benchmark one NSA layer vs dense attention, and training steps of the seed model"
+)]
+struct Cli {
+    /// auto, cuda, wgpu or cpu.
+    #[arg(long, default_value = "auto")]
+    backend: BackendKind,
+    /// Device index within the backend.
+    #[arg(long)]
+    device: Option<usize>,
+    /// What to run: layer, train, check (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "layer,train")]
+    suite: Vec<String>,
+    /// Sequence lengths of the layer benchmark (k = 1024).
+    #[arg(long, value_delimiter = ',', default_value = "1k,4k,16k,32k,64k,128k")]
+    lengths: Vec<String>,
+    /// Precisions of the layer benchmark (default: f32 and bf16 on CUDA, f32 and f16 on wgpu,
+    /// f32 on the CPU).
+    #[arg(long, value_delimiter = ',')]
+    precisions: Vec<Precision>,
+    /// Layer implementations: nsa (fused kernels where available), nsa-tensor (tensor ops
+    /// only), full (dense attention).
+    #[arg(long, value_delimiter = ',', default_value = "nsa,nsa-tensor,full")]
+    impls: Vec<String>,
+    /// Passes: fwd, fwd+bwd.
+    #[arg(long, value_delimiter = ',', default_value = "fwd,fwd+bwd")]
+    passes: Vec<String>,
+    /// Training-step shapes as SEQxBATCH.
+    #[arg(long, value_delimiter = ',', default_value = "256x16,4096x1")]
+    train_shapes: Vec<String>,
+    /// Precisions of the training step (f32 is what nsa-train uses).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    train_precisions: Vec<Precision>,
+    /// Warm-up runs (not timed).
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Seconds a row may take before it is killed.
+    #[arg(long, default_value_t = 900)]
+    row_timeout: u64,
+    /// Run every row in this process (no isolation; an out-of-memory error ends the run).
+    #[arg(long)]
+    in_process: bool,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    layer: LayerArgs,
+    /// Internal: run one row described by this JSON and print its result.
+    #[arg(long, hide = true)]
+    worker: Option<String>,
+}
+
+/// The benchmark layer (defaults: the H100 reference setting).
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
+struct LayerArgs {
+    /// Model width of the layer.
+    #[arg(long, default_value_t = 1024)]
+    dim: usize,
+    #[arg(long, default_value_t = 64)]
+    dim_head: usize,
+    #[arg(long, default_value_t = 16)]
+    heads: usize,
+    #[arg(long, default_value_t = 4)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 32)]
+    compress_block: usize,
+    #[arg(long, default_value_t = 16)]
+    stride: usize,
+    #[arg(long, default_value_t = 64)]
+    selection_block: usize,
+    #[arg(long, default_value_t = 16)]
+    selected: usize,
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// Batch of the layer benchmark.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+}
+
+impl LayerArgs {
+    fn nsa(&self) -> NsaConfig {
+        NsaConfig::new(
+            self.dim,
+            self.dim_head,
+            self.heads,
+            self.window,
+            self.compress_block,
+            self.stride,
+            self.selection_block,
+            self.selected,
+        )
+        .with_kv_heads(self.kv_heads)
+    }
+}
+
+/// One measured row, as written to JSON (same fields as `bench_reference.py`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct Row {
+    suite: String,
+    /// nsa, nsa-tensor, full (ours); ref-nsa, ref-nsa-triton, sdpa (PyTorch)
+    #[serde(rename = "impl")]
+    imp: String,
+    precision: String,
+    seq: usize,
+    batch: usize,
+    /// fwd, fwd+bwd, train-step, check
+    pass: String,
+    /// ok, oom, error, timeout, skipped
+    status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ms_median: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ms_min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ms_all: Vec<f64>,
+    /// First (cold) run, not included in the median.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ms_first: Option<f64>,
+    /// Bytes the device allocator held after the row (its peak: pools keep pages).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_mem_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_per_s: Option<f64>,
+    /// Seconds from process start to the end of the first step within 10% of the median.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    startup_s: Option<f64>,
+    /// Lower bound from the FLOP count at 790 TFLOP/s (H100 bf16 dense).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flop_floor_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_abs_err: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_rel_err: Option<f64>,
+    /// Fused kernels were registered for the backend of the row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kernels: Option<bool>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    note: String,
+}
+
+/// What a worker process runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Job {
+    suite: String,
+    imp: String,
+    #[serde(with = "as_string")]
+    precision: Precision,
+    seq: usize,
+    batch: usize,
+    pass: String,
+    warmup: usize,
+    runs: usize,
+    layer: LayerArgs,
+    #[serde(with = "as_string")]
+    backend: BackendKind,
+    device: Option<usize>,
+}
+
+/// Serde through `Display` / `FromStr`.
+mod as_string {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: FromStr<Err = String>,
+        D: Deserializer<'de>,
+    {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+const RESULT_TAG: &str = "NSA_BENCH_ROW ";
+
+fn main() -> Result<()> {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    register_kernels();
+    if let Some(spec) = &cli.worker {
+        let job: Job = serde_json::from_str(spec).context("worker job")?;
+        let row = run_job(&job, started);
+        println!("{RESULT_TAG}{}", serde_json::to_string(&row)?);
+        return Ok(());
+    }
+    kernel_cache::configure(Workload::Training);
+    let selection = backend::select(DeviceRequest {
+        kind: cli.backend,
+        index: cli.device,
+    })?;
+    eprintln!(
+        "nsa-bench: {} on {} ({})",
+        selection.kind, selection.device_name, selection.reason
+    );
+    let precisions = if cli.precisions.is_empty() {
+        match selection.kind {
+            BackendKind::Cuda => vec![Precision::F32, Precision::Bf16],
+            BackendKind::Wgpu => vec![Precision::F32, Precision::F16],
+            _ => vec![Precision::F32],
+        }
+    } else {
+        cli.precisions.clone()
+    };
+    let lengths = cli
+        .lengths
+        .iter()
+        .map(|s| parse_len(s))
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut rows = Vec::new();
+    let job = |suite: &str, imp: &str, precision: Precision, seq, batch, pass: &str| Job {
+        suite: suite.into(),
+        imp: imp.into(),
+        precision,
+        seq,
+        batch,
+        pass: pass.into(),
+        warmup: cli.warmup,
+        runs: cli.runs,
+        layer: cli.layer.clone(),
+        backend: selection.kind,
+        device: Some(selection.index),
+    };
+    let has = |s: &str| cli.suite.iter().any(|x| x == s);
+
+    if has("check") {
+        for &precision in &precisions {
+            for &seq in &lengths {
+                let j = job("check", "nsa", precision, seq, cli.layer.batch, "check");
+                rows.push(execute(&cli, &j));
+                print_row(rows.last().unwrap());
+            }
+        }
+    }
+    if has("layer") {
+        for pass in &cli.passes {
+            for imp in &cli.impls {
+                for &precision in &precisions {
+                    let mut failed_at: Option<(usize, String)> = None;
+                    for &seq in &lengths {
+                        let j = job("layer", imp, precision, seq, cli.layer.batch, pass);
+                        let row = match &failed_at {
+                            Some((at, why)) => Row {
+                                status: "skipped".into(),
+                                note: format!("{why} at {at} tokens"),
+                                ..row_of(&j)
+                            },
+                            None => execute(&cli, &j),
+                        };
+                        if matches!(row.status.as_str(), "oom" | "timeout") {
+                            failed_at = Some((seq, row.status.clone()));
+                        }
+                        print_row(&row);
+                        rows.push(row);
+                    }
+                }
+            }
+        }
+    }
+    if has("train") {
+        for shape in &cli.train_shapes {
+            let (seq, batch) = parse_shape(shape)?;
+            for &precision in &cli.train_precisions {
+                for imp in ["nsa", "full"] {
+                    let j = job("train", imp, precision, seq, batch, "train-step");
+                    let row = execute(&cli, &j);
+                    print_row(&row);
+                    rows.push(row);
+                }
+            }
+        }
+    }
+
+    println!();
+    print_table(&rows);
+    if let Some(path) = &cli.json {
+        let report = serde_json::json!({
+            "tool": "nsa-bench",
+            "version": env!("CARGO_PKG_VERSION"),
+            "backend": selection.kind.to_string(),
+            "device": selection.device_name,
+            "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            "layer": cli.layer,
+            "warmup": cli.warmup,
+            "runs": cli.runs,
+            "kernels_env": std::env::var("NSA_KERNELS").ok(),
+            "rows": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    eprintln!(
+        "nsa-bench: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Registers the fused kernels for every CubeCL backend type this binary can dispatch to.
+fn register_kernels() {
+    #[cfg(feature = "cuda")]
+    {
+        use burn::cubecl::cuda::CudaRuntime;
+        use burn::tensor::{bf16, f16};
+        kernels::register_cube::<CudaRuntime, f32, i32, u8>();
+        kernels::register_cube::<CudaRuntime, f16, i32, u8>();
+        kernels::register_cube::<CudaRuntime, bf16, i32, u8>();
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        use burn::backend::wgpu::WgpuRuntime;
+        use burn::tensor::f16;
+        kernels::register_cube::<WgpuRuntime, f32, i32, u32>();
+        kernels::register_cube::<WgpuRuntime, f16, i32, u32>();
+    }
+}
+
+fn parse_len(s: &str) -> Result<usize> {
+    let s = s.trim().to_ascii_lowercase();
+    Ok(match s.strip_suffix('k') {
+        Some(k) => k.parse::<usize>()? * 1024,
+        None => s.parse()?,
+    })
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("shape `{s}`: expected SEQxBATCH"))?;
+    Ok((parse_len(a)?, b.trim().parse()?))
+}
+
+fn row_of(job: &Job) -> Row {
+    Row {
+        suite: job.suite.clone(),
+        imp: job.imp.clone(),
+        precision: job.precision.to_string(),
+        seq: job.seq,
+        batch: job.batch,
+        pass: job.pass.clone(),
+        ..Default::default()
+    }
+}
+
+/// Runs `job` in a child process (or here with `--in-process`).
+fn execute(cli: &Cli, job: &Job) -> Row {
+    if cli.in_process {
+        return run_job(job, Instant::now());
+    }
+    match run_child(job, Duration::from_secs(cli.row_timeout)) {
+        Ok(row) => row,
+        Err(e) => Row {
+            status: "error".into(),
+            note: format!("{e:#}"),
+            ..row_of(job)
+        },
+    }
+}
+
+fn run_child(job: &Job, timeout: Duration) -> Result<Row> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .arg("--worker")
+        .arg(serde_json::to_string(job)?)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the worker")?;
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut result = None;
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if let Some(json) = line.strip_prefix(RESULT_TAG) {
+                result = Some(json.to_string());
+            } else {
+                println!("    {line}");
+            }
+        }
+        result
+    });
+    // keep the tail of stderr (to recognise out-of-memory errors) and echo it
+    let err_thread = std::thread::spawn(move || {
+        let mut tail = String::new();
+        let mut reader = BufReader::new(stderr);
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&buf[..n]);
+            let _ = std::io::stderr().write_all(text.as_bytes());
+            tail.push_str(&text);
+            if tail.len() > 16384 {
+                tail = tail.split_off(tail.len() - 8192);
+            }
+        }
+        tail
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let result = out_thread.join().unwrap_or(None);
+    let tail = err_thread.join().unwrap_or_default();
+    if let Some(json) = result {
+        return Ok(serde_json::from_str(&json)?);
+    }
+    let lower = tail.to_ascii_lowercase();
+    let oom = [
+        "out of memory",
+        "outofmemory",
+        "out_of_memory",
+        "oom",
+        "allocation",
+    ]
+    .iter()
+    .any(|p| lower.contains(p));
+    let last_line = tail
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect::<String>();
+    Ok(Row {
+        status: match status {
+            None => "timeout".into(),
+            Some(_) if oom => "oom".into(),
+            Some(_) => "error".into(),
+        },
+        note: match status {
+            None => format!("killed after {} s", timeout.as_secs()),
+            Some(s) => format!("worker exited with {s}: {last_line}"),
+        },
+        ..row_of(job)
+    })
+}
+
+/// Runs one row in this process.
+fn run_job(job: &Job, started: Instant) -> Row {
+    let selection = match backend::select(DeviceRequest {
+        kind: job.backend,
+        index: job.device,
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            return Row {
+                status: "error".into(),
+                note: e.to_string(),
+                ..row_of(job)
+            }
+        }
+    };
+    kernel_cache::configure(Workload::Training);
+    if job.imp == "nsa-tensor" {
+        kernels::set_enabled(false);
+    }
+    let result = if job.suite == "train" && job.precision == Precision::F32 {
+        backend::dispatch_autodiff(
+            &selection,
+            TrainWork {
+                job: job.clone(),
+                started,
+            },
+        )
+    } else {
+        backend::dispatch(
+            &selection,
+            job.precision,
+            Work {
+                job: job.clone(),
+                started,
+            },
+        )
+    };
+    match result {
+        Ok(row) => row,
+        Err(e) => Row {
+            status: "skipped".into(),
+            note: e.to_string(),
+            ..row_of(job)
+        },
+    }
+}
+
+struct Work {
+    job: Job,
+    started: Instant,
+}
+
+impl OnBackend for Work {
+    type Output = Row;
+    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Row {
+        match self.job.suite.as_str() {
+            "layer" if self.job.pass == "fwd" => layer_fwd_row::<B>(&self.job, &device),
+            "layer" => layer_bwd_row::<burn::backend::Autodiff<B>>(&self.job, &device),
+            "train" => train_row::<burn::backend::Autodiff<B>>(&self.job, &device, self.started),
+            "check" => check_row::<burn::backend::Autodiff<B>>(&self.job, &device),
+            other => Row {
+                status: "error".into(),
+                note: format!("unknown suite {other}"),
+                ..row_of(&self.job)
+            },
+        }
+    }
+}
+
+struct TrainWork {
+    job: Job,
+    started: Instant,
+}
+
+impl OnAutodiffBackend for TrainWork {
+    type Output = Row;
+    fn run<B: AutodiffBackend>(self, device: B::Device, _: &Selection) -> Row {
+        train_row::<B>(&self.job, &device, self.started)
+    }
+}
+
+/// Device memory held by CubeCL's allocator (`bytes_reserved`, `bytes_in_use`).
+fn memory_usage<D: 'static>(device: &D) -> Option<(u64, u64)> {
+    #[allow(unused_variables)]
+    let any = device as &dyn std::any::Any;
+    #[cfg(feature = "cuda")]
+    if let Some(d) = any.downcast_ref::<burn::backend::cuda::CudaDevice>() {
+        use burn::cubecl::Runtime;
+        let u = burn::cubecl::cuda::CudaRuntime::client(d)
+            .memory_usage()
+            .ok()?;
+        return Some((u.bytes_reserved, u.bytes_in_use));
+    }
+    #[cfg(feature = "wgpu")]
+    if let Some(d) = any.downcast_ref::<burn::backend::wgpu::WgpuDevice>() {
+        use burn::cubecl::Runtime;
+        let u = burn::backend::wgpu::WgpuRuntime::client(d)
+            .memory_usage()
+            .ok()?;
+        return Some((u.bytes_reserved, u.bytes_in_use));
+    }
+    None
+}
+
+fn sync<B: Backend>(device: &B::Device) {
+    if let Err(e) = B::sync(device) {
+        panic!("device sync failed: {e:?}");
+    }
+}
+
+/// Median, minimum.
+fn stats(times: &[f64]) -> (f64, f64) {
+    let mut t = times.to_vec();
+    t.sort_by(|a, b| a.total_cmp(b));
+    let mid = t.len() / 2;
+    let median = if t.len().is_multiple_of(2) {
+        (t[mid - 1] + t[mid]) / 2.0
+    } else {
+        t[mid]
+    };
+    (median, t[0])
+}
+
+/// Forward FLOPs of one layer (matmuls only).
+fn layer_flops(imp: &str, l: &LayerArgs, n: usize) -> f64 {
+    let (n, h, kvh, dh, dim) = (
+        n as f64,
+        l.heads as f64,
+        l.kv_heads as f64,
+        l.dim_head as f64,
+        l.dim as f64,
+    );
+    let proj = 2.0 * n * dim * (h + 2.0 * kvh) * dh + 2.0 * n * h * dh * dim;
+    if imp == "full" {
+        // causal: half of the n×n scores, QK and PV
+        return proj + 2.0 * 2.0 * h * n * n * dh / 2.0;
+    }
+    let blocks = n / l.stride as f64;
+    let hidden = (l.compress_block * l.dim_head) as f64;
+    let mlp = 2.0 * 2.0 * kvh * blocks * (hidden * hidden + hidden * dh);
+    let compressed = 4.0 * h * n * blocks / 2.0 * dh;
+    let selected = 4.0 * h * n * (l.selected as f64 + 0.5) * l.selection_block as f64 * dh;
+    let sliding = 4.0 * h * n * (l.window as f64 + 1.0) * dh;
+    proj + mlp + compressed + selected + sliding
+}
+
+#[allow(clippy::large_enum_variant)]
+enum Layer<B: Backend> {
+    Nsa(nsa_model::SparseAttention<B>),
+    Full(FullAttention<B>),
+}
+
+impl<B: Backend> Layer<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Self::Nsa(a) => a.forward(x),
+            Self::Full(a) => a.forward(x),
+        }
+    }
+}
+
+/// The layer and a random input of the row.
+fn layer_setup<B: Backend>(job: &Job, device: &B::Device) -> Result<(Layer<B>, Tensor<B, 3>)> {
+    B::seed(device, 42);
+    let l = &job.layer;
+    let x = Tensor::<B, 3>::random(
+        [job.batch, job.seq, l.dim],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let layer = if job.imp == "full" {
+        Layer::Full(FullAttention::new(
+            l.dim, l.dim_head, l.heads, l.kv_heads, device,
+        ))
+    } else {
+        Layer::Nsa(l.nsa().init::<B>(device)?)
+    };
+    Ok((layer, x))
+}
+
+/// Times `run` (warm-up excluded) and fills the timing and memory fields of `row`.
+fn time_row<B: Backend>(job: &Job, device: &B::Device, mut row: Row, run: impl Fn()) -> Row {
+    row.kernels = Some(kernels::registered::<B>() && kernels::enabled());
+    sync::<B>(device);
+    let mut times = Vec::new();
+    let mut peak = memory_usage(device).map(|m| m.0);
+    for i in 0..job.warmup + job.runs {
+        let t = Instant::now();
+        run();
+        sync::<B>(device);
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        if i == 0 {
+            row.ms_first = Some(ms);
+        }
+        if i >= job.warmup {
+            times.push(ms);
+        }
+        if let Some((reserved, _)) = memory_usage(device) {
+            peak = Some(peak.unwrap_or(0).max(reserved));
+        }
+    }
+    let (median, min) = stats(&times);
+    row.ms_median = Some(median);
+    row.ms_min = Some(min);
+    row.ms_all = times;
+    row.peak_mem_bytes = peak;
+    row.status = "ok".into();
+    row
+}
+
+fn flop_floor(job: &Job, backward: bool) -> f64 {
+    let flops = layer_flops(&job.imp, &job.layer, job.seq) * job.batch as f64;
+    let flops = if backward { flops * 3.0 } else { flops };
+    flops / 790e12 * 1e3
+}
+
+/// Forward only (no autodiff).
+fn layer_fwd_row<B: Backend>(job: &Job, device: &B::Device) -> Row {
+    let row = row_of(job);
+    let (layer, x) = match layer_setup::<B>(job, device) {
+        Ok(s) => s,
+        Err(e) => {
+            return Row {
+                status: "error".into(),
+                note: format!("{e:#}"),
+                ..row
+            }
+        }
+    };
+    let mut row = time_row::<B>(job, device, row, || drop(layer.forward(x.clone())));
+    row.flop_floor_ms = Some(flop_floor(job, false));
+    row
+}
+
+/// Forward and backward of `mean(layer(x))` (the gradients are computed and dropped).
+fn layer_bwd_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
+    let row = row_of(job);
+    let (layer, x) = match layer_setup::<B>(job, device) {
+        Ok(s) => s,
+        Err(e) => {
+            return Row {
+                status: "error".into(),
+                note: format!("{e:#}"),
+                ..row
+            }
+        }
+    };
+    let mut row = time_row::<B>(job, device, row, || {
+        let out = layer.forward(x.clone().require_grad());
+        drop(out.mean().backward());
+    });
+    row.flop_floor_ms = Some(flop_floor(job, true));
+    row
+}
+
+fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Instant) -> Row {
+    let mut row = row_of(job);
+    row.kernels = Some(kernels::registered::<B>() && kernels::enabled());
+    B::seed(device, 42);
+    let mut config = TransformerConfig::new(21128, 512, 6);
+    if job.imp == "full" {
+        config.attention = nsa_model::AttentionKind::Full;
+    }
+    let mut model = match config.init::<B>(device) {
+        Ok(m) => m,
+        Err(e) => {
+            row.status = "error".into();
+            row.note = e.to_string();
+            return row;
+        }
+    };
+    let mut optim = AdamWConfig::new().init::<B, nsa_model::Transformer<B>>();
+    let ids = Tensor::<B, 2, Int>::random(
+        [job.batch, job.seq + 1],
+        Distribution::Uniform(0.0, 21128.0),
+        device,
+    );
+    let mut times = Vec::new();
+    let mut ends = Vec::new();
+    let mut peak = None;
+    for _ in 0..job.warmup + job.runs {
+        sync::<B>(device);
+        let t = Instant::now();
+        let loss = model.loss(ids.clone());
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(1e-4, model, grads);
+        sync::<B>(device);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        ends.push(started.elapsed().as_secs_f64());
+        if let Some((reserved, _)) = memory_usage(device) {
+            peak = Some(peak.unwrap_or(0).max(reserved));
+        }
+    }
+    let timed = &times[job.warmup..];
+    let (median, min) = stats(timed);
+    row.ms_first = Some(times[0]);
+    row.ms_median = Some(median);
+    row.ms_min = Some(min);
+    row.ms_all = timed.to_vec();
+    row.peak_mem_bytes = peak;
+    row.tokens_per_s = Some((job.seq * job.batch) as f64 / (median / 1e3));
+    row.startup_s = times
+        .iter()
+        .zip(&ends)
+        .find(|(t, _)| **t <= median * 1.1)
+        .map(|(_, e)| *e);
+    row.status = "ok".into();
+    row
+}
+
+/// Kernel path vs tensor-op path on this device: one layer's output and gradients.
+fn check_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
+    let mut row = row_of(job);
+    row.kernels = Some(kernels::registered::<B>());
+    if !kernels::registered::<B>() {
+        row.status = "skipped".into();
+        row.note = "no fused kernels for this backend".into();
+        return row;
+    }
+    B::seed(device, 7);
+    let l = &job.layer;
+    let mut worst_abs = 0.0f64;
+    let mut worst_rel = 0.0f64;
+    let mut notes = Vec::new();
+    // the benchmark layer, a no-share GQA variant and differentiable top-k
+    let mut variants = vec![("bench", l.nsa())];
+    let mut c = l.nsa();
+    c.query_heads_share_selected_kv = false;
+    variants.push(("noshare", c));
+    let mut c = l.nsa();
+    c.use_diff_topk = true;
+    variants.push(("difftopk", c));
+    for (name, config) in variants {
+        let layer = match config.init::<B>(device) {
+            Ok(layer) => layer,
+            Err(e) => {
+                notes.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let x = Tensor::<B, 3>::random(
+            [job.batch, job.seq, config.dim],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        let w = Tensor::<B, 3>::random(
+            [job.batch, job.seq, config.dim],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        let run = |fused: bool| {
+            kernels::set_enabled(fused);
+            let x = x.clone().require_grad();
+            let out = layer.forward(x.clone());
+            let grads = (out.clone() * w.clone()).sum().backward();
+            let gx = x.grad(&grads).expect("input gradient");
+            let gw = layer
+                .to_qkv
+                .weight
+                .val()
+                .grad(&grads)
+                .expect("qkv gradient");
+            let out = HostTensor::from_tensor(out);
+            let gx = HostTensor::from_tensor(gx);
+            let gw = HostTensor::from_tensor(gw);
+            (out, gx, gw)
+        };
+        let fused = run(true);
+        let reference = run(false);
+        kernels::set_enabled(true);
+        for (what, a, r) in [
+            ("out", &fused.0, &reference.0),
+            ("grad(x)", &fused.1, &reference.1),
+            ("grad(qkv)", &fused.2, &reference.2),
+        ] {
+            let abs = a
+                .values
+                .iter()
+                .zip(&r.values)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .fold(0.0, f64::max);
+            let scale = r.values.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
+            let rel = abs / scale.max(1e-30);
+            println!(
+                "check {:5} seq {:6} {name:8} {what:9} max abs err {abs:.3e}  rel {rel:.3e}",
+                job.precision, job.seq
+            );
+            worst_abs = worst_abs.max(abs);
+            worst_rel = worst_rel.max(rel);
+        }
+    }
+    row.max_abs_err = Some(worst_abs);
+    row.max_rel_err = Some(worst_rel);
+    let tol = match job.precision {
+        Precision::F32 => 1e-3,
+        _ => 5e-2,
+    };
+    row.status = if worst_rel <= tol { "ok" } else { "mismatch" }.into();
+    row.note = notes.join("; ");
+    row
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2}", bytes as f64 / (1u64 << 30) as f64)
+}
+
+fn print_row(r: &Row) {
+    let time = r
+        .ms_median
+        .map(|m| format!("{m:10.2} ms"))
+        .unwrap_or_else(|| format!("{:>13}", r.status));
+    let extra = match (&r.tokens_per_s, &r.max_rel_err) {
+        (Some(t), _) => format!("{t:10.0} tok/s"),
+        (_, Some(e)) => format!("rel err {e:.2e}"),
+        _ => String::new(),
+    };
+    eprintln!(
+        "  {:6} {:10} {:5} {:8} seq {:6} x{:<3} {time} {:>8} GiB {extra} {}",
+        r.suite,
+        r.imp,
+        r.precision,
+        r.pass,
+        r.seq,
+        r.batch,
+        r.peak_mem_bytes.map(gib).unwrap_or_else(|| "-".into()),
+        r.note
+    );
+}
+
+fn print_table(rows: &[Row]) {
+    let layer: Vec<&Row> = rows.iter().filter(|r| r.suite == "layer").collect();
+    if !layer.is_empty() {
+        println!("## One attention layer");
+        println!();
+        println!("| impl | precision | pass | tokens | median ms | min ms | peak GiB | FLOP floor ms | note |");
+        println!("|---|---|---|---:|---:|---:|---:|---:|---|");
+        for r in layer {
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.imp,
+                r.precision,
+                r.pass,
+                r.seq,
+                r.ms_median
+                    .map(|m| format!("{m:.2}"))
+                    .unwrap_or_else(|| r.status.clone()),
+                r.ms_min.map(|m| format!("{m:.2}")).unwrap_or_default(),
+                r.peak_mem_bytes.map(gib).unwrap_or_default(),
+                r.flop_floor_ms
+                    .map(|m| format!("{m:.2}"))
+                    .unwrap_or_default(),
+                r.note.replace('|', "/"),
+            );
+        }
+        println!();
+    }
+    let train: Vec<&Row> = rows.iter().filter(|r| r.suite == "train").collect();
+    if !train.is_empty() {
+        println!("## Training step (seed config)");
+        println!();
+        println!("| attention | precision | seq × batch | median ms | tokens/s | peak GiB | start-up s | note |");
+        println!("|---|---|---|---:|---:|---:|---:|---|");
+        for r in train {
+            println!(
+                "| {} | {} | {} × {} | {} | {} | {} | {} | {} |",
+                r.imp,
+                r.precision,
+                r.seq,
+                r.batch,
+                r.ms_median
+                    .map(|m| format!("{m:.1}"))
+                    .unwrap_or_else(|| r.status.clone()),
+                r.tokens_per_s
+                    .map(|t| format!("{t:.0}"))
+                    .unwrap_or_default(),
+                r.peak_mem_bytes.map(gib).unwrap_or_default(),
+                r.startup_s.map(|s| format!("{s:.1}")).unwrap_or_default(),
+                r.note.replace('|', "/"),
+            );
+        }
+        println!();
+    }
+    let check: Vec<&Row> = rows.iter().filter(|r| r.suite == "check").collect();
+    if !check.is_empty() {
+        println!("## Kernels vs tensor ops");
+        println!();
+        println!("| precision | tokens | max abs err | max rel err | status | note |");
+        println!("|---|---:|---:|---:|---|---|");
+        for r in check {
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                r.precision,
+                r.seq,
+                r.max_abs_err
+                    .map(|e| format!("{e:.2e}"))
+                    .unwrap_or_default(),
+                r.max_rel_err
+                    .map(|e| format!("{e:.2e}"))
+                    .unwrap_or_default(),
+                r.status,
+                r.note
+            );
+        }
+        println!();
+    }
+    let failed = rows
+        .iter()
+        .any(|r| r.suite == "check" && r.status == "mismatch");
+    if failed {
+        println!("CHECK FAILED: kernel and tensor paths differ beyond tolerance");
+    }
+}

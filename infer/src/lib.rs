@@ -1,0 +1,7 @@
+//! Inference for NSA language models: generation with the KV cache, perplexity scoring, decode
+//! benchmarks, and conversion to and from the PyTorch reference's checkpoints. The binary
+//! (`nsa-infer`) is a thin CLI over this.
+
+pub mod reference;
+pub mod run;
+pub mod stream;

@@ -1,0 +1,344 @@
+//! The work `nsa-infer` does on whichever backend was chosen at run time: generation (streamed,
+//! KV-cached), perplexity scoring and the decode benchmark. Each job implements
+//! [`OnBackend`], so it is compiled once per backend and precision.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use nsa_model::interop::StateDict;
+use nsa_model::{Sampling, SplitMix64, Transformer, TransformerConfig};
+use nsa_train::backend::{OnBackend, Selection};
+use nsa_train::bundle::build_model;
+use nsa_train::tokenizer::Tokenizer;
+use serde::Serialize;
+
+use crate::stream::Streamer;
+
+/// Builds the model on `device` from host weights, or with random weights when `weights` is
+/// `None` (benchmarks).
+fn model<B: Backend>(
+    config: &TransformerConfig,
+    weights: Option<StateDict>,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    Ok(match weights {
+        Some(w) => build_model::<B>(config, w, device).context("loading the weights")?,
+        None => config.init::<B>(device)?,
+    })
+}
+
+/// Token ids of a prompt: the document separator first (what the model saw at the start of
+/// every training document) unless `raw`, then the text.
+pub fn prompt_ids(tokenizer: &Tokenizer, text: &str, raw: bool) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    if !raw {
+        if let Some(sep) = tokenizer.sep_id() {
+            ids.push(sep);
+        }
+    }
+    ids.extend(tokenizer.encode(text)?);
+    if ids.is_empty() {
+        bail!(
+            "the prompt is empty and the tokenizer has no [SEP] token to start from; give --prompt"
+        );
+    }
+    Ok(ids)
+}
+
+/// Checks a prompt against the model's trained context.
+pub fn check_context(config: &TransformerConfig, prompt_len: usize) -> Result<()> {
+    if let Some(ctx) = config.max_seq_len {
+        if prompt_len > ctx {
+            bail!(
+                "the prompt has {prompt_len} tokens, more than the model's context of {ctx} \
+                 (max_seq_len in model.json); shorten the prompt"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Generation of one or more prompts.
+pub struct GenerateJob {
+    /// Model config.
+    pub config: TransformerConfig,
+    /// Weights (reference naming).
+    pub weights: StateDict,
+    /// Tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Prompt texts.
+    pub prompts: Vec<String>,
+    /// Do not prepend the document separator.
+    pub raw_prompt: bool,
+    /// New tokens per prompt.
+    pub max_new: usize,
+    /// Sampling settings.
+    pub sampling: Sampling,
+    /// Seed of the first prompt (prompt `i` uses `seed + i`).
+    pub seed: u64,
+    /// Print the prompt before its continuation.
+    pub echo_prompt: bool,
+    /// Process start, for the time to first token.
+    pub started: Instant,
+}
+
+/// What a generation run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateReport {
+    /// Seconds from process start to the first generated token.
+    pub first_token_s: Option<f64>,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Seconds spent generating (all prompts).
+    pub generate_s: f64,
+}
+
+impl OnBackend for GenerateJob {
+    type Output = Result<GenerateReport>;
+
+    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<GenerateReport> {
+        let model = model::<B>(&self.config, Some(self.weights), &device)?;
+        let mut first_token_s = None;
+        let mut tokens = 0;
+        let t0 = Instant::now();
+        let mut out = std::io::stdout().lock();
+        for (i, prompt) in self.prompts.iter().enumerate() {
+            let ids = prompt_ids(&self.tokenizer, prompt, self.raw_prompt)?;
+            check_context(&self.config, ids.len())?;
+            if self.prompts.len() > 1 {
+                writeln!(out, "### {}", i + 1)?;
+            }
+            if self.echo_prompt {
+                write!(out, "{prompt}")?;
+                out.flush()?;
+            }
+            let mut streamer = Streamer::new(&self.tokenizer);
+            let mut write_error = None;
+            let new = model.generate(
+                &ids,
+                self.max_new,
+                &self.sampling,
+                self.seed + i as u64,
+                |t| {
+                    first_token_s.get_or_insert_with(|| self.started.elapsed().as_secs_f64());
+                    let piece = streamer.push(t);
+                    match write!(out, "{piece}").and_then(|_| out.flush()) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            write_error = Some(e);
+                            false
+                        }
+                    }
+                },
+            )?;
+            if let Some(e) = write_error {
+                return Err(e).context("writing to stdout");
+            }
+            tokens += new.len();
+            writeln!(out)?;
+        }
+        Ok(GenerateReport {
+            first_token_s,
+            tokens,
+            generate_s: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Perplexity of a token stream.
+pub struct ScoreJob {
+    /// Model config.
+    pub config: TransformerConfig,
+    /// Weights.
+    pub weights: StateDict,
+    /// The token stream (documents joined by the separator).
+    pub tokens: Vec<u32>,
+    /// Window length (tokens of context per prediction window).
+    pub context: usize,
+    /// Windows per forward pass.
+    pub batch: usize,
+}
+
+/// Result of scoring.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreReport {
+    /// Tokens predicted.
+    pub tokens: usize,
+    /// Mean negative log-likelihood in nats per token.
+    pub nll: f64,
+    /// `exp(nll)`.
+    pub perplexity: f64,
+    /// Seconds.
+    pub seconds: f64,
+}
+
+impl OnBackend for ScoreJob {
+    type Output = Result<ScoreReport>;
+
+    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<ScoreReport> {
+        let t0 = Instant::now();
+        let model = model::<B>(&self.config, Some(self.weights), &device)?;
+        let n = self.tokens.len();
+        if n < 2 {
+            bail!("the text has {n} token(s); scoring needs at least 2");
+        }
+        // windows of `context + 1` tokens every `context` tokens: each target predicted once;
+        // all are full length but the last, which is scored on its own
+        let ctx = self.context;
+        let starts: Vec<usize> = (0..).map(|w| w * ctx).take_while(|&s| s + 1 < n).collect();
+        let (full, tail): (Vec<usize>, Vec<usize>) = starts.iter().partition(|&&s| s + ctx < n);
+        let mut total = 0.0f64;
+        let mut count = 0usize;
+        let mut batches: Vec<(Vec<usize>, usize)> = full
+            .chunks(self.batch)
+            .map(|c| (c.to_vec(), ctx + 1))
+            .collect();
+        batches.extend(tail.into_iter().map(|s| (vec![s], n - s)));
+        for (group, len) in batches {
+            let b = group.len();
+            let ids: Vec<i64> = group
+                .iter()
+                .flat_map(|&s| self.tokens[s..s + len].iter().map(|&t| t as i64))
+                .collect();
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), &device);
+            let logits = model.forward(ids.clone().narrow(1, 0, len - 1));
+            let v = self.config.num_tokens;
+            let logp = log_softmax(logits.reshape([b * (len - 1), v]), 1);
+            let targets = ids.narrow(1, 1, len - 1).reshape([b * (len - 1), 1]);
+            let sum: f64 = logp.gather(1, targets).sum().into_scalar().elem();
+            total -= sum;
+            count += b * (len - 1);
+        }
+        let nll = total / count as f64;
+        Ok(ScoreReport {
+            tokens: count,
+            nll,
+            perplexity: nll.exp(),
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Decode benchmark at batch 1.
+pub struct BenchJob {
+    /// Model config.
+    pub config: TransformerConfig,
+    /// Weights, or random ones.
+    pub weights: Option<StateDict>,
+    /// Prompt tokens.
+    pub prompt_len: usize,
+    /// New tokens per timed run.
+    pub new_tokens: usize,
+    /// Timed runs after the first.
+    pub runs: usize,
+    /// Sampling.
+    pub sampling: Sampling,
+    /// Process start.
+    pub started: Instant,
+}
+
+/// What the benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Backend and device.
+    pub device: String,
+    /// Seconds from process start until the model was on the device.
+    pub load_s: f64,
+    /// Seconds from process start to the first generated token (first run, cold).
+    pub first_token_s: f64,
+    /// Decode tokens per second of the first (cold) run.
+    pub cold_tokens_per_s: f64,
+    /// Median over the warm runs: prefill seconds.
+    pub prefill_s: f64,
+    /// Median over the warm runs: decode tokens per second (excluding the prefill).
+    pub tokens_per_s: f64,
+    /// Prompt tokens.
+    pub prompt_len: usize,
+    /// New tokens per run.
+    pub new_tokens: usize,
+}
+
+impl OnBackend for BenchJob {
+    type Output = Result<BenchReport>;
+
+    fn run<B: Backend>(self, device: B::Device, sel: &Selection) -> Result<BenchReport> {
+        let model = model::<B>(&self.config, self.weights, &device)?;
+        let _ = B::sync(&device);
+        let load_s = self.started.elapsed().as_secs_f64();
+        let mut rng = SplitMix64(1234);
+        let vocab = self.config.num_tokens as u64;
+        let prompt: Vec<u32> = (0..self.prompt_len)
+            .map(|_| (rng.next_u64() % vocab) as u32)
+            .collect();
+        let mut first_token_s = 0.0;
+        let mut measure = |first: bool| -> Result<(f64, f64)> {
+            let t0 = Instant::now();
+            let mut t_first = None;
+            let new = model.generate(&prompt, self.new_tokens, &self.sampling, 7, |_| {
+                if t_first.is_none() {
+                    t_first = Some(Instant::now());
+                    if first {
+                        first_token_s = self.started.elapsed().as_secs_f64();
+                    }
+                }
+                true
+            })?;
+            let t_first = t_first.context("no token generated")?;
+            let prefill = (t_first - t0).as_secs_f64();
+            let decode = t_first.elapsed().as_secs_f64();
+            Ok((prefill, (new.len() - 1) as f64 / decode.max(1e-9)))
+        };
+        let (_, cold) = measure(true)?;
+        let mut prefills = Vec::new();
+        let mut rates = Vec::new();
+        for _ in 0..self.runs {
+            let (p, r) = measure(false)?;
+            prefills.push(p);
+            rates.push(r);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        Ok(BenchReport {
+            device: format!("{} {}", sel.kind, sel.device_name),
+            load_s,
+            first_token_s,
+            cold_tokens_per_s: cold,
+            prefill_s: median(prefills),
+            tokens_per_s: median(rates),
+            prompt_len: self.prompt_len,
+            new_tokens: self.new_tokens,
+        })
+    }
+}
+
+/// Logits of a fixed token sequence, for comparing backends.
+pub struct LogitsJob {
+    /// Model config.
+    pub config: TransformerConfig,
+    /// Weights.
+    pub weights: StateDict,
+    /// Token ids `[1, n]`.
+    pub tokens: Vec<u32>,
+}
+
+impl OnBackend for LogitsJob {
+    type Output = Result<Vec<f32>>;
+
+    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<Vec<f32>> {
+        let model = model::<B>(&self.config, Some(self.weights), &device)?;
+        let n = self.tokens.len();
+        let ids: Vec<i64> = self.tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+        let logits = model.forward(ids);
+        Ok(logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?)
+    }
+}

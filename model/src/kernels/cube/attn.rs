@@ -1,0 +1,1254 @@
+//! CubeCL kernels: masked attention of query rows over chunks of keys with an online softmax
+//! (forward), and its backward: query-centric for `dq` (and the gates), key-centric for `dk`
+//! and `dv`, so that every gradient element has one owner and no float atomics are needed.
+//!
+//! One source serves the three branches through the comptime `mode` of [`Tiling`]:
+//!
+//! - [`SELECTED`]: one query position per cube with the `gq` heads that share its selection;
+//!   the keys are its selected blocks (gated, invalid ones skipped) and the causal part of its
+//!   own block.
+//! - [`SLIDING`]: `tq` consecutive query positions × `gq` heads of one kv head; the query at `t`
+//!   sees keys `t - window ..= t`.
+//! - [`COMPRESSED`]: `tq` query positions × `gq` heads over memory + compressed slots; slot
+//!   `j >= mem` is visible from position `(j - mem + 1) * stride` on.
+//!
+//! The rows of a cube are `(query tl, head hl)` pairs, `r = tl * gq + hl`. Scores are computed
+//! in f32 whatever the storage type; [`NEG`] stands for minus infinity (WGSL has no infinity
+//! literal). Threads stride over the work items of each phase.
+//!
+//! Tensors are contiguous: `q`, `out`, `dout` `[b, h, n, d]`, `k`, `v` `[b, kvh, nk, d]`,
+//! `lse`, `delta` `[b, h, n]` (f32), `idx`, `gates` `[b, hs, n, count]` (`idx < 0`: invalid).
+
+// `#[cube]` expands `let mut x = ..; if .. { x = .. }` into code rustc sees as dead stores;
+// runtime `usize::div_ceil` has no CubeCL expansion.
+#![allow(unused_assignments, clippy::manual_div_ceil, clippy::collapsible_if)]
+
+use cubecl::prelude::*;
+
+/// Mode: selected blocks + own block.
+pub const SELECTED: u32 = 0;
+/// Mode: sliding window.
+pub const SLIDING: u32 = 1;
+/// Mode: compressed slots.
+pub const COMPRESSED: u32 = 2;
+
+/// A finite stand-in for minus infinity.
+pub const NEG: f32 = -1.0e30;
+/// Scores below this are masked.
+const NEG_HALF: f32 = -5.0e29;
+
+/// Shape and mode of one launch (comptime: one compiled kernel per distinct value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tiling {
+    /// [`SELECTED`], [`SLIDING`] or [`COMPRESSED`].
+    pub mode: u32,
+    /// Head dimension.
+    pub d: usize,
+    /// Keys per chunk.
+    pub kc: usize,
+    /// Query positions per row batch (1 for [`SELECTED`] forward and dq).
+    pub tq: usize,
+    /// Heads per row group of the query-centric kernels (selected: heads sharing a selection).
+    pub gq: usize,
+    /// Query heads per kv head.
+    pub gk: usize,
+    /// Selection block size ([`SELECTED`]).
+    pub sel: usize,
+    /// Keys are gated per selected block ([`SELECTED`]).
+    pub gated: bool,
+    /// Units per cube.
+    pub threads: usize,
+    /// [`COMPRESSED`] forward: also rank the selection blocks and keep the top `topk`.
+    pub select: bool,
+    /// Blocks kept per query ([`Tiling::select`]).
+    pub topk: usize,
+    /// Compressed slots per selection block ([`Tiling::select`]; divides `kc`).
+    pub pf: usize,
+    /// Heads per selection group ([`Tiling::select`]; divides `gq`).
+    pub sg: usize,
+}
+
+impl Tiling {
+    /// Rows of a query-centric cube.
+    pub fn rows(&self) -> usize {
+        self.tq * self.gq
+    }
+
+    /// Rows of one key-centric batch.
+    pub fn bwd_rows(&self) -> usize {
+        (self.tq * self.gk).max(self.gq)
+    }
+
+    /// Importance rows of a selecting forward cube: `tq` positions × selection heads.
+    pub fn imp_rows(&self) -> usize {
+        if self.select {
+            self.tq * (self.gq / self.sg)
+        } else {
+            1
+        }
+    }
+
+    /// Shared memory (bytes) of the forward kernel.
+    pub fn fwd_shared(&self) -> usize {
+        let r = self.rows();
+        let imp = if self.select {
+            let ir = self.imp_rows();
+            ir * (self.kc / self.pf) + 2 * ir * self.topk + 2 * ir
+        } else {
+            0
+        };
+        4 * (r * self.d + 2 * self.kc * self.d + r * self.kc + 3 * r + imp)
+    }
+
+    /// Shared memory (bytes) of the dq kernel.
+    pub fn dq_shared(&self) -> usize {
+        let r = self.rows();
+        4 * (2 * r * self.d + 2 * self.kc * self.d + 2 * r * self.kc + 2 * r)
+    }
+
+    /// Shared memory (bytes) of the dk/dv kernel.
+    pub fn dkdv_shared(&self) -> usize {
+        let r = self.bwd_rows();
+        4 * (2 * r * self.d + 2 * self.kc * self.d + 2 * r * self.kc + 5 * r)
+    }
+}
+
+/// Whether the key at position `p` is visible to the query at `t`. `slot_ok`: the chunk's
+/// block is valid, `in_block`: the key lies inside it, `own`: it is the query's own block
+/// (selected mode).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn visible(
+    p: usize,
+    t: usize,
+    nk: usize,
+    span: usize,
+    mem: usize,
+    own: bool,
+    slot_ok: bool,
+    in_block: bool,
+    #[comptime] mode: u32,
+) -> bool {
+    let mut ok = p < nk && in_block;
+    if mode == SELECTED {
+        ok = ok && slot_ok;
+        if own {
+            ok = ok && p <= t;
+        }
+    } else if mode == SLIDING {
+        ok = ok && p <= t && p + span >= t;
+    } else if p >= mem {
+        ok = ok && (p + 1 - mem) * span <= t;
+    }
+    ok
+}
+
+/// First key position a sliding/compressed cube starting at query `t0` visits.
+#[cube]
+fn first_key(t0: usize, span: usize, #[comptime] mode: u32) -> usize {
+    let mut lo = 0usize;
+    if mode == SLIDING && t0 > span {
+        lo = t0 - span;
+    }
+    lo
+}
+
+/// Number of key chunks a query-centric cube visits (`t0`: its first query position).
+#[cube]
+fn chunk_count(
+    t0: usize,
+    n: usize,
+    nk: usize,
+    count: usize,
+    span: usize,
+    mem: usize,
+    #[comptime] t: Tiling,
+) -> usize {
+    let kc = t.kc;
+    let mut last = t0 + t.tq;
+    if last > n {
+        last = n;
+    }
+    last -= 1;
+    let mut chunks = 0usize;
+    if t.mode == SELECTED {
+        let subs = comptime!(t.sel.div_ceil(t.kc));
+        chunks = (count + 1) * subs;
+    } else if t.mode == SLIDING {
+        let lo = first_key(t0, span, t.mode);
+        chunks = (last + 1 - lo + kc - 1) / kc;
+    } else {
+        // memory chunks, then chunks of compressed blocks (aligned to selection blocks)
+        let mut vis = mem + last / span;
+        if vis > nk {
+            vis = nk;
+        }
+        chunks = (mem + kc - 1) / kc + (vis - mem + kc - 1) / kc;
+    }
+    chunks
+}
+
+/// Where chunk `ci` of a query-centric cube lies: `(key start, slot valid, own block, gate,
+/// keys left in the block, slot index)`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn chunk_at<F: Float, I: Int>(
+    ci: usize,
+    t0: usize,
+    sel_row: usize,
+    idx: &Tensor<I>,
+    gates: &Tensor<F>,
+    count: usize,
+    span: usize,
+    mem: usize,
+    #[comptime] t: Tiling,
+) -> (usize, bool, bool, f32, usize, usize) {
+    let kc = t.kc;
+    let mut kstart = 0usize;
+    let mut slot_ok = true;
+    let mut own = false;
+    let mut gate = 1.0f32;
+    let mut left = kc.runtime();
+    let mut slot = 0usize;
+    if t.mode == SELECTED {
+        let sel = t.sel;
+        let subs = comptime!(t.sel.div_ceil(t.kc));
+        slot = ci / subs;
+        let sub = ci % subs;
+        left = sel - sub * kc;
+        if slot < count {
+            let at = sel_row * count + slot;
+            let blk = i32::cast_from(idx[at]);
+            slot_ok = blk >= 0;
+            let mut base = 0usize;
+            if slot_ok {
+                base = usize::cast_from(blk) * sel;
+            }
+            kstart = base + sub * kc;
+            if t.gated {
+                gate = f32::cast_from(gates[at]);
+            }
+        } else {
+            own = true;
+            kstart = (t0 / sel) * sel + sub * kc;
+        }
+    } else if t.mode == SLIDING {
+        kstart = first_key(t0, span, t.mode) + ci * kc;
+    } else {
+        let mem_chunks = (mem + kc - 1) / kc;
+        if ci < mem_chunks {
+            kstart = ci * kc;
+            left = mem - kstart;
+        } else {
+            kstart = mem + (ci - mem_chunks) * kc;
+        }
+    }
+    (kstart, slot_ok, own, gate, left, slot)
+}
+
+/// Forward. Grid: x = query tile (`tq` positions), y = `b * groups + group` where a group is
+/// `gq` consecutive heads. Writes `out` and the log-sum-exp `lse` of every row.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn attn_fwd<F: Float, I: Int>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    idx: &Tensor<I>,
+    gates: &Tensor<F>,
+    out: &mut Tensor<F>,
+    lse: &mut Tensor<f32>,
+    sel_idx: &mut Tensor<I>,
+    sel_score: &mut Tensor<F>,
+    n: usize,
+    nk: usize,
+    h: usize,
+    kvh: usize,
+    count: usize,
+    span: usize,
+    mem: usize,
+    fine: usize,
+    scale: f32,
+    #[comptime] t: Tiling,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let d = t.d;
+    let kc = t.kc;
+    let gq = t.gq;
+    let rows = comptime!(t.tq * t.gq);
+    let nt = t.threads;
+    let per = comptime!((t.tq * t.gq * t.d).div_ceil(t.threads));
+    let tid = UNIT_POS as usize;
+    let t0 = CUBE_POS_X as usize * t.tq;
+    let groups = h / gq;
+    let b = CUBE_POS_Y as usize / groups;
+    let hg = CUBE_POS_Y as usize % groups;
+    let kvhead = (hg * gq) / t.gk;
+    let sel_row = (b * groups + hg) * n + t0;
+
+    let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
+    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut p_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
+    let mut m_s = SharedMemory::<f32>::new(rows);
+    let mut l_s = SharedMemory::<f32>::new(rows);
+    let mut a_s = SharedMemory::<f32>::new(rows);
+    // selection (compressed mode): per importance row, block scores of the chunk, the running
+    // top-k (descending) and the softmax normaliser (the sink at -1000 included)
+    let irows = comptime!(t.imp_rows());
+    let nfb = comptime!(if t.select { t.kc / t.pf } else { 1 });
+    let kk = comptime!(if t.select { t.topk } else { 1 });
+    let mut fs_s = SharedMemory::<f32>::new(comptime!(t.imp_rows() * nfb));
+    let mut topv = SharedMemory::<f32>::new(comptime!(t.imp_rows() * kk));
+    let mut topi = SharedMemory::<u32>::new(comptime!(t.imp_rows() * kk));
+    let mut mi_s = SharedMemory::<f32>::new(irows);
+    let mut zi_s = SharedMemory::<f32>::new(irows);
+    if t.select {
+        let mut ir = tid;
+        while ir < irows {
+            mi_s[ir] = -1000.0;
+            zi_s[ir] = 1.0;
+            for i in 0..kk {
+                topv[ir * kk + i] = NEG;
+                topi[ir * kk + i] = 0;
+            }
+            ir += nt;
+        }
+    }
+
+    let mut e = tid;
+    while e < rows * d {
+        let r = e / d;
+        let tt = t0 + r / gq;
+        let head = hg * gq + r % gq;
+        let mut val = 0.0f32;
+        if tt < n {
+            val = f32::cast_from(q[((b * h + head) * n + tt) * d + e % d]) * scale;
+        }
+        q_s[e] = val;
+        e += nt;
+    }
+    let mut r = tid;
+    while r < rows {
+        m_s[r] = NEG;
+        l_s[r] = 0.0;
+        r += nt;
+    }
+    let mut acc = Array::<f32>::new(per);
+    #[unroll]
+    for i in 0..per {
+        acc[i] = 0.0;
+    }
+    sync_cube();
+
+    let chunks = chunk_count(t0, n, nk, count, span, mem, t);
+    for ci in 0..chunks {
+        let (kstart, slot_ok, own, gate, left, _slot) =
+            chunk_at::<F, I>(ci, t0, sel_row, idx, gates, count, span, mem, t);
+
+        let mut e = tid;
+        while e < kc * d {
+            let j = e / d;
+            let p = kstart + j;
+            let mut kv = 0.0f32;
+            let mut vv = 0.0f32;
+            if p < nk && slot_ok && j < left {
+                let off = ((b * kvh + kvhead) * nk + p) * d + e % d;
+                kv = f32::cast_from(k[off]);
+                vv = f32::cast_from(v[off]);
+            }
+            k_s[e] = kv;
+            v_s[e] = vv;
+            e += nt;
+        }
+        sync_cube();
+
+        let mut e = tid;
+        while e < rows * kc {
+            let r = e / kc;
+            let j = e % kc;
+            let tt = t0 + r / gq;
+            let mut s = NEG.runtime();
+            if tt < n
+                && visible(
+                    kstart + j,
+                    tt,
+                    nk,
+                    span,
+                    mem,
+                    own,
+                    slot_ok,
+                    j < left,
+                    t.mode,
+                )
+            {
+                let mut dot = 0.0f32;
+                for dd in 0..d {
+                    dot += q_s[r * d + dd] * k_s[j * d + dd];
+                }
+                s = dot * gate;
+            }
+            p_s[e] = s;
+            e += nt;
+        }
+        sync_cube();
+
+        if t.select {
+            rank_blocks(
+                &p_s, &mut fs_s, &mut topv, &mut topi, &mut mi_s, &mut zi_s, kstart, t0, n, mem,
+                fine, t,
+            );
+        }
+
+        let mut r = tid;
+        while r < rows {
+            let m_old = m_s[r];
+            let mut mx = m_old;
+            for j in 0..kc {
+                let s = p_s[r * kc + j];
+                if s > mx {
+                    mx = s;
+                }
+            }
+            let alpha = (m_old - mx).exp();
+            let mut sum = 0.0f32;
+            for j in 0..kc {
+                let s = p_s[r * kc + j];
+                let mut pj = 0.0f32;
+                if s > NEG_HALF {
+                    pj = (s - mx).exp();
+                }
+                p_s[r * kc + j] = pj;
+                sum += pj;
+            }
+            l_s[r] = l_s[r] * alpha + sum;
+            m_s[r] = mx;
+            a_s[r] = alpha;
+            r += nt;
+        }
+        sync_cube();
+
+        #[unroll]
+        for i in 0..per {
+            let e = tid + i * nt;
+            if e < rows * d {
+                let r = e / d;
+                let dd = e % d;
+                let mut a = acc[i] * a_s[r];
+                for j in 0..kc {
+                    a += p_s[r * kc + j] * v_s[j * d + dd];
+                }
+                acc[i] = a;
+            }
+        }
+        sync_cube();
+    }
+
+    #[unroll]
+    for i in 0..per {
+        let e = tid + i * nt;
+        if e < rows * d {
+            let r = e / d;
+            let tt = t0 + r / gq;
+            let head = hg * gq + r % gq;
+            if tt < n {
+                out[((b * h + head) * n + tt) * d + e % d] = F::cast_from(acc[i] / l_s[r]);
+            }
+        }
+    }
+    let mut r = tid;
+    while r < rows {
+        let tt = t0 + r / gq;
+        let head = hg * gq + r % gq;
+        if tt < n {
+            lse[(b * h + head) * n + tt] = m_s[r] + l_s[r].ln();
+        }
+        r += nt;
+    }
+
+    if t.select {
+        // selection heads of this cube: `gq / sg` per position
+        let ns = comptime!(t.gq / t.sg);
+        let hs = h / t.sg;
+        let mut ir = tid;
+        while ir < irows {
+            let tt = t0 + ir / ns;
+            if tt < n {
+                let hsel = (hg * gq) / t.sg + ir % ns;
+                let m = mi_s[ir];
+                let z = zi_s[ir];
+                for i in 0..kk {
+                    let s = topv[ir * kk + i];
+                    let mut prob = 0.0f32;
+                    if s > NEG_HALF {
+                        prob = (s - m).exp() / z;
+                    }
+                    let mut blk = i32::cast_from(topi[ir * kk + i]);
+                    if prob <= 1.0e-10 {
+                        blk = -1;
+                    }
+                    let at = ((b * hs + hsel) * n + tt) * kk + i;
+                    sel_idx[at] = I::cast_from(blk);
+                    sel_score[at] = F::cast_from(prob);
+                }
+            }
+            ir += nt;
+        }
+    }
+}
+
+/// Selection (compressed forward): scores of the selection blocks that lie in this chunk of
+/// compressed slots (logits in `p_s`, averaged over the `sg` heads of a selection group and
+/// the `pf` slots of a block), folded into each importance row's top-k and softmax normaliser.
+/// Block `j` competes for the query at `t` when it ends at or before `t` (`(j + 1) * sel <= t`;
+/// the query's own block and later ones have probability zero in the reference).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn rank_blocks(
+    p_s: &SharedMemory<f32>,
+    fs_s: &mut SharedMemory<f32>,
+    topv: &mut SharedMemory<f32>,
+    topi: &mut SharedMemory<u32>,
+    mi_s: &mut SharedMemory<f32>,
+    zi_s: &mut SharedMemory<f32>,
+    kstart: usize,
+    t0: usize,
+    n: usize,
+    mem: usize,
+    fine: usize,
+    #[comptime] t: Tiling,
+) {
+    let nt = t.threads;
+    let tid = UNIT_POS as usize;
+    let kc = t.kc;
+    let pf = t.pf;
+    let sg = t.sg;
+    let kk = t.topk;
+    let ns = comptime!(t.gq / t.sg);
+    let nfb = comptime!(t.kc / t.pf);
+    let irows = comptime!(t.imp_rows());
+    let inv = comptime!(1.0f32 / (t.sg * t.pf) as f32);
+    if kstart >= mem {
+        let first = (kstart - mem) / pf;
+        let mut e = tid;
+        while e < irows * nfb {
+            let ir = e / nfb;
+            let fb = e % nfb;
+            let r0 = (ir / ns) * t.gq + (ir % ns) * sg;
+            let mut sum = 0.0f32;
+            for hh in 0..sg {
+                for c in 0..pf {
+                    sum += p_s[(r0 + hh) * kc + fb * pf + c];
+                }
+            }
+            fs_s[e] = sum * inv;
+            e += nt;
+        }
+        sync_cube();
+        let mut ir = tid;
+        while ir < irows {
+            let tt = t0 + ir / ns;
+            for fb in 0..nfb {
+                let j = first + fb;
+                if tt < n && j < fine && (j + 1) * t.sel <= tt {
+                    let s = fs_s[ir * nfb + fb];
+                    let mo = mi_s[ir];
+                    if s > mo {
+                        zi_s[ir] = zi_s[ir] * (mo - s).exp() + 1.0;
+                        mi_s[ir] = s;
+                    } else {
+                        zi_s[ir] += (s - mo).exp();
+                    }
+                    let base = ir * kk;
+                    if s > topv[base + kk - 1] {
+                        let mut pos = (kk - 1).runtime();
+                        loop {
+                            if pos == 0 {
+                                break;
+                            }
+                            let prev = topv[base + pos - 1];
+                            if prev >= s {
+                                break;
+                            }
+                            topv[base + pos] = prev;
+                            topi[base + pos] = topi[base + pos - 1];
+                            pos -= 1;
+                        }
+                        topv[base + pos] = s;
+                        topi[base + pos] = j as u32;
+                    }
+                }
+            }
+            ir += nt;
+        }
+        sync_cube();
+    }
+}
+
+/// `delta = rowsum(dout * out)` in f32, one unit per row `[b, h, n]`.
+#[cube(launch_unchecked)]
+pub fn attn_delta<F: Float>(
+    out: &Tensor<F>,
+    dout: &Tensor<F>,
+    delta: &mut Tensor<f32>,
+    rows: usize,
+    #[comptime] d: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let r = ABSOLUTE_POS;
+    if r < rows {
+        let mut s = 0.0f32;
+        for dd in 0..d {
+            s += f32::cast_from(out[r * d + dd]) * f32::cast_from(dout[r * d + dd]);
+        }
+        delta[r] = s;
+    }
+}
+
+/// Backward, query-centric: `dq` (and `dgates` `[b, hs, n, count]` when gated). Same grid
+/// as [`attn_fwd`].
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn attn_bwd_dq<F: Float, I: Int>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    idx: &Tensor<I>,
+    gates: &Tensor<F>,
+    dout: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    dq: &mut Tensor<F>,
+    dgates: &mut Tensor<F>,
+    n: usize,
+    nk: usize,
+    h: usize,
+    kvh: usize,
+    count: usize,
+    span: usize,
+    mem: usize,
+    scale: f32,
+    #[comptime] t: Tiling,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let d = t.d;
+    let kc = t.kc;
+    let gq = t.gq;
+    let rows = comptime!(t.tq * t.gq);
+    let nt = t.threads;
+    let per = comptime!((t.tq * t.gq * t.d).div_ceil(t.threads));
+    let subs = comptime!(t.sel.div_ceil(t.kc));
+    let tid = UNIT_POS as usize;
+    let t0 = CUBE_POS_X as usize * t.tq;
+    let groups = h / gq;
+    let b = CUBE_POS_Y as usize / groups;
+    let hg = CUBE_POS_Y as usize % groups;
+    let kvhead = (hg * gq) / t.gk;
+    let sel_row = (b * groups + hg) * n + t0;
+
+    let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
+    let mut do_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
+    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut ds_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
+    let mut raw_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
+    let mut lse_s = SharedMemory::<f32>::new(rows);
+    let mut dl_s = SharedMemory::<f32>::new(rows);
+
+    let mut e = tid;
+    while e < rows * d {
+        let r = e / d;
+        let tt = t0 + r / gq;
+        let head = hg * gq + r % gq;
+        let mut qv = 0.0f32;
+        let mut dv = 0.0f32;
+        if tt < n {
+            let off = ((b * h + head) * n + tt) * d + e % d;
+            qv = f32::cast_from(q[off]) * scale;
+            dv = f32::cast_from(dout[off]);
+        }
+        q_s[e] = qv;
+        do_s[e] = dv;
+        e += nt;
+    }
+    let mut r = tid;
+    while r < rows {
+        let tt = t0 + r / gq;
+        let head = hg * gq + r % gq;
+        let mut l = 0.0f32;
+        let mut dl = 0.0f32;
+        if tt < n {
+            l = lse[(b * h + head) * n + tt];
+            dl = delta[(b * h + head) * n + tt];
+        }
+        lse_s[r] = l;
+        dl_s[r] = dl;
+        r += nt;
+    }
+    let mut acc = Array::<f32>::new(per);
+    #[unroll]
+    for i in 0..per {
+        acc[i] = 0.0;
+    }
+    let mut dgate = 0.0f32;
+    sync_cube();
+
+    let chunks = chunk_count(t0, n, nk, count, span, mem, t);
+    for ci in 0..chunks {
+        let (kstart, slot_ok, own, gate, left, slot) =
+            chunk_at::<F, I>(ci, t0, sel_row, idx, gates, count, span, mem, t);
+
+        let mut e = tid;
+        while e < kc * d {
+            let j = e / d;
+            let p = kstart + j;
+            let mut kv = 0.0f32;
+            let mut vv = 0.0f32;
+            if p < nk && slot_ok && j < left {
+                let off = ((b * kvh + kvhead) * nk + p) * d + e % d;
+                kv = f32::cast_from(k[off]);
+                vv = f32::cast_from(v[off]);
+            }
+            k_s[e] = kv;
+            v_s[e] = vv;
+            e += nt;
+        }
+        sync_cube();
+
+        let mut e = tid;
+        while e < rows * kc {
+            let r = e / kc;
+            let j = e % kc;
+            let tt = t0 + r / gq;
+            let mut ds = 0.0f32;
+            let mut raw = 0.0f32;
+            if tt < n
+                && visible(
+                    kstart + j,
+                    tt,
+                    nk,
+                    span,
+                    mem,
+                    own,
+                    slot_ok,
+                    j < left,
+                    t.mode,
+                )
+            {
+                let mut dot = 0.0f32;
+                let mut dp = 0.0f32;
+                for dd in 0..d {
+                    dot += q_s[r * d + dd] * k_s[j * d + dd];
+                    dp += do_s[r * d + dd] * v_s[j * d + dd];
+                }
+                let p = (dot * gate - lse_s[r]).exp();
+                ds = p * (dp - dl_s[r]);
+                raw = dot;
+            }
+            ds_s[e] = ds;
+            raw_s[e] = raw;
+            e += nt;
+        }
+        sync_cube();
+
+        #[unroll]
+        for i in 0..per {
+            let e = tid + i * nt;
+            if e < rows * d {
+                let r = e / d;
+                let dd = e % d;
+                let mut a = 0.0f32;
+                for j in 0..kc {
+                    a += ds_s[r * kc + j] * k_s[j * d + dd];
+                }
+                acc[i] += a * gate;
+            }
+        }
+        if t.mode == SELECTED && t.gated {
+            if tid == 0 && !own {
+                for e in 0..rows * kc {
+                    dgate += ds_s[e] * raw_s[e];
+                }
+                if ci % subs == subs - 1 {
+                    dgates[sel_row * count + slot] = F::cast_from(dgate);
+                    dgate = 0.0;
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    #[unroll]
+    for i in 0..per {
+        let e = tid + i * nt;
+        if e < rows * d {
+            let r = e / d;
+            let tt = t0 + r / gq;
+            let head = hg * gq + r % gq;
+            if tt < n {
+                dq[((b * h + head) * n + tt) * d + e % d] = F::cast_from(acc[i] * scale);
+            }
+        }
+    }
+}
+
+/// Backward, key-centric: `dk`, `dv` of one chunk of `kc` keys of one kv head. Grid: x = key
+/// chunk (selected: `block * subs + sub`), y = `b * kvh + kv head`.
+///
+/// Selected mode reads the queries that chose each block from `offsets` / `entries` (see
+/// [`csr_count`]); the own-block, sliding and compressed queries follow from the positions.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn attn_bwd_dkdv<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    gates: &Tensor<F>,
+    dout: &Tensor<F>,
+    lse: &Tensor<f32>,
+    delta: &Tensor<f32>,
+    offsets: &Tensor<u32>,
+    entries: &Tensor<u32>,
+    dk: &mut Tensor<F>,
+    dv: &mut Tensor<F>,
+    n: usize,
+    nk: usize,
+    h: usize,
+    kvh: usize,
+    count: usize,
+    span: usize,
+    mem: usize,
+    scale: f32,
+    #[comptime] t: Tiling,
+    #[define(F)] _dtype: StorageType,
+) {
+    let d = t.d;
+    let kc = t.kc;
+    let rows = comptime!(t.bwd_rows());
+    let nt = t.threads;
+    let per = comptime!((t.kc * t.d).div_ceil(t.threads));
+    let tid = UNIT_POS as usize;
+    let b = CUBE_POS_Y as usize / kvh;
+    let kvhead = CUBE_POS_Y as usize % kvh;
+    let cid = CUBE_POS_X as usize;
+
+    let mut kstart = cid * kc;
+    let mut left = kc.runtime();
+    let mut block = 0usize;
+    if t.mode == SELECTED {
+        let subs = comptime!(t.sel.div_ceil(t.kc));
+        block = cid / subs;
+        let sub = cid % subs;
+        kstart = block * t.sel + sub * kc;
+        left = t.sel - sub * kc;
+    }
+
+    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut q_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.d));
+    let mut do_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.d));
+    let mut p_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.kc));
+    let mut ds_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.kc));
+    let mut lse_s = SharedMemory::<f32>::new(rows);
+    let mut dl_s = SharedMemory::<f32>::new(rows);
+    let mut gate_s = SharedMemory::<f32>::new(rows);
+    // query position of each row, and whether the row is live
+    let mut pos_s = SharedMemory::<u32>::new(rows);
+    let mut live_s = SharedMemory::<u32>::new(rows);
+
+    let mut e = tid;
+    while e < kc * d {
+        let j = e / d;
+        let p = kstart + j;
+        let mut kv = 0.0f32;
+        let mut vv = 0.0f32;
+        if p < nk && j < left {
+            let off = ((b * kvh + kvhead) * nk + p) * d + e % d;
+            kv = f32::cast_from(k[off]);
+            vv = f32::cast_from(v[off]);
+        }
+        k_s[e] = kv;
+        v_s[e] = vv;
+        e += nt;
+    }
+    let mut dk_acc = Array::<f32>::new(per);
+    let mut dv_acc = Array::<f32>::new(per);
+    #[unroll]
+    for i in 0..per {
+        dk_acc[i] = 0.0;
+        dv_acc[i] = 0.0;
+    }
+
+    // 1. selected mode: the queries that chose this block
+    if t.mode == SELECTED {
+        let nb = (nk + t.sel - 1) / t.sel;
+        let hs = h / t.gq;
+        let seg = (b * kvh + kvhead) * nb + block;
+        let start = offsets[seg] as usize;
+        let end = offsets[seg + 1] as usize;
+        for ei in start..end {
+            sync_cube();
+            let ent = entries[ei] as usize;
+            let slot = ent % count;
+            let tt = (ent / count) % n;
+            let hsel = ent / (count * n);
+            let mut gate = 1.0f32;
+            if t.gated {
+                gate = f32::cast_from(gates[((b * hs + hsel) * n + tt) * count + slot]);
+            }
+            // rows: the gq heads of the selection head
+            let mut r = tid;
+            while r < rows {
+                let live = r < t.gq;
+                let head = hsel * t.gq + r;
+                let mut l = 0.0f32;
+                let mut dl = 0.0f32;
+                if live {
+                    l = lse[(b * h + head) * n + tt];
+                    dl = delta[(b * h + head) * n + tt];
+                }
+                lse_s[r] = l;
+                dl_s[r] = dl;
+                gate_s[r] = gate;
+                pos_s[r] = tt as u32;
+                let mut lv = 0u32;
+                if live {
+                    lv = 1u32;
+                }
+                live_s[r] = lv;
+                r += nt;
+            }
+            let mut e = tid;
+            while e < rows * d {
+                let r = e / d;
+                let mut qv = 0.0f32;
+                let mut dv = 0.0f32;
+                if r < t.gq {
+                    let head = hsel * t.gq + r;
+                    let off = ((b * h + head) * n + tt) * d + e % d;
+                    qv = f32::cast_from(q[off]) * scale;
+                    dv = f32::cast_from(dout[off]);
+                }
+                q_s[e] = qv;
+                do_s[e] = dv;
+                e += nt;
+            }
+            sync_cube();
+            accumulate_batch(
+                &k_s,
+                &v_s,
+                &q_s,
+                &do_s,
+                &mut p_s,
+                &mut ds_s,
+                &lse_s,
+                &dl_s,
+                &gate_s,
+                &pos_s,
+                &live_s,
+                &mut dk_acc,
+                &mut dv_acc,
+                kstart,
+                left,
+                nk,
+                span,
+                mem,
+                false,
+                t,
+            );
+        }
+    }
+
+    // 2. queries by position: own block (selected), window (sliding), later queries
+    // (compressed); `tq` positions × `gk` heads per batch
+    let gk = t.gk;
+    let mut qstart = 0usize;
+    let mut qend = n;
+    if t.mode == SELECTED {
+        qstart = block * t.sel;
+        qend = qstart + t.sel;
+    } else if t.mode == SLIDING {
+        qstart = kstart;
+        qend = kstart + kc + span;
+    } else if kstart >= mem {
+        qstart = (kstart + 1 - mem) * span;
+    }
+    if qend > n {
+        qend = n;
+    }
+    if qstart > qend {
+        qstart = qend;
+    }
+    let batches = (qend - qstart + t.tq - 1) / t.tq;
+    for bi in 0..batches {
+        sync_cube();
+        let tb = qstart + bi * t.tq;
+        let mut r = tid;
+        while r < rows {
+            let tt = tb + r / gk;
+            let head = kvhead * gk + r % gk;
+            let live = r < comptime!(t.tq * t.gk) && tt < qend;
+            let mut l = 0.0f32;
+            let mut dl = 0.0f32;
+            if live {
+                l = lse[(b * h + head) * n + tt];
+                dl = delta[(b * h + head) * n + tt];
+            }
+            lse_s[r] = l;
+            dl_s[r] = dl;
+            gate_s[r] = 1.0;
+            pos_s[r] = tt as u32;
+            let mut lv = 0u32;
+            if live {
+                lv = 1u32;
+            }
+            live_s[r] = lv;
+            r += nt;
+        }
+        let mut e = tid;
+        while e < rows * d {
+            let r = e / d;
+            let tt = tb + r / gk;
+            let mut qv = 0.0f32;
+            let mut dv = 0.0f32;
+            if r < comptime!(t.tq * t.gk) && tt < qend {
+                let head = kvhead * gk + r % gk;
+                let off = ((b * h + head) * n + tt) * d + e % d;
+                qv = f32::cast_from(q[off]) * scale;
+                dv = f32::cast_from(dout[off]);
+            }
+            q_s[e] = qv;
+            do_s[e] = dv;
+            e += nt;
+        }
+        sync_cube();
+        accumulate_batch(
+            &k_s,
+            &v_s,
+            &q_s,
+            &do_s,
+            &mut p_s,
+            &mut ds_s,
+            &lse_s,
+            &dl_s,
+            &gate_s,
+            &pos_s,
+            &live_s,
+            &mut dk_acc,
+            &mut dv_acc,
+            kstart,
+            left,
+            nk,
+            span,
+            mem,
+            true,
+            t,
+        );
+    }
+
+    #[unroll]
+    for i in 0..per {
+        let e = tid + i * nt;
+        if e < kc * d {
+            let j = e / d;
+            let p = kstart + j;
+            if p < nk && j < left {
+                let off = ((b * kvh + kvhead) * nk + p) * d + e % d;
+                dk[off] = F::cast_from(dk_acc[i]);
+                dv[off] = F::cast_from(dv_acc[i]);
+            }
+        }
+    }
+}
+
+/// One batch of rows against the cube's key chunk: probabilities and score gradients into
+/// shared memory, then `dk += ds · q`, `dv += p · dout` for the keys this unit owns.
+/// `by_position`: rows are own-block / window / compressed queries (masked by position);
+/// otherwise selected-block rows (every key of the block is visible).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_batch(
+    k_s: &SharedMemory<f32>,
+    v_s: &SharedMemory<f32>,
+    q_s: &SharedMemory<f32>,
+    do_s: &SharedMemory<f32>,
+    p_s: &mut SharedMemory<f32>,
+    ds_s: &mut SharedMemory<f32>,
+    lse_s: &SharedMemory<f32>,
+    dl_s: &SharedMemory<f32>,
+    gate_s: &SharedMemory<f32>,
+    pos_s: &SharedMemory<u32>,
+    live_s: &SharedMemory<u32>,
+    dk_acc: &mut Array<f32>,
+    dv_acc: &mut Array<f32>,
+    kstart: usize,
+    left: usize,
+    nk: usize,
+    span: usize,
+    mem: usize,
+    by_position: bool,
+    #[comptime] t: Tiling,
+) {
+    let d = t.d;
+    let kc = t.kc;
+    let rows = comptime!(t.bwd_rows());
+    let nt = t.threads;
+    let per = comptime!((t.kc * t.d).div_ceil(t.threads));
+    let tid = UNIT_POS as usize;
+
+    let mut e = tid;
+    while e < rows * kc {
+        let r = e / kc;
+        let j = e % kc;
+        let p = kstart + j;
+        let tt = pos_s[r] as usize;
+        let mut ok = live_s[r] == 1 && p < nk && j < left;
+        if by_position {
+            ok = ok && visible(p, tt, nk, span, mem, true, true, true, t.mode);
+        }
+        let mut pr = 0.0f32;
+        let mut ds = 0.0f32;
+        if ok {
+            let gate = gate_s[r];
+            let mut dot = 0.0f32;
+            let mut dp = 0.0f32;
+            for dd in 0..d {
+                dot += q_s[r * d + dd] * k_s[j * d + dd];
+                dp += do_s[r * d + dd] * v_s[j * d + dd];
+            }
+            pr = (dot * gate - lse_s[r]).exp();
+            ds = pr * (dp - dl_s[r]) * gate;
+        }
+        p_s[e] = pr;
+        ds_s[e] = ds;
+        e += nt;
+    }
+    sync_cube();
+
+    #[unroll]
+    for i in 0..per {
+        let e = tid + i * nt;
+        if e < kc * d {
+            let j = e / d;
+            let dd = e % d;
+            let mut a = 0.0f32;
+            let mut c = 0.0f32;
+            for r in 0..rows {
+                a += ds_s[r * kc + j] * q_s[r * d + dd];
+                c += p_s[r * kc + j] * do_s[r * d + dd];
+            }
+            dk_acc[i] += a;
+            dv_acc[i] += c;
+        }
+    }
+}
+
+/// Fills a u32 buffer with zeros.
+#[cube(launch_unchecked)]
+pub fn fill_zero(buf: &mut Tensor<u32>, len: usize) {
+    if ABSOLUTE_POS < len {
+        buf[ABSOLUTE_POS] = 0;
+    }
+}
+
+/// Counts, per `(batch, kv head, block)`, the valid selections `idx` `[b, hs, n, count]` point
+/// at (`gq` query heads per selection head, `gk` per kv head, `nb` blocks).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn csr_count<I: Int>(
+    idx: &Tensor<I>,
+    counts: &mut Tensor<Atomic<u32>>,
+    total: usize,
+    n: usize,
+    hs: usize,
+    kvh: usize,
+    count: usize,
+    nb: usize,
+    #[comptime] gq: usize,
+    #[comptime] gk: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let at = ABSOLUTE_POS;
+    if at < total {
+        let blk = i32::cast_from(idx[at]);
+        if blk >= 0 {
+            let hsel = (at / (count * n)) % hs;
+            let b = at / (count * n * hs);
+            let kvhead = (hsel * gq) / gk;
+            counts[(b * kvh + kvhead) * nb + usize::cast_from(blk)].fetch_add(1u32);
+        }
+    }
+}
+
+/// Exclusive prefix sum of `counts` (`len` values) into `offsets` (`len + 1`), one cube.
+#[cube(launch_unchecked)]
+pub fn csr_scan(
+    counts: &Tensor<u32>,
+    offsets: &mut Tensor<u32>,
+    len: usize,
+    #[comptime] threads: usize,
+) {
+    let tid = UNIT_POS as usize;
+    let mut part = SharedMemory::<u32>::new(threads);
+    let per = (len + threads - 1) / threads;
+    let start = tid * per;
+    let mut s = 0u32;
+    for i in 0..per {
+        if start + i < len {
+            s += counts[start + i];
+        }
+    }
+    part[tid] = s;
+    sync_cube();
+    if tid == 0 {
+        let mut run = 0u32;
+        for i in 0..threads {
+            let c = part[i];
+            part[i] = run;
+            run += c;
+        }
+        offsets[len] = run;
+    }
+    sync_cube();
+    let mut run = part[tid];
+    for i in 0..per {
+        if start + i < len {
+            offsets[start + i] = run;
+            run += counts[start + i];
+        }
+    }
+}
+
+/// Writes, for every valid selection, its entry `(hsel * n + t) * count + slot` into the
+/// segment of its `(batch, kv head, block)`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn csr_fill<I: Int>(
+    idx: &Tensor<I>,
+    offsets: &Tensor<u32>,
+    cursor: &mut Tensor<Atomic<u32>>,
+    entries: &mut Tensor<u32>,
+    total: usize,
+    n: usize,
+    hs: usize,
+    kvh: usize,
+    count: usize,
+    nb: usize,
+    #[comptime] gq: usize,
+    #[comptime] gk: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let at = ABSOLUTE_POS;
+    if at < total {
+        let blk = i32::cast_from(idx[at]);
+        if blk >= 0 {
+            let hsel = (at / (count * n)) % hs;
+            let b = at / (count * n * hs);
+            let kvhead = (hsel * gq) / gk;
+            let seg = (b * kvh + kvhead) * nb + usize::cast_from(blk);
+            let slot = cursor[seg].fetch_add(1u32);
+            let base = offsets[seg];
+            entries[(base + slot) as usize] = (at % (count * n * hs)) as u32;
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! Host side of the attention kernels: tiling choice, buffers, launches.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
+use cubecl::prelude::*;
+
+use super::attn::{self, Tiling, COMPRESSED, SELECTED, SLIDING};
+
+/// One attention problem (all three branches are instances).
+#[derive(Clone, Debug)]
+pub struct Problem {
+    /// [`SELECTED`], [`SLIDING`] or [`COMPRESSED`].
+    pub mode: u32,
+    pub b: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub n: usize,
+    /// Key rows.
+    pub nk: usize,
+    pub d: usize,
+    /// Heads per selection group (selected) or per kv head (others).
+    pub gq: usize,
+    /// Selected blocks per query.
+    pub count: usize,
+    /// Window (sliding) or stride (compressed).
+    pub span: usize,
+    /// Memory slots (compressed).
+    pub mem: usize,
+    /// Selection block (selected).
+    pub sel: usize,
+    /// Gated keys (selected with differentiable top-k).
+    pub gated: bool,
+    pub scale: f64,
+    /// Compressed mode: rank the selection blocks too.
+    pub select: Option<SelectSpec>,
+}
+
+/// Block selection fused into the compressed forward.
+#[derive(Clone, Copy, Debug)]
+pub struct SelectSpec {
+    /// Blocks kept per query (`min(num_selected, fine)`).
+    pub topk: usize,
+    /// Complete selection blocks (`(seq / stride) / pf`).
+    pub fine: usize,
+    /// Compressed slots per selection block.
+    pub pf: usize,
+    /// Heads per selection group.
+    pub sg: usize,
+    /// Selection block size.
+    pub sel: usize,
+}
+
+impl Problem {
+    fn gk(&self) -> usize {
+        self.h / self.kvh
+    }
+
+    fn groups(&self) -> usize {
+        self.h / self.gq
+    }
+}
+
+const THREADS: usize = 128;
+
+/// Shared memory a kernel may use on this device: CubeCL declares shared arrays statically,
+/// and CUDA caps static shared memory at 48 KiB.
+fn shared_budget<R: CubeRuntime>(client: &ComputeClient<R>) -> usize {
+    client
+        .properties()
+        .hardware
+        .max_shared_memory_size
+        .min(48 * 1024)
+}
+
+#[derive(Clone, Copy)]
+enum Pass {
+    Fwd,
+    Dq,
+    Dkdv,
+}
+
+/// The largest tiles that fit the shared-memory budget.
+fn tiling(p: &Problem, pass: Pass, budget: usize) -> Option<Tiling> {
+    let gk = p.gk();
+    let select = p.select.filter(|_| matches!(pass, Pass::Fwd));
+    let sel = match (p.mode, select) {
+        (SELECTED, _) => p.sel,
+        (_, Some(s)) => s.sel,
+        _ => 1,
+    };
+    let mut kc = match (p.mode, select) {
+        (SELECTED, _) => p.sel.min(64),
+        // chunks of whole selection blocks
+        (_, Some(s)) => s.pf * (32 / s.pf).max(1),
+        _ => 32,
+    };
+    // query positions per cube (forward and dq) or per key-centric batch
+    let mut tq = match (p.mode, pass) {
+        (SELECTED, Pass::Dkdv) => (16 / gk).max(1),
+        (SELECTED, _) => 1,
+        (_, Pass::Dkdv) => (16 / gk).max(1),
+        _ => (64 / p.gq).clamp(1, 16),
+    };
+    loop {
+        let t = Tiling {
+            mode: p.mode,
+            d: p.d,
+            kc,
+            tq,
+            gq: p.gq,
+            gk,
+            sel,
+            gated: p.gated,
+            threads: THREADS,
+            select: select.is_some(),
+            topk: select.map_or(1, |s| s.topk),
+            pf: select.map_or(1, |s| s.pf),
+            sg: select.map_or(1, |s| s.sg),
+        };
+        let bytes = match pass {
+            Pass::Fwd => t.fwd_shared(),
+            Pass::Dq => t.dq_shared(),
+            Pass::Dkdv => t.dkdv_shared(),
+        };
+        if bytes <= budget {
+            return Some(t);
+        }
+        if let Some(s) = select {
+            // keep whole selection blocks per chunk
+            if kc > s.pf {
+                kc -= s.pf;
+            } else if tq > 1 {
+                tq /= 2;
+            } else {
+                return None;
+            }
+            continue;
+        }
+        if kc > 8 {
+            kc /= 2;
+        } else if tq > 1 && (p.mode != SELECTED || matches!(pass, Pass::Dkdv)) {
+            tq /= 2;
+        } else if kc > 1 {
+            kc /= 2;
+        } else {
+            return None;
+        }
+    }
+}
+
+/// Whether the kernels can run `p` on this device (shapes fit the shared-memory budget).
+pub fn supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &Problem) -> bool {
+    let budget = shared_budget(client);
+    [Pass::Fwd, Pass::Dq, Pass::Dkdv]
+        .iter()
+        .all(|&pass| tiling(p, pass, budget).is_some())
+        && p.h.is_multiple_of(p.kvh)
+        && p.h.is_multiple_of(p.gq)
+        && p.n < u32::MAX as usize / p.h.max(p.count).max(1)
+}
+
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
+    empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        dtype,
+    )
+}
+
+fn zeros_u32<R: CubeRuntime>(like: &CubeTensor<R>, len: usize) -> CubeTensor<R> {
+    let buf = empty(like, vec![len.max(1)], DType::U32);
+    let cube_dim = CubeDim::new_1d(256);
+    let cubes = len.div_ceil(256).max(1) as u32;
+    // SAFETY: one unit per element, guarded by `len`.
+    unsafe {
+        attn::fill_zero::launch_unchecked::<R>(
+            &buf.client,
+            CubeCount::Static(cubes, 1, 1),
+            cube_dim,
+            buf.clone().into_tensor_arg(),
+            len,
+        );
+    }
+    buf
+}
+
+/// Placeholder argument for an unused tensor parameter.
+fn dummy<R: CubeRuntime>(like: &CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    empty(like, vec![1], dtype)
+}
+
+/// What the forward kernel returns.
+pub struct Forward<R: CubeRuntime> {
+    /// `[b, h, n, d]`
+    pub out: CubeTensor<R>,
+    /// `[b, h, n]` f32
+    pub lse: CubeTensor<R>,
+    /// With [`Problem::select`]: the kept blocks `[b, hs, n, topk]` (`-1`: not valid) in
+    /// `int_dtype`, and their probabilities (same shape, the float dtype).
+    pub selection: Option<(CubeTensor<R>, CubeTensor<R>)>,
+}
+
+/// Forward of `p`; `int_dtype` is the backend's integer type (for the selected blocks).
+pub fn forward<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    gates: Option<CubeTensor<R>>,
+    p: &Problem,
+    int_dtype: DType,
+) -> Forward<R> {
+    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+    let dtype = q.dtype;
+    let t = tiling(p, Pass::Fwd, shared_budget(&q.client)).expect("checked by `supported`");
+    let idx = idx
+        .map(into_contiguous)
+        .unwrap_or_else(|| dummy(&q, int_dtype));
+    let gates = gates
+        .map(into_contiguous)
+        .unwrap_or_else(|| dummy(&q, dtype));
+    let out = empty(&q, vec![p.b, p.h, p.n, p.d], dtype);
+    let lse = empty(&q, vec![p.b, p.h, p.n], DType::F32);
+    let selection = p.select.map(|s| {
+        let shape = vec![p.b, p.h / s.sg, p.n, s.topk];
+        (empty(&q, shape.clone(), idx.dtype), empty(&q, shape, dtype))
+    });
+    let (sel_idx, sel_score) = match &selection {
+        Some((i, s)) => (i.clone(), s.clone()),
+        None => (dummy(&q, idx.dtype), dummy(&q, dtype)),
+    };
+    let count = CubeCount::Static(p.n.div_ceil(t.tq) as u32, (p.b * p.groups()) as u32, 1);
+    let idt = idx.dtype;
+    // SAFETY: every index the kernel forms is bounded by the shapes checked above.
+    unsafe {
+        attn::attn_fwd::launch_unchecked::<R>(
+            &q.client,
+            count,
+            CubeDim::new_1d(t.threads as u32),
+            q.clone().into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            idx.into_tensor_arg(),
+            gates.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            sel_idx.into_tensor_arg(),
+            sel_score.into_tensor_arg(),
+            p.n,
+            p.nk,
+            p.h,
+            p.kvh,
+            p.count,
+            p.span,
+            p.mem,
+            p.select.map_or(0, |s| s.fine),
+            p.scale as f32,
+            t,
+            [dtype.into(), idt.into()],
+        );
+    }
+    Forward {
+        out,
+        lse,
+        selection,
+    }
+}
+
+/// Gradients `(dq, dk, dv, dgates)` from the output gradient `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    gates: Option<CubeTensor<R>>,
+    out: CubeTensor<R>,
+    lse: CubeTensor<R>,
+    dout: CubeTensor<R>,
+    p: &Problem,
+) -> (
+    CubeTensor<R>,
+    CubeTensor<R>,
+    CubeTensor<R>,
+    Option<CubeTensor<R>>,
+) {
+    let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+    let (out, dout) = (into_contiguous(out), into_contiguous(dout));
+    let dtype = q.dtype;
+    let client = q.client.clone();
+    let budget = shared_budget(&client);
+    let gated = gates.is_some();
+    let idx = idx
+        .map(into_contiguous)
+        .unwrap_or_else(|| dummy(&q, DType::I32));
+    let gates = gates
+        .map(into_contiguous)
+        .unwrap_or_else(|| dummy(&q, dtype));
+    let idt = idx.dtype;
+
+    // delta = rowsum(dout * out)
+    let rows = p.b * p.h * p.n;
+    let delta = empty(&q, vec![p.b, p.h, p.n], DType::F32);
+    // SAFETY: one unit per row, guarded by `rows`.
+    unsafe {
+        attn::attn_delta::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows.div_ceil(256) as u32, 1, 1),
+            CubeDim::new_1d(256),
+            out.into_tensor_arg(),
+            dout.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            rows,
+            p.d,
+            dtype.into(),
+        );
+    }
+
+    // dq (and dgates)
+    let t = tiling(p, Pass::Dq, budget).expect("checked by `supported`");
+    let dq = empty(&q, vec![p.b, p.h, p.n, p.d], dtype);
+    let dgates = if gated {
+        empty(&q, vec![p.b, p.groups(), p.n, p.count], dtype)
+    } else {
+        dummy(&q, dtype)
+    };
+    // SAFETY: as the forward.
+    unsafe {
+        attn::attn_bwd_dq::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(p.n.div_ceil(t.tq) as u32, (p.b * p.groups()) as u32, 1),
+            CubeDim::new_1d(t.threads as u32),
+            q.clone().into_tensor_arg(),
+            k.clone().into_tensor_arg(),
+            v.clone().into_tensor_arg(),
+            idx.clone().into_tensor_arg(),
+            gates.clone().into_tensor_arg(),
+            dout.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            delta.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            dgates.clone().into_tensor_arg(),
+            p.n,
+            p.nk,
+            p.h,
+            p.kvh,
+            p.count,
+            p.span,
+            p.mem,
+            p.scale as f32,
+            t,
+            [dtype.into(), idt.into()],
+        );
+    }
+
+    // the queries of every key block (selected mode)
+    let t = tiling(p, Pass::Dkdv, budget).expect("checked by `supported`");
+    let nb = p.nk.div_ceil(p.sel.max(1));
+    let (offsets, entries) = if p.mode == SELECTED && p.count > 0 {
+        csr(&idx, p, nb)
+    } else {
+        (zeros_u32(&q, 2), zeros_u32(&q, 1))
+    };
+    let chunks = if p.mode == SELECTED {
+        nb * p.sel.div_ceil(t.kc)
+    } else {
+        p.nk.div_ceil(t.kc)
+    };
+    let dk = empty(&k, vec![p.b, p.kvh, p.nk, p.d], dtype);
+    let dv = empty(&k, vec![p.b, p.kvh, p.nk, p.d], dtype);
+    // SAFETY: as the forward; entries and offsets come from `csr`.
+    unsafe {
+        attn::attn_bwd_dkdv::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(chunks as u32, (p.b * p.kvh) as u32, 1),
+            CubeDim::new_1d(t.threads as u32),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            gates.into_tensor_arg(),
+            dout.into_tensor_arg(),
+            lse.into_tensor_arg(),
+            delta.into_tensor_arg(),
+            offsets.into_tensor_arg(),
+            entries.into_tensor_arg(),
+            dk.clone().into_tensor_arg(),
+            dv.clone().into_tensor_arg(),
+            p.n,
+            p.nk,
+            p.h,
+            p.kvh,
+            p.count.max(1),
+            p.span,
+            p.mem,
+            p.scale as f32,
+            t,
+            dtype.into(),
+        );
+    }
+    (dq, dk, dv, gated.then_some(dgates))
+}
+
+/// For every `(batch, kv head, block)`, the selections `(head, query, slot)` that chose it, as
+/// offsets `[b * kvh * nb + 1]` into a list of entries.
+fn csr<R: CubeRuntime>(
+    idx: &CubeTensor<R>,
+    p: &Problem,
+    nb: usize,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let client = idx.client.clone();
+    let segments = p.b * p.kvh * nb;
+    let total = p.b * p.groups() * p.n * p.count;
+    let counts = zeros_u32(idx, segments);
+    let cursor = zeros_u32(idx, segments);
+    let offsets = empty(idx, vec![segments + 1], DType::U32);
+    let entries = empty(idx, vec![total.max(1)], DType::U32);
+    let cubes = CubeCount::Static(total.div_ceil(256) as u32, 1, 1);
+    let idt = idx.dtype;
+    // SAFETY: one unit per selection, guarded by `total`; blocks are `< nb`.
+    unsafe {
+        attn::csr_count::launch_unchecked::<R>(
+            &client,
+            cubes.clone(),
+            CubeDim::new_1d(256),
+            idx.clone().into_tensor_arg(),
+            counts.clone().into_tensor_arg(),
+            total,
+            p.n,
+            p.groups(),
+            p.kvh,
+            p.count,
+            nb,
+            p.gq,
+            p.gk(),
+            idt.into(),
+        );
+        attn::csr_scan::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(256),
+            counts.into_tensor_arg(),
+            offsets.clone().into_tensor_arg(),
+            segments,
+            256,
+        );
+        attn::csr_fill::launch_unchecked::<R>(
+            &client,
+            cubes,
+            CubeDim::new_1d(256),
+            idx.clone().into_tensor_arg(),
+            offsets.clone().into_tensor_arg(),
+            cursor.into_tensor_arg(),
+            entries.clone().into_tensor_arg(),
+            total,
+            p.n,
+            p.groups(),
+            p.kvh,
+            p.count,
+            nb,
+            p.gq,
+            p.gk(),
+            idt.into(),
+        );
+    }
+    (offsets, entries)
+}
+
+#[allow(unused)]
+fn _modes() -> [u32; 3] {
+    [SELECTED, SLIDING, COMPRESSED]
+}

@@ -1,0 +1,164 @@
+//! Fused kernels for the sparse branches, looked up at run time per backend.
+//!
+//! The model code is generic over `B: Backend` and computes every branch with tensor ops (the
+//! portable path, and the test oracle). A backend that has faster kernels registers an
+//! [`NsaKernels`] implementation for its type; the branch functions ask [`get`] first and fall
+//! back to tensor ops when nothing is registered or a method answers `None` (an unsupported
+//! case). Nothing else in the model changes, and no `Backend` bound gains a requirement.
+//!
+//! With the cargo feature `kernels`, [`register_cube`] registers the CubeCL kernels of
+//! `cube` for `CubeBackend<R, F, I, BT>` (CUDA and wgpu share the sources) and for
+//! `Autodiff<CubeBackend<..>>` (forward through the same kernels, backward through fused
+//! backward kernels). Burn's `Cuda<F>` and `Wgpu<F>` aliases are `CubeBackend` only without the
+//! `fusion` feature; with fusion on, nothing matches and the tensor path runs.
+//!
+//! [`set_enabled`] (or `NSA_KERNELS=0` in the environment) turns every registered kernel off, so
+//! one binary can time and check both paths.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use burn::prelude::*;
+
+use crate::config::NsaConfig;
+use crate::select::Selection;
+
+#[cfg(feature = "kernels")]
+pub mod cube;
+
+#[cfg(feature = "kernels")]
+pub use cube::register_cube;
+
+/// Fused implementations of the sparse branches for one backend. Every method may answer
+/// `None` for a case it does not handle; the caller then uses the tensor-op path. Arguments and
+/// results are exactly those of the tensor-op function each method replaces.
+pub trait NsaKernels<B: Backend>: Send + Sync {
+    /// [`crate::select::fine_attention`]: rotated `q` `[batch, heads, seq, dim_head]`, rotated
+    /// `k` and `v` `[batch, kv_heads, seq, dim_head]`, the selected blocks → `[batch, heads, seq,
+    /// dim_head]`.
+    fn selected_attention(
+        &self,
+        _q: &Tensor<B, 4>,
+        _k: &Tensor<B, 4>,
+        _v: &Tensor<B, 4>,
+        _selection: Option<&Selection<B>>,
+        _config: &NsaConfig,
+        _scale: f64,
+    ) -> Option<Tensor<B, 4>> {
+        None
+    }
+
+    /// [`crate::sliding::sliding_attention`].
+    fn sliding_attention(
+        &self,
+        _q: &Tensor<B, 4>,
+        _k: &Tensor<B, 4>,
+        _v: &Tensor<B, 4>,
+        _window: usize,
+        _scale: f64,
+    ) -> Option<Tensor<B, 4>> {
+        None
+    }
+
+    /// The compressed branch and the block selection it drives, for a whole sequence (queries
+    /// at positions `0..seq`): `q` `[batch, heads, seq, dim_head]` (not rotated), memory +
+    /// compressed keys/values `ck`, `cv` `[batch, kv_heads, mem + blocks, dim_head]` → the
+    /// branch output (as [`crate::compress::Compressor::attend`]) and the selection (as
+    /// [`crate::select::importance`] then [`crate::select::select_top`]), without
+    /// materialising the `[seq, blocks]` importance logits.
+    fn compressed_and_selection(
+        &self,
+        _q: &Tensor<B, 4>,
+        _ck: &Tensor<B, 4>,
+        _cv: &Tensor<B, 4>,
+        _num_mem: usize,
+        _config: &NsaConfig,
+        _scale: f64,
+    ) -> Option<(Tensor<B, 4>, Option<Selection<B>>)> {
+        None
+    }
+}
+
+type Registry = RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
+// 0 = not decided yet (read NSA_KERNELS), 1 = on, 2 = off
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Turns the registered kernels on or off for the whole process (default: on, unless the
+/// environment has `NSA_KERNELS=0`, `off` or `false`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// Whether registered kernels are used.
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let on = !matches!(
+                std::env::var("NSA_KERNELS").as_deref(),
+                Ok("0" | "off" | "false" | "no")
+            );
+            set_enabled(on);
+            on
+        }
+    }
+}
+
+/// Registers `kernels` for backend `B` (replacing an earlier registration).
+pub fn register<B: Backend>(kernels: Arc<dyn NsaKernels<B>>) {
+    registry()
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(TypeId::of::<B>(), Box::new(kernels));
+}
+
+/// Whether kernels are registered for `B` (regardless of [`enabled`]).
+pub fn registered<B: Backend>() -> bool {
+    registry()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains_key(&TypeId::of::<B>())
+}
+
+/// The kernels registered for `B`, if any and if [`enabled`].
+pub fn get<B: Backend>() -> Option<Arc<dyn NsaKernels<B>>> {
+    if !enabled() {
+        return None;
+    }
+    registry()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&TypeId::of::<B>())?
+        .downcast_ref::<Arc<dyn NsaKernels<B>>>()
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    struct Nothing;
+    impl NsaKernels<NdArray> for Nothing {}
+
+    #[test]
+    fn registry_round_trip() {
+        assert!(get::<NdArray<f64>>().is_none());
+        register::<NdArray>(Arc::new(Nothing));
+        assert!(registered::<NdArray>());
+        assert!(!registered::<NdArray<f64>>());
+        let k = get::<NdArray>().expect("registered");
+        let device = Default::default();
+        let q = Tensor::<NdArray, 4>::zeros([1, 1, 1, 2], &device);
+        assert!(k.sliding_attention(&q, &q, &q, 4, 1.0).is_none());
+    }
+}

@@ -1,0 +1,396 @@
+//! The fused CubeCL kernels (feature `kernels`) against the tensor-op path, on wgpu (software
+//! Vulkan in CI; tiny shapes). The oracle runs the tensor ops on the CPU backend (ndarray) from
+//! the same host data, so no global switch is flipped while tests run in parallel.
+//!
+//! `cargo test -p nsa-model --features wgpu,kernels --test wgpu_kernels`
+#![cfg(all(feature = "wgpu", feature = "kernels"))]
+
+mod common;
+
+use burn::backend::wgpu::{Wgpu, WgpuDevice, WgpuRuntime};
+use burn::backend::{Autodiff, NdArray};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use common::*;
+use nsa_model::compress::Compressor;
+use nsa_model::interop::HostTensor;
+use nsa_model::select::{fine_attention, Selection};
+use nsa_model::sliding::sliding_attention;
+use nsa_model::{kernels, NsaConfig};
+
+type Gpu = Autodiff<Wgpu>;
+type Cpu = Autodiff<NdArray>;
+
+fn register() {
+    kernels::register_cube::<WgpuRuntime, f32, i32, u32>();
+}
+
+/// Deterministic pseudo-random numbers in `[-1, 1)`.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next() + 1.0) * 0.5 * n as f64) as usize % n.max(1)
+    }
+    fn host(&mut self, shape: &[usize]) -> HostTensor {
+        HostTensor {
+            shape: shape.to_vec(),
+            values: (0..shape.iter().product::<usize>())
+                .map(|_| self.next() as f32)
+                .collect(),
+        }
+    }
+}
+
+/// Selected blocks of every query: distinct complete blocks before its own block; when too few
+/// exist the rest are invalid (random index, as a top-k over zero probabilities would give).
+struct HostSelection {
+    shape: [usize; 4],
+    indices: Vec<i64>,
+    valid: Vec<bool>,
+    scores: HostTensor,
+}
+
+fn random_selection(
+    rng: &mut Rng,
+    b: usize,
+    hs: usize,
+    n: usize,
+    sel: usize,
+    count: usize,
+) -> HostSelection {
+    let mut indices = Vec::new();
+    let mut valid = Vec::new();
+    let mut scores = Vec::new();
+    for _ in 0..b * hs {
+        for t in 0..n {
+            let avail = t / sel;
+            let mut chosen: Vec<usize> = Vec::new();
+            for _ in 0..count {
+                if chosen.len() < avail {
+                    let mut c = rng.below(avail);
+                    while chosen.contains(&c) {
+                        c = (c + 1) % avail;
+                    }
+                    chosen.push(c);
+                    indices.push(c as i64);
+                    valid.push(true);
+                } else {
+                    indices.push(rng.below(n.div_ceil(sel)) as i64);
+                    valid.push(false);
+                }
+                scores.push((rng.next() as f32 + 1.0) * 0.5);
+            }
+        }
+    }
+    HostSelection {
+        shape: [b, hs, n, count],
+        indices,
+        valid,
+        scores: HostTensor {
+            shape: vec![b, hs, n, count],
+            values: scores,
+        },
+    }
+}
+
+struct Grads {
+    out: HostTensor,
+    dq: HostTensor,
+    dk: HostTensor,
+    dv: HostTensor,
+    dscores: Option<HostTensor>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_selected<B: AutodiffBackend>(
+    device: &B::Device,
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+    w: &HostTensor,
+    selection: Option<&HostSelection>,
+    config: &NsaConfig,
+    scale: f64,
+) -> Grads {
+    let q = to_tensor::<B, 4>(q, device).require_grad();
+    let k = to_tensor::<B, 4>(k, device).require_grad();
+    let v = to_tensor::<B, 4>(v, device).require_grad();
+    let scores = selection.map(|s| to_tensor::<B, 4>(&s.scores, device).require_grad());
+    let sel = selection.map(|s| Selection {
+        indices: Tensor::from_data(TensorData::new(s.indices.clone(), s.shape), device),
+        valid: Tensor::from_data(TensorData::new(s.valid.clone(), s.shape), device),
+        scores: scores.clone().unwrap(),
+    });
+    if kernels::registered::<B>() {
+        // the fused path really runs for this case
+        let fused = kernels::get::<B>().unwrap().selected_attention(
+            &q,
+            &k,
+            &v,
+            sel.as_ref(),
+            config,
+            scale,
+        );
+        assert!(fused.is_some(), "the selected-attention kernel declined");
+    }
+    let out = fine_attention(q.clone(), k.clone(), v.clone(), sel, config, scale);
+    let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
+    let grads = loss.backward();
+    Grads {
+        out: HostTensor::from_tensor(out),
+        dq: HostTensor::from_tensor(q.grad(&grads).unwrap()),
+        dk: HostTensor::from_tensor(k.grad(&grads).unwrap()),
+        dv: HostTensor::from_tensor(v.grad(&grads).unwrap()),
+        dscores: scores
+            .filter(|_| config.use_diff_topk)
+            .map(|s| HostTensor::from_tensor(s.grad(&grads).unwrap())),
+    }
+}
+
+fn check(name: &str, what: &str, ours: &HostTensor, reference: &HostTensor, tol: f32) {
+    let err = max_abs_diff(ours, reference);
+    let scale = reference.values.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    println!("{name:40} {what:8} max abs err {err:.2e} (scale {scale:.2})");
+    assert!(err <= tol * scale, "{name} {what}: {err}");
+}
+
+#[test]
+fn selected_attention_kernel_matches_tensor_ops() {
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    let mut rng = Rng(7);
+    // (heads, kv heads, n, d, sel, count, share, diff top-k)
+    let cases = [
+        (4, 1, 37, 8, 8, 2, true, false),
+        (4, 2, 45, 8, 8, 3, true, true),
+        (4, 4, 29, 16, 4, 2, true, false),
+        (4, 2, 41, 8, 8, 2, false, true),
+        (2, 1, 20, 8, 16, 2, true, false),
+        (4, 2, 19, 8, 8, 0, true, false),
+    ];
+    for (i, &(h, kvh, n, d, sel, count, share, diff)) in cases.iter().enumerate() {
+        let b = if i % 2 == 0 { 1 } else { 2 };
+        let mut config =
+            NsaConfig::new(h * d, d, h, 8, sel, sel, sel, count.max(1)).with_kv_heads(kvh);
+        config.query_heads_share_selected_kv = share;
+        config.use_diff_topk = diff;
+        let hs = if share { kvh } else { h };
+        let q = rng.host(&[b, h, n, d]);
+        let k = rng.host(&[b, kvh, n, d]);
+        let v = rng.host(&[b, kvh, n, d]);
+        let w = rng.host(&[b, h, n, d]);
+        let selection = (count > 0).then(|| random_selection(&mut rng, b, hs, n, sel, count));
+        let scale = (d as f64).powf(-0.5);
+        let name = format!("selected h{h} kv{kvh} n{n} d{d} sel{sel} c{count} s{share} g{diff}");
+        let ours = run_selected::<Gpu>(&gpu, &q, &k, &v, &w, selection.as_ref(), &config, scale);
+        let reference =
+            run_selected::<Cpu>(&cpu, &q, &k, &v, &w, selection.as_ref(), &config, scale);
+        check(&name, "out", &ours.out, &reference.out, 1e-4);
+        check(&name, "dq", &ours.dq, &reference.dq, 1e-4);
+        check(&name, "dk", &ours.dk, &reference.dk, 1e-4);
+        check(&name, "dv", &ours.dv, &reference.dv, 1e-4);
+        if let (Some(a), Some(r)) = (&ours.dscores, &reference.dscores) {
+            check(&name, "dgates", a, r, 1e-4);
+        }
+    }
+}
+
+fn run_sliding<B: AutodiffBackend>(
+    device: &B::Device,
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+    w: &HostTensor,
+    window: usize,
+    scale: f64,
+) -> Grads {
+    let q = to_tensor::<B, 4>(q, device).require_grad();
+    let k = to_tensor::<B, 4>(k, device).require_grad();
+    let v = to_tensor::<B, 4>(v, device).require_grad();
+    if kernels::registered::<B>() {
+        let fused = kernels::get::<B>()
+            .unwrap()
+            .sliding_attention(&q, &k, &v, window, scale);
+        assert!(fused.is_some(), "the sliding-window kernel declined");
+    }
+    let out = sliding_attention(q.clone(), k.clone(), v.clone(), window, scale);
+    let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
+    let grads = loss.backward();
+    Grads {
+        out: HostTensor::from_tensor(out),
+        dq: HostTensor::from_tensor(q.grad(&grads).unwrap()),
+        dk: HostTensor::from_tensor(k.grad(&grads).unwrap()),
+        dv: HostTensor::from_tensor(v.grad(&grads).unwrap()),
+        dscores: None,
+    }
+}
+
+#[test]
+fn sliding_attention_kernel_matches_tensor_ops() {
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    let mut rng = Rng(11);
+    // (heads, kv heads, n, d, window)
+    for &(h, kvh, n, d, window) in &[
+        (4, 1, 50, 8, 8),
+        (4, 2, 33, 8, 16),
+        (2, 2, 70, 16, 5),
+        (4, 4, 9, 8, 32),
+    ] {
+        let b = 2;
+        let q = rng.host(&[b, h, n, d]);
+        let k = rng.host(&[b, kvh, n, d]);
+        let v = rng.host(&[b, kvh, n, d]);
+        let w = rng.host(&[b, h, n, d]);
+        let scale = (d as f64).powf(-0.5);
+        let name = format!("sliding h{h} kv{kvh} n{n} d{d} w{window}");
+        let ours = run_sliding::<Gpu>(&gpu, &q, &k, &v, &w, window, scale);
+        let reference = run_sliding::<Cpu>(&cpu, &q, &k, &v, &w, window, scale);
+        check(&name, "out", &ours.out, &reference.out, 1e-4);
+        check(&name, "dq", &ours.dq, &reference.dq, 1e-4);
+        check(&name, "dk", &ours.dk, &reference.dk, 1e-4);
+        check(&name, "dv", &ours.dv, &reference.dv, 1e-4);
+    }
+}
+
+struct CompressedRun {
+    out: HostTensor,
+    dq: HostTensor,
+    dck: HostTensor,
+    dcv: HostTensor,
+    /// per (batch, selection head, query): valid blocks and their probabilities, by block
+    selection: Option<Vec<Vec<(i64, f32)>>>,
+}
+
+fn run_compressed<B: AutodiffBackend>(
+    device: &B::Device,
+    tensors: [&HostTensor; 4],
+    config: &NsaConfig,
+    scale: f64,
+) -> CompressedRun {
+    let [q, ck, cv, w] = tensors;
+    let q = to_tensor::<B, 4>(q, device).require_grad();
+    let ck = to_tensor::<B, 4>(ck, device).require_grad();
+    let cv = to_tensor::<B, 4>(cv, device).require_grad();
+    let compressor = Compressor::<B>::new(config, device);
+    if kernels::registered::<B>() {
+        let fused = kernels::get::<B>().unwrap().compressed_and_selection(
+            &q,
+            &ck,
+            &cv,
+            compressor.num_mem(),
+            config,
+            scale,
+        );
+        assert!(fused.is_some(), "the compressed kernel declined");
+    }
+    let (out, selection) =
+        compressor.attend_and_select(q.clone(), ck.clone(), cv.clone(), config, scale);
+    let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
+    let grads = loss.backward();
+    let selection = selection.map(|s| {
+        let [b, hs, n, k] = s.indices.dims();
+        let idx: Vec<i64> = s.indices.into_data().convert::<i64>().into_vec().unwrap();
+        let valid: Vec<bool> = s.valid.into_data().convert::<bool>().into_vec().unwrap();
+        let scores = HostTensor::from_tensor(s.scores).values;
+        (0..b * hs * n)
+            .map(|row| {
+                let mut v: Vec<(i64, f32)> = (0..k)
+                    .filter(|&i| valid[row * k + i])
+                    .map(|i| (idx[row * k + i], scores[row * k + i]))
+                    .collect();
+                v.sort_by_key(|e| e.0);
+                v
+            })
+            .collect()
+    });
+    CompressedRun {
+        out: HostTensor::from_tensor(out),
+        dq: HostTensor::from_tensor(q.grad(&grads).unwrap()),
+        dck: HostTensor::from_tensor(ck.grad(&grads).unwrap()),
+        dcv: HostTensor::from_tensor(cv.grad(&grads).unwrap()),
+        selection,
+    }
+}
+
+#[test]
+fn compressed_attention_and_selection_kernel_match_tensor_ops() {
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    let mut rng = Rng(23);
+    // (heads, kv heads, n, d, stride, selection block, memory slots, selected, share)
+    for &(h, kvh, n, d, stride, sel, mem, count, share) in &[
+        (4, 2, 77, 8, 4, 8, 1, 2, true),
+        (4, 1, 64, 8, 4, 4, 2, 3, true),
+        (4, 2, 90, 8, 4, 12, 1, 2, false),
+        (2, 2, 40, 16, 8, 16, 1, 4, true),
+        (4, 4, 10, 8, 16, 16, 1, 2, true),
+    ] {
+        let b = 2;
+        let mut config =
+            NsaConfig::new(h * d, d, h, 8, stride, stride, sel, count).with_kv_heads(kvh);
+        config.query_heads_share_selected_kv = share;
+        config.num_compressed_mem_kv = mem;
+        let slots = mem + n / stride;
+        let q = rng.host(&[b, h, n, d]);
+        let ck = rng.host(&[b, kvh, slots, d]);
+        let cv = rng.host(&[b, kvh, slots, d]);
+        let w = rng.host(&[b, h, n, d]);
+        let scale = (d as f64).powf(-0.5);
+        let name = format!("compressed h{h} kv{kvh} n{n} d{d} s{stride} sel{sel} m{mem} c{count}");
+        let ours = run_compressed::<Gpu>(&gpu, [&q, &ck, &cv, &w], &config, scale);
+        let reference = run_compressed::<Cpu>(&cpu, [&q, &ck, &cv, &w], &config, scale);
+        check(&name, "out", &ours.out, &reference.out, 1e-4);
+        check(&name, "dq", &ours.dq, &reference.dq, 1e-4);
+        check(&name, "dck", &ours.dck, &reference.dck, 1e-4);
+        check(&name, "dcv", &ours.dcv, &reference.dcv, 1e-4);
+        match (&ours.selection, &reference.selection) {
+            (None, None) => println!("{name:40} no selection"),
+            (Some(a), Some(r)) => {
+                assert_eq!(a.len(), r.len());
+                let mut worst = 0.0f32;
+                for (row, (a, r)) in a.iter().zip(r).enumerate() {
+                    let ia: Vec<i64> = a.iter().map(|e| e.0).collect();
+                    let ir: Vec<i64> = r.iter().map(|e| e.0).collect();
+                    assert_eq!(ia, ir, "{name}: selected blocks of row {row}");
+                    for (x, y) in a.iter().zip(r) {
+                        worst = worst.max((x.1 - y.1).abs());
+                    }
+                }
+                println!("{name:40} selection equal, scores max abs err {worst:.2e}");
+                assert!(worst <= 1e-5, "{name}: scores {worst}");
+            }
+            _ => panic!("{name}: one path selected, the other did not"),
+        }
+    }
+}
+
+#[test]
+fn layer_fixtures_match_the_reference_with_kernels() {
+    register();
+    assert!(kernels::registered::<Gpu>() && kernels::enabled());
+    let device = WgpuDevice::default();
+    // every layer fixture: GQA 1/2/4, overlapping blocks, no/many selected blocks, memory
+    // slots, differentiable top-k, lengths that are not multiples of the blocks
+    for name in layer_fixtures() {
+        let name = name.as_str();
+        let e = layer_errors::<Gpu>(name, &device);
+        println!(
+            "wgpu+kernels {name:28} output {:.2e}  grad(input) {:.2e}  grad(params, rel) {:.2e}",
+            e.output, e.grad_input, e.grad_params
+        );
+        assert!(e.output <= 1e-3, "{name}: {e:?}");
+        assert!(e.grad_input <= 1e-3, "{name}: {e:?}");
+        assert!(e.grad_params <= 1e-3, "{name}: {e:?}");
+    }
+}
