@@ -1,0 +1,68 @@
+//! Start-up time on GPUs. Burn's CUDA and wgpu backends compile every kernel at run time (CUDA
+//! through NVRTC) and autotune the fastest variant on first use; without persistent caches every
+//! process pays that again (minutes on CUDA). Before the first GPU call, both binaries point
+//! CubeCL's compilation (PTX) and autotune caches at the user's cache directory
+//! (`$NSA_CACHE_DIR`, else e.g. `~/.cache/nsa/`), so only the first run is slow.
+//!
+//! A `cubecl.toml` / `burn.toml` in the working directory (or a parent) takes precedence, as do
+//! CubeCL's environment variables (`CUBECL_AUTOTUNE_LEVEL`, `CUBECL_DEBUG_LOG`).
+
+use std::path::PathBuf;
+
+/// What the process is about to do; inference prefers a quick start over the last percent of
+/// kernel speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Long-running training: full autotuning pays off.
+    Training,
+    /// Interactive generation: minimal autotuning.
+    Inference,
+}
+
+/// The cache root used for kernels and autotune results.
+pub fn cache_root() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("NSA_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    dirs::cache_dir().map(|d| d.join("nsa"))
+}
+
+/// Configures CubeCL's caches; call once at start-up, before any GPU work. Returns the cache
+/// directory in use, or `None` when a user config file decides (or no GPU backend is compiled).
+pub fn configure(workload: Workload) -> Option<PathBuf> {
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    {
+        use burn::cubecl::config::autotune::AutotuneLevel;
+        use burn::cubecl::config::cache::CacheConfig;
+        use burn::cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+
+        let cwd = std::env::current_dir().ok()?;
+        let user_file = cwd.ancestors().any(|dir| {
+            ["cubecl.toml", "CubeCL.toml", "burn.toml", "Burn.toml"]
+                .iter()
+                .any(|f| dir.join(f).is_file())
+        });
+        if user_file {
+            return None;
+        }
+        let root = cache_root()?;
+        if std::fs::create_dir_all(&root).is_err() {
+            return None;
+        }
+        let mut config = CubeClRuntimeConfig::default();
+        config.compilation.cache = Some(CacheConfig::File(root.join("kernels")));
+        config.autotune.cache = CacheConfig::File(root.join("autotune"));
+        if workload == Workload::Inference {
+            config.autotune.level = AutotuneLevel::Minimal;
+        }
+        // environment variables still win
+        let config = config.override_from_env();
+        CubeClRuntimeConfig::set(config);
+        Some(root)
+    }
+    #[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+    {
+        let _ = workload;
+        None
+    }
+}

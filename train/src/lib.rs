@@ -1,0 +1,28 @@
+//! Training for NSA language models: data, tokenizer, Learner, checkpoints.
+//!
+//! The `nsa-train` binary is a thin command line over [`training::run`]:
+//!
+//! * [`config`]: the training configuration (TOML, presets, overrides, validation);
+//! * [`corpus`], [`tokenizer`], [`data`]: text, tokens, the token cache and the Learner's
+//!   data loaders;
+//! * [`lm`]: the model's train and validation steps; [`schedule`]: the learning-rate
+//!   schedule; [`metrics`]: Learner metrics and the metrics CSV;
+//! * [`strategy`]: the training loop (a Burn learning strategy); [`checkpoint`]: atomic
+//!   checkpoints and resumption; [`bundle`]: the inference model directory;
+//! * [`training`]: a run from start to end; [`report`], [`plot`]: log lines and the loss
+//!   curve; [`backend`]: runtime backend selection.
+pub mod backend;
+pub mod bundle;
+pub mod checkpoint;
+pub mod config;
+pub mod corpus;
+pub mod data;
+pub mod kernel_cache;
+pub mod lm;
+pub mod metrics;
+pub mod plot;
+pub mod report;
+pub mod schedule;
+pub mod strategy;
+pub mod tokenizer;
+pub mod training;

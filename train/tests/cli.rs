@@ -1,0 +1,233 @@
+//! The `nsa-train` command line: bad inputs are refused with one clear line and a non-zero
+//! exit code, without touching what is already saved; a small run trains, stops, resumes and
+//! leaves an inference bundle.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nsa-train");
+
+fn nsa_train(args: &[&str]) -> (i32, String, String) {
+    let cache = std::env::temp_dir().join("nsa-train-cli-test-cache");
+    let out = Command::new(BIN)
+        .args(args)
+        .env("NSA_CACHE_DIR", cache)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn refused(args: &[&str], needles: &[&str]) {
+    let (code, _, err) = nsa_train(args);
+    assert_ne!(code, 0, "{args:?} was accepted");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
+    assert!(lines[0].starts_with("error"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: `{n}` missing from: {err}");
+    }
+}
+
+fn write_config(dir: &Path) -> String {
+    let path = dir.join("test.toml");
+    std::fs::write(&path, common::tiny_config().to_toml()).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn bad_inputs_are_refused_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("run");
+    let out_s = out.display().to_string();
+    let config = write_config(d);
+
+    refused(
+        &["--data", "/nonexistent/corpus.txt", "--out", &out_s],
+        &["/nonexistent/corpus.txt"],
+    );
+    let empty = d.join("empty.txt");
+    std::fs::write(&empty, "\n  \n").unwrap();
+    refused(
+        &[
+            "--config",
+            &config,
+            "--data",
+            empty.to_str().unwrap(),
+            "--out",
+            &out_s,
+        ],
+        &["empty.txt", "no documents"],
+    );
+    let short = d.join("short.txt");
+    std::fs::write(
+        &short,
+        "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n",
+    )
+    .unwrap();
+    refused(
+        &[
+            "--config",
+            &config,
+            "--data",
+            short.to_str().unwrap(),
+            "--out",
+            &out_s,
+        ],
+        &["too short", "--seq-len"],
+    );
+    let zero_heads = d.join("zero-heads.toml");
+    std::fs::write(&zero_heads, "preset = \"tiny\"\n[model]\nheads = 0\n").unwrap();
+    refused(
+        &["--config", zero_heads.to_str().unwrap(), "--out", &out_s],
+        &["heads"],
+    );
+    let bad_kind = d.join("bad-kind.toml");
+    std::fs::write(&bad_kind, "[model]\nattention = \"dense-ish\"\n").unwrap();
+    refused(
+        &["--config", bad_kind.to_str().unwrap(), "--out", &out_s],
+        &["bad-kind.toml", "dense-ish"],
+    );
+    refused(
+        &["--preset", "tiny", "--lr", "-0.001", "--out", &out_s],
+        &["--lr", "-0.001"],
+    );
+    refused(
+        &["--preset", "tiny", "--steps", "0", "--out", &out_s],
+        &["--steps"],
+    );
+    refused(
+        &["--preset", "tiny", "--attention", "sparse-ish"],
+        &["--attention", "sparse-ish"],
+    );
+    refused(
+        &["--preset", "tiny", "--backend", "tpu"],
+        &["--backend", "tpu"],
+    );
+    refused(&["--preset", "huge"], &["--preset", "huge"]);
+    refused(
+        &["--config", "/nonexistent/x.toml"],
+        &["/nonexistent/x.toml"],
+    );
+    refused(&["--preset", "tiny", "--no-such-flag"], &["--no-such-flag"]);
+    refused(
+        &[
+            "--preset",
+            "tiny",
+            "--tokenizer",
+            "/nonexistent/tok.json",
+            "--out",
+            &out_s,
+        ],
+        &["/nonexistent/tok.json"],
+    );
+    refused(
+        &["--resume", "--out", &out_s],
+        &["no training run to resume"],
+    );
+    refused(
+        &["--resume", "--lr", "0.1", "--out", &out_s],
+        &["--lr", "--resume"],
+    );
+    assert!(!out.exists(), "a refused run left {} behind", out.display());
+
+    // an existing run is not overwritten
+    std::fs::create_dir_all(out.join("checkpoint")).unwrap();
+    std::fs::write(out.join("config.toml"), "sentinel").unwrap();
+    std::fs::write(out.join("checkpoint/state-5.json"), "sentinel").unwrap();
+    refused(
+        &["--preset", "tiny", "--out", &out_s],
+        &["already holds a training run", "--resume"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("config.toml")).unwrap(),
+        "sentinel"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("checkpoint/state-5.json")).unwrap(),
+        "sentinel"
+    );
+    let entries: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+    assert_eq!(entries.len(), 2);
+}
+
+#[test]
+fn trains_stops_resumes_and_writes_the_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = common::small_corpus(d, 300);
+    let config = write_config(d);
+    let out = d.join("run");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--config",
+            config.as_str(),
+            "--data",
+            corpus.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let a = args(&["--steps", "4", "--eval-every", "2", "--stop-at", "2"]);
+    let (code, stdout, err) = nsa_train(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(stdout.contains("backend: "), "{stdout}");
+    assert!(stdout.contains("validation after step 2"), "{stdout}");
+    assert!(stdout.contains("unigram entropy"), "{stdout}");
+    assert!(stdout.contains("--resume"), "{stdout}");
+
+    let resume = [
+        "--resume",
+        "--out",
+        out.to_str().unwrap(),
+        "--backend",
+        "cpu",
+        "--steps",
+        "4",
+    ];
+    let (code, stdout, err) = nsa_train(&resume);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(stdout.contains("resuming at step 2"), "{stdout}");
+    assert!(stdout.contains("validation after step 4"), "{stdout}");
+    assert!(stdout.contains("training finished"), "{stdout}");
+
+    for bundle in ["best", "last"] {
+        for f in [
+            "model.json",
+            "tokenizer.json",
+            "model.safetensors",
+            "checkpoint.json",
+        ] {
+            assert!(out.join(bundle).join(f).is_file(), "{bundle}/{f}");
+        }
+        nsa_train::bundle::Bundle::read(&out.join(bundle)).unwrap();
+    }
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    let csv = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().filter(|l| l.contains(",train,")).count(), 4);
+    assert_eq!(csv.lines().filter(|l| l.contains(",valid,")).count(), 2);
+    assert!(std::fs::read_to_string(out.join("samples.txt"))
+        .unwrap()
+        .contains("continuation"));
+
+    // the finished run does not start again
+    let (code, stdout, _) = nsa_train(&resume);
+    assert_eq!(code, 0);
+    assert!(stdout.contains("complete"), "{stdout}");
+}

@@ -1,0 +1,155 @@
+//! The Learner's training step: one step lowers the loss on a fixed batch, micro-batch
+//! gradients are averaged, the global gradient norm is clipped, NaN drops the step.
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use nsa_train::lm::{global_grad_norm, lm_loss, LanguageModel, TokenBatch};
+use nsa_train::tokenizer::bert_base_chinese;
+
+type B = Autodiff<NdArray<f32>>;
+
+fn model(clip: f64) -> LanguageModel<B> {
+    let device = Default::default();
+    B::seed(&device, 3);
+    let config = common::tiny_config().model_config(21128).unwrap();
+    LanguageModel::new(config.init::<B>(&device).unwrap(), clip)
+}
+
+/// `rows` windows of 33 tokens of real text.
+fn batch(rows: usize, micro_batches: usize) -> TokenBatch<B> {
+    let tok = bert_base_chinese();
+    let text = nsa_train::corpus::default_corpus()[..40].join("");
+    let ids = tok.encode(&text).unwrap();
+    let data: Vec<i64> = (0..rows)
+        .flat_map(|r| ids[r * 50..r * 50 + 33].iter().map(|&t| t as i64))
+        .collect();
+    TokenBatch {
+        ids: Tensor::from_data(TensorData::new(data, [rows, 33]), &Default::default()),
+        micro_batches,
+    }
+}
+
+#[test]
+fn one_training_step_reduces_the_loss_on_a_fixed_batch() {
+    let model = model(0.5);
+    let mut optim = AdamWConfig::new().init::<B, LanguageModel<B>>();
+    let (grads, before) = model.gradients(batch(4, 2));
+    assert!(!before.non_finite);
+    assert_eq!(before.tokens, 4 * 32);
+    // an untrained model is close to uniform over the vocabulary
+    assert!(
+        (before.loss_value - (21128f64).ln()).abs() < 1.0,
+        "{}",
+        before.loss_value
+    );
+    let model = optim.step(1e-2, model, grads);
+    let (_, after) = model.gradients(batch(4, 2));
+    assert!(
+        after.loss_value < before.loss_value - 0.05,
+        "{} -> {}",
+        before.loss_value,
+        after.loss_value
+    );
+}
+
+struct Collect<'a> {
+    grads: &'a GradientsParams,
+    values: Vec<Vec<f32>>,
+}
+
+impl<Bk: AutodiffBackend> ModuleVisitor<Bk> for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Bk, D>>) {
+        if let Some(g) = self.grads.get::<Bk::InnerBackend, D>(param.id) {
+            self.values
+                .push(g.into_data().convert::<f32>().into_vec().unwrap());
+        }
+    }
+}
+
+fn flat(model: &LanguageModel<B>, grads: &GradientsParams) -> Vec<Vec<f32>> {
+    let mut c = Collect {
+        grads,
+        values: Vec::new(),
+    };
+    model.visit(&mut c);
+    c.values
+}
+
+#[test]
+fn gradient_accumulation_averages_the_micro_batches() {
+    let model = model(0.0);
+    let (g1, o1) = model.gradients(batch(4, 1));
+    let (g2, o2) = model.gradients(batch(4, 2));
+    let (g4, _) = model.gradients(batch(4, 4));
+    assert!((o1.loss_value - o2.loss_value).abs() < 1e-5);
+    let (a, b, c) = (flat(&model, &g1), flat(&model, &g2), flat(&model, &g4));
+    assert!(!a.is_empty());
+    assert_eq!(a.len(), b.len());
+    let mut max = 0f32;
+    for ((x, y), z) in a.iter().zip(&b).zip(&c) {
+        for ((p, q), r) in x.iter().zip(y).zip(z) {
+            max = max.max((p - q).abs()).max((p - r).abs());
+        }
+    }
+    assert!(max < 1e-5, "largest difference {max}");
+    let n1 = o1.grad_norm.unwrap();
+    assert!((n1 - o2.grad_norm.unwrap()).abs() < 1e-4 * n1);
+}
+
+#[test]
+fn gradients_are_clipped_to_the_global_norm() {
+    let unclipped = model(0.0);
+    let (_, o) = unclipped.gradients(batch(2, 1));
+    let norm = o.grad_norm.unwrap();
+    assert!(norm > 0.02, "{norm}");
+    let clipped = model(0.01);
+    let (grads, o2) = clipped.gradients(batch(2, 1));
+    // the reported norm is the one before clipping
+    assert!((o2.grad_norm.unwrap() - norm).abs() < 1e-4 * norm);
+    let after = global_grad_norm(&clipped, &grads);
+    assert!((after - 0.01).abs() < 1e-4, "{after}");
+}
+
+#[test]
+fn a_non_finite_loss_drops_the_step() {
+    let mut model = model(0.5);
+    model.transformer.to_logits.weight = model
+        .transformer
+        .to_logits
+        .weight
+        .map(|w| w.mul_scalar(f32::NAN));
+    let (grads, out) = model.gradients(batch(2, 2));
+    assert!(out.non_finite);
+    assert!(out.loss_value.is_nan());
+    assert!(grads.is_empty(), "no gradient may reach the optimizer");
+}
+
+#[test]
+fn the_training_loss_is_the_models_loss() {
+    let model = model(0.0);
+    let ids = batch(4, 1).ids;
+    let reference = model.transformer.loss(ids.clone());
+    let fast = lm_loss(&model.transformer, ids);
+    let (a, b) = (
+        reference.clone().into_scalar() as f64,
+        fast.clone().into_scalar() as f64,
+    );
+    assert!((a - b).abs() < 1e-5 * a, "{a} {b}");
+    // and so are the gradients
+    let g1 = GradientsParams::from_grads(reference.backward(), &model);
+    let g2 = GradientsParams::from_grads(fast.backward(), &model);
+    let (x, y) = (flat(&model, &g1), flat(&model, &g2));
+    assert_eq!(x.len(), y.len());
+    let mut max = 0f32;
+    for (p, q) in x.iter().zip(&y) {
+        for (u, v) in p.iter().zip(q) {
+            max = max.max((u - v).abs());
+        }
+    }
+    assert!(max < 1e-5, "largest gradient difference {max}");
+}
