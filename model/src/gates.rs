@@ -23,7 +23,7 @@ impl<B: Backend> BranchGates<B> {
         proj.weight = Param::from_tensor(Tensor::zeros([dim, 3 * heads], device));
         let bias: Vec<f32> = (0..heads).flat_map(|_| [-2.0, -2.0, 2.0]).collect();
         proj.bias = Some(Param::from_tensor(Tensor::from_data(
-            TensorData::new(bias, [3 * heads]),
+            TensorData::new(bias, [3 * heads]).convert::<B::FloatElem>(),
             device,
         )));
         Self { proj, heads }

@@ -176,7 +176,10 @@ fn replace<B: Backend, const D: usize>(
 ) -> Param<Tensor<B, D>> {
     let shape: [usize; D] = t.shape.clone().try_into().expect("shape checked");
     let id = param.id;
-    let value = Tensor::from_data(TensorData::new(t.values, shape), &param.device());
+    let value = Tensor::from_data(
+        TensorData::new(t.values, shape).convert::<B::FloatElem>(),
+        &param.device(),
+    );
     param.transform_for_load(value, id)
 }
 

@@ -70,7 +70,13 @@ impl<B: Backend> RopeTable<B> {
         let (cos, sin) = angles(dim_head, start, len);
         let cos: Vec<f32> = cos.iter().flat_map(|&c| [c, c]).collect();
         let sin: Vec<f32> = sin.iter().flat_map(|&s| [-s, s]).collect();
-        let t = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [len, dim_head]), device);
+        // in the backend's float type: an f32 table on an f64 backend would compute in f32
+        let t = |v: Vec<f32>| {
+            Tensor::from_data(
+                TensorData::new(v, [len, dim_head]).convert::<B::FloatElem>(),
+                device,
+            )
+        };
         Self {
             start,
             cos: t(cos),
