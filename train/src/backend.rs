@@ -459,12 +459,40 @@ fn wgpu_device(selection: &Selection) -> burn::backend::wgpu::WgpuDevice {
     }
 }
 
+/// Registers the fused CubeCL kernels of the sparse branches (feature `kernels`) for every
+/// GPU backend type [`dispatch`] and [`dispatch_autodiff`] can run; `NSA_KERNELS=0` in the
+/// environment keeps the tensor-op path. Called by both; idempotent.
+pub fn register_kernels() {
+    #[cfg(feature = "kernels")]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            #[cfg(feature = "cuda")]
+            {
+                use burn::cubecl::cuda::CudaRuntime;
+                use burn::tensor::{bf16, f16};
+                nsa_model::kernels::register_cube::<CudaRuntime, f32, i32, u8>();
+                nsa_model::kernels::register_cube::<CudaRuntime, f16, i32, u8>();
+                nsa_model::kernels::register_cube::<CudaRuntime, bf16, i32, u8>();
+            }
+            #[cfg(feature = "wgpu")]
+            {
+                use burn::backend::wgpu::WgpuRuntime;
+                use burn::tensor::f16;
+                nsa_model::kernels::register_cube::<WgpuRuntime, f32, i32, u32>();
+                nsa_model::kernels::register_cube::<WgpuRuntime, f16, i32, u32>();
+            }
+        });
+    }
+}
+
 /// Runs `work` on the selected backend in `precision`.
 pub fn dispatch<W: OnBackend>(
     selection: &Selection,
     precision: Precision,
     work: W,
 ) -> Result<W::Output, BackendError> {
+    register_kernels();
     let kind = selection.kind;
     match (kind, precision) {
         #[cfg(feature = "cuda")]
@@ -516,6 +544,7 @@ pub fn dispatch_autodiff<W: OnAutodiffBackend>(
     work: W,
 ) -> Result<W::Output, BackendError> {
     use burn::backend::Autodiff;
+    register_kernels();
     match selection.kind {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
