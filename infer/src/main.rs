@@ -89,13 +89,13 @@ struct GenerateArgs {
 #[derive(Args)]
 struct SamplingArgs {
     /// Softmax temperature; 0 = greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     temperature: f64,
     /// Greedy decoding (same as --temperature 0).
     #[arg(long)]
     greedy: bool,
     /// Top-k as the reference's `thres`: keep the top ceil((1 - thres) * vocab) tokens.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     top_k_thres: f64,
     /// Top-k as a count (overrides --top-k-thres).
     #[arg(long)]
@@ -104,7 +104,7 @@ struct SamplingArgs {
     #[arg(long, conflicts_with_all = ["top_k"])]
     no_top_k: bool,
     /// Nucleus sampling: keep the most likely tokens up to this total probability.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f64>,
 }
 
@@ -215,9 +215,27 @@ struct ExportArgs {
 
 fn main() {
     let started = Instant::now();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            {
+                let _ = e.print();
+                std::process::exit(if e.use_stderr() { 2 } else { 0 });
+            }
+            // clap's first line names the option and the problem
+            let text = e.to_string();
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid arguments")
+            );
+            std::process::exit(2);
+        }
+    };
     if let Err(e) = run(cli, started) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
         std::process::exit(1);
     }
 }

@@ -173,7 +173,7 @@ impl ReferenceArgs {
             use_flex_sliding_window: false,
             use_flex_fine_selection: false,
             use_triton_fine_selection: false,
-            sparse_attn_kwargs: (c.attention == AttentionKind::Nsa).then(|| SparseKwargs {
+            sparse_attn_kwargs: (c.attention == AttentionKind::Nsa).then_some(SparseKwargs {
                 sliding_window_size: s.sliding_window_size,
                 compress_block_size: s.compress_block_size,
                 compress_block_sliding_stride: s.compress_block_sliding_stride,

@@ -25,7 +25,9 @@ fn model<B: Backend>(
     device: &B::Device,
 ) -> Result<Transformer<B>> {
     Ok(match weights {
-        Some(w) => build_model::<B>(config, w, device).context("loading the weights")?,
+        Some(w) => {
+            build_model::<B>(config, w, device).context("the weights do not match model.json")?
+        }
         None => config.init::<B>(device)?,
     })
 }
@@ -335,10 +337,10 @@ impl OnBackend for LogitsJob {
         let ids: Vec<i64> = self.tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
         let logits = model.forward(ids);
-        Ok(logits
+        logits
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
     }
 }
