@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# One device call on the lent GPU machine (see ../shared/GPU.md): decode speed and start-up,
+# cross-backend logits, and the training comparison with the PyTorch reference.
+#
+#   scripts/gpu_session.sh PHASE...      (in the repository root on the GPU machine)
+#
+# Expects, carried from the build machine (git-ignored folders):
+#   .gpu/*.xz      release binaries nsa-infer, nsa-train, nsa-bench (xz, unpacked to /tmp/bin)
+#   .gpu/cache.tgz optional: CubeCL kernel/autotune caches of an earlier call ("warm")
+#   .gpu/stream/   optional: the exported token stream (train/examples/export_stream.rs)
+#   .gl/*.deb      the Vulkan loader for wgpu;  .whl/*.whl  the reference and its dependencies
+# Phases:
+#   infer   nsa-infer bench on CUDA (cold, warm) and wgpu (Vulkan), NSA and dense; compare the
+#           logits of the reference fixture checkpoint on cpu, cuda and wgpu; reference decode
+#   train   nsa-train on CUDA over the exported stream, then the reference on the same stream
+# Everything lands in $OUT; the caches are packed to $OUT/cache.tgz for the next call.
+set -uo pipefail
+FINAL=${OUT:-./gpu-out}
+# the device tool returns a limited number of files: work in /tmp/gs, return one archive
+OUT=/tmp/gs
+mkdir -p "$OUT" "$FINAL" /tmp/bin
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+export NSA_CACHE_DIR=/tmp/nsa-cache
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/session.log"; }
+t0=$(date +%s)
+since() { echo $(( $(date +%s) - t0 ))s; }
+
+for f in .gpu/*.xz; do xz -dc "$f" >"/tmp/bin/$(basename "$f" .xz)"; done
+chmod +x /tmp/bin/*
+if [ -f .gpu/cache.tgz ]; then
+  mkdir -p "$NSA_CACHE_DIR" && tar -xzf .gpu/cache.tgz -C "$NSA_CACHE_DIR"
+  log "caches restored ($(du -sh "$NSA_CACHE_DIR" | cut -f1))"
+else
+  log "no caches: cold start"
+fi
+for f in .gl/*.deb; do [ -e "$f" ] && dpkg -x "$f" /; done
+ldconfig 2>/dev/null
+export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1
+  python3 -c 'import tqdm' 2>/dev/null || printf 'def tqdm(x=None, *a, **k):\n    return x\n' >/tmp/site/tqdm.py
+  export PYTHONPATH=/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; } >"$OUT/machine.txt" 2>&1
+
+run() { # name, timeout, command...
+  local name=$1 limit=$2
+  shift 2
+  log "[$(since)] $name: $*"
+  local s=$(date +%s.%N)
+  timeout "$limit" "$@" >"$OUT/$name.out" 2>"$OUT/$name.err"
+  local rc=$?
+  log "[$(since)] $name: exit $rc in $(python3 -c "import time; print(round(time.time() - $s, 1))") s"
+  tail -n 12 "$OUT/$name.out" "$OUT/$name.err" | tee -a "$OUT/session.log"
+}
+
+for phase in "$@"; do
+  case $phase in
+    infer)
+      run devices 60 /tmp/bin/nsa-infer devices
+      run bench-cuda-1 240 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-1.json"
+      run bench-cuda-2 90 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-2.json"
+      run ref-decode 120 python3 scripts/reference_decode.py --runs 2
+      run import 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
+        --args assets/fixtures/transformer_nsa.args.json --out /tmp/fixture-nsa
+      run compare 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa --backends ndarray,cuda,wgpu
+      run bench-wgpu-1 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-1.json"
+      run bench-wgpu-2 60 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-2.json"
+      run bench-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full --json "$OUT/bench-cuda-full.json"
+      ;;
+    train)
+      STEPS=${STEPS:-600}
+      run train-ours 400 /tmp/bin/nsa-train --config .gpu/stream/config.toml --backend cuda \
+        --no-tui --out /tmp/run-ours --steps "$STEPS"
+      cp /tmp/run-ours/metrics.csv "$OUT/ours-metrics.csv" 2>/dev/null
+      cp /tmp/run-ours/train.log "$OUT/ours-train.log" 2>/dev/null
+      cp /tmp/run-ours/samples.txt "$OUT/ours-samples.txt" 2>/dev/null
+      run train-ref 330 python3 scripts/reference_train.py .gpu/stream --steps "$STEPS" \
+        --csv "$OUT/ref-metrics.csv" --max-seconds 140
+      ;;
+    warm-train)
+      # the same run as `train`, second process on this machine's caches (or carried ones)
+      run train-warm 200 /tmp/bin/nsa-train --config .gpu/stream/config.toml --backend cuda \
+        --no-tui --out /tmp/run-warm --steps "${STEPS:-600}"
+      cp /tmp/run-warm/metrics.csv "$OUT/warm-metrics.csv" 2>/dev/null
+      cp /tmp/run-warm/samples.txt "$OUT/warm-samples.txt" 2>/dev/null
+      ;;
+    compare)
+      run compare 120 /tmp/bin/nsa-infer compare --model .gpu/cmp --backends ndarray,cuda,wgpu
+      run generate-cuda 60 /tmp/bin/nsa-infer generate --model .gpu/cmp --backend cuda \
+        --prompt "床前明月光" --max-new-tokens 32 --seed 1
+      run generate-wgpu 60 /tmp/bin/nsa-infer generate --model .gpu/cmp --backend wgpu \
+        --prompt "床前明月光" --max-new-tokens 32 --seed 1
+      run generate-cpu 60 /tmp/bin/nsa-infer generate --model .gpu/cmp --backend ndarray \
+        --prompt "床前明月光" --max-new-tokens 32 --seed 1
+      ;;
+    kernels)
+      run bench-check 150 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 1k,4k \
+        --precisions f32,bf16 --json "$OUT/bench-check.json"
+      run bench-layer 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa,full \
+        --lengths 4k,16k,64k --precisions bf16 --passes fwd+bwd --runs 3 --warmup 1 \
+        --row-timeout 100 --json "$OUT/bench-layer.json"
+      ;;
+    *) log "unknown phase $phase" ;;
+  esac
+done
+tar -czf "$OUT/cache.tgz" -C "$NSA_CACHE_DIR" --exclude ./tokens . 2>/dev/null
+log "[$(since)] done; cache.tgz $(du -sh "$OUT/cache.tgz" | cut -f1)"
+tar -czf "$FINAL/all.tgz" -C "$OUT" .
