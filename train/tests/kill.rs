@@ -146,3 +146,63 @@ fn sigkill_at_random_moments_then_resume_reproduces_the_run() {
         assert!(max < 1e-5, "{name} differs by {max}");
     }
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = common::small_corpus(d, 400);
+    let cache = d.join("cache");
+    let mut config = common::tiny_config();
+    config.data.paths = vec![corpus];
+    config.train.steps = 100_000;
+    config.train.eval_every = 50_000;
+    config.train.sample_every = 0;
+    config.train.log_every = 1;
+    let config_path = d.join("ctrl-c.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let out = d.join("run");
+    let mut child = command(&cache)
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--no-tui", "--out"])
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    // wait until a few steps are logged, then SIGINT as a terminal's Ctrl-C would
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(120) {
+        let rows = read_csv(&out.join("metrics.csv"))
+            .map(|r| r.len())
+            .unwrap_or(0);
+        if rows >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(130), "interrupted runs exit with 130");
+    let saved = latest(&checkpoint_dir(&out))
+        .unwrap()
+        .expect("a checkpoint was saved on Ctrl-C");
+    assert!(saved.step >= 3, "checkpoint at step {}", saved.step);
+    // and the run continues from it
+    let mut c = command(&cache);
+    let status = c
+        .args(["--resume", "--no-tui", "--steps"])
+        .arg((saved.step + 2).to_string())
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        latest(&checkpoint_dir(&out)).unwrap().unwrap().step,
+        saved.step + 2
+    );
+}
