@@ -220,7 +220,7 @@ const RESULT_TAG: &str = "NSA_BENCH_ROW ";
 fn main() -> Result<()> {
     let started = Instant::now();
     let cli = Cli::parse();
-    register_kernels();
+    nsa_train::backend::register_kernels();
     if let Some(spec) = &cli.worker {
         let job: Job = serde_json::from_str(spec).context("worker job")?;
         let row = run_job(&job, started);
@@ -339,25 +339,6 @@ fn main() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// Registers the fused kernels for every CubeCL backend type this binary can dispatch to.
-fn register_kernels() {
-    #[cfg(feature = "cuda")]
-    {
-        use burn::cubecl::cuda::CudaRuntime;
-        use burn::tensor::{bf16, f16};
-        kernels::register_cube::<CudaRuntime, f32, i32, u8>();
-        kernels::register_cube::<CudaRuntime, f16, i32, u8>();
-        kernels::register_cube::<CudaRuntime, bf16, i32, u8>();
-    }
-    #[cfg(feature = "wgpu")]
-    {
-        use burn::backend::wgpu::WgpuRuntime;
-        use burn::tensor::f16;
-        kernels::register_cube::<WgpuRuntime, f32, i32, u32>();
-        kernels::register_cube::<WgpuRuntime, f16, i32, u32>();
-    }
 }
 
 fn parse_len(s: &str) -> Result<usize> {
