@@ -215,6 +215,8 @@ struct ExportArgs {
 
 fn main() {
     let started = Instant::now();
+    nsa_train::failure::install_panic_hook("nsa-infer", nsa_train::failure::INFER_MEMORY_HINT);
+    nsa_train::backend::quiet_headless_probe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -235,7 +237,7 @@ fn main() {
         }
     };
     if let Err(e) = run(cli, started) {
-        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        eprintln!("{}", nsa_train::failure::error_line(e.chain()));
         std::process::exit(1);
     }
 }

@@ -388,6 +388,18 @@ pub enum AdapterSlot {
     Cpu,
 }
 
+/// On a headless Linux machine (no `XDG_RUNTIME_DIR`), points `XDG_RUNTIME_DIR` at the temporary
+/// directory: the Vulkan driver's window-system code tries to reach a Wayland display when wgpu
+/// enumerates adapters, and libwayland prints `error: XDG_RUNTIME_DIR is invalid or not set`
+/// to stderr (twice per probe) when the variable is missing. With a directory that holds no
+/// display socket the probe fails silently. Call at the start of `main`, before any thread.
+pub fn quiet_headless_probe() {
+    #[cfg(all(target_os = "linux", feature = "wgpu"))]
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir());
+    }
+}
+
 /// wgpu adapters in the order `--device N` counts them (hardware first), or why there are none.
 pub fn probe_wgpu() -> Result<Vec<Adapter>, String> {
     #[cfg(not(feature = "wgpu"))]
@@ -396,9 +408,17 @@ pub fn probe_wgpu() -> Result<Vec<Adapter>, String> {
     }
     #[cfg(feature = "wgpu")]
     {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        // Vulkan, Metal and DX12 only: the APIs CubeCL's wgpu runtime computes on. Asking for
+        // GL too would start EGL, which looks for a Wayland/X display and prints complaints
+        // (`XDG_RUNTIME_DIR is invalid`) on a headless machine.
+        let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        descriptor.backends &= wgpu::Backends::PRIMARY;
+        if descriptor.backends.is_empty() {
+            descriptor.backends = wgpu::Backends::PRIMARY;
+        }
+        let backends = descriptor.backends;
+        let instance = wgpu::Instance::new(descriptor);
+        let adapters = pollster::block_on(instance.enumerate_adapters(backends));
         let mut counts = [0usize; 3];
         let mut found: Vec<Adapter> = adapters
             .iter()

@@ -10,13 +10,15 @@
 //! * [`strategy`]: the training loop (a Burn learning strategy); [`checkpoint`]: atomic
 //!   checkpoints and resumption; [`bundle`]: the inference model directory;
 //! * [`training`]: a run from start to end; [`report`], [`plot`]: log lines and the loss
-//!   curve; [`backend`]: runtime backend selection.
+//!   curve; [`backend`]: runtime backend selection; [`failure`]: panics as one-line errors
+//!   (device out of memory names the settings to lower).
 pub mod backend;
 pub mod bundle;
 pub mod checkpoint;
 pub mod config;
 pub mod corpus;
 pub mod data;
+pub mod failure;
 pub mod kernel_cache;
 pub mod lm;
 pub mod metrics;

@@ -200,6 +200,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    nsa_train::failure::install_panic_hook("nsa-train", nsa_train::failure::TRAIN_MEMORY_HINT);
+    nsa_train::backend::quiet_headless_probe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -220,7 +222,7 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("{}", nsa_train::failure::error_line(e.chain()));
             ExitCode::FAILURE
         }
     }

@@ -27,7 +27,11 @@ fn nsa_train(args: &[&str]) -> (i32, String, String) {
 fn refused(args: &[&str], needles: &[&str]) {
     let (code, _, err) = nsa_train(args);
     assert_ne!(code, 0, "{args:?} was accepted");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    // a panic prints `panicked` (default hook) or `internal error` (the binaries' hook)
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "{args:?} panicked: {err}"
+    );
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
     assert!(lines[0].starts_with("error"), "{err}");
@@ -84,6 +88,37 @@ fn bad_inputs_are_refused_with_one_line() {
         ],
         &["too short", "--seq-len"],
     );
+    // corpus files that are not what they claim: invalid UTF-8, a .gz name over plain text, a
+    // gzip stream cut in half
+    let text = "床前明月光，疑是地上霜。举头望明月，低头思故乡。\n".repeat(400);
+    let mut latin1 = text.clone().into_bytes();
+    latin1.extend_from_slice(b"caf\xe9 au lait\n");
+    let non_utf8 = d.join("latin1.txt");
+    std::fs::write(&non_utf8, &latin1).unwrap();
+    let fake_gz = d.join("fake.txt.gz");
+    std::fs::write(&fake_gz, &text).unwrap();
+    let truncated = d.join("cut.txt.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, text.as_bytes()).unwrap();
+    let full = gz.finish().unwrap();
+    std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
+    for (path, needles) in [
+        (&non_utf8, &["latin1.txt", "invalid UTF-8", "byte offset"][..]),
+        (&fake_gz, &["fake.txt.gz", "not gzip"][..]),
+        (&truncated, &["cut.txt.gz"][..]),
+    ] {
+        refused(
+            &[
+                "--config",
+                &config,
+                "--data",
+                path.to_str().unwrap(),
+                "--out",
+                &out_s,
+            ],
+            needles,
+        );
+    }
     let zero_heads = d.join("zero-heads.toml");
     std::fs::write(&zero_heads, "preset = \"tiny\"\n[model]\nheads = 0\n").unwrap();
     refused(
