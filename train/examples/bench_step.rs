@@ -40,6 +40,7 @@ fn main() {
         let (_g, o) = model.gradients(TokenBatch {
             ids: t.clone(),
             micro_batches: 1,
+            shard: 0,
         });
         let fb = s.elapsed().as_secs_f64();
         let s = Instant::now();

@@ -141,6 +141,9 @@ pub enum BackendError {
         /// Extra hint.
         hint: &'static str,
     },
+    /// `--devices` is not a usable list.
+    #[error("--devices: {0}")]
+    BadDeviceList(String),
     /// `--device` is out of range.
     #[error("backend `{kind}` has {count} device(s); --device {index} does not exist")]
     NoSuchDevice {
@@ -164,6 +167,10 @@ pub struct Selection {
     pub device_name: String,
     /// Why this one (and why the others were skipped), one line.
     pub reason: String,
+    /// Every device of a data-parallel run (`--devices`), the main device `index` first;
+    /// just `[index]` otherwise. On the CPU backends an index may repeat: replicas of the
+    /// model on the one CPU device (the data-parallel path without a speed-up, for testing).
+    pub devices: Vec<usize>,
 }
 
 /// What `--device` asked for.
@@ -188,6 +195,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                         index,
                         device_name: devices[index].clone(),
                         reason: "auto: CUDA device found".into(),
+                        devices: vec![index],
                     })
                 }
                 Ok(devices) => {
@@ -207,6 +215,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                                 "auto: no CUDA ({}); wgpu adapter found",
                                 skipped.join("; ")
                             ),
+                            devices: vec![index],
                         });
                     }
                     skipped.push(format!(
@@ -227,6 +236,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                     index: 0,
                     device_name: "CPU".into(),
                     reason: format!("auto: using the CPU ({})", skipped.join("; ")),
+                    devices: vec![0],
                 })
             } else {
                 Err(BackendError::Unavailable {
@@ -250,6 +260,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                 index,
                 device_name: name.clone(),
                 reason: "requested".into(),
+                devices: vec![index],
             })
         }
         BackendKind::Wgpu => {
@@ -267,6 +278,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                 index,
                 device_name: a.name.clone(),
                 reason: "requested".into(),
+                devices: vec![index],
             })
         }
         kind @ (BackendKind::Ndarray | BackendKind::Flex) => {
@@ -285,9 +297,101 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                 index: 0,
                 device_name: "CPU".into(),
                 reason: "requested".into(),
+                devices: vec![0],
             })
         }
     }
+}
+
+/// The devices of a data-parallel training run (`--devices 0,1` or `--devices all`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceList {
+    /// Every device of the backend.
+    All,
+    /// These device indices, the first being the main device.
+    Indices(Vec<usize>),
+}
+
+impl FromStr for DeviceList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("all") {
+            return Ok(Self::All);
+        }
+        let mut indices = Vec::new();
+        for part in s.split(',') {
+            let i: usize = part.trim().parse().map_err(|_| {
+                format!("`{s}` is not a device list: expected `all` or indices such as `0,1`")
+            })?;
+            indices.push(i);
+        }
+        Ok(Self::Indices(indices))
+    }
+}
+
+/// Selects `kind` with the devices of `list` for data-parallel training: every index must
+/// exist (and appear once, except on the CPU, where repeats are replicas on the one device).
+pub fn select_devices(kind: BackendKind, list: &DeviceList) -> Result<Selection, BackendError> {
+    let count_of = |kind: BackendKind| -> Result<usize, BackendError> {
+        match kind {
+            BackendKind::Cuda => probe_cuda()
+                .map(|d| d.len())
+                .map_err(|reason| BackendError::Unavailable { kind, reason }),
+            BackendKind::Wgpu => probe_wgpu()
+                .map(|a| a.len())
+                .map_err(|reason| BackendError::Unavailable { kind, reason }),
+            _ => Ok(1),
+        }
+    };
+    let first = match list {
+        DeviceList::All => 0,
+        DeviceList::Indices(v) => *v
+            .first()
+            .ok_or(BackendError::BadDeviceList("the list is empty".into()))?,
+    };
+    let mut selection = select(DeviceRequest {
+        kind,
+        index: Some(first),
+    })?;
+    let cpu = matches!(selection.kind, BackendKind::Ndarray | BackendKind::Flex);
+    let count = count_of(selection.kind)?;
+    let devices = match list {
+        DeviceList::All => (0..count).collect(),
+        DeviceList::Indices(v) => {
+            for &i in v {
+                if i >= count && !(cpu && i == 0) {
+                    return Err(BackendError::NoSuchDevice {
+                        kind: selection.kind,
+                        index: i,
+                        count,
+                    });
+                }
+            }
+            let mut seen = v.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            if seen.len() != v.len() && !cpu {
+                return Err(BackendError::BadDeviceList(format!(
+                    "device indices repeat in {v:?}"
+                )));
+            }
+            v.clone()
+        }
+    };
+    if devices.len() > 1 {
+        selection.reason = if cpu {
+            format!(
+                "{}; {} replicas on the one CPU device (data-parallel path, no speed-up)",
+                selection.reason,
+                devices.len()
+            )
+        } else {
+            format!("{}; data parallel on devices {devices:?}", selection.reason)
+        };
+    }
+    selection.devices = devices;
+    Ok(selection)
 }
 
 /// Names of the CUDA devices, or why CUDA cannot be used. Loads the driver library itself (no
@@ -462,15 +566,24 @@ pub trait OnBackend {
 pub trait OnAutodiffBackend {
     /// Result of the work.
     type Output;
-    /// Runs on backend `B` and `device`.
-    fn run<B: AutodiffBackend>(self, device: B::Device, selection: &Selection) -> Self::Output;
+    /// Runs on backend `B` and `devices` (the selection's devices, main device first).
+    fn run<B: AutodiffBackend>(
+        self,
+        devices: Vec<B::Device>,
+        selection: &Selection,
+    ) -> Self::Output;
 }
 
 #[cfg(feature = "wgpu")]
 fn wgpu_device(selection: &Selection) -> burn::backend::wgpu::WgpuDevice {
+    wgpu_device_at(selection.index)
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device_at(index: usize) -> burn::backend::wgpu::WgpuDevice {
     use burn::backend::wgpu::WgpuDevice;
     let adapters = probe_wgpu().unwrap_or_default();
-    match adapters.get(selection.index).map(|a| a.slot) {
+    match adapters.get(index).map(|a| a.slot) {
         Some(AdapterSlot::Discrete(i)) => WgpuDevice::DiscreteGpu(i),
         Some(AdapterSlot::Integrated(i)) => WgpuDevice::IntegratedGpu(i),
         Some(AdapterSlot::Virtual(i)) => WgpuDevice::VirtualGpu(i),
@@ -558,33 +671,42 @@ pub fn dispatch<W: OnBackend>(
     }
 }
 
-/// Runs training `work` on the selected backend (f32).
+/// Runs training `work` on the selected backend (f32) and devices.
 pub fn dispatch_autodiff<W: OnAutodiffBackend>(
     selection: &Selection,
     work: W,
 ) -> Result<W::Output, BackendError> {
     use burn::backend::Autodiff;
     register_kernels();
+    let indices = if selection.devices.is_empty() {
+        vec![selection.index]
+    } else {
+        selection.devices.clone()
+    };
     match selection.kind {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             use burn::backend::cuda::{Cuda, CudaDevice};
-            Ok(work.run::<Autodiff<Cuda<f32>>>(CudaDevice::new(selection.index), selection))
+            let devices = indices.iter().map(|&i| CudaDevice::new(i)).collect();
+            Ok(work.run::<Autodiff<Cuda<f32>>>(devices, selection))
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             use burn::backend::wgpu::Wgpu;
-            Ok(work.run::<Autodiff<Wgpu<f32>>>(wgpu_device(selection), selection))
+            let devices = indices.iter().map(|&i| wgpu_device_at(i)).collect();
+            Ok(work.run::<Autodiff<Wgpu<f32>>>(devices, selection))
         }
         #[cfg(feature = "ndarray")]
         BackendKind::Ndarray => {
             use burn::backend::NdArray;
-            Ok(work.run::<Autodiff<NdArray<f32>>>(Default::default(), selection))
+            let devices = indices.iter().map(|_| Default::default()).collect();
+            Ok(work.run::<Autodiff<NdArray<f32>>>(devices, selection))
         }
         #[cfg(feature = "flex")]
         BackendKind::Flex => {
             use burn::backend::Flex;
-            Ok(work.run::<Autodiff<Flex>>(Default::default(), selection))
+            let devices = indices.iter().map(|_| Default::default()).collect();
+            Ok(work.run::<Autodiff<Flex>>(devices, selection))
         }
         kind => Err(BackendError::NotCompiled(kind)),
     }
@@ -609,6 +731,25 @@ mod tests {
         if BackendKind::cpu().compiled() {
             let s = select(DeviceRequest::default()).unwrap();
             assert!(!s.reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn device_lists_parse_and_are_checked() {
+        assert_eq!("all".parse::<DeviceList>(), Ok(DeviceList::All));
+        assert_eq!(
+            " 0, 1 ".parse::<DeviceList>(),
+            Ok(DeviceList::Indices(vec![0, 1]))
+        );
+        assert!("0,x".parse::<DeviceList>().unwrap_err().contains("0,x"));
+        if cfg!(feature = "ndarray") {
+            let s = select_devices(BackendKind::Ndarray, &DeviceList::Indices(vec![0, 0])).unwrap();
+            assert_eq!(s.devices, vec![0, 0]);
+            assert!(s.reason.contains("2 replicas"), "{}", s.reason);
+            let s = select_devices(BackendKind::Ndarray, &DeviceList::All).unwrap();
+            assert_eq!(s.devices, vec![0]);
+            let e = select_devices(BackendKind::Ndarray, &DeviceList::Indices(vec![0, 2]));
+            assert!(e.unwrap_err().to_string().contains("--device 2"));
         }
     }
 

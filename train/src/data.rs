@@ -123,6 +123,7 @@ impl<B: Backend> TrainBatches<B> {
         TokenBatch {
             ids,
             micro_batches: self.grad_accum,
+            shard: 0,
         }
     }
 
@@ -269,6 +270,7 @@ impl<B: Backend> Iterator for ValidIter<'_, B> {
                 &l.device,
             ),
             micro_batches: 1,
+            shard: 0,
         })
     }
 }

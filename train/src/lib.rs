@@ -7,7 +7,8 @@
 //!   data loaders;
 //! * [`lm`]: the model's train and validation steps; [`schedule`]: the learning-rate
 //!   schedule; [`metrics`]: Learner metrics and the metrics CSV;
-//! * [`strategy`]: the training loop (a Burn learning strategy); [`checkpoint`]: atomic
+//! * [`strategy`]: the training loop (a Burn learning strategy); [`parallel`]: the same step
+//!   spread over several devices (data parallel); [`checkpoint`]: atomic
 //!   checkpoints and resumption; [`bundle`]: the inference model directory;
 //! * [`training`]: a run from start to end; [`report`], [`plot`]: log lines and the loss
 //!   curve; [`backend`]: runtime backend selection; [`failure`]: panics as one-line errors
@@ -22,6 +23,7 @@ pub mod failure;
 pub mod kernel_cache;
 pub mod lm;
 pub mod metrics;
+pub mod parallel;
 pub mod plot;
 pub mod report;
 pub mod schedule;

@@ -40,6 +40,9 @@ pub struct TokenBatch<B: Backend> {
     pub ids: Tensor<B, 2, Int>,
     /// Number of micro-batches the rows are split into (gradient accumulation).
     pub micro_batches: usize,
+    /// Which shard of the optimizer step this is when the step is spread over several devices
+    /// ([`crate::parallel`]); 0 otherwise.
+    pub shard: usize,
 }
 
 /// What one training step or validation batch reports (loss on the host and on the device,
@@ -58,6 +61,8 @@ pub struct LmOutput<B: Backend> {
     pub non_finite: bool,
     /// Wall time of the step in seconds (set by the training loop).
     pub seconds: f64,
+    /// The shard of the batch this output belongs to (see [`TokenBatch::shard`]).
+    pub shard: usize,
 }
 
 impl<B: Backend> ItemLazy for LmOutput<B> {
@@ -135,6 +140,7 @@ impl<B: AutodiffBackend> LanguageModel<B> {
     /// every parameter unchanged) and `non_finite` is set.
     pub fn gradients(&self, batch: TokenBatch<B>) -> (GradientsParams, LmOutput<B::InnerBackend>) {
         let [rows, width] = batch.ids.dims();
+        let shard = batch.shard;
         let micro = batch.micro_batches.clamp(1, rows);
         assert!(
             rows.is_multiple_of(micro),
@@ -181,6 +187,7 @@ impl<B: AutodiffBackend> LanguageModel<B> {
             grad_norm: Some(norm),
             non_finite,
             seconds: 0.0,
+            shard,
         };
         (grads, output)
     }
@@ -202,6 +209,7 @@ impl<B: Backend> InferenceStep for LanguageModel<B> {
 
     fn step(&self, batch: TokenBatch<B>) -> LmOutput<B> {
         let [rows, width] = batch.ids.dims();
+        let shard = batch.shard;
         let loss = lm_loss(&self.transformer, batch.ids);
         let loss_value = scalar(loss.clone());
         LmOutput {
@@ -211,6 +219,7 @@ impl<B: Backend> InferenceStep for LanguageModel<B> {
             grad_norm: None,
             non_finite: !loss_value.is_finite(),
             seconds: 0.0,
+            shard,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Parser;
 use nsa_model::AttentionKind;
-use nsa_train::backend::{BackendKind, DeviceRequest};
+use nsa_train::backend::{BackendKind, DeviceList, DeviceRequest};
 use nsa_train::config::{Overrides, Preset, TokenizerAlgorithm, TrainConfig};
 use nsa_train::kernel_cache::{self, Workload};
 use nsa_train::strategy::EndReason;
@@ -86,8 +86,14 @@ struct Cli {
     #[arg(long, value_name = "NAME", default_value = "auto")]
     backend: BackendKind,
     /// Device index within the backend
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "devices")]
     device: Option<usize>,
+    /// Data-parallel training over several devices of this machine: `all` or indices such as
+    /// `0,1` (the first is the main device; the global batch is split between them and the
+    /// gradients averaged, so the loss curve is that of one device). On the CPU, `0,0` runs
+    /// two replicas on the one device (tests the mechanism, no speed-up)
+    #[arg(long, value_name = "LIST")]
+    devices: Option<DeviceList>,
     /// Plain log lines even in a terminal (no dashboard)
     #[arg(long)]
     no_tui: bool,
@@ -137,7 +143,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             bail!(
                 "{flag} cannot be used with --resume: the run continues with its saved \
                  config.toml (allowed: --steps, --eval-every, --sample-every, --log-every, \
-                 --backend, --device)"
+                 --backend, --device, --devices)"
             );
         }
         Start::Resume(overrides)
@@ -163,6 +169,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             kind: cli.backend,
             index: cli.device,
         },
+        devices: cli.devices,
         ui: if cli.no_tui {
             UiMode::Plain
         } else {

@@ -7,6 +7,8 @@
 //! * one Learner epoch is `eval_every` optimizer steps; the epoch starts at the global step of
 //!   the checkpoint (the data loader's [`StepCursor`](crate::data::StepCursor)), also in the
 //!   middle of an epoch after an interruption;
+//! * with several devices ([`crate::parallel`]) the step's rows are split between them, the
+//!   gradients averaged on the main device and clipped there (Burn's multi-device train step);
 //! * one item of the training loader is one optimizer step: [`LanguageModel`]'s `TrainStep`
 //!   runs the micro-batches (gradient accumulation, averaged) and clips the global gradient
 //!   norm, so the learning-rate schedule advances once per optimizer step;
@@ -45,6 +47,7 @@ use crate::corpus::TokenCache;
 use crate::data::{sample_prime, StepCursor};
 use crate::lm::LanguageModel;
 use crate::metrics::{CsvLog, CsvRow};
+use crate::parallel::{DataParallel, ShardPlan};
 use crate::report::{duration, thousands, Reporter};
 use crate::tokenizer::Tokenizer;
 use crate::training::Components;
@@ -138,23 +141,37 @@ pub struct FitContext {
 
 /// The strategy; see the module documentation.
 pub struct NsaStrategy<B: AutodiffBackend> {
+    /// The main device (model, optimizer, validation, samples).
     device: B::Device,
+    /// All devices of a data-parallel run (the main device first), with the shard plan.
+    parallel: Option<(Vec<B::Device>, ShardPlan)>,
     context: Mutex<Option<FitContext>>,
     outcome: Arc<Mutex<Option<FitOutcome>>>,
 }
 
 impl<B: AutodiffBackend> NsaStrategy<B> {
-    /// A strategy on `device`; the outcome is put into `outcome` when the loop ends.
+    /// A strategy on `devices` (one, or several for data parallelism, the first being the main
+    /// device); the outcome is put into `outcome` when the loop ends. Fails when the global
+    /// batch does not split evenly over the devices.
     pub fn new(
-        device: B::Device,
+        devices: Vec<B::Device>,
         context: FitContext,
         outcome: Arc<Mutex<Option<FitOutcome>>>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, String> {
+        let device = devices.first().ok_or("no device to train on")?.clone();
+        let parallel = if devices.len() > 1 {
+            let t = &context.config.train;
+            let plan = ShardPlan::new(t.batch_size, t.grad_accum, devices.len())?;
+            Some((devices, plan))
+        } else {
+            None
+        };
+        Ok(Self {
             device,
+            parallel,
             context: Mutex::new(Some(context)),
             outcome,
-        }
+        })
     }
 }
 
@@ -333,6 +350,11 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for NsaStrate
         let train_loader = dataloader_train.to_device(&self.device);
         let valid_loader = dataloader_valid.to_device(self.device.inner());
         learner.fork(&self.device);
+        // data parallel: Burn's multi-device train step, one worker thread per device
+        let parallel = self
+            .parallel
+            .as_ref()
+            .map(|(devices, plan)| DataParallel::<B>::new(devices.clone(), *plan));
         let interrupter = components.interrupter.clone();
         let store = components.event_store.clone();
         let mut lp = Loop::<B> {
@@ -371,7 +393,10 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for NsaStrate
                 let started = Instant::now();
                 learner.lr_step();
                 let lr = learner.lr_current();
-                let TrainOutput { grads, mut item } = learner.train_step(batch);
+                let TrainOutput { grads, mut item } = match &parallel {
+                    Some(parallel) => parallel.step(&learner.model(), batch),
+                    None => learner.train_step(batch),
+                };
                 if item.non_finite {
                     state.non_finite_steps += 1;
                     consecutive_bad += 1;

@@ -37,7 +37,8 @@ use burn::train::{
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{
-    dispatch_autodiff, select, BackendError, DeviceRequest, OnAutodiffBackend, Selection,
+    dispatch_autodiff, select, select_devices, BackendError, DeviceList, DeviceRequest,
+    OnAutodiffBackend, Selection,
 };
 use crate::bundle::{atomic_write, BundleError};
 use crate::checkpoint::{
@@ -49,6 +50,7 @@ use crate::corpus::{split, CacheOutcome, CorpusError, CorpusSource, TokenCache};
 use crate::data::{unigram_entropy, validation_windows, StepCursor, TrainBatches, ValidBatches};
 use crate::lm::LanguageModel;
 use crate::metrics::{read_csv, CsvLog, GradNormMetric, PerplexityMetric, ThroughputMetric};
+use crate::parallel::ShardPlan;
 use crate::plot::write_loss_png;
 use crate::report::{duration, thousands, QuietRenderer, Reporter};
 use crate::schedule::WarmupCosine;
@@ -143,6 +145,8 @@ pub struct RunOptions {
     pub start: Start,
     /// Backend and device.
     pub device: DeviceRequest,
+    /// Data-parallel devices (`--devices`), instead of `device.index`.
+    pub devices: Option<DeviceList>,
     /// Dashboard or log lines.
     pub ui: UiMode,
     /// Stop (with a checkpoint) after this step, as if interrupted.
@@ -160,6 +164,7 @@ impl RunOptions {
             out: out.into(),
             start: Start::New(config),
             device: DeviceRequest::default(),
+            devices: None,
             ui: UiMode::Plain,
             stop_at: None,
             cache_dir: None,
@@ -404,7 +409,22 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
     }
 
     // the backend first: an unavailable one is refused before any work
-    let selection = select(options.device)?;
+    let selection = match &options.devices {
+        Some(list) => select_devices(options.device.kind, list)?,
+        None => select(options.device)?,
+    };
+    if selection.devices.len() > 1 {
+        ShardPlan::new(
+            config.train.batch_size,
+            config.train.grad_accum,
+            selection.devices.len(),
+        )
+        .map_err(|message| ConfigError::Invalid {
+            key: "train.grad_accum",
+            flag: Some("--devices"),
+            message,
+        })?;
+    }
 
     let dashboard =
         options.ui == UiMode::Auto && cfg!(feature = "tui") && std::io::stdout().is_terminal();
@@ -693,8 +713,9 @@ struct TrainWork(Prepared);
 impl OnAutodiffBackend for TrainWork {
     type Output = Result<FitOutcome, TrainError>;
 
-    fn run<B: AutodiffBackend>(self, device: B::Device, _: &Selection) -> Self::Output {
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &Selection) -> Self::Output {
         let p = self.0;
+        let device = devices[0].clone();
         let config = &p.config;
         let t = &config.train;
         let transformer = {
@@ -766,7 +787,14 @@ impl OnAutodiffBackend for TrainWork {
             reporter: p.reporter.clone(),
             stop_at: p.stop_at,
         };
-        let strategy = NsaStrategy::<B>::new(device.clone(), context, outcome.clone());
+        let strategy =
+            NsaStrategy::<B>::new(devices, context, outcome.clone()).map_err(|message| {
+                ConfigError::Invalid {
+                    key: "train.grad_accum",
+                    flag: Some("--devices"),
+                    message,
+                }
+            })?;
         let recorder = AtomicRecorder::new(
             NamedMpkFileRecorder::<FullPrecisionSettings>::new(),
             tracker,

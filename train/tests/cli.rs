@@ -103,7 +103,10 @@ fn bad_inputs_are_refused_with_one_line() {
     let full = gz.finish().unwrap();
     std::fs::write(&truncated, &full[..full.len() / 2]).unwrap();
     for (path, needles) in [
-        (&non_utf8, &["latin1.txt", "invalid UTF-8", "byte offset"][..]),
+        (
+            &non_utf8,
+            &["latin1.txt", "invalid UTF-8", "byte offset"][..],
+        ),
         (&fake_gz, &["fake.txt.gz", "not gzip"][..]),
         (&truncated, &["cut.txt.gz"][..]),
     ] {
@@ -146,6 +149,40 @@ fn bad_inputs_are_refused_with_one_line() {
     refused(
         &["--preset", "tiny", "--backend", "tpu"],
         &["--backend", "tpu"],
+    );
+    refused(
+        &["--preset", "tiny", "--devices", "zero", "--out", &out_s],
+        &["--devices", "zero"],
+    );
+    refused(
+        &[
+            "--preset",
+            "tiny",
+            "--backend",
+            "cpu",
+            "--devices",
+            "0,1",
+            "--out",
+            &out_s,
+        ],
+        &["1 device", "--device 1"],
+    );
+    refused(
+        &[
+            "--config",
+            &config,
+            "--backend",
+            "cpu",
+            "--devices",
+            "0,0",
+            "--batch-size",
+            "3",
+            "--grad-accum",
+            "3",
+            "--out",
+            &out_s,
+        ],
+        &["--devices", "--grad-accum", "3 × 3"],
     );
     refused(&["--preset", "huge"], &["--preset", "huge"]);
     refused(

@@ -5,6 +5,7 @@ mod common;
 
 use std::path::Path;
 
+use nsa_train::backend::{BackendKind, DeviceList};
 use nsa_train::bundle::{read_state_dict, WEIGHTS_FILE};
 use nsa_train::checkpoint::{checkpoint_dir, complete_steps, latest};
 use nsa_train::config::Overrides;
@@ -100,6 +101,26 @@ fn resumed_training_equals_uninterrupted_training() {
         let (va, vb) = (a.best_val_loss.unwrap(), b.best_val_loss.unwrap());
         assert!((va - vb).abs() <= 1e-5 * va, "{va} {vb}");
     }
+
+    // data parallel (`--devices 0,0`: Burn's multi-device step with two replicas on the CPU
+    // device): the global batch is split and the gradients averaged, so the curve is the same
+    let parallel = d.join("parallel");
+    let mut o = options(&parallel, &cache, &corpus, None);
+    o.device.kind = BackendKind::cpu();
+    o.devices = Some(DeviceList::Indices(vec![0, 0]));
+    let s = run(o).unwrap();
+    assert_eq!(s.end, EndReason::Finished);
+    assert_eq!(s.selection.devices, vec![0, 0]);
+    let losses = train_losses(&parallel);
+    assert_eq!(losses.len(), 8);
+    for ((step, a), (_, b)) in reference.iter().zip(&losses) {
+        assert!(
+            (a - b).abs() <= 1e-4 * a.abs(),
+            "loss at step {step}: {a} on one device, {b} on two"
+        );
+    }
+    let diff = max_weight_difference(&full.join("last"), &parallel.join("last"));
+    assert!(diff < 1e-4, "data parallel: final weights differ by {diff}");
 
     // the same seed gives the same curve; checkpoints are pruned to the kept ones
     let again = d.join("again");

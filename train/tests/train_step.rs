@@ -31,6 +31,7 @@ fn batch(rows: usize, micro_batches: usize) -> TokenBatch<B> {
     TokenBatch {
         ids: Tensor::from_data(TensorData::new(data, [rows, 33]), &Default::default()),
         micro_batches,
+        shard: 0,
     }
 }
 
@@ -152,4 +153,43 @@ fn the_training_loss_is_the_models_loss() {
         }
     }
     assert!(max < 1e-5, "largest gradient difference {max}");
+}
+
+/// Burn's multi-device train step with two replicas on the CPU device: the averaged,
+/// globally clipped gradient and the loss equal those of one device on the whole batch, for
+/// both ways of splitting the rows (whole micro-batches; each micro-batch cut in two).
+#[test]
+fn data_parallel_step_equals_one_device() {
+    use nsa_train::parallel::{DataParallel, ShardPlan};
+    let device = burn::tensor::Device::<B>::default();
+    for (rows, micro, batch_size) in [(8, 4, 2), (8, 1, 8), (6, 3, 2)] {
+        for clip in [0.0, 0.05] {
+            let model = model(clip);
+            let (g1, o1) = model.gradients(batch(rows, micro));
+            let plan = ShardPlan::new(batch_size, micro, 2).unwrap();
+            let parallel = DataParallel::<B>::new(vec![device; 2], plan);
+            let out = parallel.step(&model, batch(rows, micro));
+            let (g2, o2) = (out.grads, out.item);
+            let case = format!("rows {rows}, micro {micro}, clip {clip}, {plan:?}");
+            assert!(!o2.non_finite, "{case}");
+            assert_eq!(o1.tokens, o2.tokens, "{case}");
+            assert!((o1.loss_value - o2.loss_value).abs() < 1e-5, "{case}");
+            let (n1, n2) = (o1.grad_norm.unwrap(), o2.grad_norm.unwrap());
+            assert!((n1 - n2).abs() < 1e-4 * n1, "{case}: norm {n1} vs {n2}");
+            if clip > 0.0 {
+                assert!(n1 > clip, "{case}: the test must clip ({n1})");
+                let after = global_grad_norm(&model, &g2);
+                assert!((after - clip).abs() < 1e-4, "{case}: clipped to {after}");
+            }
+            let (a, b) = (flat(&model, &g1), flat(&model, &g2));
+            assert_eq!(a.len(), b.len(), "{case}");
+            let mut max = 0f32;
+            for (x, y) in a.iter().zip(&b) {
+                for (p, q) in x.iter().zip(y) {
+                    max = max.max((p - q).abs());
+                }
+            }
+            assert!(max < 1e-5, "{case}: largest gradient difference {max}");
+        }
+    }
 }

@@ -548,8 +548,8 @@ struct TrainWork {
 
 impl OnAutodiffBackend for TrainWork {
     type Output = Row;
-    fn run<B: AutodiffBackend>(self, device: B::Device, _: &Selection) -> Row {
-        train_row::<B>(&self.job, &device, self.started)
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &Selection) -> Row {
+        train_row::<B>(&self.job, &devices[0], self.started)
     }
 }
 
