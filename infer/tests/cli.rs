@@ -1,12 +1,12 @@
 //! Bad inputs to `nsa-infer` are refused with one clear line naming the file or option and a
 //! non-zero exit code, never a panic; files already there are left untouched.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/fixtures")
-}
+use common::{fixtures, small_vocab};
 
 fn nsa_infer(args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
     use std::io::Write;
@@ -59,22 +59,6 @@ fn refused(args: &[&str], stdin: Option<&[u8]>, needles: &[&str]) -> usize {
         );
     }
     1
-}
-
-fn small_vocab(dir: &Path) -> PathBuf {
-    let mut lines: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    lines.extend(
-        "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会"
-            .chars()
-            .map(String::from),
-    );
-    lines.truncate(64);
-    let path = dir.join("vocab.txt");
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
 }
 
 fn import(out: &Path, vocab: &Path) {

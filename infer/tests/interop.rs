@@ -3,40 +3,22 @@
 //! torch) plus its constructor arguments become a model directory whose logits equal the
 //! reference's, in both attention modes; export writes the same tensors back.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 
 use burn::backend::NdArray;
 use burn::prelude::*;
+use common::{fixtures, small_vocab};
 use nsa_model::interop::HostTensor;
 use nsa_train::bundle::{read_state_dict, Bundle};
 use safetensors::SafeTensors;
 
 type B = NdArray<f32>;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../assets/fixtures")
-}
-
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nsa-infer"))
-}
-
-/// A BERT vocab small enough for the fixtures' 64-token models.
-fn small_vocab(dir: &Path) -> PathBuf {
-    let mut lines: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    lines.extend(
-        "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会"
-            .chars()
-            .map(String::from),
-    );
-    lines.truncate(60);
-    let path = dir.join("vocab.txt");
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-    path
 }
 
 /// (ids, logits) of a fixture.

@@ -2,29 +2,16 @@
 //! configs and lengths that cross compression-stride, compression-block and selection-block
 //! boundaries, in both attention modes.
 
+mod common;
+
 use burn::backend::NdArray;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use common::random::Rng;
 use nsa_model::{AttentionKind, Transformer, TransformerConfig};
 
 type B = NdArray<f32>;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[(self.next() % xs.len() as u64) as usize]
-    }
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-}
 
 struct Randomise(<B as burn::tensor::backend::BackendTypes>::Device);
 impl ModuleMapper<B> for Randomise {

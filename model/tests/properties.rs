@@ -6,52 +6,12 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use common::random::{random_config, Rng};
 use common::*;
 use nsa_model::interop::HostTensor;
 use nsa_model::{AttentionKind, NsaConfig, TransformerConfig};
 
 type B = NdArray<f32>;
-
-/// Small deterministic generator (xorshift*), so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
-        xs[(self.next() % xs.len() as u64) as usize]
-    }
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() % (hi - lo + 1) as u64) as usize
-    }
-}
-
-/// A random valid NSA config.
-fn random_config(rng: &mut Rng) -> NsaConfig {
-    let kv_heads = rng.pick(&[1, 2]);
-    let heads = kv_heads * rng.pick(&[1, 2, 4]);
-    let stride = rng.pick(&[2, 4]);
-    let block = stride * rng.pick(&[1, 2]);
-    let selection = stride * rng.pick(&[1, 2, 4]);
-    let mut c = NsaConfig::new(
-        16,
-        4,
-        heads,
-        rng.pick(&[3, 4, 8]),
-        block,
-        stride,
-        selection,
-        rng.pick(&[0, 1, 2, 5]),
-    )
-    .with_kv_heads(kv_heads);
-    c.num_compressed_mem_kv = rng.pick(&[1, 2]);
-    c.use_diff_topk = rng.pick(&[false, true]);
-    c.query_heads_share_selected_kv = rng.pick(&[false, true]);
-    c
-}
 
 /// Random values for every parameter (zero-initialised ones included), so that every branch and
 /// gate matters.

@@ -173,9 +173,8 @@ impl<B: AutodiffBackend> LanguageModel<B> {
         let non_finite = !(loss_value.is_finite() && norm.is_finite());
         if non_finite {
             grads = GradientsParams::new();
-        } else if self.grad_clip > 0.0 {
-            // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when below 1
-            let coef = self.grad_clip / (norm + 1e-6);
+        } else {
+            let coef = clip_coefficient(norm, self.grad_clip);
             if coef < 1.0 {
                 scale_grads(self, &mut grads, coef);
             }
@@ -221,6 +220,17 @@ impl<B: Backend> InferenceStep for LanguageModel<B> {
             seconds: 0.0,
             shard,
         }
+    }
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` scales gradients of global L2 norm `norm` by:
+/// `max_norm / (norm + 1e-6)` when that is below 1, else 1 (also when `max_norm` is 0: no
+/// clipping).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
     }
 }
 

@@ -27,7 +27,9 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::train::train::MultiDevicesTrainStep;
 use burn::train::TrainOutput;
 
-use crate::lm::{global_grad_norm, scale_grads, LanguageModel, LmOutput, TokenBatch};
+use crate::lm::{
+    clip_coefficient, global_grad_norm, scale_grads, LanguageModel, LmOutput, TokenBatch,
+};
 use crate::training::Components;
 
 /// How the rows of one optimizer step are divided between devices.
@@ -190,14 +192,8 @@ impl<B: AutodiffBackend> DataParallel<B> {
         if non_finite {
             grads = GradientsParams::new();
         } else {
-            // the mean of the device gradients, clipped like torch.nn.utils.clip_grad_norm_
-            let mut factor = 1.0 / n as f64;
-            if model.grad_clip > 0.0 {
-                let coef = model.grad_clip / (norm + 1e-6);
-                if coef < 1.0 {
-                    factor *= coef;
-                }
-            }
+            // the mean of the device gradients, clipped like one device's
+            let factor = clip_coefficient(norm, model.grad_clip) / n as f64;
             scale_grads(model, &mut grads, factor);
         }
         let inner = main.clone();

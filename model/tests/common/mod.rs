@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests: reference fixtures and comparisons.
 #![allow(dead_code)]
 
+pub mod random;
+
 use std::path::PathBuf;
 
 use burn::prelude::*;
