@@ -15,7 +15,7 @@ use burn::tensor::activation::relu;
 use crate::attend::{attend, Attended};
 use crate::config::NsaConfig;
 use crate::select::{importance, select_top, Selection};
-use crate::tensor_util::{bool_tensor, pad_zeros, windows};
+use crate::tensor_util::{greater_mask, pad_zeros, windows};
 
 /// `Linear(block * dim_head → hidden) → ReLU → Linear(hidden → dim_head)`, shared by all heads.
 #[derive(Module, Debug)]
@@ -199,14 +199,13 @@ impl<B: Backend> Compressor<B> {
         // at decode time every cached block ended before the query: no mask
         let all_visible = blocks * self.stride <= offset;
         let blocked = (blocks > 0 && !all_visible).then(|| {
-            let mut mask = Vec::with_capacity(n * slots);
-            for i in 0..n {
-                let pos = offset + i;
-                for j in 0..slots {
-                    mask.push(j >= m && (j - m + 1) * self.stride > pos);
-                }
-            }
-            bool_tensor::<B, 5>(mask, [1, 1, 1, n, slots], &q.device())
+            // slot j (block j - m) ends at (j - m + 1) * stride: blocked while that lies beyond
+            // the query; memory slots (j < m) give a value <= 0 and are always visible
+            let rows = (0..n).map(|i| (offset + i) as i64).collect();
+            let cols = (0..slots)
+                .map(|j| (j as i64 - m as i64 + 1) * self.stride as i64)
+                .collect();
+            greater_mask::<B>(rows, cols, &q.device()).reshape([1, 1, 1, n, slots])
         });
         let Attended { out, sim } = attend(
             q.reshape([b, kvh, g, n, d]),

@@ -12,7 +12,7 @@ use crate::attend::attend;
 use crate::cache::{FullCache, KvBuffer};
 use crate::norm::RmsNorm;
 use crate::rope::Rotation;
-use crate::tensor_util::bool_tensor;
+use crate::tensor_util::greater_mask;
 
 /// One dense attention layer.
 #[derive(Module, Debug)]
@@ -82,10 +82,10 @@ impl<B: Backend> FullAttention<B> {
         let keys = k.dims()[2];
         let g = h / self.kv_heads;
         let blocked = (n > 1).then(|| {
-            let mask: Vec<bool> = (0..g * n)
-                .flat_map(|r| (0..keys).map(move |j| j > offset + r % n))
-                .collect();
-            bool_tensor::<B, 5>(mask, [1, 1, 1, g * n, keys], &q.device())
+            // row r = (group member, query): blocked where key j > offset + r % n
+            let rows = (0..g * n).map(|r| (offset + r % n) as i64).collect();
+            let cols = (0..keys as i64).collect();
+            greater_mask::<B>(rows, cols, &q.device()).reshape([1, 1, 1, g * n, keys])
         });
         // head i = gi * kv_heads + kv  →  [b, kv_heads, 1, g * n, d]
         let q = q

@@ -15,7 +15,7 @@ use burn::tensor::activation::softmax;
 use crate::attend::attend;
 use crate::cache::KvBuffer;
 use crate::config::NsaConfig;
-use crate::tensor_util::{bool_tensor, int_tensor, pad_zeros, round_up};
+use crate::tensor_util::{equal_mask, greater_mask, int_tensor, pad_zeros, round_up};
 
 /// The blocks chosen for each query.
 pub struct Selection<B: Backend> {
@@ -63,10 +63,9 @@ pub fn importance<B: Backend>(
         // (when decoding, complete blocks all lie before the query's own block: nothing to mask)
         let sel = config.selection_block_size;
         if offset / sel < fine {
-            let own: Vec<bool> = (0..n)
-                .flat_map(|i| (0..fine).map(move |j| (offset + i) / sel == j))
-                .collect();
-            let own = bool_tensor::<B, 4>(own, [1, 1, n, fine], &scores.device());
+            let rows = (0..n).map(|i| ((offset + i) / sel) as i64).collect();
+            let own = equal_mask::<B>(rows, (0..fine as i64).collect(), &scores.device())
+                .reshape([1, 1, n, fine]);
             scores = scores.mask_fill(own.expand([b, hs, n, fine]), f32::MIN);
         }
     }
@@ -136,11 +135,10 @@ pub fn fine_attention<B: Backend>(
     let own_idx: Vec<i64> = (0..padded).map(|i| (i / sel) as i64).collect();
     let own_idx =
         int_tensor::<B, 4>(own_idx, [1, 1, padded, 1], &device).expand([b, hs, padded, 1]);
-    let own_blocked: Vec<bool> = (0..padded)
-        .flat_map(|i| (0..sel).map(move |j| j > i % sel))
-        .collect();
-    let own_blocked =
-        bool_tensor::<B, 4>(own_blocked, [1, 1, padded, sel], &device).expand([b, hs, padded, sel]);
+    let rows = (0..padded).map(|i| (i % sel) as i64).collect();
+    let own_blocked = greater_mask::<B>(rows, (0..sel as i64).collect(), &device)
+        .reshape([1, 1, padded, sel])
+        .expand([b, hs, padded, sel]);
 
     let (indices, blocked, gates) = match selection {
         Some(s) => {

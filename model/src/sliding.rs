@@ -35,19 +35,33 @@ pub fn sliding_attention<B: Backend>(
     let k = windows(pad_zeros(k, 2, w, padded - n), 2 * w, w, buckets);
     let v = windows(pad_zeros(v, 2, w, padded - n), 2 * w, w, buckets);
 
-    let mut blocked = Vec::with_capacity(buckets * g * w * 2 * w);
-    for x in 0..buckets {
+    // The mask of bucket x, row (group member, t), key j (position x * w + j - w): blocked
+    // before the sequence, after the query or more than w behind it. Only bucket 0 sees keys
+    // before the sequence; every later bucket has the same pattern, built once on the host
+    // ([g * w, 2 * w]) and repeated on the device.
+    let pattern = |x: usize| -> Vec<bool> {
+        let mut m = Vec::with_capacity(g * w * 2 * w);
         for _ in 0..g {
             for t in 0..w {
                 let qp = (x * w + t) as i64;
                 for j in 0..2 * w {
                     let kp = (x * w + j) as i64 - w as i64;
-                    blocked.push(kp < 0 || kp > qp || qp - kp > w as i64);
+                    m.push(kp < 0 || kp > qp || qp - kp > w as i64);
                 }
             }
         }
-    }
-    let blocked = bool_tensor::<B, 5>(blocked, [1, 1, buckets, g * w, 2 * w], &q.device());
+        m
+    };
+    let device = q.device();
+    let first = bool_tensor::<B, 5>(pattern(0), [1, 1, 1, g * w, 2 * w], &device);
+    let blocked = if buckets > 1 {
+        let repeated = [1, 1, buckets - 1, g * w, 2 * w];
+        let rest = bool_tensor::<B, 5>(pattern(1), [1, 1, 1, g * w, 2 * w], &device);
+        let rest = rest.expand(repeated);
+        Tensor::cat(vec![first, rest], 2)
+    } else {
+        first
+    };
 
     let q = q
         .reshape([b, kvh, g, buckets, w, d])

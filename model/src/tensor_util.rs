@@ -20,6 +20,32 @@ pub fn int_tensor<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
+/// A `[rows, cols]` mask built on the device, `true` where `col_values[j] > row_values[i]`.
+/// Only the two vectors cross the host-device boundary; the `rows × cols` comparison runs on the
+/// device (a host-built mask of a 64k-token causal attention is gigabytes).
+pub fn greater_mask<B: Backend>(
+    row_values: Vec<i64>,
+    col_values: Vec<i64>,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    let (r, c) = (row_values.len(), col_values.len());
+    let rows = int_tensor::<B, 2>(row_values, [r, 1], device).expand([r, c]);
+    let cols = int_tensor::<B, 2>(col_values, [1, c], device).expand([r, c]);
+    cols.greater(rows)
+}
+
+/// As [`greater_mask`], `true` where `col_values[j] == row_values[i]`.
+pub fn equal_mask<B: Backend>(
+    row_values: Vec<i64>,
+    col_values: Vec<i64>,
+    device: &B::Device,
+) -> Tensor<B, 2, Bool> {
+    let (r, c) = (row_values.len(), col_values.len());
+    let rows = int_tensor::<B, 2>(row_values, [r, 1], device).expand([r, c]);
+    let cols = int_tensor::<B, 2>(col_values, [1, c], device).expand([r, c]);
+    cols.equal(rows)
+}
+
 /// Pads dimension `dim` of `x` with `before` zeros in front and `after` zeros behind.
 pub fn pad_zeros<B: Backend, const D: usize>(
     x: Tensor<B, D>,
