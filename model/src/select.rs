@@ -82,7 +82,10 @@ pub fn select_top<B: Backend>(probs: Tensor<B, 4>, config: &NsaConfig) -> Option
     if n == 0 {
         return None;
     }
-    let (values, indices) = probs.topk_with_indices(n, 3);
+    // on GPUs a kernel: Burn's default top-k sorts on the host (a device sync per layer and
+    // decode step); the kernel has no backward, so tracked (training) tensors keep Burn's
+    let fused = crate::kernels::get::<B>().and_then(|k| k.top_k(&probs, n));
+    let (values, indices) = fused.unwrap_or_else(|| probs.topk_with_indices(n, 3));
     let valid = values.clone().greater_elem(1e-10);
     let scores = if config.use_diff_topk {
         // straight-through: forward value 1, gradient of the probability

@@ -394,3 +394,37 @@ fn layer_fixtures_match_the_reference_with_kernels() {
         assert!(e.grad_params <= 1e-3, "{name}: {e:?}");
     }
 }
+
+#[test]
+fn top_k_kernel_matches_burn_topk() {
+    register();
+    let device = WgpuDevice::default();
+    let kernels = kernels::get::<Wgpu>().expect("registered for the inference backend");
+    let mut rng = Rng(11);
+    for (shape, k) in [([2, 3, 5, 37], 4), ([1, 2, 3, 16], 16), ([1, 1, 2, 9], 1)] {
+        let host = rng.host(&shape);
+        let x = to_tensor::<Wgpu, 4>(&host, &device);
+        let (values, indices) = kernels.top_k(&x, k).expect("covered");
+        let (want_v, want_i) =
+            to_tensor::<NdArray, 4>(&host, &Default::default()).topk_with_indices(k, 3);
+        let got_i: Vec<i64> = indices.into_data().convert::<i64>().to_vec().unwrap();
+        let want_i: Vec<i64> = want_i.into_data().convert::<i64>().to_vec().unwrap();
+        assert_eq!(got_i, want_i, "indices, shape {shape:?}, k {k}");
+        check(
+            "top_k",
+            "values",
+            &HostTensor::from_tensor(values),
+            &HostTensor::from_tensor(want_v),
+            0.0,
+        );
+    }
+    // ties: the lower index first; k > len is not covered
+    let x = Tensor::<Wgpu, 4>::from_data(
+        TensorData::new(vec![0.5f32, 1.0, 0.5, 1.0, 0.0], [1, 1, 1, 5]),
+        &device,
+    );
+    let (_, indices) = kernels.top_k(&x, 3).expect("covered");
+    let got: Vec<i64> = indices.into_data().convert::<i64>().to_vec().unwrap();
+    assert_eq!(got, vec![1, 3, 0]);
+    assert!(kernels.top_k(&x, 6).is_none());
+}

@@ -62,6 +62,12 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         None
     }
 
+    /// `topk_with_indices(k, 3)` of `x` `[batch, heads, seq, len]` without a host round trip
+    /// (Burn's default sort reads the tensor back to the host). Ties: the lower index first.
+    fn top_k(&self, _x: &Tensor<B, 4>, _k: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4, Int>)> {
+        None
+    }
+
     /// The compressed branch and the block selection it drives, for a whole sequence (queries
     /// at positions `0..seq`): `q` `[batch, heads, seq, dim_head]` (not rotated), memory +
     /// compressed keys/values `ck`, `cv` `[batch, kv_heads, mem + blocks, dim_head]` → the

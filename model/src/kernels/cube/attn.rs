@@ -1252,3 +1252,53 @@ pub fn csr_fill<I: Int>(
         }
     }
 }
+
+/// Top-`k` of each row of `x` `[rows, len]`, descending (ties: the lower index first), one unit
+/// per row with a running insertion list; `values`, `indices` `[rows, k]`. Rows with fewer than
+/// `k` entries pad with [`NEG`] and index 0.
+#[cube(launch_unchecked)]
+pub fn top_k<F: Float, I: Int>(
+    x: &Tensor<F>,
+    values: &mut Tensor<F>,
+    indices: &mut Tensor<I>,
+    rows: usize,
+    len: usize,
+    #[comptime] k: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = ABSOLUTE_POS;
+    if row < rows {
+        let mut topv = Array::<f32>::new(k);
+        let mut topi = Array::<u32>::new(k);
+        #[unroll]
+        for i in 0..k {
+            topv[i] = NEG;
+            topi[i] = 0;
+        }
+        for j in 0..len {
+            let s = f32::cast_from(x[row * len + j]);
+            if s > topv[k - 1] {
+                let mut pos = (k - 1).runtime();
+                loop {
+                    if pos == 0 {
+                        break;
+                    }
+                    let prev = topv[pos - 1];
+                    if prev >= s {
+                        break;
+                    }
+                    topv[pos] = prev;
+                    topi[pos] = topi[pos - 1];
+                    pos -= 1;
+                }
+                topv[pos] = s;
+                topi[pos] = j as u32;
+            }
+        }
+        #[unroll]
+        for i in 0..k {
+            values[row * k + i] = F::cast_from(topv[i]);
+            indices[row * k + i] = I::cast_from(topi[i]);
+        }
+    }
+}

@@ -470,6 +470,44 @@ fn csr<R: CubeRuntime>(
 }
 
 #[allow(unused)]
+/// Top-`k` along the last axis of `x` `[.., len]` (any rank, made contiguous): values in `x`'s
+/// dtype and indices in `int_dtype`, both `[.., k]`. `k <= len`, `k <= MAX_TOP_K`.
+pub fn top_k<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    k: usize,
+    int_dtype: DType,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let x = into_contiguous(x);
+    let dims = x.meta.shape().to_vec();
+    let len = *dims.last().expect("rank >= 1");
+    let rows = dims.iter().product::<usize>() / len.max(1);
+    let mut out_dims = dims.clone();
+    *out_dims.last_mut().expect("rank >= 1") = k;
+    let values = empty(&x, out_dims.clone(), x.dtype);
+    let indices = empty(&x, out_dims, int_dtype);
+    let client = x.client.clone();
+    let dtype = x.dtype;
+    // SAFETY: one unit per row, guarded by `rows`; `k` entries written per row.
+    unsafe {
+        attn::top_k::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows.div_ceil(64).max(1) as u32, 1, 1),
+            CubeDim::new_1d(64),
+            x.into_tensor_arg(),
+            values.clone().into_tensor_arg(),
+            indices.clone().into_tensor_arg(),
+            rows,
+            len,
+            k,
+            [dtype.into(), int_dtype.into()],
+        );
+    }
+    (values, indices)
+}
+
+/// Largest `k` of [`top_k`] (one compiled kernel per `k`; the register list is `k` long).
+pub const MAX_TOP_K: usize = 64;
+
 fn _modes() -> [u32; 3] {
     [SELECTED, SLIDING, COMPRESSED]
 }

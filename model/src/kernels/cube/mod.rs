@@ -261,6 +261,23 @@ where
         Some(Tensor::from_primitive(TensorPrimitive::Float(f.out)))
     }
 
+    fn top_k(
+        &self,
+        x: &Tensor<Cb<R, F, I, BT>, 4>,
+        k: usize,
+    ) -> Option<(Tensor<Cb<R, F, I, BT>, 4>, Tensor<Cb<R, F, I, BT>, 4, Int>)> {
+        let xp = float_of(x);
+        let len = x.dims()[3];
+        if !is_float(xp.dtype) || k == 0 || k > len || k > launch::MAX_TOP_K {
+            return None;
+        }
+        let (values, indices) = launch::top_k(xp, k, int_dtype::<I>());
+        Some((
+            Tensor::from_primitive(TensorPrimitive::Float(values)),
+            Tensor::from_primitive(indices),
+        ))
+    }
+
     fn compressed_and_selection(
         &self,
         q: &Tensor<Cb<R, F, I, BT>, 4>,
