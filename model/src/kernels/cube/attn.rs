@@ -16,6 +16,10 @@
 //! in f32 whatever the storage type; [`NEG`] stands for minus infinity (WGSL has no infinity
 //! literal). Threads stride over the work items of each phase.
 //!
+//! Shared key/value tiles have a row stride of `d + 1` words: threads that take consecutive
+//! keys of one dot product then read different banks (with a stride of `d` = 64 all 32 lanes
+//! of a warp hit one bank).
+//!
 //! Tensors are contiguous: `q`, `out`, `dout` `[b, h, n, d]`, `k`, `v` `[b, kvh, nk, d]`,
 //! `lse`, `delta` `[b, h, n]` (f32), `idx`, `gates` `[b, hs, n, count]` (`idx < 0`: invalid).
 
@@ -97,19 +101,19 @@ impl Tiling {
         } else {
             0
         };
-        4 * (r * self.d + 2 * self.kc * self.d + r * self.kc + 3 * r + imp)
+        4 * (r * self.d + 2 * self.kc * (self.d + 1) + r * self.kc + 3 * r + imp)
     }
 
     /// Shared memory (bytes) of the dq kernel.
     pub fn dq_shared(&self) -> usize {
         let r = self.rows();
-        4 * (2 * r * self.d + 2 * self.kc * self.d + 2 * r * self.kc + 2 * r)
+        4 * (2 * r * self.d + 2 * self.kc * (self.d + 1) + 2 * r * self.kc + 2 * r)
     }
 
     /// Shared memory (bytes) of the dk/dv kernel.
     pub fn dkdv_shared(&self) -> usize {
         let r = self.bwd_rows();
-        4 * (2 * r * self.d + 2 * self.kc * self.d + 2 * r * self.kc + 5 * r)
+        4 * (2 * r * self.d + 2 * self.kc * (self.d + 1) + 2 * r * self.kc + 5 * r)
     }
 }
 
@@ -287,8 +291,8 @@ pub fn attn_fwd<F: Float, I: Int>(
     let sel_row = (b * groups + hg) * n + t0;
 
     let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
-    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
-    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
+    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut p_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
     let mut m_s = SharedMemory::<f32>::new(rows);
     let mut l_s = SharedMemory::<f32>::new(rows);
@@ -357,8 +361,8 @@ pub fn attn_fwd<F: Float, I: Int>(
                 kv = f32::cast_from(k[off]);
                 vv = f32::cast_from(v[off]);
             }
-            k_s[e] = kv;
-            v_s[e] = vv;
+            k_s[j * (d + 1) + e % d] = kv;
+            v_s[j * (d + 1) + e % d] = vv;
             e += nt;
         }
         sync_cube();
@@ -384,7 +388,7 @@ pub fn attn_fwd<F: Float, I: Int>(
             {
                 let mut dot = 0.0f32;
                 for dd in 0..d {
-                    dot += q_s[r * d + dd] * k_s[j * d + dd];
+                    dot += q_s[r * d + dd] * k_s[j * (d + 1) + dd];
                 }
                 s = dot * gate;
             }
@@ -436,7 +440,7 @@ pub fn attn_fwd<F: Float, I: Int>(
                 let dd = e % d;
                 let mut a = acc[i] * a_s[r];
                 for j in 0..kc {
-                    a += p_s[r * kc + j] * v_s[j * d + dd];
+                    a += p_s[r * kc + j] * v_s[j * (d + 1) + dd];
                 }
                 acc[i] = a;
             }
@@ -648,8 +652,8 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
 
     let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
     let mut do_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
-    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
-    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
+    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut ds_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
     let mut raw_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
     let mut lse_s = SharedMemory::<f32>::new(rows);
@@ -709,8 +713,8 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
                 kv = f32::cast_from(k[off]);
                 vv = f32::cast_from(v[off]);
             }
-            k_s[e] = kv;
-            v_s[e] = vv;
+            k_s[j * (d + 1) + e % d] = kv;
+            v_s[j * (d + 1) + e % d] = vv;
             e += nt;
         }
         sync_cube();
@@ -738,8 +742,8 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
                 let mut dot = 0.0f32;
                 let mut dp = 0.0f32;
                 for dd in 0..d {
-                    dot += q_s[r * d + dd] * k_s[j * d + dd];
-                    dp += do_s[r * d + dd] * v_s[j * d + dd];
+                    dot += q_s[r * d + dd] * k_s[j * (d + 1) + dd];
+                    dp += do_s[r * d + dd] * v_s[j * (d + 1) + dd];
                 }
                 let p = (dot * gate - lse_s[r]).exp();
                 ds = p * (dp - dl_s[r]);
@@ -759,7 +763,7 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
                 let dd = e % d;
                 let mut a = 0.0f32;
                 for j in 0..kc {
-                    a += ds_s[r * kc + j] * k_s[j * d + dd];
+                    a += ds_s[r * kc + j] * k_s[j * (d + 1) + dd];
                 }
                 acc[i] += a * gate;
             }
@@ -843,8 +847,8 @@ pub fn attn_bwd_dkdv<F: Float>(
         left = t.sel - sub * kc;
     }
 
-    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
-    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * t.d));
+    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
+    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut q_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.d));
     let mut do_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.d));
     let mut p_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.kc));
@@ -867,8 +871,8 @@ pub fn attn_bwd_dkdv<F: Float>(
             kv = f32::cast_from(k[off]);
             vv = f32::cast_from(v[off]);
         }
-        k_s[e] = kv;
-        v_s[e] = vv;
+        k_s[j * (d + 1) + e % d] = kv;
+        v_s[j * (d + 1) + e % d] = vv;
         e += nt;
     }
     let mut dk_acc = Array::<f32>::new(per);
@@ -1113,8 +1117,8 @@ fn accumulate_batch(
             let mut dot = 0.0f32;
             let mut dp = 0.0f32;
             for dd in 0..d {
-                dot += q_s[r * d + dd] * k_s[j * d + dd];
-                dp += do_s[r * d + dd] * v_s[j * d + dd];
+                dot += q_s[r * d + dd] * k_s[j * (d + 1) + dd];
+                dp += do_s[r * d + dd] * v_s[j * (d + 1) + dd];
             }
             pr = (dot * gate - lse_s[r]).exp();
             ds = pr * (dp - dl_s[r]) * gate;
