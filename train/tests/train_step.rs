@@ -13,7 +13,12 @@ use nsa_train::tokenizer::bert_base_chinese;
 
 type B = Autodiff<NdArray<f32>>;
 
+/// The same weights on every call: the backend's random generator is global and the tests of
+/// this binary run in parallel threads, so seeding and initialising happen under one lock (without
+/// it, two threads interleaving their draws made the clipping test compare different models).
 fn model(clip: f64) -> LanguageModel<B> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
     let device = Default::default();
     B::seed(&device, 3);
     let config = common::tiny_config().model_config(21128).unwrap();
