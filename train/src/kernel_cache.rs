@@ -6,6 +6,7 @@
 //!
 //! A `cubecl.toml` / `burn.toml` in the working directory (or a parent) takes precedence, as do
 //! CubeCL's environment variables (`CUBECL_AUTOTUNE_LEVEL`, `CUBECL_DEBUG_LOG`).
+//! `NSA_PROFILE_LOG=FILE` writes CubeCL's per-kernel timings to FILE.
 
 use std::path::PathBuf;
 
@@ -29,7 +30,14 @@ pub fn cache_root() -> Option<PathBuf> {
 
 /// Configures CubeCL's caches; call once at start-up, before any GPU work. Returns the cache
 /// directory in use, or `None` when a user config file decides (or no GPU backend is compiled).
+/// Only the first call of a process takes effect.
 pub fn configure(workload: Workload) -> Option<PathBuf> {
+    // CubeCL's configuration can be set once per process: later calls return the first answer
+    static DONE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| configure_once(workload)).clone()
+}
+
+fn configure_once(workload: Workload) -> Option<PathBuf> {
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     {
         use burn::cubecl::config::autotune::AutotuneLevel;
@@ -54,6 +62,13 @@ pub fn configure(workload: Workload) -> Option<PathBuf> {
         config.autotune.cache = CacheConfig::File(root.join("autotune"));
         if workload == Workload::Inference {
             config.autotune.level = AutotuneLevel::Minimal;
+        }
+        // `NSA_PROFILE_LOG=FILE`: CubeCL's per-kernel timing summary (at every device sync) to
+        // FILE, without the compilation log that `CUBECL_DEBUG_LOG` also turns on
+        if let Some(path) = std::env::var_os("NSA_PROFILE_LOG") {
+            use burn::cubecl::config::profiling::ProfilingLogLevel;
+            config.profiling.logger.level = ProfilingLogLevel::Basic;
+            config.profiling.logger.file = Some(PathBuf::from(path));
         }
         // environment variables still win
         let config = config.override_from_env();
