@@ -6,14 +6,18 @@
 #
 # Expects, carried from the build machine (git-ignored folders):
 #   .gpu/*.xz      release binaries nsa-infer, nsa-train, nsa-bench (xz, unpacked to /tmp/bin)
-#   .gpu/cache.tgz optional: CubeCL kernel/autotune caches of an earlier call ("warm")
+#   .gpu/cache.tgz.part-* optional: CubeCL kernel/autotune caches of an earlier call ("warm"),
+#                  in parts of at most 15 MiB (the device tool returns files up to 16 MiB)
 #   .gpu/stream/   optional: the exported token stream (train/examples/export_stream.rs)
 #   .gl/*.deb      the Vulkan loader for wgpu;  .whl/*.whl  the reference and its dependencies
 # Phases:
 #   infer   nsa-infer bench on CUDA (cold, warm) and wgpu (Vulkan), NSA and dense; compare the
 #           logits of the reference fixture checkpoint on cpu, cuda and wgpu; reference decode
 #   train   nsa-train on CUDA over the exported stream, then the reference on the same stream
-# Everything lands in $OUT; the caches are packed to $OUT/cache.tgz for the next call.
+#   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
+#           (a cold machine compiles and autotunes for minutes before the first row finishes)
+# Everything lands in $OUT/all.tgz; the caches come back beside it as cache.tgz.part-* (copy
+# them into .gpu/ for the next call).
 set -uo pipefail
 FINAL=${OUT:-./gpu-out}
 # the device tool returns a limited number of files: work in /tmp/gs, return one archive
@@ -27,7 +31,10 @@ since() { echo $(( $(date +%s) - t0 ))s; }
 
 for f in .gpu/*.xz; do xz -dc "$f" >"/tmp/bin/$(basename "$f" .xz)"; done
 chmod +x /tmp/bin/*
-if [ -f .gpu/cache.tgz ]; then
+if ls .gpu/cache.tgz.part-* >/dev/null 2>&1; then
+  mkdir -p "$NSA_CACHE_DIR" && cat .gpu/cache.tgz.part-* | tar -xzf - -C "$NSA_CACHE_DIR"
+  log "caches restored ($(du -sh "$NSA_CACHE_DIR" | cut -f1))"
+elif [ -f .gpu/cache.tgz ]; then
   mkdir -p "$NSA_CACHE_DIR" && tar -xzf .gpu/cache.tgz -C "$NSA_CACHE_DIR"
   log "caches restored ($(du -sh "$NSA_CACHE_DIR" | cut -f1))"
 else
@@ -101,9 +108,19 @@ for phase in "$@"; do
         --lengths 4k,16k,64k --precisions bf16 --passes fwd+bwd --runs 3 --warmup 1 \
         --row-timeout 100 --json "$OUT/bench-layer.json"
       ;;
+    layer)
+      export CUBECL_AUTOTUNE_LEVEL=minimal
+      run layer-fwd 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa \
+        --lengths 4k,16k,64k,128k --precisions bf16 --passes fwd --runs 3 --warmup 1 \
+        --row-timeout 220 --json "$OUT/layer-fwd.json"
+      run layer-bwd 300 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa \
+        --lengths 4k,16k,64k --precisions bf16 --passes fwd+bwd --runs 3 --warmup 1 \
+        --row-timeout 280 --json "$OUT/layer-bwd.json"
+      unset CUBECL_AUTOTUNE_LEVEL
+      ;;
     *) log "unknown phase $phase" ;;
   esac
 done
-tar -czf "$OUT/cache.tgz" -C "$NSA_CACHE_DIR" --exclude ./tokens . 2>/dev/null
-log "[$(since)] done; cache.tgz $(du -sh "$OUT/cache.tgz" | cut -f1)"
+tar -czf - -C "$NSA_CACHE_DIR" --exclude ./tokens . 2>/dev/null | split -b 15m - "$FINAL/cache.tgz.part-"
+log "[$(since)] done; caches $(cat "$FINAL"/cache.tgz.part-* | wc -c) bytes in $(ls "$FINAL"/cache.tgz.part-* | wc -l) parts"
 tar -czf "$FINAL/all.tgz" -C "$OUT" .
