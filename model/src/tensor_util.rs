@@ -28,9 +28,7 @@ pub fn greater_mask<B: Backend>(
     col_values: Vec<i64>,
     device: &B::Device,
 ) -> Tensor<B, 2, Bool> {
-    let (r, c) = (row_values.len(), col_values.len());
-    let rows = int_tensor::<B, 2>(row_values, [r, 1], device).expand([r, c]);
-    let cols = int_tensor::<B, 2>(col_values, [1, c], device).expand([r, c]);
+    let (rows, cols) = broadcast_pair::<B>(row_values, col_values, device);
     cols.greater(rows)
 }
 
@@ -40,10 +38,22 @@ pub fn equal_mask<B: Backend>(
     col_values: Vec<i64>,
     device: &B::Device,
 ) -> Tensor<B, 2, Bool> {
-    let (r, c) = (row_values.len(), col_values.len());
-    let rows = int_tensor::<B, 2>(row_values, [r, 1], device).expand([r, c]);
-    let cols = int_tensor::<B, 2>(col_values, [1, c], device).expand([r, c]);
+    let (rows, cols) = broadcast_pair::<B>(row_values, col_values, device);
     cols.equal(rows)
+}
+
+/// The row values as a column and the column values as a row, both expanded to
+/// `[rows, cols]` (views, nothing copied).
+fn broadcast_pair<B: Backend>(
+    row_values: Vec<i64>,
+    col_values: Vec<i64>,
+    device: &B::Device,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>) {
+    let (r, c) = (row_values.len(), col_values.len());
+    (
+        int_tensor::<B, 2>(row_values, [r, 1], device).expand([r, c]),
+        int_tensor::<B, 2>(col_values, [1, c], device).expand([r, c]),
+    )
 }
 
 /// Pads dimension `dim` of `x` with `before` zeros in front and `after` zeros behind.
