@@ -65,6 +65,27 @@ pub struct LmOutput<B: Backend> {
     pub shard: usize,
 }
 
+impl<B: Backend> LmOutput<B> {
+    /// The output of a training step (shard 0, no wall time yet).
+    pub fn training(
+        loss: Tensor<B, 1>,
+        loss_value: f64,
+        tokens: usize,
+        grad_norm: f64,
+        non_finite: bool,
+    ) -> Self {
+        Self {
+            loss,
+            loss_value,
+            tokens,
+            grad_norm: Some(grad_norm),
+            non_finite,
+            seconds: 0.0,
+            shard: 0,
+        }
+    }
+}
+
 impl<B: Backend> ItemLazy for LmOutput<B> {
     type ItemSync = Self;
     fn sync(self) -> Self {
@@ -166,29 +187,37 @@ impl<B: AutodiffBackend> LanguageModel<B> {
                 accumulator.accumulate(self, grads);
             }
         }
-        let mut grads = single.unwrap_or_else(|| accumulator.grads());
+        let grads = single.unwrap_or_else(|| accumulator.grads());
         let loss = Tensor::cat(losses, 0).mean();
         let loss_value = scalar(loss.clone());
-        let norm = global_grad_norm(self, &grads);
-        let non_finite = !(loss_value.is_finite() && norm.is_finite());
+        let (grads, norm, non_finite) = self.finish_gradients(grads, 1, loss_value, false);
+        let output = LmOutput::training(loss, loss_value, rows * (width - 1), norm, non_finite);
+        (grads, LmOutput { shard, ..output })
+    }
+
+    /// The end of a training step, shared by one device and data parallelism: `grads` is the
+    /// sum of `parts` equal shares (1 when the micro-batches are already averaged, the device
+    /// count otherwise). Returns their mean clipped to a global norm of `grad_clip`, the mean's
+    /// norm before clipping, and whether the step is dropped (`non_finite` already, or a loss or
+    /// norm that is NaN/Inf; the gradients are then empty).
+    pub(crate) fn finish_gradients(
+        &self,
+        mut grads: GradientsParams,
+        parts: usize,
+        loss_value: f64,
+        non_finite: bool,
+    ) -> (GradientsParams, f64, bool) {
+        let norm = global_grad_norm(self, &grads) / parts as f64;
+        let non_finite = non_finite || !(loss_value.is_finite() && norm.is_finite());
         if non_finite {
             grads = GradientsParams::new();
         } else {
-            let coef = clip_coefficient(norm, self.grad_clip);
-            if coef < 1.0 {
-                scale_grads(self, &mut grads, coef);
+            let factor = clip_coefficient(norm, self.grad_clip) / parts as f64;
+            if factor != 1.0 {
+                scale_grads(self, &mut grads, factor);
             }
         }
-        let output = LmOutput {
-            loss,
-            loss_value,
-            tokens: rows * (width - 1),
-            grad_norm: Some(norm),
-            non_finite,
-            seconds: 0.0,
-            shard,
-        };
-        (grads, output)
+        (grads, norm, non_finite)
     }
 }
 

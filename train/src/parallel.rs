@@ -2,9 +2,9 @@
 //!
 //! The work is done by Burn's own multi-device machinery: [`MultiDevicesTrainStep`] keeps one
 //! worker thread per device, forks the model onto it, runs our [`TrainStep`] there and sends
-//! back the gradients; [`GradientsParams::to_device`] brings them to the main device (the
-//! first of the list) and [`GradientsAccumulator`] sums them; the optimizer runs on the main
-//! device (Burn's `MultiDeviceOptim::OptimMainDevice`).
+//! back the gradients; [`burn::optim::GradientsParams::to_device`] brings them to the main
+//! device (the first of the list) and [`GradientsAccumulator`] sums them; the optimizer runs on
+//! the main device (Burn's `MultiDeviceOptim::OptimMainDevice`).
 //!
 //! What this module adds is what makes the result equal to one device at the same global
 //! batch, which Burn's default multi-device epoch does not do for this recipe:
@@ -21,15 +21,13 @@
 //! tokens), so logs, metrics and checkpoints are those of a one-device run.
 
 use burn::data::dataloader::{DataLoaderIterator, Progress};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsAccumulator;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::train::MultiDevicesTrainStep;
 use burn::train::TrainOutput;
 
-use crate::lm::{
-    clip_coefficient, global_grad_norm, scale_grads, LanguageModel, LmOutput, TokenBatch,
-};
+use crate::lm::{LanguageModel, LmOutput, TokenBatch};
 use crate::training::Components;
 
 /// How the rows of one optimizer step are divided between devices.
@@ -185,28 +183,13 @@ impl<B: AutodiffBackend> DataParallel<B> {
             let grads = out.output.grads.to_device(main, model);
             accumulator.accumulate(model, grads);
         }
-        let mut grads = accumulator.grads();
         let loss_value = losses.iter().sum::<f64>() / n as f64;
-        let norm = global_grad_norm(model, &grads) / n as f64;
-        non_finite |= !(loss_value.is_finite() && norm.is_finite());
-        if non_finite {
-            grads = GradientsParams::new();
-        } else {
-            // the mean of the device gradients, clipped like one device's
-            let factor = clip_coefficient(norm, model.grad_clip) / n as f64;
-            scale_grads(model, &mut grads, factor);
-        }
+        // the mean of the device gradients, clipped like one device's
+        let (grads, norm, non_finite) =
+            model.finish_gradients(accumulator.grads(), n, loss_value, non_finite);
         let inner = main.clone();
         let loss = Tensor::<B::InnerBackend, 1>::from_floats([loss_value as f32], &inner);
-        let item = LmOutput {
-            loss,
-            loss_value,
-            tokens: rows * (width - 1),
-            grad_norm: Some(norm),
-            non_finite,
-            seconds: 0.0,
-            shard: 0,
-        };
+        let item = LmOutput::training(loss, loss_value, rows * (width - 1), norm, non_finite);
         TrainOutput { grads, item }
     }
 }
