@@ -96,6 +96,19 @@ pub fn windows<B: Backend>(
     if size == step {
         return x.narrow(2, 0, count * size).reshape([b, h, count, size, d]);
     }
+    if size.is_multiple_of(step) {
+        // window w = rows of the `size / step` consecutive step-blocks w, w + 1, ..: each
+        // shifted block view is a plain reshape, and their backward is a pad, not the scatter-add
+        // of `select` (which took 100 ms per layer at 64k tokens on an H100)
+        let parts: Vec<Tensor<B, 5>> = (0..size / step)
+            .map(|s| {
+                x.clone()
+                    .narrow(2, s * step, count * step)
+                    .reshape([b, h, count, step, d])
+            })
+            .collect();
+        return Tensor::cat(parts, 3);
+    }
     let idx: Vec<i64> = (0..count)
         .flat_map(|w| (0..size).map(move |t| (w * step + t) as i64))
         .collect();
@@ -106,4 +119,31 @@ pub fn windows<B: Backend>(
 /// Rounds `n` up to a multiple of `m`.
 pub fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    /// Every window equals the rows it names, for each way `windows` builds them (plain
+    /// reshape, shifted step-blocks, index select).
+    #[test]
+    fn windows_hold_the_rows_they_name() {
+        let device = Default::default();
+        let (n, d) = (29, 3);
+        let values: Vec<f32> = (0..2 * n * d).map(|i| i as f32).collect();
+        let x = Tensor::<NdArray, 1>::from_floats(values.as_slice(), &device).reshape([1, 2, n, d]);
+        for (size, step) in [(4, 4), (8, 4), (12, 4), (6, 4), (5, 2)] {
+            let count = (n - size) / step + 1;
+            let w = windows(x.clone(), size, step, count);
+            assert_eq!(w.dims(), [1, 2, count, size, d]);
+            for i in 0..count {
+                let want = x.clone().narrow(2, i * step, size);
+                let got = w.clone().narrow(2, i, 1).reshape([1, 2, size, d]);
+                let diff = (got - want).abs().max().into_scalar();
+                assert_eq!(diff, 0.0, "size {size} step {step} window {i}");
+            }
+        }
+    }
 }

@@ -70,9 +70,82 @@ pub struct Tiling {
     pub pf: usize,
     /// Heads per selection group ([`Tiling::select`]; divides `gq`).
     pub sg: usize,
+    /// Forward register tiles (see [`Tiling::with_register_tiles`]): rows × keys of the scores
+    /// each unit computes, rows × dims of the output it accumulates, and units per row of the
+    /// softmax statistics.
+    pub qr: usize,
+    pub qk: usize,
+    pub pr: usize,
+    pub pd: usize,
+    pub tpr: usize,
+}
+
+/// Largest `(a, b)` with `a` from `a_max` down and `b` from `b_max` down (powers of two,
+/// dividing `x` and `y`) such that the `(x / a) * (y / b)` tiles still give every unit one;
+/// `b` shrinks first.
+fn tile_pair(x: usize, y: usize, a_max: usize, b_max: usize, units: usize) -> (usize, usize) {
+    let fit = |v: usize, m: usize| {
+        let mut t = m;
+        while t > 1 && !v.is_multiple_of(t) {
+            t /= 2;
+        }
+        t
+    };
+    let (mut a, mut b) = (fit(x, a_max), fit(y, b_max));
+    while (x / a) * (y / b) < units && (a > 1 || b > 1) {
+        if b > 1 {
+            b /= 2;
+        } else {
+            a /= 2;
+        }
+    }
+    (a, b)
 }
 
 impl Tiling {
+    /// Chooses the forward's register tiles for the current shape: each unit computes a
+    /// `qr × qk` block of scores (`qr + qk` shared loads per `qr · qk` multiply-adds instead
+    /// of two per product) and accumulates a `pr × pd` block of the output; `tpr` units share
+    /// the softmax statistics of one row.
+    pub fn with_register_tiles(mut self) -> Self {
+        let rows = self.rows();
+        (self.qr, self.qk) = tile_pair(rows, self.kc, 4, 4, self.threads);
+        (self.pr, self.pd) = tile_pair(rows, self.d, 4, 8, self.threads);
+        let mut tpr = 1;
+        while tpr * 2 * rows <= self.threads && tpr * 2 <= self.kc {
+            tpr *= 2;
+        }
+        self.tpr = tpr;
+        self
+    }
+
+    /// The dk/dv kernel's register tiles: `qr × qk` (rows × keys) of the probabilities and
+    /// score gradients, `pr × pd` (keys × dims) of the dk/dv accumulators.
+    pub fn with_dkdv_tiles(mut self) -> Self {
+        let rows = self.bwd_rows();
+        (self.qr, self.qk) = tile_pair(rows, self.kc, 4, 4, self.threads);
+        (self.pr, self.pd) = tile_pair(self.kc, self.d, 4, 8, self.threads);
+        self
+    }
+
+    /// Work items of the dk/dv kernel: score tiles, accumulator tiles.
+    fn bwd_score_tiles(&self) -> usize {
+        (self.bwd_rows() / self.qr) * (self.kc / self.qk)
+    }
+
+    fn bwd_acc_tiles(&self) -> usize {
+        (self.kc / self.pr) * (self.d / self.pd)
+    }
+
+    /// Units' work items of the score tiles, of the output tiles.
+    fn score_tiles(&self) -> usize {
+        (self.rows() / self.qr) * (self.kc / self.qk)
+    }
+
+    fn out_tiles(&self) -> usize {
+        (self.rows() / self.pr) * (self.d / self.pd)
+    }
+
     /// Rows of a query-centric cube.
     pub fn rows(&self) -> usize {
         self.tq * self.gq
@@ -101,19 +174,20 @@ impl Tiling {
         } else {
             0
         };
-        4 * (r * self.d + 2 * self.kc * (self.d + 1) + r * self.kc + 3 * r + imp)
+        let stats = 4 * r + 2 * r * self.tpr;
+        4 * (r * (self.d + 1) + 2 * self.kc * (self.d + 1) + r * (self.kc + 1) + stats + imp)
     }
 
     /// Shared memory (bytes) of the dq kernel.
     pub fn dq_shared(&self) -> usize {
         let r = self.rows();
-        4 * (2 * r * self.d + 2 * self.kc * (self.d + 1) + 2 * r * self.kc + 2 * r)
+        4 * (2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1) + 2 * r * (self.kc + 1) + 2 * r)
     }
 
     /// Shared memory (bytes) of the dk/dv kernel.
     pub fn dkdv_shared(&self) -> usize {
         let r = self.bwd_rows();
-        4 * (2 * r * self.d + 2 * self.kc * (self.d + 1) + 2 * r * self.kc + 5 * r)
+        4 * (2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1) + 2 * r * (self.kc + 1) + 5 * r)
     }
 }
 
@@ -252,6 +326,10 @@ fn chunk_at<F: Float, I: Int>(
 
 /// Forward. Grid: x = query tile (`tq` positions), y = `b * groups + group` where a group is
 /// `gq` consecutive heads. Writes `out` and the log-sum-exp `lse` of every row.
+///
+/// Per chunk of keys: load the K/V tile; scores in register tiles of `qr × qk` (keys strided
+/// over the units so that a warp reads distinct banks); the chunk's row maxima and sums, `tpr`
+/// units per row; the output accumulators (`pr × pd` per unit) rescaled and updated.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn attn_fwd<F: Float, I: Int>(
@@ -281,7 +359,21 @@ pub fn attn_fwd<F: Float, I: Int>(
     let gq = t.gq;
     let rows = comptime!(t.tq * t.gq);
     let nt = t.threads;
-    let per = comptime!((t.tq * t.gq * t.d).div_ceil(t.threads));
+    // row strides of the shared tiles (padded by one word against bank conflicts)
+    let ds = comptime!(t.d + 1);
+    let ps = comptime!(t.kc + 1);
+    let qr = t.qr;
+    let qk = t.qk;
+    let pr = t.pr;
+    let pd = t.pd;
+    let tpr = t.tpr;
+    let accn = comptime!(t.out_tiles().div_ceil(t.threads) * t.pr * t.pd);
+    let sn = comptime!(t.qr * t.qk);
+    let kgroups = comptime!(t.kc / t.qk);
+    let dgroups = comptime!(t.d / t.pd);
+    let stiles = comptime!(t.score_tiles());
+    let otiles = comptime!(t.out_tiles());
+    let oper = comptime!(t.out_tiles().div_ceil(t.threads));
     let tid = UNIT_POS as usize;
     let t0 = CUBE_POS_X as usize * t.tq;
     let groups = h / gq;
@@ -290,13 +382,16 @@ pub fn attn_fwd<F: Float, I: Int>(
     let kvhead = (hg * gq) / t.gk;
     let sel_row = (b * groups + hg) * n + t0;
 
-    let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
+    let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.d + 1)));
     let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut p_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
+    let mut p_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.kc + 1)));
     let mut m_s = SharedMemory::<f32>::new(rows);
     let mut l_s = SharedMemory::<f32>::new(rows);
     let mut a_s = SharedMemory::<f32>::new(rows);
+    let mut nm_s = SharedMemory::<f32>::new(rows);
+    let mut red_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.tpr));
+    let mut sum_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.tpr));
     // selection (compressed mode): per importance row, block scores of the chunk, the running
     // top-k (descending) and the softmax normaliser (the sink at -1000 included)
     let irows = comptime!(t.imp_rows());
@@ -329,7 +424,7 @@ pub fn attn_fwd<F: Float, I: Int>(
         if tt < n {
             val = f32::cast_from(q[((b * h + head) * n + tt) * d + e % d]) * scale;
         }
-        q_s[e] = val;
+        q_s[r * ds + e % d] = val;
         e += nt;
     }
     let mut r = tid;
@@ -338,9 +433,9 @@ pub fn attn_fwd<F: Float, I: Int>(
         l_s[r] = 0.0;
         r += nt;
     }
-    let mut acc = Array::<f32>::new(per);
+    let mut acc = Array::<f32>::new(accn);
     #[unroll]
-    for i in 0..per {
+    for i in 0..accn {
         acc[i] = 0.0;
     }
     sync_cube();
@@ -361,39 +456,64 @@ pub fn attn_fwd<F: Float, I: Int>(
                 kv = f32::cast_from(k[off]);
                 vv = f32::cast_from(v[off]);
             }
-            k_s[j * (d + 1) + e % d] = kv;
-            v_s[j * (d + 1) + e % d] = vv;
+            k_s[j * ds + e % d] = kv;
+            v_s[j * ds + e % d] = vv;
             e += nt;
         }
         sync_cube();
 
-        let mut e = tid;
-        while e < rows * kc {
-            let r = e / kc;
-            let j = e % kc;
-            let tt = t0 + r / gq;
-            let mut s = NEG.runtime();
-            if tt < n
-                && visible(
-                    kstart + j,
-                    tt,
-                    nk,
-                    span,
-                    mem,
-                    own,
-                    slot_ok,
-                    j < left,
-                    t.mode,
-                )
-            {
-                let mut dot = 0.0f32;
-                for dd in 0..d {
-                    dot += q_s[r * d + dd] * k_s[j * (d + 1) + dd];
-                }
-                s = dot * gate;
+        // scores: unit tile `g` holds rows `rg * qr ..` and keys `kg + kgroups * jj`
+        let mut g = tid;
+        while g < stiles {
+            let rg = g / kgroups;
+            let kg = g % kgroups;
+            let mut sacc = Array::<f32>::new(sn);
+            #[unroll]
+            for i in 0..sn {
+                sacc[i] = 0.0;
             }
-            p_s[e] = s;
-            e += nt;
+            for dd in 0..d {
+                let mut kreg = Array::<f32>::new(qk);
+                #[unroll]
+                for jj in 0..qk {
+                    kreg[jj] = k_s[(kg + kgroups * jj) * ds + dd];
+                }
+                #[unroll]
+                for i in 0..qr {
+                    let qv = q_s[(rg * qr + i) * ds + dd];
+                    #[unroll]
+                    for jj in 0..qk {
+                        sacc[i * qk + jj] += qv * kreg[jj];
+                    }
+                }
+            }
+            #[unroll]
+            for i in 0..qr {
+                let r = rg * qr + i;
+                let tt = t0 + r / gq;
+                #[unroll]
+                for jj in 0..qk {
+                    let j = kg + kgroups * jj;
+                    let mut s = NEG.runtime();
+                    if tt < n
+                        && visible(
+                            kstart + j,
+                            tt,
+                            nk,
+                            span,
+                            mem,
+                            own,
+                            slot_ok,
+                            j < left,
+                            t.mode,
+                        )
+                    {
+                        s = sacc[i * qk + jj] * gate;
+                    }
+                    p_s[r * ps + j] = s;
+                }
+            }
+            g += nt;
         }
         sync_cube();
 
@@ -404,59 +524,124 @@ pub fn attn_fwd<F: Float, I: Int>(
             );
         }
 
-        let mut r = tid;
+        // chunk maxima: `tpr` units per row, each over the keys `sub, sub + tpr, ..`
+        let rpp = comptime!(t.threads / t.tpr);
+        let sub = tid % tpr;
+        let mut r = tid / tpr;
+        while r < rows {
+            let mut mx = NEG.runtime();
+            let mut j = sub;
+            while j < kc {
+                let s = p_s[r * ps + j];
+                if s > mx {
+                    mx = s;
+                }
+                j += tpr;
+            }
+            red_s[r * tpr + sub] = mx;
+            r += rpp;
+        }
+        sync_cube();
+        // probabilities against the new running maximum, partial sums
+        let mut r = tid / tpr;
         while r < rows {
             let m_old = m_s[r];
             let mut mx = m_old;
-            for j in 0..kc {
-                let s = p_s[r * kc + j];
+            for u in 0..tpr {
+                let s = red_s[r * tpr + u];
                 if s > mx {
                     mx = s;
                 }
             }
-            let alpha = (m_old - mx).exp();
             let mut sum = 0.0f32;
-            for j in 0..kc {
-                let s = p_s[r * kc + j];
+            let mut j = sub;
+            while j < kc {
+                let s = p_s[r * ps + j];
                 let mut pj = 0.0f32;
                 if s > NEG_HALF {
                     pj = (s - mx).exp();
                 }
-                p_s[r * kc + j] = pj;
+                p_s[r * ps + j] = pj;
                 sum += pj;
+                j += tpr;
             }
-            l_s[r] = l_s[r] * alpha + sum;
-            m_s[r] = mx;
-            a_s[r] = alpha;
-            r += nt;
+            sum_s[r * tpr + sub] = sum;
+            if sub == 0 {
+                nm_s[r] = mx;
+                a_s[r] = (m_old - mx).exp();
+            }
+            r += rpp;
         }
         sync_cube();
 
+        // output tiles: rows `rg * pr ..`, dims `dg + dgroups * u`
         #[unroll]
-        for i in 0..per {
-            let e = tid + i * nt;
-            if e < rows * d {
-                let r = e / d;
-                let dd = e % d;
-                let mut a = acc[i] * a_s[r];
-                for j in 0..kc {
-                    a += p_s[r * kc + j] * v_s[j * (d + 1) + dd];
+        for it in 0..oper {
+            let g = tid + it * nt;
+            if g < otiles {
+                let rg = g / dgroups;
+                let dg = g % dgroups;
+                let base = it * pr * pd;
+                #[unroll]
+                for i in 0..pr {
+                    let a = a_s[rg * pr + i];
+                    #[unroll]
+                    for u in 0..pd {
+                        acc[base + i * pd + u] *= a;
+                    }
                 }
-                acc[i] = a;
+                for j in 0..kc {
+                    let mut vreg = Array::<f32>::new(pd);
+                    #[unroll]
+                    for u in 0..pd {
+                        vreg[u] = v_s[j * ds + dg + dgroups * u];
+                    }
+                    #[unroll]
+                    for i in 0..pr {
+                        let pv = p_s[(rg * pr + i) * ps + j];
+                        #[unroll]
+                        for u in 0..pd {
+                            acc[base + i * pd + u] += pv * vreg[u];
+                        }
+                    }
+                }
             }
+        }
+        // running statistics (read again only after the next chunk's barriers)
+        let mut r = tid;
+        while r < rows {
+            let mut sum = 0.0f32;
+            for u in 0..tpr {
+                sum += sum_s[r * tpr + u];
+            }
+            l_s[r] = l_s[r] * a_s[r] + sum;
+            m_s[r] = nm_s[r];
+            r += nt;
         }
         sync_cube();
     }
 
     #[unroll]
-    for i in 0..per {
-        let e = tid + i * nt;
-        if e < rows * d {
-            let r = e / d;
-            let tt = t0 + r / gq;
-            let head = hg * gq + r % gq;
-            if tt < n {
-                out[((b * h + head) * n + tt) * d + e % d] = F::cast_from(acc[i] / l_s[r]);
+    for it in 0..oper {
+        let g = tid + it * nt;
+        if g < otiles {
+            let rg = g / dgroups;
+            let dg = g % dgroups;
+            let base = it * pr * pd;
+            #[unroll]
+            for i in 0..pr {
+                let r = rg * pr + i;
+                let tt = t0 + r / gq;
+                let head = hg * gq + r % gq;
+                if tt < n {
+                    let inv = 1.0f32 / l_s[r];
+                    #[unroll]
+                    for u in 0..pd {
+                        let dd = dg + dgroups * u;
+                        out[((b * h + head) * n + tt) * d + dd] =
+                            F::cast_from(acc[base + i * pd + u] * inv);
+                    }
+                }
             }
         }
     }
@@ -542,7 +727,7 @@ fn rank_blocks(
             let mut sum = 0.0f32;
             for hh in 0..sg {
                 for c in 0..pf {
-                    sum += p_s[(r0 + hh) * kc + fb * pf + c];
+                    sum += p_s[(r0 + hh) * (kc + 1) + fb * pf + c];
                 }
             }
             fs_s[e] = sum * inv;
@@ -640,7 +825,19 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
     let gq = t.gq;
     let rows = comptime!(t.tq * t.gq);
     let nt = t.threads;
-    let per = comptime!((t.tq * t.gq * t.d).div_ceil(t.threads));
+    let ds = comptime!(t.d + 1);
+    let ps = comptime!(t.kc + 1);
+    let qr = t.qr;
+    let qk = t.qk;
+    let pr = t.pr;
+    let pd = t.pd;
+    let sn = comptime!(t.qr * t.qk);
+    let kgroups = comptime!(t.kc / t.qk);
+    let dgroups = comptime!(t.d / t.pd);
+    let stiles = comptime!(t.score_tiles());
+    let otiles = comptime!(t.out_tiles());
+    let oper = comptime!(t.out_tiles().div_ceil(t.threads));
+    let accn = comptime!(t.out_tiles().div_ceil(t.threads) * t.pr * t.pd);
     let subs = comptime!(t.sel.div_ceil(t.kc));
     let tid = UNIT_POS as usize;
     let t0 = CUBE_POS_X as usize * t.tq;
@@ -650,12 +847,12 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
     let kvhead = (hg * gq) / t.gk;
     let sel_row = (b * groups + hg) * n + t0;
 
-    let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
-    let mut do_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.d));
+    let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.d + 1)));
+    let mut do_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.d + 1)));
     let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut ds_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
-    let mut raw_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.kc));
+    let mut ds_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.kc + 1)));
+    let mut raw_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.kc + 1)));
     let mut lse_s = SharedMemory::<f32>::new(rows);
     let mut dl_s = SharedMemory::<f32>::new(rows);
 
@@ -671,8 +868,8 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
             qv = f32::cast_from(q[off]) * scale;
             dv = f32::cast_from(dout[off]);
         }
-        q_s[e] = qv;
-        do_s[e] = dv;
+        q_s[r * ds + e % d] = qv;
+        do_s[r * ds + e % d] = dv;
         e += nt;
     }
     let mut r = tid;
@@ -689,9 +886,9 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
         dl_s[r] = dl;
         r += nt;
     }
-    let mut acc = Array::<f32>::new(per);
+    let mut acc = Array::<f32>::new(accn);
     #[unroll]
-    for i in 0..per {
+    for i in 0..accn {
         acc[i] = 0.0;
     }
     let mut dgate = 0.0f32;
@@ -713,65 +910,108 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
                 kv = f32::cast_from(k[off]);
                 vv = f32::cast_from(v[off]);
             }
-            k_s[j * (d + 1) + e % d] = kv;
-            v_s[j * (d + 1) + e % d] = vv;
+            k_s[j * ds + e % d] = kv;
+            v_s[j * ds + e % d] = vv;
             e += nt;
         }
         sync_cube();
 
-        let mut e = tid;
-        while e < rows * kc {
-            let r = e / kc;
-            let j = e % kc;
-            let tt = t0 + r / gq;
-            let mut ds = 0.0f32;
-            let mut raw = 0.0f32;
-            if tt < n
-                && visible(
-                    kstart + j,
-                    tt,
-                    nk,
-                    span,
-                    mem,
-                    own,
-                    slot_ok,
-                    j < left,
-                    t.mode,
-                )
-            {
-                let mut dot = 0.0f32;
-                let mut dp = 0.0f32;
-                for dd in 0..d {
-                    dot += q_s[r * d + dd] * k_s[j * (d + 1) + dd];
-                    dp += do_s[r * d + dd] * v_s[j * (d + 1) + dd];
-                }
-                let p = (dot * gate - lse_s[r]).exp();
-                ds = p * (dp - dl_s[r]);
-                raw = dot;
+        // scores and their gradients in `qr × qk` register tiles (as in the forward)
+        let mut g = tid;
+        while g < stiles {
+            let rg = g / kgroups;
+            let kg = g % kgroups;
+            let mut dot = Array::<f32>::new(sn);
+            let mut dp = Array::<f32>::new(sn);
+            #[unroll]
+            for i in 0..sn {
+                dot[i] = 0.0;
+                dp[i] = 0.0;
             }
-            ds_s[e] = ds;
-            raw_s[e] = raw;
-            e += nt;
+            for dd in 0..d {
+                let mut kreg = Array::<f32>::new(qk);
+                let mut vreg = Array::<f32>::new(qk);
+                #[unroll]
+                for jj in 0..qk {
+                    kreg[jj] = k_s[(kg + kgroups * jj) * ds + dd];
+                    vreg[jj] = v_s[(kg + kgroups * jj) * ds + dd];
+                }
+                #[unroll]
+                for i in 0..qr {
+                    let qv = q_s[(rg * qr + i) * ds + dd];
+                    let ov = do_s[(rg * qr + i) * ds + dd];
+                    #[unroll]
+                    for jj in 0..qk {
+                        dot[i * qk + jj] += qv * kreg[jj];
+                        dp[i * qk + jj] += ov * vreg[jj];
+                    }
+                }
+            }
+            #[unroll]
+            for i in 0..qr {
+                let r = rg * qr + i;
+                let tt = t0 + r / gq;
+                #[unroll]
+                for jj in 0..qk {
+                    let j = kg + kgroups * jj;
+                    let mut dsv = 0.0f32;
+                    let mut raw = 0.0f32;
+                    if tt < n
+                        && visible(
+                            kstart + j,
+                            tt,
+                            nk,
+                            span,
+                            mem,
+                            own,
+                            slot_ok,
+                            j < left,
+                            t.mode,
+                        )
+                    {
+                        let p = (dot[i * qk + jj] * gate - lse_s[r]).exp();
+                        dsv = p * (dp[i * qk + jj] - dl_s[r]);
+                        raw = dot[i * qk + jj];
+                    }
+                    ds_s[r * ps + j] = dsv;
+                    raw_s[r * ps + j] = raw;
+                }
+            }
+            g += nt;
         }
         sync_cube();
 
+        // dq tiles: rows `rg * pr ..`, dims `dg + dgroups * u`
         #[unroll]
-        for i in 0..per {
-            let e = tid + i * nt;
-            if e < rows * d {
-                let r = e / d;
-                let dd = e % d;
-                let mut a = 0.0f32;
+        for it in 0..oper {
+            let g = tid + it * nt;
+            if g < otiles {
+                let rg = g / dgroups;
+                let dg = g % dgroups;
+                let base = it * pr * pd;
                 for j in 0..kc {
-                    a += ds_s[r * kc + j] * k_s[j * (d + 1) + dd];
+                    let mut kreg = Array::<f32>::new(pd);
+                    #[unroll]
+                    for u in 0..pd {
+                        kreg[u] = k_s[j * ds + dg + dgroups * u] * gate;
+                    }
+                    #[unroll]
+                    for i in 0..pr {
+                        let dsv = ds_s[(rg * pr + i) * ps + j];
+                        #[unroll]
+                        for u in 0..pd {
+                            acc[base + i * pd + u] += dsv * kreg[u];
+                        }
+                    }
                 }
-                acc[i] += a * gate;
             }
         }
         if t.mode == SELECTED && t.gated {
             if tid == 0 && !own {
-                for e in 0..rows * kc {
-                    dgate += ds_s[e] * raw_s[e];
+                for r in 0..rows {
+                    for j in 0..kc {
+                        dgate += ds_s[r * ps + j] * raw_s[r * ps + j];
+                    }
                 }
                 if ci % subs == subs - 1 {
                     dgates[sel_row * count + slot] = F::cast_from(dgate);
@@ -783,14 +1023,24 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
     }
 
     #[unroll]
-    for i in 0..per {
-        let e = tid + i * nt;
-        if e < rows * d {
-            let r = e / d;
-            let tt = t0 + r / gq;
-            let head = hg * gq + r % gq;
-            if tt < n {
-                dq[((b * h + head) * n + tt) * d + e % d] = F::cast_from(acc[i] * scale);
+    for it in 0..oper {
+        let g = tid + it * nt;
+        if g < otiles {
+            let rg = g / dgroups;
+            let dg = g % dgroups;
+            #[unroll]
+            for i in 0..pr {
+                let r = rg * pr + i;
+                let tt = t0 + r / gq;
+                let head = hg * gq + r % gq;
+                if tt < n {
+                    #[unroll]
+                    for u in 0..pd {
+                        let a = it * pr * pd + i * pd + u;
+                        dq[((b * h + head) * n + tt) * d + dg + dgroups * u] =
+                            F::cast_from(acc[a] * scale);
+                    }
+                }
             }
         }
     }
@@ -830,7 +1080,13 @@ pub fn attn_bwd_dkdv<F: Float>(
     let kc = t.kc;
     let rows = comptime!(t.bwd_rows());
     let nt = t.threads;
-    let per = comptime!((t.kc * t.d).div_ceil(t.threads));
+    let ds = comptime!(t.d + 1);
+    let pr = t.pr;
+    let pd = t.pd;
+    let dgroups = comptime!(t.d / t.pd);
+    let atiles = comptime!(t.bwd_acc_tiles());
+    let aper = comptime!(t.bwd_acc_tiles().div_ceil(t.threads));
+    let accn = comptime!(t.bwd_acc_tiles().div_ceil(t.threads) * t.pr * t.pd);
     let tid = UNIT_POS as usize;
     let b = CUBE_POS_Y as usize / kvh;
     let kvhead = CUBE_POS_Y as usize % kvh;
@@ -849,10 +1105,10 @@ pub fn attn_bwd_dkdv<F: Float>(
 
     let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut q_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.d));
-    let mut do_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.d));
-    let mut p_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.kc));
-    let mut ds_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * t.kc));
+    let mut q_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * (t.d + 1)));
+    let mut do_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * (t.d + 1)));
+    let mut p_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * (t.kc + 1)));
+    let mut ds_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * (t.kc + 1)));
     let mut lse_s = SharedMemory::<f32>::new(rows);
     let mut dl_s = SharedMemory::<f32>::new(rows);
     let mut gate_s = SharedMemory::<f32>::new(rows);
@@ -871,14 +1127,14 @@ pub fn attn_bwd_dkdv<F: Float>(
             kv = f32::cast_from(k[off]);
             vv = f32::cast_from(v[off]);
         }
-        k_s[j * (d + 1) + e % d] = kv;
-        v_s[j * (d + 1) + e % d] = vv;
+        k_s[j * ds + e % d] = kv;
+        v_s[j * ds + e % d] = vv;
         e += nt;
     }
-    let mut dk_acc = Array::<f32>::new(per);
-    let mut dv_acc = Array::<f32>::new(per);
+    let mut dk_acc = Array::<f32>::new(accn);
+    let mut dv_acc = Array::<f32>::new(accn);
     #[unroll]
-    for i in 0..per {
+    for i in 0..accn {
         dk_acc[i] = 0.0;
         dv_acc[i] = 0.0;
     }
@@ -890,26 +1146,31 @@ pub fn attn_bwd_dkdv<F: Float>(
         let seg = (b * kvh + kvhead) * nb + block;
         let start = offsets[seg] as usize;
         let end = offsets[seg + 1] as usize;
-        for ei in start..end {
+        // `epb` entries per batch, `gq` rows (heads) each
+        let epb = comptime!(t.bwd_rows() / t.gq);
+        let batches = (end - start + epb - 1) / epb;
+        for bi in 0..batches {
             sync_cube();
-            let ent = entries[ei] as usize;
-            let slot = ent % count;
-            let tt = (ent / count) % n;
-            let hsel = ent / (count * n);
-            let mut gate = 1.0f32;
-            if t.gated {
-                gate = f32::cast_from(gates[((b * hs + hsel) * n + tt) * count + slot]);
-            }
-            // rows: the gq heads of the selection head
+            let e0 = start + bi * epb;
             let mut r = tid;
             while r < rows {
-                let live = r < t.gq;
-                let head = hsel * t.gq + r;
+                let ei = e0 + r / t.gq;
+                let live = r < comptime!(t.bwd_rows() / t.gq * t.gq) && ei < end;
                 let mut l = 0.0f32;
                 let mut dl = 0.0f32;
+                let mut gate = 1.0f32;
+                let mut tt = 0usize;
                 if live {
+                    let ent = entries[ei] as usize;
+                    let slot = ent % count;
+                    tt = (ent / count) % n;
+                    let hsel = ent / (count * n);
+                    let head = hsel * t.gq + r % t.gq;
                     l = lse[(b * h + head) * n + tt];
                     dl = delta[(b * h + head) * n + tt];
+                    if t.gated {
+                        gate = f32::cast_from(gates[((b * hs + hsel) * n + tt) * count + slot]);
+                    }
                 }
                 lse_s[r] = l;
                 dl_s[r] = dl;
@@ -925,16 +1186,20 @@ pub fn attn_bwd_dkdv<F: Float>(
             let mut e = tid;
             while e < rows * d {
                 let r = e / d;
+                let ei = e0 + r / t.gq;
                 let mut qv = 0.0f32;
                 let mut dv = 0.0f32;
-                if r < t.gq {
-                    let head = hsel * t.gq + r;
+                if r < comptime!(t.bwd_rows() / t.gq * t.gq) && ei < end {
+                    let ent = entries[ei] as usize;
+                    let tt = (ent / count) % n;
+                    let hsel = ent / (count * n);
+                    let head = hsel * t.gq + r % t.gq;
                     let off = ((b * h + head) * n + tt) * d + e % d;
                     qv = f32::cast_from(q[off]) * scale;
                     dv = f32::cast_from(dout[off]);
                 }
-                q_s[e] = qv;
-                do_s[e] = dv;
+                q_s[r * ds + e % d] = qv;
+                do_s[r * ds + e % d] = dv;
                 e += nt;
             }
             sync_cube();
@@ -1021,8 +1286,8 @@ pub fn attn_bwd_dkdv<F: Float>(
                 qv = f32::cast_from(q[off]) * scale;
                 dv = f32::cast_from(dout[off]);
             }
-            q_s[e] = qv;
-            do_s[e] = dv;
+            q_s[r * ds + e % d] = qv;
+            do_s[r * ds + e % d] = dv;
             e += nt;
         }
         sync_cube();
@@ -1051,22 +1316,32 @@ pub fn attn_bwd_dkdv<F: Float>(
     }
 
     #[unroll]
-    for i in 0..per {
-        let e = tid + i * nt;
-        if e < kc * d {
-            let j = e / d;
-            let p = kstart + j;
-            if p < nk && j < left {
-                let off = ((b * kvh + kvhead) * nk + p) * d + e % d;
-                dk[off] = F::cast_from(dk_acc[i]);
-                dv[off] = F::cast_from(dv_acc[i]);
+    for it in 0..aper {
+        let g = tid + it * nt;
+        if g < atiles {
+            let kg = g / dgroups;
+            let dg = g % dgroups;
+            #[unroll]
+            for i in 0..pr {
+                let j = kg * pr + i;
+                let p = kstart + j;
+                if p < nk && j < left {
+                    #[unroll]
+                    for u in 0..pd {
+                        let off = ((b * kvh + kvhead) * nk + p) * d + dg + dgroups * u;
+                        let a = it * pr * pd + i * pd + u;
+                        dk[off] = F::cast_from(dk_acc[a]);
+                        dv[off] = F::cast_from(dv_acc[a]);
+                    }
+                }
             }
         }
     }
 }
 
 /// One batch of rows against the cube's key chunk: probabilities and score gradients into
-/// shared memory, then `dk += ds · q`, `dv += p · dout` for the keys this unit owns.
+/// shared memory (`qr × qk` register tiles), then `dk += ds · q`, `dv += p · dout` for the
+/// `pr × pd` (keys × dims) tiles this unit owns.
 /// `by_position`: rows are own-block / window / compressed queries (masked by position);
 /// otherwise selected-block rows (every key of the block is visible).
 #[cube]
@@ -1094,55 +1369,111 @@ fn accumulate_batch(
     #[comptime] t: Tiling,
 ) {
     let d = t.d;
-    let kc = t.kc;
     let rows = comptime!(t.bwd_rows());
     let nt = t.threads;
-    let per = comptime!((t.kc * t.d).div_ceil(t.threads));
+    let ds = comptime!(t.d + 1);
+    let ps = comptime!(t.kc + 1);
+    let qr = t.qr;
+    let qk = t.qk;
+    let pr = t.pr;
+    let pd = t.pd;
+    let sn = comptime!(t.qr * t.qk);
+    let kgroups = comptime!(t.kc / t.qk);
+    let dgroups = comptime!(t.d / t.pd);
+    let stiles = comptime!(t.bwd_score_tiles());
+    let atiles = comptime!(t.bwd_acc_tiles());
+    let aper = comptime!(t.bwd_acc_tiles().div_ceil(t.threads));
     let tid = UNIT_POS as usize;
 
-    let mut e = tid;
-    while e < rows * kc {
-        let r = e / kc;
-        let j = e % kc;
-        let p = kstart + j;
-        let tt = pos_s[r] as usize;
-        let mut ok = live_s[r] == 1 && p < nk && j < left;
-        if by_position {
-            ok = ok && visible(p, tt, nk, span, mem, true, true, true, t.mode);
+    // scores and score gradients: unit tile `g` = rows `rg * qr ..`, keys `kg + kgroups * jj`
+    let mut g = tid;
+    while g < stiles {
+        let rg = g / kgroups;
+        let kg = g % kgroups;
+        let mut dot = Array::<f32>::new(sn);
+        let mut dp = Array::<f32>::new(sn);
+        #[unroll]
+        for i in 0..sn {
+            dot[i] = 0.0;
+            dp[i] = 0.0;
         }
-        let mut pr = 0.0f32;
-        let mut ds = 0.0f32;
-        if ok {
-            let gate = gate_s[r];
-            let mut dot = 0.0f32;
-            let mut dp = 0.0f32;
-            for dd in 0..d {
-                dot += q_s[r * d + dd] * k_s[j * (d + 1) + dd];
-                dp += do_s[r * d + dd] * v_s[j * (d + 1) + dd];
+        for dd in 0..d {
+            let mut kreg = Array::<f32>::new(qk);
+            let mut vreg = Array::<f32>::new(qk);
+            #[unroll]
+            for jj in 0..qk {
+                kreg[jj] = k_s[(kg + kgroups * jj) * ds + dd];
+                vreg[jj] = v_s[(kg + kgroups * jj) * ds + dd];
             }
-            pr = (dot * gate - lse_s[r]).exp();
-            ds = pr * (dp - dl_s[r]) * gate;
+            #[unroll]
+            for i in 0..qr {
+                let qv = q_s[(rg * qr + i) * ds + dd];
+                let ov = do_s[(rg * qr + i) * ds + dd];
+                #[unroll]
+                for jj in 0..qk {
+                    dot[i * qk + jj] += qv * kreg[jj];
+                    dp[i * qk + jj] += ov * vreg[jj];
+                }
+            }
         }
-        p_s[e] = pr;
-        ds_s[e] = ds;
-        e += nt;
+        #[unroll]
+        for i in 0..qr {
+            let r = rg * qr + i;
+            let tt = pos_s[r] as usize;
+            let gate = gate_s[r];
+            let lse = lse_s[r];
+            let dl = dl_s[r];
+            let live = live_s[r] == 1;
+            #[unroll]
+            for jj in 0..qk {
+                let j = kg + kgroups * jj;
+                let p = kstart + j;
+                let mut ok = live && p < nk && j < left;
+                if by_position {
+                    ok = ok && visible(p, tt, nk, span, mem, true, true, true, t.mode);
+                }
+                let mut prob = 0.0f32;
+                let mut dsv = 0.0f32;
+                if ok {
+                    prob = (dot[i * qk + jj] * gate - lse).exp();
+                    dsv = prob * (dp[i * qk + jj] - dl) * gate;
+                }
+                p_s[r * ps + j] = prob;
+                ds_s[r * ps + j] = dsv;
+            }
+        }
+        g += nt;
     }
     sync_cube();
 
+    // accumulators: unit tile = keys `kg * pr ..`, dims `dg + dgroups * u`
     #[unroll]
-    for i in 0..per {
-        let e = tid + i * nt;
-        if e < kc * d {
-            let j = e / d;
-            let dd = e % d;
-            let mut a = 0.0f32;
-            let mut c = 0.0f32;
+    for it in 0..aper {
+        let g = tid + it * nt;
+        if g < atiles {
+            let kg = g / dgroups;
+            let dg = g % dgroups;
+            let base = it * pr * pd;
             for r in 0..rows {
-                a += ds_s[r * kc + j] * q_s[r * d + dd];
-                c += p_s[r * kc + j] * do_s[r * d + dd];
+                let mut qreg = Array::<f32>::new(pd);
+                let mut oreg = Array::<f32>::new(pd);
+                #[unroll]
+                for u in 0..pd {
+                    qreg[u] = q_s[r * ds + dg + dgroups * u];
+                    oreg[u] = do_s[r * ds + dg + dgroups * u];
+                }
+                #[unroll]
+                for i in 0..pr {
+                    let j = kg * pr + i;
+                    let dsv = ds_s[r * ps + j];
+                    let pv = p_s[r * ps + j];
+                    #[unroll]
+                    for u in 0..pd {
+                        dk_acc[base + i * pd + u] += dsv * qreg[u];
+                        dv_acc[base + i * pd + u] += pv * oreg[u];
+                    }
+                }
             }
-            dk_acc[i] += a;
-            dv_acc[i] += c;
         }
     }
 }

@@ -119,6 +119,15 @@ fn tiling(p: &Problem, pass: Pass, budget: usize) -> Option<Tiling> {
             topk: select.map_or(1, |s| s.topk),
             pf: select.map_or(1, |s| s.pf),
             sg: select.map_or(1, |s| s.sg),
+            qr: 1,
+            qk: 1,
+            pr: 1,
+            pd: 1,
+            tpr: 1,
+        };
+        let t = match pass {
+            Pass::Fwd | Pass::Dq => t.with_register_tiles(),
+            Pass::Dkdv => t.with_dkdv_tiles(),
         };
         let bytes = match pass {
             Pass::Fwd => t.fwd_shared(),
