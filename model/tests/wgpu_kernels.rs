@@ -163,6 +163,10 @@ fn check(name: &str, what: &str, ours: &HostTensor, reference: &HostTensor, tol:
 
 #[test]
 fn selected_attention_kernel_matches_tensor_ops() {
+    selected_cases();
+}
+
+fn selected_cases() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
@@ -324,6 +328,21 @@ fn run_compressed<B: AutodiffBackend>(
 
 #[test]
 fn compressed_attention_and_selection_kernel_match_tensor_ops() {
+    compressed_cases();
+}
+
+/// The dk/dv kernel with every key chunk's queries split over 3 cubes (partial sums), which
+/// only long sequences choose on their own. The split does not change the result, so the
+/// other tests of this binary stay valid whichever setting they see.
+#[test]
+fn dkdv_kernel_with_split_query_lists_matches_tensor_ops() {
+    kernels::force_dkdv_splits(3);
+    selected_cases();
+    compressed_cases();
+    kernels::force_dkdv_splits(0);
+}
+
+fn compressed_cases() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();

@@ -29,7 +29,7 @@ use crate::select::Selection;
 pub mod cube;
 
 #[cfg(feature = "kernels")]
-pub use cube::register_cube;
+pub use cube::{force_dkdv_splits, register_cube};
 
 /// Fused implementations of the sparse branches for one backend. Every method may answer
 /// `None` for a case it does not handle; the caller then uses the tensor-op path. Arguments and

@@ -1063,8 +1063,10 @@ pub fn attn_bwd_dkdv<F: Float>(
     delta: &Tensor<f32>,
     offsets: &Tensor<u32>,
     entries: &Tensor<u32>,
-    dk: &mut Tensor<F>,
-    dv: &mut Tensor<F>,
+    dk: &mut Tensor<f32>,
+    dv: &mut Tensor<f32>,
+    splits: usize,
+    len: usize,
     n: usize,
     nk: usize,
     h: usize,
@@ -1090,7 +1092,10 @@ pub fn attn_bwd_dkdv<F: Float>(
     let tid = UNIT_POS as usize;
     let b = CUBE_POS_Y as usize / kvh;
     let kvhead = CUBE_POS_Y as usize % kvh;
-    let cid = CUBE_POS_X as usize;
+    // the queries of a chunk are shared by `splits` cubes; each writes its partial sums to its
+    // own slice of `dk` / `dv` (`[splits, b, kvh, nk, d]`, summed by `sum_splits`)
+    let cid = CUBE_POS_X as usize / splits;
+    let sp = CUBE_POS_X as usize % splits;
 
     let mut kstart = cid * kc;
     let mut left = kc.runtime();
@@ -1144,8 +1149,17 @@ pub fn attn_bwd_dkdv<F: Float>(
         let nb = (nk + t.sel - 1) / t.sel;
         let hs = h / t.gq;
         let seg = (b * kvh + kvhead) * nb + block;
-        let start = offsets[seg] as usize;
-        let end = offsets[seg + 1] as usize;
+        let first = offsets[seg] as usize;
+        let last = offsets[seg + 1] as usize;
+        let share = (last - first + splits - 1) / splits;
+        let mut start = first + sp * share;
+        let mut end = start + share;
+        if end > last {
+            end = last;
+        }
+        if start > end {
+            start = end;
+        }
         // `epb` entries per batch, `gq` rows (heads) each
         let epb = comptime!(t.bwd_rows() / t.gq);
         let batches = (end - start + epb - 1) / epb;
@@ -1248,6 +1262,24 @@ pub fn attn_bwd_dkdv<F: Float>(
     if qstart > qend {
         qstart = qend;
     }
+    if t.mode == SELECTED {
+        // the own block's queries: the first split only
+        if sp > 0 {
+            qend = qstart;
+        }
+    } else {
+        let share = (qend - qstart + splits - 1) / splits;
+        let lo = qstart + sp * share;
+        let mut hi = lo + share;
+        if hi > qend {
+            hi = qend;
+        }
+        qstart = lo;
+        if qstart > hi {
+            qstart = hi;
+        }
+        qend = hi;
+    }
     let batches = (qend - qstart + t.tq - 1) / t.tq;
     for bi in 0..batches {
         sync_cube();
@@ -1328,10 +1360,10 @@ pub fn attn_bwd_dkdv<F: Float>(
                 if p < nk && j < left {
                     #[unroll]
                     for u in 0..pd {
-                        let off = ((b * kvh + kvhead) * nk + p) * d + dg + dgroups * u;
+                        let off = sp * len + ((b * kvh + kvhead) * nk + p) * d + dg + dgroups * u;
                         let a = it * pr * pd + i * pd + u;
-                        dk[off] = F::cast_from(dk_acc[a]);
-                        dv[off] = F::cast_from(dv_acc[a]);
+                        dk[off] = dk_acc[a];
+                        dv[off] = dv_acc[a];
                     }
                 }
             }
@@ -1475,6 +1507,26 @@ fn accumulate_batch(
                 }
             }
         }
+    }
+}
+
+/// `out[i] = sum over s of part[s * len + i]`, cast to the storage type: the dk/dv partial
+/// sums of the split key chunks.
+#[cube(launch_unchecked)]
+pub fn sum_splits<F: Float>(
+    part: &Tensor<f32>,
+    out: &mut Tensor<F>,
+    len: usize,
+    splits: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i < len {
+        let mut s = 0.0f32;
+        for sp in 0..splits {
+            s += part[sp * len + i];
+        }
+        out[i] = F::cast_from(s);
     }
 }
 

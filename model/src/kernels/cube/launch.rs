@@ -379,13 +379,15 @@ pub fn backward<R: CubeRuntime>(
     } else {
         p.nk.div_ceil(t.kc)
     };
-    let dk = empty(&k, vec![p.b, p.kvh, p.nk, p.d], dtype);
-    let dv = empty(&k, vec![p.b, p.kvh, p.nk, p.d], dtype);
+    let len = p.b * p.kvh * p.nk * p.d;
+    let splits = dkdv_splits(p, t.tq, len);
+    let dk_part = empty(&k, vec![splits * len], DType::F32);
+    let dv_part = empty(&k, vec![splits * len], DType::F32);
     // SAFETY: as the forward; entries and offsets come from `csr`.
     unsafe {
         attn::attn_bwd_dkdv::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(chunks as u32, (p.b * p.kvh) as u32, 1),
+            CubeCount::Static((chunks * splits) as u32, (p.b * p.kvh) as u32, 1),
             CubeDim::new_1d(t.threads as u32),
             q.into_tensor_arg(),
             k.into_tensor_arg(),
@@ -396,8 +398,10 @@ pub fn backward<R: CubeRuntime>(
             delta.into_tensor_arg(),
             offsets.into_tensor_arg(),
             entries.into_tensor_arg(),
-            dk.clone().into_tensor_arg(),
-            dv.clone().into_tensor_arg(),
+            dk_part.clone().into_tensor_arg(),
+            dv_part.clone().into_tensor_arg(),
+            splits,
+            len,
             p.n,
             p.nk,
             p.h,
@@ -410,7 +414,52 @@ pub fn backward<R: CubeRuntime>(
             dtype.into(),
         );
     }
+    let dk = empty(&dk_part, vec![p.b, p.kvh, p.nk, p.d], dtype);
+    let dv = empty(&dk_part, vec![p.b, p.kvh, p.nk, p.d], dtype);
+    for (part, out) in [(&dk_part, &dk), (&dv_part, &dv)] {
+        // SAFETY: one unit per element, guarded by `len`; `part` holds `splits * len` values.
+        unsafe {
+            attn::sum_splits::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(len.div_ceil(256) as u32, 1, 1),
+                CubeDim::new_1d(256),
+                part.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                len,
+                splits,
+                dtype.into(),
+            );
+        }
+    }
     (dq, dk, dv, gated.then_some(dgates))
+}
+
+static FORCED_SPLITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Forces the number of cubes that share a key chunk's queries in the dk/dv kernel (`0`:
+/// chosen from the shape). For tests: small problems never split on their own.
+pub fn force_dkdv_splits(splits: usize) {
+    FORCED_SPLITS.store(splits, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many cubes share the queries of one key chunk in the dk/dv kernel. Early key chunks
+/// of the compressed branch are seen by almost every query (one cube walked 64k queries while
+/// the grid had one wave of cubes), and early selection blocks are chosen far more often than
+/// late ones; splitting their query lists evens the work. Partial sums cost `splits × len`
+/// f32 values per output, capped at 256 MiB each.
+fn dkdv_splits(p: &Problem, tq: usize, len: usize) -> usize {
+    let forced = FORCED_SPLITS.load(std::sync::atomic::Ordering::Relaxed);
+    if forced > 0 {
+        return forced;
+    }
+    let wanted = match p.mode {
+        SLIDING => 1,
+        // about 256 query batches per cube for the first chunk
+        COMPRESSED => p.n.div_ceil(tq.max(1) * 256),
+        _ => p.n.div_ceil(4096),
+    };
+    let cap = ((64usize << 20) / len.max(1)).max(1);
+    wanted.clamp(1, 32).min(cap)
 }
 
 /// For every `(batch, kv head, block)`, the selections `(head, query, slot)` that chose it, as

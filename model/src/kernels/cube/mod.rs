@@ -19,6 +19,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
 use self::attn::{COMPRESSED, SELECTED, SLIDING};
+pub use self::launch::force_dkdv_splits;
 use self::launch::{Forward, Problem, SelectSpec};
 use super::{register, NsaKernels};
 use crate::config::NsaConfig;
