@@ -55,6 +55,10 @@ struct DeviceArgs {
     /// f32, f16 (CUDA, wgpu) or bf16 (CUDA).
     #[arg(long, default_value = "f32")]
     precision: Precision,
+    /// f32-exact matmuls on GPUs (three tensor-core matmuls each instead of one TF32 pass;
+    /// logits then match the CPU to ~1e-5 instead of ~2e-3, decoding is slower).
+    #[arg(long)]
+    exact_matmul: bool,
 }
 
 #[derive(Args)]
@@ -201,6 +205,9 @@ struct CompareArgs {
     /// Fail (exit 1) when a backend differs from the first by more than this.
     #[arg(long, default_value_t = 1e-3)]
     tolerance: f32,
+    /// Keep the GPUs' TF32 tensor-core matmuls (default: f32-exact, see --exact-matmul).
+    #[arg(long)]
+    tf32: bool,
 }
 
 #[derive(Args)]
@@ -303,6 +310,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
             });
             kernel_cache::configure(Workload::Inference);
             let selection = select(&args.device)?;
+            nsa_model::tensor_util::set_exact_matmul(args.device.exact_matmul);
             let job = GenerateJob {
                 config: bundle.config,
                 weights: bundle.weights,
@@ -346,6 +354,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
             }
             kernel_cache::configure(Workload::Inference);
             let selection = select(&args.device)?;
+            nsa_model::tensor_util::set_exact_matmul(args.device.exact_matmul);
             let job = ScoreJob {
                 config: bundle.config,
                 weights: bundle.weights,
@@ -382,6 +391,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
             };
             kernel_cache::configure(Workload::Inference);
             let selection = select(&args.device)?;
+            nsa_model::tensor_util::set_exact_matmul(args.device.exact_matmul);
             let job = BenchJob {
                 config,
                 weights,
@@ -485,6 +495,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
                 args.backends.clone()
             };
             kernel_cache::configure(Workload::Inference);
+            nsa_model::tensor_util::set_exact_matmul(!args.tf32);
             let mut first: Option<(BackendKind, Vec<f32>)> = None;
             let mut worst = 0.0f32;
             for kind in kinds {
@@ -492,6 +503,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
                     backend: kind,
                     device: None,
                     precision: Precision::F32,
+                    exact_matmul: !args.tf32,
                 })?;
                 let job = nsa_infer::run::LogitsJob {
                     config: b.config.clone(),

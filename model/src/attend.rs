@@ -3,6 +3,7 @@
 //! `q`, `k`, `v` and the mask, then call [`attend`]. A fused GPU kernel can replace a branch
 //! without touching this file.
 
+use crate::tensor_util::matmul;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
@@ -32,14 +33,14 @@ pub fn attend<B: Backend>(
     blocked: Option<Tensor<B, 5, Bool>>,
     scale: f64,
 ) -> Attended<B> {
-    let mut sim = q.matmul(k.swap_dims(3, 4)).mul_scalar(scale);
+    let mut sim = matmul(q, k.swap_dims(3, 4)).mul_scalar(scale);
     if let Some(mask) = blocked {
         let shape = sim.shape();
         sim = sim.mask_fill(mask.expand(shape), MASK_VALUE);
     }
     let attn = softmax(sim.clone(), 4);
     Attended {
-        out: attn.matmul(v),
+        out: matmul(attn, v),
         sim,
     }
 }

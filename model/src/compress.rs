@@ -7,6 +7,7 @@
 //! plus every compressed block that ended strictly before them. The scaled logits are kept: they
 //! are the importance scores the selection branch ranks blocks by.
 
+use crate::tensor_util::linear;
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -36,7 +37,7 @@ impl<B: Backend> CompressMlp<B> {
 
     /// `[..., block * dim_head]` → `[..., dim_head]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.fc2.forward(relu(self.fc1.forward(x)))
+        linear(&self.fc2, relu(linear(&self.fc1, x)))
     }
 }
 

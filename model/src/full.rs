@@ -5,6 +5,7 @@
 //! `'b h ... -> b (g h) ...'`: query head `i` uses kv head `i % kv_heads` (the sparse layer
 //! pairs head `i` with kv head `i / group` instead).
 
+use crate::tensor_util::linear;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
@@ -62,9 +63,9 @@ impl<B: Backend> FullAttention<B> {
         let [b, n, _] = x.dims();
         let d = self.dim_head;
         let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
-        let q = rotation.apply(split(self.to_q.forward(x.clone()), self.heads));
-        let k = rotation.apply(split(self.to_k.forward(x.clone()), self.kv_heads));
-        let v = split(self.to_v.forward(x), self.kv_heads);
+        let q = rotation.apply(split(linear(&self.to_q, x.clone()), self.heads));
+        let k = rotation.apply(split(linear(&self.to_k, x.clone()), self.kv_heads));
+        let v = split(linear(&self.to_v, x), self.kv_heads);
         [q, k, v]
     }
 
@@ -98,8 +99,7 @@ impl<B: Backend> FullAttention<B> {
             .reshape([b, self.kv_heads, g, n, d])
             .swap_dims(1, 2)
             .reshape([b, h, n, d]);
-        self.to_out
-            .forward(out.swap_dims(1, 2).reshape([b, n, h * d]))
+        linear(&self.to_out, out.swap_dims(1, 2).reshape([b, n, h * d]))
     }
 
     /// Causal forward: `[batch, seq, dim]` → `[batch, seq, dim]`.

@@ -2,6 +2,7 @@
 //! per (head, branch), initialised (weights 0, biases −2, −2, +2) so that the sliding window
 //! leads at the start of training, as in the reference.
 
+use crate::tensor_util::{linear, matmul};
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -35,11 +36,11 @@ impl<B: Backend> BranchGates<B> {
         let [b, n, _] = x.dims();
         let [_, h, _, d] = branches[0].dims();
         // [b, h, n, 1, 3]
-        let gates = sigmoid(self.proj.forward(x))
+        let gates = sigmoid(linear(&self.proj, x))
             .reshape([b, n, h, 1, 3])
             .swap_dims(1, 2);
         // [b, h, n, 3, d]: one small matmul instead of three scaled adds
         let stacked = Tensor::stack::<5>(branches.to_vec(), 3);
-        gates.matmul(stacked).reshape([b, h, n, d])
+        matmul(gates, stacked).reshape([b, h, n, d])
     }
 }

@@ -7,6 +7,7 @@
 //!              └─ sliding:    q_rot · last `window` k_rot/v ──────────┘
 //! ```
 
+use crate::tensor_util::linear;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
@@ -83,7 +84,7 @@ impl<B: Backend> SparseAttention<B> {
         let [b, n, _] = x.dims();
         let c = &self.config;
         let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
-        let qkv = self.to_qkv.forward(x);
+        let qkv = linear(&self.to_qkv, x);
         let heads = |start: usize, count: usize| {
             qkv.clone()
                 .narrow(2, start * d, count * d)
@@ -103,8 +104,10 @@ impl<B: Backend> SparseAttention<B> {
         let [b, n, _] = normed.dims();
         let out = self.gates.combine(normed, branches);
         let inner = self.config.heads * self.config.dim_head;
-        self.combine_heads
-            .forward(out.swap_dims(1, 2).reshape([b, n, inner]))
+        linear(
+            &self.combine_heads,
+            out.swap_dims(1, 2).reshape([b, n, inner]),
+        )
     }
 
     /// Causal forward over a whole sequence: `x` `[batch, seq, dim]` → `[batch, seq, dim]`.

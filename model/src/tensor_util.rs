@@ -1,6 +1,58 @@
 //! Small tensor helpers shared by the branches (host-built masks and indices, padding, windows).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::nn::Linear;
 use burn::prelude::*;
+
+static EXACT_MATMUL: AtomicBool = AtomicBool::new(false);
+
+/// Makes every matmul of the model (projections, feed-forward, output matrix, attention
+/// scores) f32-exact on tensor-core backends, at three matmuls' cost. Burn's CUDA matmul (and
+/// wgpu's on GPUs with cooperative matrices) stages f32 operands as TF32 (10-bit mantissa),
+/// which moves the seed model's logits by ~2e-3 against the CPU; with this on, each operand is
+/// split into an 11-bit head that TF32 holds exactly and a tail (Veltkamp), and
+/// `a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi` restores f32 accuracy. Off by default (as
+/// PyTorch's `allow_tf32`); `nsa-infer compare` and `--exact-matmul` turn it on. Process-wide.
+pub fn set_exact_matmul(on: bool) {
+    EXACT_MATMUL.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_exact_matmul`] is on.
+pub fn exact_matmul() -> bool {
+    EXACT_MATMUL.load(Ordering::Relaxed)
+}
+
+/// `x = hi + lo` with `hi` holding the leading 11 significant bits of `x` (exact in TF32) and
+/// `lo` the rest, both exact in f32 (Veltkamp's split with the constant 2^13 + 1).
+fn split_tf32<B: Backend, const D: usize>(x: Tensor<B, D>) -> (Tensor<B, D>, Tensor<B, D>) {
+    let gamma = x.clone().mul_scalar(8193.0);
+    let hi = gamma.clone() - (gamma - x.clone());
+    let lo = x - hi.clone();
+    (hi, lo)
+}
+
+/// `a.matmul(b)`, f32-exact when [`set_exact_matmul`] is on.
+pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    if !exact_matmul() {
+        return a.matmul(b);
+    }
+    let (a_hi, a_lo) = split_tf32(a);
+    let (b_hi, b_lo) = split_tf32(b);
+    a_hi.clone().matmul(b_hi.clone()) + a_hi.matmul(b_lo) + a_lo.matmul(b_hi)
+}
+
+/// `layer.forward(x)` through [`matmul`]: `[..., d_in]` → `[..., d_out]`.
+pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    if !exact_matmul() {
+        return layer.forward(x);
+    }
+    let out = matmul(x, layer.weight.val().unsqueeze());
+    match &layer.bias {
+        Some(bias) => out + bias.val().unsqueeze(),
+        None => out,
+    }
+}
 
 /// A boolean tensor from host values.
 pub fn bool_tensor<B: Backend, const D: usize>(
@@ -125,6 +177,34 @@ pub fn round_up(n: usize, m: usize) -> usize {
 mod tests {
     use super::*;
     use burn::backend::NdArray;
+
+    /// The split matmul equals the plain one (on the CPU both are f32), and the split is exact.
+    #[test]
+    fn exact_matmul_equals_matmul_and_the_split_is_exact() {
+        let device = Default::default();
+        let vals = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i as f32 * 0.7 + seed).sin() * 3.1)
+                .collect()
+        };
+        let a = Tensor::<NdArray, 1>::from_floats(vals(2 * 5 * 7, 0.3).as_slice(), &device)
+            .reshape([2, 5, 7]);
+        let b = Tensor::<NdArray, 1>::from_floats(vals(7 * 3, 1.9).as_slice(), &device)
+            .reshape([1, 7, 3]);
+        let (hi, lo) = split_tf32(a.clone());
+        let back = (hi.clone() + lo).sub(a.clone()).abs().max().into_scalar();
+        assert_eq!(back, 0.0);
+        // the head keeps at most 11 significant bits
+        for v in hi.into_data().to_vec::<f32>().unwrap() {
+            assert_eq!(v.to_bits() & 0x1fff, 0, "{v}");
+        }
+        let plain = a.clone().matmul(b.clone());
+        set_exact_matmul(true);
+        let exact = matmul(a, b);
+        set_exact_matmul(false);
+        let diff = (exact - plain).abs().max().into_scalar();
+        assert!(diff < 1e-5, "{diff}");
+    }
 
     /// Every window equals the rows it names, for each way `windows` builds them (plain
     /// reshape, shifted step-blocks, index select).

@@ -2,6 +2,7 @@
 //! token embedding → `depth` × (attention + pre-RMSNorm GELU feed-forward, both residual) →
 //! RMSNorm → logits.
 
+use crate::tensor_util::linear;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, log_softmax};
@@ -90,8 +91,7 @@ impl<B: Backend> FeedForward<B> {
 
     /// `[..., dim]` → `[..., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        self.fc2
-            .forward(gelu(self.fc1.forward(self.norm.forward(x))))
+        linear(&self.fc2, gelu(linear(&self.fc1, self.norm.forward(x))))
     }
 }
 
@@ -176,7 +176,7 @@ impl<B: Backend> Transformer<B> {
             x = a + x;
             x = layer.ff.forward(x.clone()) + x;
         }
-        let logits = self.to_logits.forward(self.norm.forward(x));
+        let logits = linear(&self.to_logits, self.norm.forward(x));
         let rope = RopeTable::new(self.config.dim_head, len, extra.max(1), &logits.device());
         (logits, Cache { layers, len, rope })
     }
@@ -202,7 +202,7 @@ impl<B: Backend> Transformer<B> {
             x = layer.ff.forward(x.clone()) + x;
         }
         let v = self.config.num_tokens;
-        let logits = self.to_logits.forward(self.norm.forward(x)).reshape([b, v]);
+        let logits = linear(&self.to_logits, self.norm.forward(x)).reshape([b, v]);
         (
             logits,
             Cache {
@@ -215,7 +215,7 @@ impl<B: Backend> Transformer<B> {
 
     /// Logits `[batch, seq, num_tokens]` for ids `[batch, seq]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.to_logits.forward(self.hidden(ids))
+        linear(&self.to_logits, self.hidden(ids))
     }
 
     /// Mean next-token cross-entropy of `ids` `[batch, seq + 1]` (inputs `ids[:, :-1]`, targets
