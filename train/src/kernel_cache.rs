@@ -1,6 +1,7 @@
 //! Start-up time on GPUs. Burn's CUDA and wgpu backends compile every kernel at run time (CUDA
-//! through NVRTC) and autotune the fastest variant on first use; without persistent caches every
-//! process pays that again (minutes on CUDA). Before the first GPU call, both binaries point
+//! through NVRTC) and, in builds with the `autotune` feature (off by default), benchmark the
+//! candidate matmul kernels of every new shape; without persistent caches every process pays
+//! that again (seconds on CUDA without autotuning, minutes with it). Before the first GPU call, both binaries point
 //! CubeCL's compilation (PTX) and autotune caches at the user's cache directory
 //! (`$NSA_CACHE_DIR`, else e.g. `~/.cache/nsa/`), so only the first run is slow.
 //!
