@@ -70,9 +70,10 @@ pub struct Tiling {
     pub pf: usize,
     /// Heads per selection group ([`Tiling::select`]; divides `gq`).
     pub sg: usize,
-    /// Forward register tiles (see [`Tiling::with_register_tiles`]): rows × keys of the scores
-    /// each unit computes, rows × dims of the output it accumulates, and units per row of the
-    /// softmax statistics.
+    /// Register tiles. Forward and dq ([`Tiling::with_register_tiles`]): `qr × qk` rows × keys
+    /// of the scores each unit computes, `pr × pd` rows × dims of the output it accumulates,
+    /// `tpr` units per row of the softmax statistics. dk/dv ([`Tiling::with_dkdv_tiles`]):
+    /// `qr × qk` rows × keys of the scores, `pr × pd` keys × dims of the accumulators.
     pub qr: usize,
     pub qk: usize,
     pub pr: usize,
