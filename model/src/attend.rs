@@ -3,9 +3,10 @@
 //! `q`, `k`, `v` and the mask, then call [`attend`]. A fused GPU kernel can replace a branch
 //! without touching this file.
 
-use crate::tensor_util::matmul;
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+
+use crate::tensor_util::matmul;
 
 /// Fill value for blocked logits: the reference's `-finfo.max / 10` (finite, so a mean over
 /// blocked logits stays finite, and `f16` saturates to `-inf`, which softmax also handles).

@@ -7,7 +7,6 @@
 //! plus every compressed block that ended strictly before them. The scaled logits are kept: they
 //! are the importance scores the selection branch ranks blocks by.
 
-use crate::tensor_util::linear;
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -16,7 +15,7 @@ use burn::tensor::activation::relu;
 use crate::attend::{attend, Attended};
 use crate::config::NsaConfig;
 use crate::select::{importance, select_top, Selection};
-use crate::tensor_util::{greater_mask, pad_zeros, windows};
+use crate::tensor_util::{greater_mask, linear, pad_zeros, windows};
 
 /// `Linear(block * dim_head → hidden) → ReLU → Linear(hidden → dim_head)`, shared by all heads.
 #[derive(Module, Debug)]

@@ -5,7 +5,6 @@
 //! `'b h ... -> b (g h) ...'`: query head `i` uses kv head `i % kv_heads` (the sparse layer
 //! pairs head `i` with kv head `i / group` instead).
 
-use crate::tensor_util::linear;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
@@ -13,7 +12,7 @@ use crate::attend::attend;
 use crate::cache::{FullCache, KvBuffer};
 use crate::norm::RmsNorm;
 use crate::rope::Rotation;
-use crate::tensor_util::greater_mask;
+use crate::tensor_util::{greater_mask, linear};
 
 /// One dense attention layer.
 #[derive(Module, Debug)]

@@ -2,11 +2,12 @@
 //! per (head, branch), initialised (weights 0, biases −2, −2, +2) so that the sliding window
 //! leads at the start of training, as in the reference.
 
-use crate::tensor_util::{linear, matmul};
 use burn::module::Param;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
+
+use crate::tensor_util::{linear, matmul};
 
 /// Gate projection `dim → 3 * heads`, output column `3 * head + branch`.
 #[derive(Module, Debug)]

@@ -7,7 +7,6 @@
 //!              └─ sliding:    q_rot · last `window` k_rot/v ──────────┘
 //! ```
 
-use crate::tensor_util::linear;
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
@@ -20,7 +19,7 @@ use crate::norm::RmsNorm;
 use crate::rope::Rotation;
 use crate::select::{fine_attention, fine_attention_step, importance, select_top};
 use crate::sliding::sliding_attention;
-use crate::tensor_util::pad_zeros;
+use crate::tensor_util::{linear, pad_zeros};
 
 /// One NSA layer.
 #[derive(Module, Debug)]

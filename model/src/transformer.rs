@@ -2,7 +2,6 @@
 //! token embedding → `depth` × (attention + pre-RMSNorm GELU feed-forward, both residual) →
 //! RMSNorm → logits.
 
-use crate::tensor_util::linear;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, log_softmax};
@@ -13,6 +12,7 @@ use crate::full::FullAttention;
 use crate::norm::RmsNorm;
 use crate::nsa::SparseAttention;
 use crate::rope::{RopeTable, Rotation};
+use crate::tensor_util::linear;
 
 /// The attention of one block.
 #[allow(clippy::large_enum_variant)]

@@ -188,7 +188,7 @@ impl Tiling {
     /// Shared memory (bytes) of the dk/dv kernel.
     pub fn dkdv_shared(&self) -> usize {
         let r = self.bwd_rows();
-        4 * (2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1) + 2 * r * (self.kc + 1) + 5 * r)
+        4 * (2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1) + 2 * r * (self.kc + 1) + 6 * r)
     }
 }
 
@@ -795,6 +795,54 @@ pub fn attn_delta<F: Float>(
     }
 }
 
+/// One unit's register tile of the two score products of the backward: `dot = q · kᵀ` and
+/// `dp = dout · vᵀ` for rows `rg * qr ..` and keys `kg + kgroups * jj` (shared tiles with row
+/// stride `d + 1`). `dot` and `dp` hold `qr × qk` values, row-major.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn dual_score_tile(
+    q_s: &SharedMemory<f32>,
+    do_s: &SharedMemory<f32>,
+    k_s: &SharedMemory<f32>,
+    v_s: &SharedMemory<f32>,
+    rg: usize,
+    kg: usize,
+    dot: &mut Array<f32>,
+    dp: &mut Array<f32>,
+    #[comptime] t: Tiling,
+) {
+    let d = t.d;
+    let ds = comptime!(t.d + 1);
+    let qr = t.qr;
+    let qk = t.qk;
+    let sn = comptime!(t.qr * t.qk);
+    let kgroups = comptime!(t.kc / t.qk);
+    #[unroll]
+    for i in 0..sn {
+        dot[i] = 0.0;
+        dp[i] = 0.0;
+    }
+    for dd in 0..d {
+        let mut kreg = Array::<f32>::new(qk);
+        let mut vreg = Array::<f32>::new(qk);
+        #[unroll]
+        for jj in 0..qk {
+            kreg[jj] = k_s[(kg + kgroups * jj) * ds + dd];
+            vreg[jj] = v_s[(kg + kgroups * jj) * ds + dd];
+        }
+        #[unroll]
+        for i in 0..qr {
+            let qv = q_s[(rg * qr + i) * ds + dd];
+            let ov = do_s[(rg * qr + i) * ds + dd];
+            #[unroll]
+            for jj in 0..qk {
+                dot[i * qk + jj] += qv * kreg[jj];
+                dp[i * qk + jj] += ov * vreg[jj];
+            }
+        }
+    }
+}
+
 /// Backward, query-centric: `dq` (and `dgates` `[b, hs, n, count]` when gated). Same grid
 /// as [`attn_fwd`].
 #[cube(launch_unchecked)]
@@ -924,30 +972,7 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
             let kg = g % kgroups;
             let mut dot = Array::<f32>::new(sn);
             let mut dp = Array::<f32>::new(sn);
-            #[unroll]
-            for i in 0..sn {
-                dot[i] = 0.0;
-                dp[i] = 0.0;
-            }
-            for dd in 0..d {
-                let mut kreg = Array::<f32>::new(qk);
-                let mut vreg = Array::<f32>::new(qk);
-                #[unroll]
-                for jj in 0..qk {
-                    kreg[jj] = k_s[(kg + kgroups * jj) * ds + dd];
-                    vreg[jj] = v_s[(kg + kgroups * jj) * ds + dd];
-                }
-                #[unroll]
-                for i in 0..qr {
-                    let qv = q_s[(rg * qr + i) * ds + dd];
-                    let ov = do_s[(rg * qr + i) * ds + dd];
-                    #[unroll]
-                    for jj in 0..qk {
-                        dot[i * qk + jj] += qv * kreg[jj];
-                        dp[i * qk + jj] += ov * vreg[jj];
-                    }
-                }
-            }
+            dual_score_tile(&q_s, &do_s, &k_s, &v_s, rg, kg, &mut dot, &mut dp, t);
             #[unroll]
             for i in 0..qr {
                 let r = rg * qr + i;
@@ -1121,6 +1146,8 @@ pub fn attn_bwd_dkdv<F: Float>(
     // query position of each row, and whether the row is live
     let mut pos_s = SharedMemory::<u32>::new(rows);
     let mut live_s = SharedMemory::<u32>::new(rows);
+    // selected phase: the row's `(b * h + head) * n + tt`, decoded once from its entry
+    let mut row_s = SharedMemory::<u32>::new(rows);
 
     let mut e = tid;
     while e < kc * d {
@@ -1175,14 +1202,16 @@ pub fn attn_bwd_dkdv<F: Float>(
                 let mut dl = 0.0f32;
                 let mut gate = 1.0f32;
                 let mut tt = 0usize;
+                let mut row = 0usize;
                 if live {
                     let ent = entries[ei] as usize;
                     let slot = ent % count;
                     tt = (ent / count) % n;
                     let hsel = ent / (count * n);
                     let head = hsel * t.gq + r % t.gq;
-                    l = lse[(b * h + head) * n + tt];
-                    dl = delta[(b * h + head) * n + tt];
+                    row = (b * h + head) * n + tt;
+                    l = lse[row];
+                    dl = delta[row];
                     if t.gated {
                         gate = f32::cast_from(gates[((b * hs + hsel) * n + tt) * count + slot]);
                     }
@@ -1196,20 +1225,17 @@ pub fn attn_bwd_dkdv<F: Float>(
                     lv = 1u32;
                 }
                 live_s[r] = lv;
+                row_s[r] = row as u32;
                 r += nt;
             }
+            sync_cube();
             let mut e = tid;
             while e < rows * d {
                 let r = e / d;
-                let ei = e0 + r / t.gq;
                 let mut qv = 0.0f32;
                 let mut dv = 0.0f32;
-                if r < comptime!(t.bwd_rows() / t.gq * t.gq) && ei < end {
-                    let ent = entries[ei] as usize;
-                    let tt = (ent / count) % n;
-                    let hsel = ent / (count * n);
-                    let head = hsel * t.gq + r % t.gq;
-                    let off = ((b * h + head) * n + tt) * d + e % d;
+                if live_s[r] == 1 {
+                    let off = (row_s[r] as usize) * d + e % d;
                     qv = f32::cast_from(q[off]) * scale;
                     dv = f32::cast_from(dout[off]);
                 }
@@ -1401,7 +1427,6 @@ fn accumulate_batch(
     by_position: bool,
     #[comptime] t: Tiling,
 ) {
-    let d = t.d;
     let rows = comptime!(t.bwd_rows());
     let nt = t.threads;
     let ds = comptime!(t.d + 1);
@@ -1425,30 +1450,7 @@ fn accumulate_batch(
         let kg = g % kgroups;
         let mut dot = Array::<f32>::new(sn);
         let mut dp = Array::<f32>::new(sn);
-        #[unroll]
-        for i in 0..sn {
-            dot[i] = 0.0;
-            dp[i] = 0.0;
-        }
-        for dd in 0..d {
-            let mut kreg = Array::<f32>::new(qk);
-            let mut vreg = Array::<f32>::new(qk);
-            #[unroll]
-            for jj in 0..qk {
-                kreg[jj] = k_s[(kg + kgroups * jj) * ds + dd];
-                vreg[jj] = v_s[(kg + kgroups * jj) * ds + dd];
-            }
-            #[unroll]
-            for i in 0..qr {
-                let qv = q_s[(rg * qr + i) * ds + dd];
-                let ov = do_s[(rg * qr + i) * ds + dd];
-                #[unroll]
-                for jj in 0..qk {
-                    dot[i * qk + jj] += qv * kreg[jj];
-                    dp[i * qk + jj] += ov * vreg[jj];
-                }
-            }
-        }
+        dual_score_tile(q_s, do_s, k_s, v_s, rg, kg, &mut dot, &mut dp, t);
         #[unroll]
         for i in 0..qr {
             let r = rg * qr + i;

@@ -168,7 +168,9 @@ pub fn supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &Problem) -> bool
         .all(|&pass| tiling(p, pass, budget).is_some())
         && p.h.is_multiple_of(p.kvh)
         && p.h.is_multiple_of(p.gq)
-        && p.n < u32::MAX as usize / p.h.max(p.count).max(1)
+        // entries `(head * n + t) * count + slot` and row offsets `(b * h + head) * n + t`
+        // are u32
+        && p.n < u32::MAX as usize / (p.b.max(1) * p.h.max(p.count).max(1))
 }
 
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) -> CubeTensor<R> {
