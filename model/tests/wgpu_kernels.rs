@@ -18,7 +18,11 @@ use nsa_model::select::{fine_attention, Selection};
 use nsa_model::sliding::sliding_attention;
 use nsa_model::{kernels, NsaConfig};
 
+/// The inference backend's autodiff: `Fusion<CubeBackend>` when Burn's `fusion` feature is on
+/// (as in the binaries and the workspace test build), the plain `CubeBackend` otherwise.
 type Gpu = Autodiff<Wgpu>;
+/// The plain `CubeBackend` (no fusion), checked too when `Gpu` is the fused one.
+type Plain = Autodiff<burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>>;
 type Cpu = Autodiff<NdArray>;
 
 fn register() {
@@ -163,10 +167,24 @@ fn check(name: &str, what: &str, ours: &HostTensor, reference: &HostTensor, tol:
 
 #[test]
 fn selected_attention_kernel_matches_tensor_ops() {
-    selected_cases();
+    selected_cases::<Gpu>();
 }
 
-fn selected_cases() {
+/// With Burn's `fusion` on, every kernel also on the plain backend (the other registration).
+#[test]
+#[cfg(feature = "fusion")]
+fn kernels_without_fusion_match_tensor_ops() {
+    assert_ne!(
+        std::any::TypeId::of::<Gpu>(),
+        std::any::TypeId::of::<Plain>(),
+        "Wgpu is the fused backend here"
+    );
+    selected_cases::<Plain>();
+    sliding_cases::<Plain>();
+    compressed_cases::<Plain>();
+}
+
+fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
@@ -194,7 +212,7 @@ fn selected_cases() {
         let selection = (count > 0).then(|| random_selection(&mut rng, b, hs, n, sel, count));
         let scale = (d as f64).powf(-0.5);
         let name = format!("selected h{h} kv{kvh} n{n} d{d} sel{sel} c{count} s{share} g{diff}");
-        let ours = run_selected::<Gpu>(&gpu, &q, &k, &v, &w, selection.as_ref(), &config, scale);
+        let ours = run_selected::<G>(&gpu, &q, &k, &v, &w, selection.as_ref(), &config, scale);
         let reference =
             run_selected::<Cpu>(&cpu, &q, &k, &v, &w, selection.as_ref(), &config, scale);
         check(&name, "out", &ours.out, &reference.out, 1e-4);
@@ -239,6 +257,10 @@ fn run_sliding<B: AutodiffBackend>(
 
 #[test]
 fn sliding_attention_kernel_matches_tensor_ops() {
+    sliding_cases::<Gpu>();
+}
+
+fn sliding_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
@@ -257,7 +279,7 @@ fn sliding_attention_kernel_matches_tensor_ops() {
         let w = rng.host(&[b, h, n, d]);
         let scale = (d as f64).powf(-0.5);
         let name = format!("sliding h{h} kv{kvh} n{n} d{d} w{window}");
-        let ours = run_sliding::<Gpu>(&gpu, &q, &k, &v, &w, window, scale);
+        let ours = run_sliding::<G>(&gpu, &q, &k, &v, &w, window, scale);
         let reference = run_sliding::<Cpu>(&cpu, &q, &k, &v, &w, window, scale);
         check(&name, "out", &ours.out, &reference.out, 1e-4);
         check(&name, "dq", &ours.dq, &reference.dq, 1e-4);
@@ -328,7 +350,7 @@ fn run_compressed<B: AutodiffBackend>(
 
 #[test]
 fn compressed_attention_and_selection_kernel_match_tensor_ops() {
-    compressed_cases();
+    compressed_cases::<Gpu>();
 }
 
 /// The dk/dv kernel with every key chunk's queries split over 3 cubes (partial sums), which
@@ -337,12 +359,12 @@ fn compressed_attention_and_selection_kernel_match_tensor_ops() {
 #[test]
 fn dkdv_kernel_with_split_query_lists_matches_tensor_ops() {
     kernels::force_dkdv_splits(3);
-    selected_cases();
-    compressed_cases();
+    selected_cases::<Gpu>();
+    compressed_cases::<Gpu>();
     kernels::force_dkdv_splits(0);
 }
 
-fn compressed_cases() {
+fn compressed_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
@@ -367,7 +389,7 @@ fn compressed_cases() {
         let w = rng.host(&[b, h, n, d]);
         let scale = (d as f64).powf(-0.5);
         let name = format!("compressed h{h} kv{kvh} n{n} d{d} s{stride} sel{sel} m{mem} c{count}");
-        let ours = run_compressed::<Gpu>(&gpu, [&q, &ck, &cv, &w], &config, scale);
+        let ours = run_compressed::<G>(&gpu, [&q, &ck, &cv, &w], &config, scale);
         let reference = run_compressed::<Cpu>(&cpu, [&q, &ck, &cv, &w], &config, scale);
         check(&name, "out", &ours.out, &reference.out, 1e-4);
         check(&name, "dq", &ours.dq, &reference.dq, 1e-4);

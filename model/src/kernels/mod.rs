@@ -9,8 +9,10 @@
 //! With the cargo feature `kernels`, [`register_cube`] registers the CubeCL kernels of
 //! `cube` for `CubeBackend<R, F, I, BT>` (CUDA and wgpu share the sources) and for
 //! `Autodiff<CubeBackend<..>>` (forward through the same kernels, backward through fused
-//! backward kernels). Burn's `Cuda<F>` and `Wgpu<F>` aliases are `CubeBackend` only without the
-//! `fusion` feature; with fusion on, nothing matches and the tensor path runs.
+//! backward kernels). With the feature `fusion` it also registers them for Burn's
+//! `Fusion<CubeBackend<..>>` (what the `Cuda<F>` and `Wgpu<F>` aliases are when Burn's `fusion`
+//! feature is on, as in the binaries) and its autodiff: each launch is then a custom operation
+//! of the fusion stream, and the tensor ops around it still fuse.
 //!
 //! [`set_enabled`] (or `NSA_KERNELS=0` in the environment) turns every registered kernel off, so
 //! one binary can time and check both paths.

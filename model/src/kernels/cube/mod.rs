@@ -1,8 +1,13 @@
-//! The CubeCL implementation of [`NsaKernels`] for `CubeBackend<R, F, I, BT>` (any CubeCL
-//! runtime: CUDA, wgpu, ...) and for `Autodiff<CubeBackend<..>>`, where the forward runs the
-//! same kernels and a custom backward step runs the fused backward kernels.
+//! The CubeCL implementation of [`NsaKernels`], for every backend that can hand its tensors to
+//! CubeCL kernels ([`KernelBackend`]): `CubeBackend<R, F, I, BT>` (any CubeCL runtime: CUDA,
+//! wgpu, ...), Burn's `Fusion` over it (feature `fusion`: each kernel launch is a custom
+//! operation of the fusion stream, so the tensor ops around it still fuse), and the autodiff
+//! backend over either, where the forward runs the same kernels and a custom backward step runs
+//! the fused backward kernels.
 
 mod attn;
+#[cfg(feature = "fusion")]
+mod fusion;
 mod launch;
 
 use std::marker::PhantomData;
@@ -14,31 +19,143 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Element, TensorPrimitive};
-use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::prelude::ComputeClient;
 
 use self::attn::{COMPRESSED, SELECTED, SLIDING};
 pub use self::launch::force_dkdv_splits;
-use self::launch::{Forward, Problem, SelectSpec};
+use self::launch::{Problem, SelectSpec};
 use super::{register, NsaKernels};
 use crate::config::NsaConfig;
 use crate::select::Selection;
 
-/// The CubeCL kernels for runtime `R` and element types `F`, `I`, `BT`.
-pub struct CubeKernels<R, F, I, BT>(PhantomData<Types<R, F, I, BT>>);
+/// What the fused forward returns, as primitives of backend `B`.
+pub struct KernelForward<B: Backend> {
+    /// `[b, h, n, d]`
+    pub out: FloatTensor<B>,
+    /// Log-sum-exp of every row, `[b, h, n]` (f32).
+    pub lse: FloatTensor<B>,
+    /// Compressed mode with selection: the kept blocks `[b, hs, n, topk]` (`-1`: not valid)
+    /// and their probabilities.
+    pub selection: Option<(IntTensor<B>, FloatTensor<B>)>,
+}
 
-type Types<R, F, I, BT> = fn() -> (R, F, I, BT);
+/// Gradients `(dq, dk, dv, dgates)` of the fused backward.
+pub type KernelGrads<B> = (
+    FloatTensor<B>,
+    FloatTensor<B>,
+    FloatTensor<B>,
+    Option<FloatTensor<B>>,
+);
 
-impl<R, F, I, BT> Default for CubeKernels<R, F, I, BT> {
+/// A backend whose tensors the CubeCL kernels run on: the launches of [`launch`] at the level
+/// of the backend's primitives.
+pub trait KernelBackend: Backend {
+    /// The CubeCL runtime the tensors live on.
+    type Runtime: CubeRuntime;
+
+    /// The CubeCL client of `device` (for the kernels' shared-memory budget).
+    fn cube_client(device: &Self::Device) -> ComputeClient<Self::Runtime>;
+
+    /// The fused attention forward of `p`.
+    fn attn_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        gates: Option<FloatTensor<Self>>,
+        p: &Problem,
+    ) -> KernelForward<Self>;
+
+    /// The fused attention backward of `p` from the output gradient `dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        gates: Option<FloatTensor<Self>>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        p: &Problem,
+    ) -> KernelGrads<Self>;
+
+    /// Top-`k` along the last axis: values and indices.
+    fn top_k(x: FloatTensor<Self>, k: usize) -> (FloatTensor<Self>, IntTensor<Self>);
+}
+
+type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+impl<R, F, I, BT> KernelBackend for Cb<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type Runtime = R;
+
+    fn cube_client(device: &Self::Device) -> ComputeClient<R> {
+        R::client(device)
+    }
+
+    fn attn_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        gates: Option<FloatTensor<Self>>,
+        p: &Problem,
+    ) -> KernelForward<Self> {
+        let f = launch::forward(q, k, v, idx, gates, p, int_dtype::<I>());
+        KernelForward {
+            out: f.out,
+            lse: f.lse,
+            selection: f.selection,
+        }
+    }
+
+    fn attn_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        gates: Option<FloatTensor<Self>>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        p: &Problem,
+    ) -> KernelGrads<Self> {
+        launch::backward(q, k, v, idx, gates, out, lse, dout, p)
+    }
+
+    fn top_k(x: FloatTensor<Self>, k: usize) -> (FloatTensor<Self>, IntTensor<Self>) {
+        launch::top_k(x, k, int_dtype::<I>())
+    }
+}
+
+/// The CubeCL kernels for backend `B`.
+pub struct CubeKernels<B>(PhantomData<fn() -> B>);
+
+impl<B> Default for CubeKernels<B> {
     fn default() -> Self {
         Self(PhantomData)
     }
 }
 
-/// Registers the fused kernels for `CubeBackend<R, F, I, BT>` and its autodiff backend, e.g.
-/// `register_cube::<CudaRuntime, f32, i32, u8>()` for `Cuda<f32>` (without burn's `fusion`
-/// feature) or `register_cube::<WgpuRuntime, f32, i32, u32>()` for `Wgpu<f32>`.
+fn register_for<B: KernelBackend>() {
+    register::<B>(Arc::new(CubeKernels::<B>::default()));
+    register::<Autodiff<B>>(Arc::new(CubeKernels::<B>::default()));
+}
+
+/// Registers the fused kernels for `CubeBackend<R, F, I, BT>`, for Burn's `Fusion` over it (with
+/// the feature `fusion`) and for their autodiff backends, e.g.
+/// `register_cube::<CudaRuntime, f32, i32, u8>()` for `Cuda<f32>` or
+/// `register_cube::<WgpuRuntime, f32, i32, u32>()` for `Wgpu<f32>`, with or without Burn's
+/// `fusion` feature.
 pub fn register_cube<R, F, I, BT>()
 where
     R: CubeRuntime,
@@ -46,28 +163,32 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    register::<CubeBackend<R, F, I, BT>>(Arc::new(CubeKernels::<R, F, I, BT>::default()));
-    register::<Autodiff<CubeBackend<R, F, I, BT>>>(Arc::new(CubeKernels::<R, F, I, BT>::default()));
+    register_for::<Cb<R, F, I, BT>>();
+    #[cfg(feature = "fusion")]
+    register_for::<burn_fusion::Fusion<Cb<R, F, I, BT>>>();
 }
-
-type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
 fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
+/// Whether the kernels can run `p` on the device of `q`.
+fn supported<B: KernelBackend>(q: &Tensor<B, 4>, p: &Problem) -> bool {
+    launch::supported(&B::cube_client(&q.device()), p)
+}
+
 /// The problem for the selected branch, or `None` when the kernels do not cover it.
-fn selected_problem<R: CubeRuntime>(
-    q: &CubeTensor<R>,
-    k: &CubeTensor<R>,
+fn selected_problem<B: KernelBackend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
     count: usize,
     gated: bool,
     config: &NsaConfig,
     scale: f64,
 ) -> Option<Problem> {
-    let [b, h, n, d] = q.meta.shape().dims::<4>();
-    let kvh = k.meta.shape().dims::<4>()[1];
-    if !is_float(q.dtype) || k.dtype != q.dtype || kvh == 0 || !h.is_multiple_of(kvh) {
+    let [b, h, n, d] = q.dims();
+    let kvh = k.dims()[1];
+    if !is_float(q.dtype()) || k.dtype() != q.dtype() || kvh == 0 || !h.is_multiple_of(kvh) {
         return None;
     }
     let hs = if config.query_heads_share_selected_kv {
@@ -92,18 +213,18 @@ fn selected_problem<R: CubeRuntime>(
         scale,
         select: None,
     };
-    launch::supported(&q.client, &p).then_some(p)
+    supported(q, &p).then_some(p)
 }
 
-fn sliding_problem<R: CubeRuntime>(
-    q: &CubeTensor<R>,
-    k: &CubeTensor<R>,
+fn sliding_problem<B: KernelBackend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
     window: usize,
     scale: f64,
 ) -> Option<Problem> {
-    let [b, h, n, d] = q.meta.shape().dims::<4>();
-    let kvh = k.meta.shape().dims::<4>()[1];
-    if !is_float(q.dtype) || k.dtype != q.dtype || kvh == 0 || !h.is_multiple_of(kvh) {
+    let [b, h, n, d] = q.dims();
+    let kvh = k.dims()[1];
+    if !is_float(q.dtype()) || k.dtype() != q.dtype() || kvh == 0 || !h.is_multiple_of(kvh) {
         return None;
     }
     let p = Problem {
@@ -123,23 +244,23 @@ fn sliding_problem<R: CubeRuntime>(
         scale,
         select: None,
     };
-    launch::supported(&q.client, &p).then_some(p)
+    supported(q, &p).then_some(p)
 }
 
 /// The compressed branch over memory + compressed `ck` `[b, kvh, mem + blocks, d]` for queries
 /// at `0..n`, with the block selection fused in when the config selects (and its scores need
 /// no gradient: not with `use_diff_topk`).
-fn compressed_problem<R: CubeRuntime>(
-    q: &CubeTensor<R>,
-    ck: &CubeTensor<R>,
+fn compressed_problem<B: KernelBackend>(
+    q: &Tensor<B, 4>,
+    ck: &Tensor<B, 4>,
     num_mem: usize,
     config: &NsaConfig,
     scale: f64,
 ) -> Option<Problem> {
-    let [b, h, n, d] = q.meta.shape().dims::<4>();
-    let [_, kvh, slots, _] = ck.meta.shape().dims::<4>();
-    if !is_float(q.dtype)
-        || ck.dtype != q.dtype
+    let [b, h, n, d] = q.dims();
+    let [_, kvh, slots, _] = ck.dims();
+    if !is_float(q.dtype())
+        || ck.dtype() != q.dtype()
         || kvh == 0
         || !h.is_multiple_of(kvh)
         || slots < num_mem
@@ -182,7 +303,7 @@ fn compressed_problem<R: CubeRuntime>(
             sel: config.selection_block_size,
         }),
     };
-    (topk <= 64 && launch::supported(&q.client, &p)).then_some(p)
+    (topk <= 64 && supported(q, &p)).then_some(p)
 }
 
 /// Selection indices with invalid blocks as `-1`, and the gates when keys are gated.
@@ -216,63 +337,49 @@ fn int_dtype<I: IntElement>() -> DType {
     <I as Element>::dtype()
 }
 
-impl<R, F, I, BT> NsaKernels<Cb<R, F, I, BT>> for CubeKernels<R, F, I, BT>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
+impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
     fn selected_attention(
         &self,
-        q: &Tensor<Cb<R, F, I, BT>, 4>,
-        k: &Tensor<Cb<R, F, I, BT>, 4>,
-        v: &Tensor<Cb<R, F, I, BT>, 4>,
-        selection: Option<&Selection<Cb<R, F, I, BT>>>,
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+        selection: Option<&Selection<B>>,
         config: &NsaConfig,
         scale: f64,
-    ) -> Option<Tensor<Cb<R, F, I, BT>, 4>> {
-        let (qp, kp, vp) = (float_of(q), float_of(k), float_of(v));
+    ) -> Option<Tensor<B, 4>> {
         let (idx, gates) = selection_parts(selection, config);
         let count = idx.as_ref().map_or(0, |i| i.dims()[3]);
-        let p = selected_problem(&qp, &kp, count, gates.is_some(), config, scale)?;
-        let f = launch::forward(
-            qp,
-            kp,
-            vp,
+        let p = selected_problem(q, k, count, gates.is_some(), config, scale)?;
+        let f = B::attn_forward(
+            float_of(q),
+            float_of(k),
+            float_of(v),
             idx.map(|i| i.into_primitive()),
             gates.map(|g| float_of(&g)),
             &p,
-            int_dtype::<I>(),
         );
         Some(Tensor::from_primitive(TensorPrimitive::Float(f.out)))
     }
 
     fn sliding_attention(
         &self,
-        q: &Tensor<Cb<R, F, I, BT>, 4>,
-        k: &Tensor<Cb<R, F, I, BT>, 4>,
-        v: &Tensor<Cb<R, F, I, BT>, 4>,
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
         window: usize,
         scale: f64,
-    ) -> Option<Tensor<Cb<R, F, I, BT>, 4>> {
-        let (qp, kp, vp) = (float_of(q), float_of(k), float_of(v));
-        let p = sliding_problem(&qp, &kp, window, scale)?;
-        let f = launch::forward(qp, kp, vp, None, None, &p, int_dtype::<I>());
+    ) -> Option<Tensor<B, 4>> {
+        let p = sliding_problem(q, k, window, scale)?;
+        let f = B::attn_forward(float_of(q), float_of(k), float_of(v), None, None, &p);
         Some(Tensor::from_primitive(TensorPrimitive::Float(f.out)))
     }
 
-    fn top_k(
-        &self,
-        x: &Tensor<Cb<R, F, I, BT>, 4>,
-        k: usize,
-    ) -> Option<(Tensor<Cb<R, F, I, BT>, 4>, Tensor<Cb<R, F, I, BT>, 4, Int>)> {
-        let xp = float_of(x);
+    fn top_k(&self, x: &Tensor<B, 4>, k: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4, Int>)> {
         let len = x.dims()[3];
-        if !is_float(xp.dtype) || k == 0 || k > len || k > launch::MAX_TOP_K {
+        if !is_float(x.dtype()) || k == 0 || k > len || k > launch::MAX_TOP_K {
             return None;
         }
-        let (values, indices) = launch::top_k(xp, k, int_dtype::<I>());
+        let (values, indices) = B::top_k(float_of(x), k);
         Some((
             Tensor::from_primitive(TensorPrimitive::Float(values)),
             Tensor::from_primitive(indices),
@@ -281,16 +388,15 @@ where
 
     fn compressed_and_selection(
         &self,
-        q: &Tensor<Cb<R, F, I, BT>, 4>,
-        ck: &Tensor<Cb<R, F, I, BT>, 4>,
-        cv: &Tensor<Cb<R, F, I, BT>, 4>,
+        q: &Tensor<B, 4>,
+        ck: &Tensor<B, 4>,
+        cv: &Tensor<B, 4>,
         num_mem: usize,
         config: &NsaConfig,
         scale: f64,
-    ) -> Option<CompressedOut<Cb<R, F, I, BT>>> {
-        let (qp, kp, vp) = (float_of(q), float_of(ck), float_of(cv));
-        let p = compressed_problem(&qp, &kp, num_mem, config, scale)?;
-        let f = launch::forward(qp, kp, vp, None, None, &p, int_dtype::<I>());
+    ) -> Option<CompressedOut<B>> {
+        let p = compressed_problem(q, ck, num_mem, config, scale)?;
+        let f = B::attn_forward(float_of(q), float_of(ck), float_of(cv), None, None, &p);
         let selection = f.selection.map(|(blocks, scores)| {
             selection_of(
                 Tensor::from_primitive(blocks),
@@ -308,14 +414,14 @@ type CompressedOut<B> = (Tensor<B, 4>, Option<Selection<B>>);
 
 /// What the backward step keeps from the forward.
 #[derive(Clone, Debug)]
-struct AttnState<R: CubeRuntime> {
-    q: CubeTensor<R>,
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
-    idx: Option<CubeTensor<R>>,
-    gates: Option<CubeTensor<R>>,
-    out: CubeTensor<R>,
-    lse: CubeTensor<R>,
+struct AttnState<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    idx: Option<IntTensor<B>>,
+    gates: Option<FloatTensor<B>>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
     problem: Problem,
 }
 
@@ -323,14 +429,8 @@ struct AttnState<R: CubeRuntime> {
 #[derive(Debug)]
 struct AttnBackward<const N: usize>;
 
-impl<R, F, I, BT, const N: usize> Backward<Cb<R, F, I, BT>, N> for AttnBackward<N>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    type State = AttnState<R>;
+impl<B: KernelBackend, const N: usize> Backward<B, N> for AttnBackward<N> {
+    type State = AttnState<B>;
 
     fn backward(
         self,
@@ -338,56 +438,48 @@ where
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let grad = grads.consume::<Cb<R, F, I, BT>>(&ops.node);
+        let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let (dq, dk, dv, dgates) = launch::backward(
+        let (dq, dk, dv, dgates) = B::attn_backward(
             s.q, s.k, s.v, s.idx, s.gates, s.out, s.lse, grad, &s.problem,
         );
         let mut results = [Some(dq), Some(dk), Some(dv), dgates];
         for (parent, grad) in ops.parents.iter().zip(results.iter_mut()) {
             if let (Some(node), Some(grad)) = (parent, grad.take()) {
-                grads.register::<Cb<R, F, I, BT>>(node.id, grad);
+                grads.register::<B>(node.id, grad);
             }
         }
     }
 }
 
-type Ad<R, F, I, BT, C> = Autodiff<Cb<R, F, I, BT>, C>;
-
 /// Runs the fused forward on autodiff tensors and records the backward step: the output is
 /// tracked (parents q, k, v and the gates when given); the fused selection, if any, is not.
-#[allow(clippy::type_complexity)]
-fn tracked_attention<R, F, I, BT, C>(
-    q: &Tensor<Ad<R, F, I, BT, C>, 4>,
-    k: &Tensor<Ad<R, F, I, BT, C>, 4>,
-    v: &Tensor<Ad<R, F, I, BT, C>, 4>,
-    idx: Option<Tensor<Ad<R, F, I, BT, C>, 4, Int>>,
-    gates: Option<Tensor<Ad<R, F, I, BT, C>, 4>>,
-    problem: impl FnOnce(&CubeTensor<R>, &CubeTensor<R>) -> Option<Problem>,
-) -> Option<CompressedOut<Ad<R, F, I, BT, C>>>
+fn tracked_attention<B, C>(
+    q: &Tensor<Autodiff<B, C>, 4>,
+    k: &Tensor<Autodiff<B, C>, 4>,
+    v: &Tensor<Autodiff<B, C>, 4>,
+    idx: Option<Tensor<Autodiff<B, C>, 4, Int>>,
+    gates: Option<Tensor<Autodiff<B, C>, 4>>,
+    p: Problem,
+) -> CompressedOut<Autodiff<B, C>>
 where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
+    B: KernelBackend,
     C: CheckpointStrategy,
 {
     let (q, k, v) = (float_of(q), float_of(k), float_of(v));
-    let p = problem(&q.primitive, &k.primitive)?;
     let idx = idx.map(|i| i.into_primitive());
     let gates = gates.map(|g| float_of(&g));
-    let run = |gp: Option<CubeTensor<R>>| -> Forward<R> {
-        launch::forward(
+    let run = |gp: Option<FloatTensor<B>>| -> KernelForward<B> {
+        B::attn_forward(
             q.primitive.clone(),
             k.primitive.clone(),
             v.primitive.clone(),
             idx.clone(),
             gp,
             &p,
-            int_dtype::<I>(),
         )
     };
-    let state = |f: &Forward<R>, gp: Option<CubeTensor<R>>| AttnState {
+    let state = |f: &KernelForward<B>, gp: Option<FloatTensor<B>>| AttnState::<B> {
         q: q.primitive.clone(),
         k: k.primitive.clone(),
         v: v.primitive.clone(),
@@ -442,66 +534,62 @@ where
         }
     };
     let selection = selection.map(|(blocks, scores)| {
-        let scores = Tensor::<Cb<R, F, I, BT>, 4>::from_primitive(TensorPrimitive::Float(scores));
+        let scores = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(scores));
         selection_of(Tensor::from_primitive(blocks), Tensor::from_inner(scores))
     });
-    Some((
+    (
         Tensor::from_primitive(TensorPrimitive::Float(out)),
         selection,
-    ))
+    )
 }
 
-impl<R, F, I, BT, C> NsaKernels<Ad<R, F, I, BT, C>> for CubeKernels<R, F, I, BT>
+/// The inner-backend view of an autodiff tensor (for the shape and device checks).
+fn inner<B: KernelBackend, C: CheckpointStrategy>(t: &Tensor<Autodiff<B, C>, 4>) -> Tensor<B, 4> {
+    t.clone().inner()
+}
+
+impl<B, C> NsaKernels<Autodiff<B, C>> for CubeKernels<B>
 where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
+    B: KernelBackend,
     C: CheckpointStrategy,
 {
     fn selected_attention(
         &self,
-        q: &Tensor<Ad<R, F, I, BT, C>, 4>,
-        k: &Tensor<Ad<R, F, I, BT, C>, 4>,
-        v: &Tensor<Ad<R, F, I, BT, C>, 4>,
-        selection: Option<&Selection<Ad<R, F, I, BT, C>>>,
+        q: &Tensor<Autodiff<B, C>, 4>,
+        k: &Tensor<Autodiff<B, C>, 4>,
+        v: &Tensor<Autodiff<B, C>, 4>,
+        selection: Option<&Selection<Autodiff<B, C>>>,
         config: &NsaConfig,
         scale: f64,
-    ) -> Option<Tensor<Ad<R, F, I, BT, C>, 4>> {
+    ) -> Option<Tensor<Autodiff<B, C>, 4>> {
         let (idx, gates) = selection_parts(selection, config);
         let count = idx.as_ref().map_or(0, |i| i.dims()[3]);
-        let gated = gates.is_some();
-        tracked_attention(q, k, v, idx, gates, |q, k| {
-            selected_problem(q, k, count, gated, config, scale)
-        })
-        .map(|(out, _)| out)
+        let p = selected_problem(&inner(q), &inner(k), count, gates.is_some(), config, scale)?;
+        Some(tracked_attention(q, k, v, idx, gates, p).0)
     }
 
     fn sliding_attention(
         &self,
-        q: &Tensor<Ad<R, F, I, BT, C>, 4>,
-        k: &Tensor<Ad<R, F, I, BT, C>, 4>,
-        v: &Tensor<Ad<R, F, I, BT, C>, 4>,
+        q: &Tensor<Autodiff<B, C>, 4>,
+        k: &Tensor<Autodiff<B, C>, 4>,
+        v: &Tensor<Autodiff<B, C>, 4>,
         window: usize,
         scale: f64,
-    ) -> Option<Tensor<Ad<R, F, I, BT, C>, 4>> {
-        tracked_attention(q, k, v, None, None, |q, k| {
-            sliding_problem(q, k, window, scale)
-        })
-        .map(|(out, _)| out)
+    ) -> Option<Tensor<Autodiff<B, C>, 4>> {
+        let p = sliding_problem(&inner(q), &inner(k), window, scale)?;
+        Some(tracked_attention(q, k, v, None, None, p).0)
     }
 
     fn compressed_and_selection(
         &self,
-        q: &Tensor<Ad<R, F, I, BT, C>, 4>,
-        ck: &Tensor<Ad<R, F, I, BT, C>, 4>,
-        cv: &Tensor<Ad<R, F, I, BT, C>, 4>,
+        q: &Tensor<Autodiff<B, C>, 4>,
+        ck: &Tensor<Autodiff<B, C>, 4>,
+        cv: &Tensor<Autodiff<B, C>, 4>,
         num_mem: usize,
         config: &NsaConfig,
         scale: f64,
-    ) -> Option<CompressedOut<Ad<R, F, I, BT, C>>> {
-        tracked_attention(q, ck, cv, None, None, |q, ck| {
-            compressed_problem(q, ck, num_mem, config, scale)
-        })
+    ) -> Option<CompressedOut<Autodiff<B, C>>> {
+        let p = compressed_problem(&inner(q), &inner(ck), num_mem, config, scale)?;
+        Some(tracked_attention(q, ck, cv, None, None, p))
     }
 }

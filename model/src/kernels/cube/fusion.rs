@@ -1,0 +1,255 @@
+//! The kernels on Burn's `Fusion<CubeBackend<..>>` (feature `fusion`).
+//!
+//! Fusion records tensor operations lazily and compiles runs of element-wise and reduction ops
+//! into single kernels. A CubeCL launch of ours joins that stream as one custom operation: its
+//! output tensors are declared up front (shape and dtype), and when the stream executes the
+//! operation, the inputs arrive as `CubeTensor`s, the same launch as on the plain backend runs,
+//! and its results are registered under the declared ids. The ops around it keep fusing.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Shape};
+use burn_cubecl::fusion::FusionCubeRuntime;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use cubecl::prelude::ComputeClient;
+
+use super::launch::{self, Problem};
+use super::{int_dtype, KernelBackend, KernelForward, KernelGrads};
+
+type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+type Ft<R> = FusionTensor<FusionCubeRuntime<R>>;
+type Handles<R> =
+    HandleContainer<<FusionCubeRuntime<R> as burn_fusion::FusionRuntime>::FusionHandle>;
+
+/// Integer or float tensor (how the stream's handle container reads and writes it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Float,
+    Int,
+}
+
+type Launch<R> = dyn Fn(Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> + Send + Sync;
+
+/// One launch of ours as an operation of the fusion stream.
+struct CustomLaunch<R: CubeRuntime, F, I, BT> {
+    desc: CustomOpIr,
+    inputs: Vec<Kind>,
+    outputs: Vec<Kind>,
+    run: Arc<Launch<R>>,
+    _types: PhantomData<fn() -> (F, I, BT)>,
+}
+
+impl<R: CubeRuntime, F, I, BT> fmt::Debug for CustomLaunch<R, F, I, BT> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CustomLaunch")
+            .field("desc", &self.desc)
+            .finish()
+    }
+}
+
+impl<R, F, I, BT> Operation<FusionCubeRuntime<R>> for CustomLaunch<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn execute(&self, handles: &mut Handles<R>) {
+        let inputs = self
+            .desc
+            .inputs
+            .iter()
+            .zip(&self.inputs)
+            .map(|(ir, kind)| match kind {
+                Kind::Float => handles.get_float_tensor::<Cb<R, F, I, BT>>(ir),
+                Kind::Int => handles.get_int_tensor::<Cb<R, F, I, BT>>(ir),
+            })
+            .collect();
+        let results = (self.run)(inputs);
+        debug_assert_eq!(results.len(), self.desc.outputs.len());
+        for ((ir, kind), tensor) in self.desc.outputs.iter().zip(&self.outputs).zip(results) {
+            match kind {
+                Kind::Float => handles.register_float_tensor::<Cb<R, F, I, BT>>(&ir.id, tensor),
+                Kind::Int => handles.register_int_tensor::<Cb<R, F, I, BT>>(&ir.id, tensor),
+            }
+        }
+    }
+}
+
+/// Registers `run` on the stream of `inputs` (the first is required; it gives the client) with
+/// outputs of the given shapes and dtypes; returns the output tensors.
+fn custom<R, F, I, BT>(
+    name: &'static str,
+    inputs: Vec<(Ft<R>, Kind)>,
+    outputs: Vec<(Vec<usize>, DType, Kind)>,
+    run: impl Fn(Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> + Send + Sync + 'static,
+) -> Vec<Ft<R>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let client = inputs[0].0.client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter().map(|(t, _)| t));
+    let in_kinds = inputs.iter().map(|(_, k)| *k).collect();
+    let out_kinds = outputs.iter().map(|(_, _, k)| *k).collect();
+    let in_ir: Vec<TensorIr> = inputs.into_iter().map(|(t, _)| t.into_ir()).collect();
+    let out_ir: Vec<TensorIr> = outputs
+        .into_iter()
+        .map(|(shape, dtype, _)| {
+            TensorIr::uninit(client.create_empty_handle(), Shape::from(shape), dtype)
+        })
+        .collect();
+    let desc = CustomOpIr::new(name, &in_ir, &out_ir);
+    let op = CustomLaunch::<R, F, I, BT> {
+        desc: desc.clone(),
+        inputs: in_kinds,
+        outputs: out_kinds,
+        run: Arc::new(run),
+        _types: PhantomData,
+    };
+    client.register(streams, OperationIr::Custom(desc), op)
+}
+
+impl<R, F, I, BT> KernelBackend for Fusion<Cb<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type Runtime = R;
+
+    fn cube_client(device: &Self::Device) -> ComputeClient<R> {
+        R::client(device)
+    }
+
+    fn attn_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        gates: Option<FloatTensor<Self>>,
+        p: &Problem,
+    ) -> KernelForward<Self> {
+        let dtype = q.dtype;
+        let (has_idx, has_gates) = (idx.is_some(), gates.is_some());
+        let mut inputs = vec![(q, Kind::Float), (k, Kind::Float), (v, Kind::Float)];
+        inputs.extend(idx.map(|t| (t, Kind::Int)));
+        inputs.extend(gates.map(|t| (t, Kind::Float)));
+        let mut outputs = vec![
+            (vec![p.b, p.h, p.n, p.d], dtype, Kind::Float),
+            (vec![p.b, p.h, p.n], DType::F32, Kind::Float),
+        ];
+        if let Some(s) = p.select {
+            let shape = vec![p.b, p.h / s.sg, p.n, s.topk];
+            outputs.push((shape.clone(), int_dtype::<I>(), Kind::Int));
+            outputs.push((shape, dtype, Kind::Float));
+        }
+        let problem = p.clone();
+        let mut out = custom::<R, F, I, BT>("nsa_attn_fwd", inputs, outputs, move |ins| {
+            let mut ins = ins.into_iter();
+            let (q, k, v) = (ins.next(), ins.next(), ins.next());
+            let idx = if has_idx { ins.next() } else { None };
+            let gates = if has_gates { ins.next() } else { None };
+            let f = launch::forward(
+                q.expect("q"),
+                k.expect("k"),
+                v.expect("v"),
+                idx,
+                gates,
+                &problem,
+                int_dtype::<I>(),
+            );
+            let mut res = vec![f.out, f.lse];
+            if let Some((blocks, scores)) = f.selection {
+                res.push(blocks);
+                res.push(scores);
+            }
+            res
+        })
+        .into_iter();
+        let (o, lse) = (out.next().expect("out"), out.next().expect("lse"));
+        let selection = out.next().zip(out.next());
+        KernelForward {
+            out: o,
+            lse,
+            selection,
+        }
+    }
+
+    fn attn_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        idx: Option<IntTensor<Self>>,
+        gates: Option<FloatTensor<Self>>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        p: &Problem,
+    ) -> KernelGrads<Self> {
+        let dtype = q.dtype;
+        let (has_idx, has_gates) = (idx.is_some(), gates.is_some());
+        let mut inputs = vec![(q, Kind::Float), (k, Kind::Float), (v, Kind::Float)];
+        inputs.extend(idx.map(|t| (t, Kind::Int)));
+        inputs.extend(gates.map(|t| (t, Kind::Float)));
+        inputs.extend([(out, Kind::Float), (lse, Kind::Float), (dout, Kind::Float)]);
+        let mut outputs = vec![
+            (vec![p.b, p.h, p.n, p.d], dtype, Kind::Float),
+            (vec![p.b, p.kvh, p.nk, p.d], dtype, Kind::Float),
+            (vec![p.b, p.kvh, p.nk, p.d], dtype, Kind::Float),
+        ];
+        if has_gates {
+            let shape = vec![p.b, p.h / p.gq, p.n, p.count];
+            outputs.push((shape, dtype, Kind::Float));
+        }
+        let problem = p.clone();
+        let mut grads = custom::<R, F, I, BT>("nsa_attn_bwd", inputs, outputs, move |ins| {
+            let mut ins = ins.into_iter();
+            let mut next = || ins.next().expect("declared input");
+            let (q, k, v) = (next(), next(), next());
+            let idx = has_idx.then(&mut next);
+            let gates = has_gates.then(&mut next);
+            let (out, lse, dout) = (next(), next(), next());
+            let (dq, dk, dv, dgates) =
+                launch::backward(q, k, v, idx, gates, out, lse, dout, &problem);
+            let mut res = vec![dq, dk, dv];
+            res.extend(dgates);
+            res
+        })
+        .into_iter();
+        let (dq, dk, dv) = (
+            grads.next().expect("dq"),
+            grads.next().expect("dk"),
+            grads.next().expect("dv"),
+        );
+        (dq, dk, dv, grads.next())
+    }
+
+    fn top_k(x: FloatTensor<Self>, k: usize) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let mut shape = x.shape.to_vec();
+        *shape.last_mut().expect("rank >= 1") = k;
+        let dtype = x.dtype;
+        let outputs = vec![
+            (shape.clone(), dtype, Kind::Float),
+            (shape, int_dtype::<I>(), Kind::Int),
+        ];
+        let mut out =
+            custom::<R, F, I, BT>("nsa_top_k", vec![(x, Kind::Float)], outputs, move |ins| {
+                let x = ins.into_iter().next().expect("x");
+                let (values, indices) = launch::top_k(x, k, int_dtype::<I>());
+                vec![values, indices]
+            })
+            .into_iter();
+        (out.next().expect("values"), out.next().expect("indices"))
+    }
+}
