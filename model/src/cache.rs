@@ -16,6 +16,8 @@ pub struct KvBuffer<B: Backend> {
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     len: usize,
+    /// The capacity is always a multiple of this (so the buffer reshapes into whole blocks).
+    align: usize,
 }
 
 fn grow<B: Backend>(t: Tensor<B, 4>, extra: usize) -> Tensor<B, 4> {
@@ -31,11 +33,20 @@ fn grow<B: Backend>(t: Tensor<B, 4>, extra: usize) -> Tensor<B, 4> {
 impl<B: Backend> KvBuffer<B> {
     /// A buffer holding `k`, `v` `[batch, kv_heads, n, dim_head]` with room for `extra` more rows.
     pub fn new(k: Tensor<B, 4>, v: Tensor<B, 4>, extra: usize) -> Self {
+        Self::aligned(k, v, extra, 1)
+    }
+
+    /// As [`Self::new`], with a capacity that is always a multiple of `align` rows (at least
+    /// `n + extra`), so that [`Self::blocks`] can view the buffer as blocks of `align` rows.
+    pub fn aligned(k: Tensor<B, 4>, v: Tensor<B, 4>, extra: usize, align: usize) -> Self {
         let len = k.dims()[2];
+        let align = align.max(1);
+        let extra = (len + extra).max(1).div_ceil(align) * align - len;
         Self {
             k: grow(k, extra),
             v: grow(v, extra),
             len,
+            align,
         }
     }
 
@@ -47,7 +58,31 @@ impl<B: Backend> KvBuffer<B> {
             k: Tensor::zeros(shape, device),
             v: Tensor::zeros(shape, device),
             len: 0,
+            align: 1,
         }
+    }
+
+    /// Key/value heads.
+    pub fn heads(&self) -> usize {
+        self.k.dims()[1]
+    }
+
+    /// Rows the buffer holds before it must grow.
+    pub fn capacity(&self) -> usize {
+        self.k.dims()[2]
+    }
+
+    /// The whole buffer (valid rows and the spare capacity after them) as blocks of `block`
+    /// rows: `[batch * kv_heads * capacity / block, block * dim_head]` for keys and values,
+    /// block `j` of kv head `h` (of batch `b`) at row `(b * kv_heads + h) * capacity / block +
+    /// j`. A reshape of the buffer, no copy; `None` unless `block` divides the alignment.
+    pub fn blocks(&self, block: usize) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        if block == 0 || !self.align.is_multiple_of(block) {
+            return None;
+        }
+        let [b, h, cap, d] = self.k.dims();
+        let shape = [b * h * cap / block, block * d];
+        Some((self.k.clone().reshape(shape), self.v.clone().reshape(shape)))
     }
 
     /// Valid rows.
@@ -65,7 +100,7 @@ impl<B: Backend> KvBuffer<B> {
         let n = k.dims()[2];
         let cap = self.k.dims()[2];
         let extra = if self.len + n > cap {
-            (self.len + n).max(2 * cap) - cap
+            (self.len + n).max(2 * cap).div_ceil(self.align) * self.align - cap
         } else {
             0
         };
@@ -76,6 +111,7 @@ impl<B: Backend> KvBuffer<B> {
             k: buf_k.slice_assign(at.clone(), k),
             v: buf_v.slice_assign(at, v),
             len: self.len + n,
+            align: self.align,
         }
     }
 
@@ -102,7 +138,9 @@ pub struct NsaCache<B: Backend> {
     /// compression block.
     pub compressed: KvBuffer<B>,
     /// Un-rotated keys and values of the last `compress_block_size` positions (zeros before the
-    /// start), the input of the next compression block, `[batch, kv_heads, block, dim_head]`.
+    /// start), the input of the next compression block, as a ring: position `p` in row
+    /// `p % compress_block_size`, `[batch, kv_heads, block, dim_head]` each. One row is written
+    /// per decoded token; the ring is put in order only when a block is pooled.
     pub tail_k: Tensor<B, 4>,
     /// See `tail_k`.
     pub tail_v: Tensor<B, 4>,

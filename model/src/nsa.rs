@@ -145,14 +145,24 @@ impl<B: Backend> SparseAttention<B> {
         let k_rot = rotation.apply(k.clone());
         let cache = cache_extra.map(|extra| {
             let l = c.compress_block_size;
-            // the last `l` un-rotated keys/values (zeros before the start)
+            // the last `l` un-rotated keys/values (zeros before the start) as the decode ring:
+            // position `p` in row `p % l`
             let tail = |t: Tensor<B, 4>| {
                 let t = pad_zeros(t, 2, l.saturating_sub(n), 0);
                 let len = t.dims()[2];
-                t.narrow(2, len - l, l)
+                let last = t.narrow(2, len - l, l);
+                let s = n % l;
+                if s == 0 {
+                    last
+                } else {
+                    Tensor::cat(
+                        vec![last.clone().narrow(2, l - s, s), last.narrow(2, 0, l - s)],
+                        2,
+                    )
+                }
             };
             NsaCache {
-                kv: KvBuffer::new(k_rot.clone(), v.clone(), extra),
+                kv: KvBuffer::aligned(k_rot.clone(), v.clone(), extra, c.selection_block_size),
                 compressed: KvBuffer::new(ck, cv, extra / c.compress_block_sliding_stride + 1),
                 tail_k: tail(k),
                 tail_v: tail(v.clone()),
@@ -190,19 +200,35 @@ impl<B: Backend> SparseAttention<B> {
         // 1. compressed: memory + every block that ended before `pos`
         let (ck, cv) = compressed.all();
         let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
-        // the un-rotated tail; a block ending at `pos` is pooled now and seen from `pos + 1` on
+        // the un-rotated tail ring (position `p` in row `p % l`); a block ending at `pos` is
+        // pooled now and seen from `pos + 1` on
         let l = c.compress_block_size;
-        let shift = |tail: Tensor<B, 4>, new: Tensor<B, 4>| {
-            if l == 1 {
-                new
-            } else {
-                Tensor::cat(vec![tail.narrow(2, 1, l - 1), new], 2)
-            }
+        let slot = pos % l;
+        let write = |ring: Tensor<B, 4>, new: Tensor<B, 4>| {
+            let [b, h, _, d] = ring.dims();
+            ring.slice_assign([0..b, 0..h, slot..slot + 1, 0..d], new)
         };
-        let tail_k = shift(tail_k, k.clone());
-        let tail_v = shift(tail_v, v.clone());
+        let tail_k = write(tail_k, k.clone());
+        let tail_v = write(tail_v, v.clone());
         if (pos + 1) % c.compress_block_sliding_stride == 0 {
-            let (nk, nv) = self.compress.compress_one(tail_k.clone(), tail_v.clone());
+            // in position order: the oldest, `pos + 1 - l`, sits in row `(pos + 1) % l`
+            let s = (pos + 1) % l;
+            let ordered = |ring: &Tensor<B, 4>| {
+                if s == 0 {
+                    ring.clone()
+                } else {
+                    Tensor::cat(
+                        vec![
+                            ring.clone().narrow(2, s, l - s),
+                            ring.clone().narrow(2, 0, s),
+                        ],
+                        2,
+                    )
+                }
+            };
+            let (nk, nv) = self
+                .compress
+                .compress_one(ordered(&tail_k), ordered(&tail_v));
             compressed = compressed.push(nk, nv);
         }
 

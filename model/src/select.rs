@@ -15,7 +15,7 @@ use burn::tensor::activation::softmax;
 use crate::attend::attend;
 use crate::cache::KvBuffer;
 use crate::config::NsaConfig;
-use crate::tensor_util::{equal_mask, greater_mask, int_tensor, pad_zeros, round_up};
+use crate::tensor_util::{bool_tensor, equal_mask, greater_mask, int_tensor, pad_zeros, round_up};
 
 /// The blocks chosen for each query.
 pub struct Selection<B: Backend> {
@@ -213,7 +213,8 @@ pub fn fine_attention<B: Backend>(
 
 /// Fine attention of the newest query `[batch, heads, 1, dim_head]` (rotated, at position
 /// `kv.len() - 1`) over its selected blocks and the causal part of its own block, read from the
-/// rotated key/value cache. Work is independent of the context length.
+/// rotated key/value cache. Work is independent of the context length: the selected blocks and
+/// the own block are one gather from the cache viewed as blocks (no copy of the cache).
 pub fn fine_attention_step<B: Backend>(
     q: Tensor<B, 4>,
     kv: &KvBuffer<B>,
@@ -221,76 +222,75 @@ pub fn fine_attention_step<B: Backend>(
     config: &NsaConfig,
     scale: f64,
 ) -> Tensor<B, 4> {
+    let sel = config.selection_block_size;
+    let Some((key_blocks, value_blocks)) = kv.blocks(sel) else {
+        // a cache not aligned to the selection block (not one `prefill` made): align a copy
+        let (k, v) = kv.all();
+        let aligned = KvBuffer::aligned(k, v, 0, sel);
+        return fine_attention_step(q, &aligned, selection, config, scale);
+    };
     let [b, h, _, d] = q.dims();
     let pos = kv.len() - 1;
-    let sel = config.selection_block_size;
-    let own_start = pos - pos % sel;
-    let (own_k, own_v) = kv.rows(own_start, pos + 1 - own_start);
-    let kvh = own_k.dims()[1];
+    let own = pos / sel;
+    let kvh = kv.heads();
     let g = h / kvh;
     let share = config.query_heads_share_selected_kv;
     let hs = if share { kvh } else { h };
     let gq = h / hs;
     let device = q.device();
-    // own block keys for every selection head: [b, hs, 1, own, d]
-    let per_head = |t: Tensor<B, 4>| {
-        let n = t.dims()[2];
-        if share || g == 1 {
-            t.unsqueeze_dim::<5>(2)
-        } else {
-            t.unsqueeze_dim::<5>(2)
-                .expand([b, kvh, g, n, d])
-                .reshape([b, h, n, d])
-                .unsqueeze_dim::<5>(2)
-        }
-    };
-    let (own_k, own_v) = (per_head(own_k), per_head(own_v));
-    let (keys, values, blocked) = match selection {
+    // block index of every (batch, selection head, block): the selected blocks (-1: not
+    // valid), then the own block
+    let own_idx = Tensor::<B, 4, Int>::full([b, hs, 1, 1], own as i64, &device);
+    let (blocks, gates) = match selection {
         Some(s) => {
-            let count = s.indices.dims()[3];
-            let complete = own_start / sel;
-            // (batch, selection head) → first block of its kv head, computed on the device
-            let kv_head = Tensor::<B, 1, Int>::arange(0..(b * hs) as i64, &device)
-                .div_scalar(if share { 1 } else { g as i64 });
-            let base = kv_head
-                .mul_scalar(complete as i64)
-                .reshape([b, hs, 1, 1])
-                .expand([b, hs, 1, count]);
-            let flat = (s.indices + base).reshape([b * hs * count]);
-            let (all_k, all_v) = kv.rows(0, complete * sel);
-            let gather = |t: Tensor<B, 4>| {
-                t.reshape([b * kvh * complete, sel * d])
-                    .select(0, flat.clone())
-                    .reshape([b, hs, 1, count, sel * d])
-            };
-            let mut sk = gather(all_k);
-            if config.use_diff_topk {
-                sk = sk * s.scores.unsqueeze_dim::<5>(4);
-            }
-            let sk = sk.reshape([b, hs, 1, count * sel, d]);
-            let sv = gather(all_v).reshape([b, hs, 1, count * sel, d]);
-            let own = own_k.dims()[3];
-            let blocked = Tensor::cat(
-                vec![
-                    s.valid
-                        .bool_not()
-                        .unsqueeze_dim::<5>(4)
-                        .expand([b, hs, 1, count, sel])
-                        .reshape([b, hs, 1, 1, count * sel]),
-                    Tensor::<B, 5, Int>::zeros([b, hs, 1, 1, own], &device).bool(),
-                ],
-                4,
-            );
-            (
-                Tensor::cat(vec![sk, own_k], 3),
-                Tensor::cat(vec![sv, own_v], 3),
-                Some(blocked),
-            )
+            let idx = s.indices.mask_fill(s.valid.bool_not(), -1);
+            let gates = config.use_diff_topk.then(|| {
+                let ones = Tensor::<B, 4>::ones([b, hs, 1, 1], &device);
+                Tensor::cat(vec![s.scores, ones], 3)
+            });
+            (Tensor::cat(vec![idx, own_idx], 3), gates)
         }
-        None => (own_k, own_v, None),
+        None => (own_idx, None),
     };
+    let total = blocks.dims()[3];
+    // rows of the block view: kv head `(b, head)` starts at `(b * kvh + head) * per_head`
+    let per_head = kv.capacity() / sel;
+    let first: Vec<i64> = (0..b)
+        .flat_map(|bi| {
+            (0..hs).map(move |hi| ((bi * kvh + if share { hi } else { hi / g }) * per_head) as i64)
+        })
+        .collect();
+    let first = int_tensor::<B, 4>(first, [b, hs, 1, 1], &device).expand([b, hs, 1, total]);
+    let invalid = blocks.clone().lower_elem(0);
+    let flat = (blocks.clamp_min(0) + first).reshape([b * hs * total]);
+    let gather = |t: Tensor<B, 2>| {
+        t.select(0, flat.clone())
+            .reshape([b, hs, 1, total, sel * d])
+    };
+    let mut keys = gather(key_blocks);
+    if let Some(gates) = gates {
+        keys = keys * gates.unsqueeze_dim::<5>(4);
+    }
+    let keys = keys.reshape([b, hs, 1, total * sel, d]);
+    let values = gather(value_blocks).reshape([b, hs, 1, total * sel, d]);
+    // blocked: invalid blocks, and the rows of the own block after the query
+    let beyond: Vec<bool> = (0..total * sel)
+        .map(|r| r >= (total - 1) * sel + pos % sel + 1)
+        .collect();
+    let beyond = bool_tensor::<B, 5>(beyond, [1, 1, 1, 1, total * sel], &device).expand([
+        b,
+        hs,
+        1,
+        1,
+        total * sel,
+    ]);
+    let blocked = invalid
+        .unsqueeze_dim::<5>(4)
+        .expand([b, hs, 1, total, sel])
+        .reshape([b, hs, 1, 1, total * sel])
+        .bool_or(beyond);
     let fq = q.reshape([b, hs, gq, 1, d]).swap_dims(2, 3);
-    attend(fq, keys, values, blocked, scale)
+    attend(fq, keys, values, Some(blocked), scale)
         .out
         .reshape([b, h, 1, d])
 }
