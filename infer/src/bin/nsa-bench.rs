@@ -53,7 +53,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     precisions: Vec<Precision>,
     /// Layer implementations: nsa (fused kernels where available), nsa-tensor (tensor ops
-    /// only), full (dense attention).
+    /// only), full (dense attention). The training rows run nsa and/or full from this list.
     #[arg(long, value_delimiter = ',', default_value = "nsa,nsa-tensor,full")]
     impls: Vec<String>,
     /// Passes: fwd, fwd+bwd.
@@ -305,7 +305,9 @@ fn main() -> Result<()> {
         for shape in &cli.train_shapes {
             let (seq, batch) = parse_shape(shape)?;
             for &precision in &cli.train_precisions {
-                for imp in ["nsa", "full"] {
+                // `--impls` picks the attention of the training rows too
+                let wanted = |imp: &&str| cli.impls.iter().any(|i| i == imp);
+                for imp in ["nsa", "full"].into_iter().filter(wanted) {
                     let j = job("train", imp, precision, seq, batch, "train-step");
                     let row = execute(&cli, &j);
                     print_row(&row);
