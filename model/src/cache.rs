@@ -144,6 +144,24 @@ pub struct NsaCache<B: Backend> {
     pub tail_k: Tensor<B, 4>,
     /// See `tail_k`.
     pub tail_v: Tensor<B, 4>,
+    /// Index and mask tensors of the decode step's block gather, kept on the device between
+    /// tokens (built when the cache's capacity or the number of gathered blocks changes).
+    pub gather: Option<GatherTables<B>>,
+}
+
+/// Device-side constants of [`crate::select::fine_attention_step`] for one cache capacity and
+/// block count: uploading them every token cost more than the step's arithmetic on a GPU.
+#[derive(Debug, Clone)]
+pub struct GatherTables<B: Backend> {
+    /// Cache capacity (rows) the tables were built for.
+    pub capacity: usize,
+    /// Gathered blocks per selection head (selected + own).
+    pub total: usize,
+    /// First block-view row of each selection head's kv head, `[batch, sel_heads, 1, total]`.
+    pub first: Tensor<B, 4, Int>,
+    /// Row `r`: the gathered key rows a query at offset `r` of its own block may not see (the
+    /// own block's rows after it), `[selection_block, total * selection_block]`.
+    pub beyond: Tensor<B, 2, Bool>,
 }
 
 /// Cache of one dense-attention layer: rotated keys and values of every position so far.

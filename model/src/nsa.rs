@@ -166,6 +166,7 @@ impl<B: Backend> SparseAttention<B> {
                 compressed: KvBuffer::new(ck, cv, extra / c.compress_block_sliding_stride + 1),
                 tail_k: tail(k),
                 tail_v: tail(v.clone()),
+                gather: None,
             }
         });
         let k = k_rot;
@@ -190,6 +191,7 @@ impl<B: Backend> SparseAttention<B> {
             mut compressed,
             tail_k,
             tail_v,
+            mut gather,
         } = cache;
         let pos = kv.len();
         let x = self.normed(x);
@@ -239,7 +241,7 @@ impl<B: Backend> SparseAttention<B> {
             .importance
             .and_then(|logits| importance(logits, c, pos))
             .and_then(|probs| select_top(probs, c));
-        let fine = fine_attention_step(q.clone(), &kv, selection, c, scale);
+        let fine = fine_attention_step(q.clone(), &kv, selection, c, scale, &mut gather);
 
         // 3. sliding window: the last `window + 1` keys
         let start = pos.saturating_sub(c.sliding_window_size);
@@ -254,6 +256,7 @@ impl<B: Backend> SparseAttention<B> {
                 compressed,
                 tail_k,
                 tail_v,
+                gather,
             },
         )
     }

@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::attend::attend;
-use crate::cache::KvBuffer;
+use crate::cache::{GatherTables, KvBuffer};
 use crate::config::NsaConfig;
 use crate::tensor_util::{bool_tensor, equal_mask, greater_mask, int_tensor, pad_zeros, round_up};
 
@@ -215,19 +215,21 @@ pub fn fine_attention<B: Backend>(
 /// `kv.len() - 1`) over its selected blocks and the causal part of its own block, read from the
 /// rotated key/value cache. Work is independent of the context length: the selected blocks and
 /// the own block are one gather from the cache viewed as blocks (no copy of the cache).
+/// `tables` keeps the step's index and mask tensors on the device between calls.
 pub fn fine_attention_step<B: Backend>(
     q: Tensor<B, 4>,
     kv: &KvBuffer<B>,
     selection: Option<Selection<B>>,
     config: &NsaConfig,
     scale: f64,
+    tables: &mut Option<GatherTables<B>>,
 ) -> Tensor<B, 4> {
     let sel = config.selection_block_size;
     let Some((key_blocks, value_blocks)) = kv.blocks(sel) else {
         // a cache not aligned to the selection block (not one `prefill` made): align a copy
         let (k, v) = kv.all();
         let aligned = KvBuffer::aligned(k, v, 0, sel);
-        return fine_attention_step(q, &aligned, selection, config, scale);
+        return fine_attention_step(q, &aligned, selection, config, scale, &mut None);
     };
     let [b, h, _, d] = q.dims();
     let pos = kv.len() - 1;
@@ -253,14 +255,32 @@ pub fn fine_attention_step<B: Backend>(
         None => (own_idx, None),
     };
     let total = blocks.dims()[3];
-    // rows of the block view: kv head `(b, head)` starts at `(b * kvh + head) * per_head`
-    let per_head = kv.capacity() / sel;
-    let first: Vec<i64> = (0..b)
-        .flat_map(|bi| {
-            (0..hs).map(move |hi| ((bi * kvh + if share { hi } else { hi / g }) * per_head) as i64)
-        })
-        .collect();
-    let first = int_tensor::<B, 4>(first, [b, hs, 1, 1], &device).expand([b, hs, 1, total]);
+    let capacity = kv.capacity();
+    let current = tables
+        .as_ref()
+        .is_some_and(|t| t.capacity == capacity && t.total == total && t.first.dims()[0] == b);
+    if !current {
+        // rows of the block view: kv head `(b, head)` starts at `(b * kvh + head) * per_head`
+        let per_head = capacity / sel;
+        let first: Vec<i64> = (0..b)
+            .flat_map(|bi| {
+                (0..hs)
+                    .map(move |hi| ((bi * kvh + if share { hi } else { hi / g }) * per_head) as i64)
+            })
+            .collect();
+        let first = int_tensor::<B, 4>(first, [b, hs, 1, 1], &device).expand([b, hs, 1, total]);
+        let beyond: Vec<bool> = (0..sel)
+            .flat_map(|r| (0..total * sel).map(move |j| j >= (total - 1) * sel + r + 1))
+            .collect();
+        *tables = Some(GatherTables {
+            capacity,
+            total,
+            first,
+            beyond: bool_tensor::<B, 2>(beyond, [sel, total * sel], &device),
+        });
+    }
+    let t = tables.as_ref().expect("built above");
+    let first = t.first.clone();
     let invalid = blocks.clone().lower_elem(0);
     let flat = (blocks.clamp_min(0) + first).reshape([b * hs * total]);
     let gather = |t: Tensor<B, 2>| {
@@ -274,16 +294,12 @@ pub fn fine_attention_step<B: Backend>(
     let keys = keys.reshape([b, hs, 1, total * sel, d]);
     let values = gather(value_blocks).reshape([b, hs, 1, total * sel, d]);
     // blocked: invalid blocks, and the rows of the own block after the query
-    let beyond: Vec<bool> = (0..total * sel)
-        .map(|r| r >= (total - 1) * sel + pos % sel + 1)
-        .collect();
-    let beyond = bool_tensor::<B, 5>(beyond, [1, 1, 1, 1, total * sel], &device).expand([
-        b,
-        hs,
-        1,
-        1,
-        total * sel,
-    ]);
+    let beyond = t
+        .beyond
+        .clone()
+        .narrow(0, pos % sel, 1)
+        .reshape([1, 1, 1, 1, total * sel])
+        .expand([b, hs, 1, 1, total * sel]);
     let blocked = invalid
         .unsqueeze_dim::<5>(4)
         .expand([b, hs, 1, total, sel])
