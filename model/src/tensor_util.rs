@@ -25,8 +25,12 @@ pub fn exact_matmul() -> bool {
 
 /// `x = hi + lo` with `hi` holding the leading 11 significant bits of `x` (exact in TF32) and
 /// `lo` the rest, both exact in f32 (Veltkamp's split with the constant 2^13 + 1).
+///
+/// `γ = 2^13·x + x` rather than `8193·x`: where a backend fuses these element-wise ops into one
+/// kernel, its compiler may contract `8193·x − x` into one fused multiply-add, whose unrounded
+/// product breaks the split; `2^13·x` is exact, so a contraction of it changes nothing.
 fn split_tf32<B: Backend, const D: usize>(x: Tensor<B, D>) -> (Tensor<B, D>, Tensor<B, D>) {
-    let gamma = x.clone().mul_scalar(8193.0);
+    let gamma = x.clone().mul_scalar(8192.0) + x.clone();
     let hi = gamma.clone() - (gamma - x.clone());
     let lo = x - hi.clone();
     (hi, lo)
