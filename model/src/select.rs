@@ -270,7 +270,7 @@ pub fn fine_attention_step<B: Backend>(
             .collect();
         let first = int_tensor::<B, 4>(first, [b, hs, 1, 1], &device).expand([b, hs, 1, total]);
         let beyond: Vec<bool> = (0..sel)
-            .flat_map(|r| (0..total * sel).map(move |j| j >= (total - 1) * sel + r + 1))
+            .flat_map(|r| (0..total * sel).map(move |j| j > (total - 1) * sel + r))
             .collect();
         *tables = Some(GatherTables {
             capacity,

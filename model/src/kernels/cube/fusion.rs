@@ -36,6 +36,8 @@ enum Kind {
 }
 
 type Launch<R> = dyn Fn(Vec<CubeTensor<R>>) -> Vec<CubeTensor<R>> + Send + Sync;
+/// The backend's element types, carried for the handle container's conversions.
+type Elements<F, I, BT> = PhantomData<fn() -> (F, I, BT)>;
 
 /// One launch of ours as an operation of the fusion stream.
 struct CustomLaunch<R: CubeRuntime, F, I, BT> {
@@ -43,7 +45,7 @@ struct CustomLaunch<R: CubeRuntime, F, I, BT> {
     inputs: Vec<Kind>,
     outputs: Vec<Kind>,
     run: Arc<Launch<R>>,
-    _types: PhantomData<fn() -> (F, I, BT)>,
+    _types: Elements<F, I, BT>,
 }
 
 impl<R: CubeRuntime, F, I, BT> fmt::Debug for CustomLaunch<R, F, I, BT> {
