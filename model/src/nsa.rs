@@ -150,16 +150,8 @@ impl<B: Backend> SparseAttention<B> {
             let tail = |t: Tensor<B, 4>| {
                 let t = pad_zeros(t, 2, l.saturating_sub(n), 0);
                 let len = t.dims()[2];
-                let last = t.narrow(2, len - l, l);
-                let s = n % l;
-                if s == 0 {
-                    last
-                } else {
-                    Tensor::cat(
-                        vec![last.clone().narrow(2, l - s, s), last.narrow(2, 0, l - s)],
-                        2,
-                    )
-                }
+                // row `i` holds position `n - l + i`; rolled so that it sits in row `(n + i) % l`
+                t.narrow(2, len - l, l).roll_dim(l - n % l, 2)
             };
             NsaCache {
                 kv: KvBuffer::aligned(k_rot.clone(), v.clone(), extra, c.selection_block_size),
@@ -214,20 +206,7 @@ impl<B: Backend> SparseAttention<B> {
         let tail_v = write(tail_v, v.clone());
         if (pos + 1) % c.compress_block_sliding_stride == 0 {
             // in position order: the oldest, `pos + 1 - l`, sits in row `(pos + 1) % l`
-            let s = (pos + 1) % l;
-            let ordered = |ring: &Tensor<B, 4>| {
-                if s == 0 {
-                    ring.clone()
-                } else {
-                    Tensor::cat(
-                        vec![
-                            ring.clone().narrow(2, s, l - s),
-                            ring.clone().narrow(2, 0, s),
-                        ],
-                        2,
-                    )
-                }
-            };
+            let ordered = |ring: &Tensor<B, 4>| ring.clone().roll_dim((pos + 1) % l, 2);
             let (nk, nv) = self
                 .compress
                 .compress_one(ordered(&tail_k), ordered(&tail_v));

@@ -121,6 +121,38 @@ where
     client.register(streams, OperationIr::Custom(desc), op)
 }
 
+/// The inputs of an attention launch: `q`, `k`, `v`, then the block indices and the gates when
+/// given.
+fn attn_inputs<R: CubeRuntime>(
+    [q, k, v]: [Ft<R>; 3],
+    idx: Option<Ft<R>>,
+    gates: Option<Ft<R>>,
+) -> Vec<(Ft<R>, Kind)> {
+    let mut inputs = vec![(q, Kind::Float), (k, Kind::Float), (v, Kind::Float)];
+    inputs.extend(idx.map(|t| (t, Kind::Int)));
+    inputs.extend(gates.map(|t| (t, Kind::Float)));
+    inputs
+}
+
+/// `q`, `k`, `v`, indices and gates back from the front of `ins`, as [`attn_inputs`] laid them
+/// out.
+#[allow(clippy::type_complexity)]
+fn take_attn_inputs<R: CubeRuntime>(
+    ins: &mut impl Iterator<Item = CubeTensor<R>>,
+    has_idx: bool,
+    has_gates: bool,
+) -> (
+    [CubeTensor<R>; 3],
+    Option<CubeTensor<R>>,
+    Option<CubeTensor<R>>,
+) {
+    let mut next = || ins.next().expect("declared input");
+    let qkv = [next(), next(), next()];
+    let idx = has_idx.then(&mut next);
+    let gates = has_gates.then(&mut next);
+    (qkv, idx, gates)
+}
+
 impl<R, F, I, BT> KernelBackend for Fusion<Cb<R, F, I, BT>>
 where
     R: CubeRuntime,
@@ -144,9 +176,7 @@ where
     ) -> KernelForward<Self> {
         let dtype = q.dtype;
         let (has_idx, has_gates) = (idx.is_some(), gates.is_some());
-        let mut inputs = vec![(q, Kind::Float), (k, Kind::Float), (v, Kind::Float)];
-        inputs.extend(idx.map(|t| (t, Kind::Int)));
-        inputs.extend(gates.map(|t| (t, Kind::Float)));
+        let inputs = attn_inputs([q, k, v], idx, gates);
         let mut outputs = vec![
             (vec![p.b, p.h, p.n, p.d], dtype, Kind::Float),
             (vec![p.b, p.h, p.n], DType::F32, Kind::Float),
@@ -158,19 +188,9 @@ where
         }
         let problem = p.clone();
         let mut out = custom::<R, F, I, BT>("nsa_attn_fwd", inputs, outputs, move |ins| {
-            let mut ins = ins.into_iter();
-            let (q, k, v) = (ins.next(), ins.next(), ins.next());
-            let idx = if has_idx { ins.next() } else { None };
-            let gates = if has_gates { ins.next() } else { None };
-            let f = launch::forward(
-                q.expect("q"),
-                k.expect("k"),
-                v.expect("v"),
-                idx,
-                gates,
-                &problem,
-                int_dtype::<I>(),
-            );
+            let ([q, k, v], idx, gates) =
+                take_attn_inputs(&mut ins.into_iter(), has_idx, has_gates);
+            let f = launch::forward(q, k, v, idx, gates, &problem, int_dtype::<I>());
             let mut res = vec![f.out, f.lse];
             if let Some((blocks, scores)) = f.selection {
                 res.push(blocks);
@@ -201,9 +221,7 @@ where
     ) -> KernelGrads<Self> {
         let dtype = q.dtype;
         let (has_idx, has_gates) = (idx.is_some(), gates.is_some());
-        let mut inputs = vec![(q, Kind::Float), (k, Kind::Float), (v, Kind::Float)];
-        inputs.extend(idx.map(|t| (t, Kind::Int)));
-        inputs.extend(gates.map(|t| (t, Kind::Float)));
+        let mut inputs = attn_inputs([q, k, v], idx, gates);
         inputs.extend([(out, Kind::Float), (lse, Kind::Float), (dout, Kind::Float)]);
         let mut outputs = vec![
             (vec![p.b, p.h, p.n, p.d], dtype, Kind::Float),
@@ -217,10 +235,8 @@ where
         let problem = p.clone();
         let mut grads = custom::<R, F, I, BT>("nsa_attn_bwd", inputs, outputs, move |ins| {
             let mut ins = ins.into_iter();
+            let ([q, k, v], idx, gates) = take_attn_inputs(&mut ins, has_idx, has_gates);
             let mut next = || ins.next().expect("declared input");
-            let (q, k, v) = (next(), next(), next());
-            let idx = has_idx.then(&mut next);
-            let gates = has_gates.then(&mut next);
             let (out, lse, dout) = (next(), next(), next());
             let (dq, dk, dv, dgates) =
                 launch::backward(q, k, v, idx, gates, out, lse, dout, &problem);
