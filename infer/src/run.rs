@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use nsa_model::interop::StateDict;
-use nsa_model::{Sampling, SplitMix64, Transformer, TransformerConfig};
+use nsa_model::{LayerSelection, Sampling, SplitMix64, Transformer, TransformerConfig};
 use nsa_train::backend::{OnBackend, Selection};
 use nsa_train::bundle::build_model;
 use nsa_train::tokenizer::Tokenizer;
@@ -328,19 +328,100 @@ pub struct LogitsJob {
     pub tokens: Vec<u32>,
 }
 
-impl OnBackend for LogitsJob {
-    type Output = Result<Vec<f32>>;
+/// What [`LogitsJob`] computed on one backend.
+pub struct LogitsReport {
+    /// Logits `[n, vocab]`, row-major.
+    pub logits: Vec<f32>,
+    /// The block selection of every layer (`None` for dense layers), see
+    /// [`Transformer::selections`].
+    pub selections: Vec<Option<LayerSelection>>,
+}
 
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<Vec<f32>> {
+impl OnBackend for LogitsJob {
+    type Output = Result<LogitsReport>;
+
+    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<LogitsReport> {
         let model = model::<B>(&self.config, Some(self.weights), &device)?;
         let n = self.tokens.len();
         let ids: Vec<i64> = self.tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-        let logits = model.forward(ids);
-        logits
+        let logits = model
+            .forward(ids.clone())
             .into_data()
             .convert::<f32>()
             .into_vec::<f32>()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(LogitsReport {
+            logits,
+            selections: model.selections(ids),
+        })
+    }
+}
+
+/// How one backend's [`LogitsReport`] differs from another's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Difference {
+    /// Largest absolute logit difference.
+    pub max: f32,
+    /// The position (row) where it is.
+    pub at: usize,
+    /// The first position whose largest difference exceeds the tolerance.
+    pub first_beyond: Option<usize>,
+    /// Per layer: how its block selections differ (`None` where either side has none).
+    pub layers: Vec<Option<LayerDifference>>,
+}
+
+/// The selection part of a [`Difference`] for one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerDifference {
+    /// Query rows (`batch * selection_heads * seq`).
+    pub rows: usize,
+    /// Rows whose kept blocks differ, with the reference's top-n margin of each (ascending).
+    pub flipped: Vec<(usize, f32)>,
+    /// The reference's smallest top-n margin of any row.
+    pub smallest_margin: f32,
+}
+
+/// Compares `other` with `reference` (logits `[n, vocab]`).
+pub fn difference(
+    reference: &LogitsReport,
+    other: &LogitsReport,
+    vocab: usize,
+    tolerance: f32,
+) -> Difference {
+    let (mut max, mut at, mut first_beyond) = (0.0f32, 0, None);
+    for (i, (a, b)) in other.logits.iter().zip(&reference.logits).enumerate() {
+        let d = (a - b).abs();
+        if d > max || d.is_nan() {
+            max = d;
+            at = i / vocab.max(1);
+        }
+        if (d > tolerance || d.is_nan()) && first_beyond.is_none() {
+            first_beyond = Some(i / vocab.max(1));
+        }
+    }
+    let layers = reference
+        .selections
+        .iter()
+        .zip(&other.selections)
+        .map(|(r, o)| {
+            let (r, o) = (r.as_ref()?, o.as_ref()?);
+            let mut flipped: Vec<(usize, f32)> = (0..r.rows.min(o.rows))
+                .filter(|&i| r.row(i) != o.row(i))
+                .map(|i| (i, r.margin[i]))
+                .collect();
+            flipped.sort_by(|a, b| a.1.total_cmp(&b.1));
+            Some(LayerDifference {
+                rows: r.rows,
+                flipped,
+                smallest_margin: r.margin.iter().copied().fold(f32::INFINITY, f32::min),
+            })
+        })
+        .collect();
+    Difference {
+        max,
+        at,
+        first_beyond,
+        layers,
     }
 }

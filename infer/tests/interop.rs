@@ -180,3 +180,36 @@ fn generation_on_the_cpu_is_reproducible_and_greedy_is_deterministic() {
     // split (f32-exact) matmuls are the same f32 products on the CPU: same greedy text
     assert_eq!(gen(&["--greedy"]), gen(&["--greedy", "--exact-matmul"]));
 }
+
+#[test]
+fn compare_reports_the_block_selections_of_every_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = small_vocab(tmp.path());
+    let dir = tmp.path().join("model");
+    import(
+        &fixtures().join("transformer_nsa.pt"),
+        &fixtures().join("transformer_nsa.args.json"),
+        &dir,
+        &vocab,
+    );
+    // two CPU backends: the same blocks everywhere, logits within the tolerance
+    let o = bin()
+        .args(["compare", "--backends", "ndarray,flex", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("flex: max |logits - ndarray|"), "{out}");
+    // the fixture model has two NSA layers that select blocks
+    for layer in [
+        "layer 0: same blocks in every row",
+        "layer 1: same blocks in every row",
+    ] {
+        assert!(out.contains(layer), "{out}");
+    }
+}
