@@ -326,6 +326,21 @@ fn bad_inputs_are_refused_with_one_line() {
         &["bf16"],
     );
     n += refused(
+        &[
+            "generate",
+            "--model",
+            g,
+            "--prompt",
+            "我",
+            "--backend",
+            "flex",
+            "--precision",
+            "f16",
+        ],
+        None,
+        &["f16"],
+    );
+    n += refused(
         &["generate", "--model", g, "--prompt", "我", "--no-such-flag"],
         None,
         &["--no-such-flag"],

@@ -2,11 +2,12 @@
 //! costs work independent of `t` for the sliding-window and selection branches (the compressed
 //! branch grows as `t / stride`, full attention as `t`).
 //!
-//! Buffers are preallocated with spare capacity and written in place (`slice_assign` on a
+//! Buffers are preallocated with spare capacity and written in place ([`write_rows`]: `slice_assign` on a
 //! uniquely owned tensor), doubling when full, so appending is amortised O(1).
 
 use burn::prelude::*;
 
+use crate::kernels::write_rows;
 use crate::rope::RopeTable;
 
 /// Keys and values along the sequence axis, `[batch, kv_heads, capacity, dim_head]`, of which
@@ -105,11 +106,9 @@ impl<B: Backend> KvBuffer<B> {
             0
         };
         let (buf_k, buf_v) = (grow(self.k, extra), grow(self.v, extra));
-        let [b, h, _, d] = buf_k.dims();
-        let at = [0..b, 0..h, self.len..self.len + n, 0..d];
         Self {
-            k: buf_k.slice_assign(at.clone(), k),
-            v: buf_v.slice_assign(at, v),
+            k: write_rows(buf_k, self.len, k),
+            v: write_rows(buf_v, self.len, v),
             len: self.len + n,
             align: self.align,
         }

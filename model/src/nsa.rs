@@ -15,6 +15,7 @@ use crate::cache::{KvBuffer, NsaCache};
 use crate::compress::Compressor;
 use crate::config::{ConfigError, NsaConfig};
 use crate::gates::BranchGates;
+use crate::kernels::write_rows;
 use crate::norm::RmsNorm;
 use crate::rope::Rotation;
 use crate::select::{fine_attention, fine_attention_step, importance, select_top};
@@ -198,10 +199,7 @@ impl<B: Backend> SparseAttention<B> {
         // pooled now and seen from `pos + 1` on
         let l = c.compress_block_size;
         let slot = pos % l;
-        let write = |ring: Tensor<B, 4>, new: Tensor<B, 4>| {
-            let [b, h, _, d] = ring.dims();
-            ring.slice_assign([0..b, 0..h, slot..slot + 1, 0..d], new)
-        };
+        let write = |ring: Tensor<B, 4>, new: Tensor<B, 4>| write_rows(ring, slot, new);
         let tail_k = write(tail_k, k.clone());
         let tail_v = write(tail_v, v.clone());
         if (pos + 1) % c.compress_block_sliding_stride == 0 {

@@ -46,9 +46,25 @@ pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> T
     a_hi.clone().matmul(b_hi.clone()) + a_hi.matmul(b_lo) + a_lo.matmul(b_hi)
 }
 
-/// `layer.forward(x)` through [`matmul`]: `[..., d_in]` → `[..., d_out]`.
+/// `layer.forward(x)` through [`matmul`]: `[..., d_in]` → `[..., d_out]`. A single row (a
+/// decode step) goes to the backend's [`NsaKernels::linear_row`] where one is registered.
+///
+/// [`NsaKernels::linear_row`]: crate::kernels::NsaKernels::linear_row
 pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    if !exact_matmul() {
+    let dims = x.dims();
+    let exact = exact_matmul();
+    if !exact && dims[..D - 1].iter().all(|&n| n == 1) {
+        if let Some(kernels) = crate::kernels::get::<B>() {
+            let row = x.clone().reshape([1, dims[D - 1]]);
+            let bias = layer.bias.as_ref().map(|b| b.val());
+            if let Some(y) = kernels.linear_row(&layer.weight.val(), bias.as_ref(), &row) {
+                let mut out = dims;
+                out[D - 1] = y.dims()[1];
+                return y.reshape(out);
+            }
+        }
+    }
+    if !exact {
         return layer.forward(x);
     }
     let out = matmul(x, layer.weight.val().unsqueeze());

@@ -593,9 +593,12 @@ fn wgpu_device_at(index: usize) -> burn::backend::wgpu::WgpuDevice {
 }
 
 /// Registers the fused CubeCL kernels of the sparse branches (feature `kernels`) for every
-/// GPU backend type [`dispatch`] and [`dispatch_autodiff`] can run; `NSA_KERNELS=0` in the
+/// GPU backend type [`dispatch`] and [`dispatch_autodiff`] can run, and the multi-threaded
+/// decode matrix-vector product for `flex` (feature `flex`); `NSA_KERNELS=0` in the
 /// environment keeps the tensor-op path. Called by both; idempotent.
 pub fn register_kernels() {
+    #[cfg(feature = "flex")]
+    nsa_model::kernels::register_flex();
     #[cfg(feature = "kernels")]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();

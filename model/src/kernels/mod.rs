@@ -14,6 +14,9 @@
 //! feature is on, as in the binaries) and its autodiff: each launch is then a custom operation
 //! of the fusion stream, and the tensor ops around it still fuse.
 //!
+//! With the feature `flex`, [`register_flex`] registers a multi-threaded matrix-vector product
+//! for Burn's `flex` CPU backend (the projections of a decode step).
+//!
 //! [`set_enabled`] (or `NSA_KERNELS=0` in the environment) turns every registered kernel off, so
 //! one binary can time and check both paths.
 
@@ -32,6 +35,12 @@ pub mod cube;
 
 #[cfg(feature = "kernels")]
 pub use cube::{force_dkdv_splits, register_cube};
+
+#[cfg(feature = "flex")]
+pub mod flex;
+
+#[cfg(feature = "flex")]
+pub use flex::register_flex;
 
 /// Fused implementations of the sparse branches for one backend. Every method may answer
 /// `None` for a case it does not handle; the caller then uses the tensor-op path. Arguments and
@@ -86,6 +95,47 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         _scale: f64,
     ) -> Option<(Tensor<B, 4>, Option<Selection<B>>)> {
         None
+    }
+
+    /// `buffer` `[batch, heads, capacity, dim]` with rows `start..start + n` replaced by `rows`
+    /// `[batch, heads, n, dim]` (the decode cache's writes). The default is Burn's
+    /// `slice_assign`; a backend whose `slice_assign` copies the whole buffer may write in place.
+    fn write_rows(&self, buffer: Tensor<B, 4>, start: usize, rows: Tensor<B, 4>) -> Tensor<B, 4> {
+        write_rows_with_slice_assign(buffer, start, rows)
+    }
+
+    /// `x · weight + bias` for one row `x` `[1, d_in]`, `weight` `[d_in, d_out]`, `bias`
+    /// `[d_out]` → `[1, d_out]`: the projections of a decode step, where a backend has a faster
+    /// matrix-vector product than its matmul.
+    fn linear_row(
+        &self,
+        _weight: &Tensor<B, 2>,
+        _bias: Option<&Tensor<B, 1>>,
+        _x: &Tensor<B, 2>,
+    ) -> Option<Tensor<B, 2>> {
+        None
+    }
+}
+
+/// [`NsaKernels::write_rows`] through `slice_assign`.
+pub fn write_rows_with_slice_assign<B: Backend>(
+    buffer: Tensor<B, 4>,
+    start: usize,
+    rows: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [b, h, n, d] = rows.dims();
+    buffer.slice_assign([0..b, 0..h, start..start + n, 0..d], rows)
+}
+
+/// [`NsaKernels::write_rows`] of the kernels registered for `B`, else `slice_assign`.
+pub fn write_rows<B: Backend>(
+    buffer: Tensor<B, 4>,
+    start: usize,
+    rows: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    match get::<B>() {
+        Some(k) => k.write_rows(buffer, start, rows),
+        None => write_rows_with_slice_assign(buffer, start, rows),
     }
 }
 

@@ -1,0 +1,258 @@
+//! Matrix-vector products for decoding on Burn's `flex` CPU backend.
+//!
+//! A decode step multiplies one row by every weight matrix of the model. Burn's `flex` matmul
+//! hands that to `gemm`, which runs shapes below 192³ multiply-adds on one thread: every
+//! projection of the seed model (512 × 1536, 512 × 2048, …) is such a shape, so a step read
+//! about 75 MB of layer weights on one core while the other waited. Here `y = x · W + b` for
+//! one row `x` `[1, d_in]` and `W` `[d_in, d_out]` (Burn's `Linear` layout, row-major) is
+//! split into column blocks over Rayon's threads; each block streams its slice of every weight
+//! row once, four rows at a time, into accumulators that stay in L1. The sum over `d_in` runs
+//! in index order, as a plain loop would; on x86-64 the loop is compiled once more with AVX2
+//! and FMA and chosen at run time.
+
+use std::sync::Arc;
+
+use burn::prelude::*;
+use burn::tensor::{DType, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
+
+use super::NsaKernels;
+
+/// The `flex` implementation of [`NsaKernels`]: [`NsaKernels::linear_row`] and
+/// [`NsaKernels::write_rows`].
+pub struct FlexKernels;
+
+/// Registers [`FlexKernels`] for `Flex` (f32). Idempotent.
+pub fn register_flex() {
+    super::register::<Flex>(Arc::new(FlexKernels));
+}
+
+/// Below this many weights a product runs on the calling thread (a Rayon dispatch costs
+/// microseconds; 64k weights take about as long to read).
+const PARALLEL_MIN: usize = 1 << 16;
+
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn float(t: Tensor<Flex, 2>) -> FlexTensor {
+    contiguous(t.into_primitive().tensor())
+}
+
+impl NsaKernels<Flex> for FlexKernels {
+    /// In place when the buffer is not shared: `flex`'s `slice_assign` copies the whole buffer
+    /// (its `to_contiguous` keeps a second reference, so the copy-on-write always copies),
+    /// which made every decoded token copy every layer's key/value cache.
+    fn write_rows(
+        &self,
+        buffer: Tensor<Flex, 4>,
+        start: usize,
+        rows: Tensor<Flex, 4>,
+    ) -> Tensor<Flex, 4> {
+        let src = contiguous(rows.clone().into_primitive().tensor());
+        match write_in_place(buffer.into_primitive().tensor(), start, &src) {
+            Ok(t) => Tensor::from_primitive(TensorPrimitive::Float(t)),
+            Err(t) => super::write_rows_with_slice_assign(
+                Tensor::from_primitive(TensorPrimitive::Float(t)),
+                start,
+                rows,
+            ),
+        }
+    }
+
+    fn linear_row(
+        &self,
+        weight: &Tensor<Flex, 2>,
+        bias: Option<&Tensor<Flex, 1>>,
+        x: &Tensor<Flex, 2>,
+    ) -> Option<Tensor<Flex, 2>> {
+        let [d_in, d_out] = weight.dims();
+        if x.dims() != [1, d_in] {
+            return None;
+        }
+        let w = float(weight.clone());
+        let xs = float(x.clone());
+        let b = bias.map(|b| contiguous(b.clone().into_primitive().tensor()));
+        let x = xs.as_slice::<f32>()?;
+        let bias = match &b {
+            Some(b) => Some(b.as_slice::<f32>()?),
+            None => None,
+        };
+        let out = matvec(x, w.as_slice::<f32>()?, bias, d_out);
+        let out = FlexTensor::from_data(TensorData::new(out, [1, d_out]));
+        Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+}
+
+/// Writes `rows` `[b, h, n, d]` into rows `start..start + n` of `buffer` `[b, h, cap, d]`
+/// (both contiguous f32, `buffer` not shared); gives `buffer` back untouched otherwise.
+fn write_in_place(
+    mut buffer: FlexTensor,
+    start: usize,
+    rows: &FlexTensor,
+) -> Result<FlexTensor, FlexTensor> {
+    let (bs, rs) = (buffer.layout().shape(), rows.layout().shape());
+    let fits = bs.num_dims() == 4
+        && rs.num_dims() == 4
+        && (bs[0], bs[1], bs[3]) == (rs[0], rs[1], rs[3])
+        && start + rs[2] <= bs[2]
+        && buffer.dtype() == DType::F32
+        && buffer.is_contiguous()
+        && buffer.layout().start_offset() == 0;
+    let Some(src) = rows.as_slice::<f32>().filter(|_| fits) else {
+        return Err(buffer);
+    };
+    let (cap, n, d) = (bs[2], rs[2], rs[3]);
+    let Some(dst) = buffer.try_storage_mut::<f32>() else {
+        return Err(buffer);
+    };
+    for (i, chunk) in src.chunks_exact(n * d).enumerate() {
+        let at = (i * cap + start) * d;
+        dst[at..at + n * d].copy_from_slice(chunk);
+    }
+    Ok(buffer)
+}
+
+/// `x · W + bias` for `x` `[d_in]`, `W` `[d_in, d_out]` row-major → `[d_out]`.
+pub fn matvec(x: &[f32], w: &[f32], bias: Option<&[f32]>, d_out: usize) -> Vec<f32> {
+    assert_eq!(w.len(), x.len() * d_out, "matvec: weight shape");
+    let mut out = match bias {
+        Some(b) => b.to_vec(),
+        None => vec![0.0; d_out],
+    };
+    if w.len() < PARALLEL_MIN {
+        columns(x, w, d_out, 0, &mut out);
+        return out;
+    }
+    // about four blocks per thread, whole cache lines, at most 512 columns (2 KiB of sums)
+    let threads = rayon::current_num_threads().max(1);
+    let block = (d_out.div_ceil(threads * 4).div_ceil(16) * 16).clamp(16, 512);
+    out.par_chunks_mut(block)
+        .enumerate()
+        .for_each(|(i, o)| columns(x, w, d_out, i * block, o));
+    out
+}
+
+/// Adds `x · W[:, j0..j0 + out.len()]` to `out`.
+fn columns(x: &[f32], w: &[f32], d_out: usize, j0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled with.
+        unsafe { columns_avx2(x, w, d_out, j0, out) };
+        return;
+    }
+    columns_plain(x, w, d_out, j0, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn columns_avx2(x: &[f32], w: &[f32], d_out: usize, j0: usize, out: &mut [f32]) {
+    columns_plain(x, w, d_out, j0, out);
+}
+
+#[inline(always)]
+fn columns_plain(x: &[f32], w: &[f32], d_out: usize, j0: usize, out: &mut [f32]) {
+    let n = out.len();
+    let row = |i: usize| &w[i * d_out + j0..i * d_out + j0 + n];
+    let mut i = 0;
+    while i + 4 <= x.len() {
+        let (x0, x1, x2, x3) = (x[i], x[i + 1], x[i + 2], x[i + 3]);
+        let (r0, r1, r2, r3) = (row(i), row(i + 1), row(i + 2), row(i + 3));
+        for j in 0..n {
+            out[j] = out[j] + x0 * r0[j] + x1 * r1[j] + x2 * r2[j] + x3 * r3[j];
+        }
+        i += 4;
+    }
+    while i < x.len() {
+        let (xi, r) = (x[i], row(i));
+        for j in 0..n {
+            out[j] += xi * r[j];
+        }
+        i += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], w: &[f32], bias: Option<&[f32]>, d_out: usize) -> Vec<f64> {
+        (0..d_out)
+            .map(|j| {
+                let b = bias.map_or(0.0, |b| b[j] as f64);
+                b + x
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &xi)| xi as f64 * w[i * d_out + j] as f64)
+                    .sum::<f64>()
+            })
+            .collect()
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::SplitMix64(seed);
+        (0..n)
+            .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_definition_for_odd_shapes() {
+        // small (one thread) and large (column blocks, a ragged last block, d_in % 4 != 0)
+        for (d_in, d_out) in [(3, 5), (7, 1), (515, 1000), (130, 2053)] {
+            let x = values(d_in, 1);
+            let w = values(d_in * d_out, 2);
+            let b = values(d_out, 3);
+            for bias in [None, Some(b.as_slice())] {
+                let got = matvec(&x, &w, bias, d_out);
+                let want = reference(&x, &w, bias, d_out);
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((*g as f64 - e).abs() < 1e-4, "{d_in}x{d_out}: {g} vs {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn write_rows_equals_slice_assign_and_leaves_shared_buffers_alone() {
+        let device = Default::default();
+        let buffer = Tensor::<Flex, 4>::from_data(
+            TensorData::new(values(2 * 3 * 5 * 4, 7), [2, 3, 5, 4]),
+            &device,
+        );
+        let rows = Tensor::<Flex, 4>::from_data(
+            TensorData::new(values(2 * 3 * 2 * 4, 8), [2, 3, 2, 4]),
+            &device,
+        );
+        let want = super::super::write_rows_with_slice_assign(buffer.clone(), 2, rows.clone());
+        // shared: the other owner keeps its values
+        let kept = buffer.clone();
+        let got = FlexKernels.write_rows(buffer, 2, rows.clone());
+        assert_eq!(got.to_data(), want.to_data());
+        assert_ne!(kept.to_data(), want.to_data());
+        // not shared: written in place, same result
+        let got = FlexKernels.write_rows(kept, 2, rows);
+        assert_eq!(got.into_data(), want.into_data());
+    }
+
+    #[test]
+    fn linear_row_equals_the_matmul() {
+        let device = Default::default();
+        let w =
+            Tensor::<Flex, 2>::from_data(TensorData::new(values(96 * 700, 4), [96, 700]), &device);
+        let b = Tensor::<Flex, 1>::from_data(TensorData::new(values(700, 5), [700]), &device);
+        let x = Tensor::<Flex, 2>::from_data(TensorData::new(values(96, 6), [1, 96]), &device);
+        let got = FlexKernels.linear_row(&w, Some(&b), &x).expect("handled");
+        let want = x.clone().matmul(w.clone()) + b.unsqueeze();
+        let diff = (got - want).abs().max().into_scalar();
+        assert!(diff < 1e-4, "{diff}");
+        // not one row: left to the matmul
+        let two = Tensor::<Flex, 2>::zeros([2, 96], &device);
+        assert!(FlexKernels.linear_row(&w, None, &two).is_none());
+    }
+}
