@@ -142,17 +142,23 @@ fn export_writes_the_reference_tensors_back() {
     }
 }
 
-#[test]
-fn generation_on_the_cpu_is_reproducible_and_greedy_is_deterministic() {
-    let tmp = tempfile::tempdir().unwrap();
-    let vocab = small_vocab(tmp.path());
-    let dir = tmp.path().join("model");
+/// The reference NSA transformer fixture imported into `tmp/model` (with a small vocabulary).
+fn imported_nsa_fixture(tmp: &Path) -> std::path::PathBuf {
+    let vocab = small_vocab(tmp);
+    let dir = tmp.join("model");
     import(
         &fixtures().join("transformer_nsa.pt"),
         &fixtures().join("transformer_nsa.args.json"),
         &dir,
         &vocab,
     );
+    dir
+}
+
+#[test]
+fn generation_on_the_cpu_is_reproducible_and_greedy_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = imported_nsa_fixture(tmp.path());
     let gen = |extra: &[&str]| {
         let o = bin()
             .args([
@@ -184,14 +190,7 @@ fn generation_on_the_cpu_is_reproducible_and_greedy_is_deterministic() {
 #[test]
 fn compare_reports_the_block_selections_of_every_layer() {
     let tmp = tempfile::tempdir().unwrap();
-    let vocab = small_vocab(tmp.path());
-    let dir = tmp.path().join("model");
-    import(
-        &fixtures().join("transformer_nsa.pt"),
-        &fixtures().join("transformer_nsa.args.json"),
-        &dir,
-        &vocab,
-    );
+    let dir = imported_nsa_fixture(tmp.path());
     // two CPU backends: the same blocks everywhere, logits within the tolerance
     let o = bin()
         .args(["compare", "--backends", "ndarray,flex", "--model"])
