@@ -54,7 +54,7 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
     let dims = x.dims();
     let exact = exact_matmul();
     if !exact && dims[..D - 1].iter().all(|&n| n == 1) {
-        if let Some(kernels) = crate::kernels::get::<B>() {
+        if let Some(kernels) = crate::kernels::get::<B>().filter(|k| k.has_linear_row()) {
             let row = x.clone().reshape([1, dims[D - 1]]);
             let bias = layer.bias.as_ref().map(|b| b.val());
             if let Some(y) = kernels.linear_row(&layer.weight.val(), bias.as_ref(), &row) {

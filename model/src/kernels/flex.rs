@@ -65,6 +65,10 @@ impl NsaKernels<Flex> for FlexKernels {
         }
     }
 
+    fn has_linear_row(&self) -> bool {
+        true
+    }
+
     fn linear_row(
         &self,
         weight: &Tensor<Flex, 2>,

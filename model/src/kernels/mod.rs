@@ -104,6 +104,12 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         write_rows_with_slice_assign(buffer, start, rows)
     }
 
+    /// Whether [`NsaKernels::linear_row`] can answer at all (checked before the row is
+    /// reshaped for it: on a fusion backend even a reshape is an operation of the stream).
+    fn has_linear_row(&self) -> bool {
+        false
+    }
+
     /// `x · weight + bias` for one row `x` `[1, d_in]`, `weight` `[d_in, d_out]`, `bias`
     /// `[d_out]` → `[1, d_out]`: the projections of a decode step, where a backend has a faster
     /// matrix-vector product than its matmul.
