@@ -86,6 +86,12 @@ impl<B: Backend> KvBuffer<B> {
         Some((self.k.clone().reshape(shape), self.v.clone().reshape(shape)))
     }
 
+    /// The whole key and value buffers `[batch, kv_heads, capacity, dim_head]` (valid rows
+    /// first).
+    pub fn buffers(&self) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
+        (&self.k, &self.v)
+    }
+
     /// Valid rows.
     pub fn len(&self) -> usize {
         self.len

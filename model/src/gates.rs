@@ -31,13 +31,19 @@ impl<B: Backend> BranchGates<B> {
         Self { proj, heads }
     }
 
+    /// Gate logits (before the sigmoid) of the (normed) layer input `x` `[batch, seq, dim]` →
+    /// `[batch, seq, 3 * heads]`, column `3 * head + branch`.
+    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        linear(&self.proj, x)
+    }
+
     /// Mixes `[compressed, selected, sliding]` outputs `[batch, heads, seq, dim_head]` by the gates
     /// computed from the (normed) layer input `x` `[batch, seq, dim]`.
     pub fn combine(&self, x: Tensor<B, 3>, branches: [Tensor<B, 4>; 3]) -> Tensor<B, 4> {
         let [b, n, _] = x.dims();
         let h = self.heads;
         // [batch, heads, seq, 3]
-        let gates = sigmoid(linear(&self.proj, x))
+        let gates = sigmoid(self.logits(x))
             .reshape([b, n, h, 3])
             .swap_dims(1, 2);
         // a weighted sum of three terms (element-wise: fuses into one kernel where the backend

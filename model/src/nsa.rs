@@ -15,7 +15,7 @@ use crate::cache::{KvBuffer, NsaCache};
 use crate::compress::Compressor;
 use crate::config::{ConfigError, NsaConfig};
 use crate::gates::BranchGates;
-use crate::kernels::write_rows;
+use crate::kernels::{write_rows, DecodeInputs};
 use crate::norm::RmsNorm;
 use crate::rope::Rotation;
 use crate::select::{fine_attention, fine_attention_step, importance, select_top};
@@ -188,20 +188,64 @@ impl<B: Backend> SparseAttention<B> {
         } = cache;
         let pos = kv.len();
         let x = self.normed(x);
-        let Qkv { q, k, v } = self.qkv(x.clone());
         let scale = self.scale();
         let c = &self.config;
+        let [b, _, _] = x.dims();
+        let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
+        let qkv = linear(&self.to_qkv, x.clone());
+        // one position: `[b, 1, count * d]` is `[b, count, 1, d]` in memory
+        let heads = |start: usize, count: usize| {
+            qkv.clone()
+                .narrow(2, start * d, count * d)
+                .reshape([b, count, 1, d])
+        };
+        let (k, v) = (heads(h, kvh), heads(h + kvh, kvh));
+        // the position's rotated key joins the cache before the branches read it
+        let kv = kv.push(rotation.apply(k.clone()), v.clone());
 
-        // 1. compressed: memory + every block that ended before `pos`
-        let (ck, cv) = compressed.all();
-        let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
+        // one kernel for the three branches and their mix where registered, else tensor ops
+        let fused = crate::kernels::get::<B>().and_then(|kernels| {
+            let (cos, sin) = rotation.parts();
+            kernels.decode_attention(&DecodeInputs {
+                qkv: &qkv,
+                cos,
+                sin,
+                compressed: &compressed,
+                num_mem: self.compress.num_mem(),
+                kv: &kv,
+                gate_logits: &|| self.gates.logits(x.clone()),
+                config: c,
+                scale,
+            })
+        });
+        let out = match fused {
+            Some(mixed) => linear(&self.combine_heads, mixed.reshape([b, 1, h * d])),
+            None => {
+                let q = heads(0, h);
+                // 1. compressed: memory + every block that ended before `pos`
+                let (ck, cv) = compressed.all();
+                let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
+                // 2. selected
+                let q = rotation.apply(q);
+                let selection = comp
+                    .importance
+                    .and_then(|logits| importance(logits, c, pos))
+                    .and_then(|probs| select_top(probs, c));
+                let fine = fine_attention_step(q.clone(), &kv, selection, c, scale, &mut gather);
+                // 3. sliding window: the last `window + 1` keys
+                let start = pos.saturating_sub(c.sliding_window_size);
+                let (sk, sv) = kv.rows(start, pos + 1 - start);
+                let sliding = attend_one(q, sk, sv, scale);
+                self.mix(x, [comp.out, fine, sliding])
+            }
+        };
+
         // the un-rotated tail ring (position `p` in row `p % l`); a block ending at `pos` is
         // pooled now and seen from `pos + 1` on
         let l = c.compress_block_size;
         let slot = pos % l;
-        let write = |ring: Tensor<B, 4>, new: Tensor<B, 4>| write_rows(ring, slot, new);
-        let tail_k = write(tail_k, k.clone());
-        let tail_v = write(tail_v, v.clone());
+        let tail_k = write_rows(tail_k, slot, k);
+        let tail_v = write_rows(tail_v, slot, v);
         if (pos + 1) % c.compress_block_sliding_stride == 0 {
             // in position order: the oldest, `pos + 1 - l`, sits in row `(pos + 1) % l`
             let ordered = |ring: &Tensor<B, 4>| ring.clone().roll_dim((pos + 1) % l, 2);
@@ -210,22 +254,6 @@ impl<B: Backend> SparseAttention<B> {
                 .compress_one(ordered(&tail_k), ordered(&tail_v));
             compressed = compressed.push(nk, nv);
         }
-
-        // 2. selected
-        let q = rotation.apply(q);
-        let kv = kv.push(rotation.apply(k), v);
-        let selection = comp
-            .importance
-            .and_then(|logits| importance(logits, c, pos))
-            .and_then(|probs| select_top(probs, c));
-        let fine = fine_attention_step(q.clone(), &kv, selection, c, scale, &mut gather);
-
-        // 3. sliding window: the last `window + 1` keys
-        let start = pos.saturating_sub(c.sliding_window_size);
-        let (sk, sv) = kv.rows(start, pos + 1 - start);
-        let sliding = attend_one(q, sk, sv, scale);
-
-        let out = self.mix(x, [comp.out, fine, sliding]);
         (
             out,
             NsaCache {

@@ -42,6 +42,12 @@ impl<B: Backend> Rotation<B> {
         RopeTable::new(dim_head, offset, n, device).rotation(offset, n)
     }
 
+    /// Cosines `[c₀, c₀, c₁, c₁, …]` and signed sines `[−s₀, s₀, −s₁, s₁, …]`,
+    /// `[1, 1, n, dim_head]` each.
+    pub fn parts(&self) -> (&Tensor<B, 4>, &Tensor<B, 4>) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` `[batch, heads, n, dim_head]`:
     /// `x · [c, c] + swap_pairs(x) · [−s, s]`, i.e. `(x₀c − x₁s, x₁c + x₀s)` per pair.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {

@@ -471,7 +471,7 @@ fn top_k_kernel_matches_burn_topk() {
 }
 
 /// Decoding on a GPU backend with the kernels registered: the whole-sequence forward runs the
-/// fused branch kernels, the cached step the tensor ops and the `top_k` kernel; the two must
+/// fused branch kernels, the cached step the one-kernel decode attention; the two must
 /// give the same logits at every position (lengths cross stride, block and selection-block
 /// boundaries, several selected blocks compete).
 #[test]
@@ -527,4 +527,150 @@ fn cached_decoding_with_kernels_equals_the_fused_forward() {
         worst = worst.max(err);
     }
     println!("cached decoding vs fused forward on wgpu: max abs logit difference {worst:.2e}");
+}
+
+/// Random weights `N(0, 0.25)` on any backend (larger weights make attention so sharp that
+/// the tensor ops on lavapipe and on the CPU already differ by 1e-4).
+struct Randomise<B: Backend>(B::Device);
+impl<B: Backend> burn::module::ModuleMapper<B> for Randomise<B> {
+    fn map_float<const D: usize>(
+        &mut self,
+        p: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        let shape = p.dims();
+        let device = self.0.clone();
+        p.map(|_| {
+            Tensor::random(
+                shape,
+                burn::tensor::Distribution::Normal(0.0, 0.25),
+                &device,
+            )
+        })
+    }
+}
+
+/// Small transformer configs whose decode steps the decode kernel covers: GQA with shared
+/// selection and several compression slots per selection block, separate selections per head,
+/// straight-through gated keys, and one slot per block with as many kv heads as heads.
+fn decode_configs() -> Vec<(&'static str, nsa_model::TransformerConfig)> {
+    let base = || {
+        let mut c = nsa_model::TransformerConfig::new(40, 32, 2);
+        c.dim_head = 16;
+        c.heads = 4;
+        c.kv_heads = Some(2);
+        let s = &mut c.sparse;
+        s.compress_block_sliding_stride = 4;
+        s.compress_block_size = 8;
+        s.selection_block_size = 8;
+        s.sliding_window_size = 5;
+        s.num_selected_blocks = 2;
+        s.num_compressed_mem_kv = 1;
+        c
+    };
+    let shared = base();
+    let mut separate = base();
+    separate.sparse.query_heads_share_selected_kv = false;
+    let mut gated = base();
+    gated.sparse.use_diff_topk = true;
+    let mut plain = base();
+    plain.heads = 2;
+    plain.kv_heads = Some(2);
+    plain.sparse.selection_block_size = 4;
+    plain.sparse.sliding_window_size = 6;
+    plain.sparse.num_selected_blocks = 3;
+    plain.sparse.num_compressed_mem_kv = 2;
+    vec![
+        ("gqa shared selection", shared),
+        ("selection per head", separate),
+        ("diff top-k gates", gated),
+        ("one slot per block, no gqa", plain),
+    ]
+}
+
+/// The one-kernel decode step on wgpu against the tensor-op decode step on the CPU, same
+/// weights, batch 2: logits at every position (lengths cross stride, compression-block and
+/// selection-block boundaries, the top-n fills up and then competes), and the kernel is
+/// really taken for the layers' caches.
+#[test]
+fn decode_kernel_matches_the_tensor_op_step() {
+    use nsa_model::cache::LayerCache;
+    use nsa_model::kernels::DecodeInputs;
+    use nsa_model::transformer::Attention;
+
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    for (name, c) in decode_configs() {
+        let cpu_model = c
+            .init::<NdArray>(&cpu)
+            .unwrap()
+            .map(&mut Randomise::<NdArray>(cpu));
+        let gpu_model = c
+            .init::<Wgpu>(&gpu)
+            .unwrap()
+            .load_reference(cpu_model.reference_state())
+            .unwrap();
+        let mut rng = Rng(11);
+        let (b, total, prompt) = (2, 43, 3);
+        let ids: Vec<i64> = (0..b * total).map(|_| rng.below(40) as i64).collect();
+        let data = TensorData::new(ids, [b, total]);
+        let cpu_ids = Tensor::<NdArray, 2, Int>::from_data(data.clone(), &cpu);
+        let gpu_ids = Tensor::<Wgpu, 2, Int>::from_data(data, &gpu);
+        let (_, mut cpu_cache) = cpu_model.prefill(cpu_ids.clone().narrow(1, 0, prompt), 8);
+        let (_, mut gpu_cache) = gpu_model.prefill(gpu_ids.clone().narrow(1, 0, prompt), 8);
+
+        // the kernel answers for a prefilled layer cache (its last prompt token as the query)
+        let LayerCache::Nsa(layer) = &gpu_cache.layers[0] else {
+            panic!("an NSA layer");
+        };
+        let Attention::Nsa(attn) = &gpu_model.layers[0].attn else {
+            panic!("an NSA layer");
+        };
+        let (dim, heads, d) = (32, c.heads, c.dim_head);
+        let width = (heads + 2 * c.kv_heads.unwrap()) * d;
+        let qkv =
+            Tensor::<Wgpu, 3>::random([b, 1, width], burn::tensor::Distribution::Default, &gpu);
+        let x = Tensor::<Wgpu, 3>::zeros([b, 1, dim], &gpu);
+        let rotation = gpu_cache.rope.rotation(prompt, 1);
+        let (cos, sin) = rotation.parts();
+        let inputs = DecodeInputs {
+            qkv: &qkv,
+            cos,
+            sin,
+            compressed: &layer.compressed,
+            num_mem: attn.compress.num_mem(),
+            kv: &layer.kv,
+            gate_logits: &|| attn.gates.logits(x.clone()),
+            config: &attn.config,
+            scale: attn.scale(),
+        };
+        let kernels = kernels::get::<Wgpu>().expect("registered");
+        assert!(
+            kernels.decode_attention(&inputs).is_some(),
+            "{name}: the decode kernel declined"
+        );
+
+        let (mut worst, mut largest) = (0.0f32, 0.0f32);
+        for pos in prompt..total {
+            let (cpu_step, next) =
+                cpu_model.step(cpu_ids.clone().narrow(1, pos, 1).reshape([b]), cpu_cache);
+            cpu_cache = next;
+            let (gpu_step, next) =
+                gpu_model.step(gpu_ids.clone().narrow(1, pos, 1).reshape([b]), gpu_cache);
+            gpu_cache = next;
+            let want = HostTensor::from_tensor(cpu_step);
+            let err = max_abs_diff(&HostTensor::from_tensor(gpu_step), &want);
+            let scale = want.values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            assert!(
+                err <= 1e-5,
+                "{name}, position {pos}: the kernel step differs by {err}"
+            );
+            worst = worst.max(err);
+            largest = largest.max(scale);
+        }
+        println!(
+            "decode kernel vs tensor-op step, {name}: max abs logit difference {worst:.2e} \
+             (largest logit {largest:.1})"
+        );
+    }
 }

@@ -27,6 +27,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use burn::prelude::*;
 
+use crate::cache::KvBuffer;
 use crate::config::NsaConfig;
 use crate::select::Selection;
 
@@ -121,6 +122,39 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
     ) -> Option<Tensor<B, 2>> {
         None
     }
+
+    /// The attention of one decode step of an NSA layer in one operation: the compressed
+    /// branch, the block selection it drives, the selected and sliding branches, and their
+    /// gated mix (what `SparseAttention::step` computes with tensor ops between the projection
+    /// and `combine_heads`) → `[batch, heads, 1, dim_head]`.
+    fn decode_attention(&self, _inputs: &DecodeInputs<'_, B>) -> Option<Tensor<B, 4>> {
+        None
+    }
+}
+
+/// The inputs of [`NsaKernels::decode_attention`] for the token at position `kv.len() - 1`.
+pub struct DecodeInputs<'a, B: Backend> {
+    /// The layer's projection of the (normed) token, `[batch, 1, (heads + 2 kv_heads) *
+    /// dim_head]`: un-rotated queries, then keys and values.
+    pub qkv: &'a Tensor<B, 3>,
+    /// The position's rotation: cosines and signed sines `[1, 1, 1, dim_head]`
+    /// ([`crate::rope::Rotation`]).
+    pub cos: &'a Tensor<B, 4>,
+    /// See `cos`.
+    pub sin: &'a Tensor<B, 4>,
+    /// Memory and compressed keys/values of every block that ended before the position.
+    pub compressed: &'a KvBuffer<B>,
+    /// Memory slots at the front of `compressed`.
+    pub num_mem: usize,
+    /// Rotated keys and values of every position up to and including this one.
+    pub kv: &'a KvBuffer<B>,
+    /// The gate logits `[batch, 1, 3 * heads]` (column `3 * head + branch`), computed only
+    /// when the kernel runs.
+    pub gate_logits: &'a dyn Fn() -> Tensor<B, 3>,
+    /// The layer's settings.
+    pub config: &'a NsaConfig,
+    /// Softmax scale.
+    pub scale: f64,
 }
 
 /// [`NsaKernels::write_rows`] through `slice_assign`.

@@ -39,7 +39,7 @@ pub const COMPRESSED: u32 = 2;
 /// A finite stand-in for minus infinity.
 pub const NEG: f32 = -1.0e30;
 /// Scores below this are masked.
-const NEG_HALF: f32 = -5.0e29;
+pub(crate) const NEG_HALF: f32 = -5.0e29;
 
 /// Shape and mode of one launch (comptime: one compiled kernel per distinct value).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -20,7 +20,7 @@ use burn_fusion::{Fusion, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::prelude::ComputeClient;
 
-use super::launch::{self, Problem};
+use super::launch::{self, DecodeProblem, Problem};
 use super::{int_dtype, KernelBackend, KernelForward, KernelGrads};
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -269,5 +269,18 @@ where
             })
             .into_iter();
         (out.next().expect("values"), out.next().expect("indices"))
+    }
+
+    fn decode(inputs: [FloatTensor<Self>; 8], p: &DecodeProblem) -> FloatTensor<Self> {
+        let dtype = inputs[0].dtype;
+        let inputs = inputs.into_iter().map(|t| (t, Kind::Float)).collect();
+        let outputs = vec![(vec![p.b, p.h, 1, p.d], dtype, Kind::Float)];
+        let problem = p.clone();
+        custom::<R, F, I, BT>("nsa_decode", inputs, outputs, move |ins| {
+            let ins: [CubeTensor<R>; 8] = ins.try_into().expect("eight declared inputs");
+            vec![launch::decode(ins, &problem)]
+        })
+        .pop()
+        .expect("out")
     }
 }

@@ -571,3 +571,126 @@ pub const MAX_TOP_K: usize = 64;
 fn _modes() -> [u32; 3] {
     [SELECTED, SLIDING, COMPRESSED]
 }
+
+/// One decode step of a layer's attention ([`super::decode::nsa_decode`]): the newest query
+/// of every sequence at position `pos`.
+#[derive(Clone, Debug)]
+pub struct DecodeProblem {
+    pub b: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub d: usize,
+    /// Query heads per selection head.
+    pub gq: usize,
+    /// Columns of the projection row (`(h + 2 kvh) * d`).
+    pub width: usize,
+    pub pos: usize,
+    /// Valid compressed rows (memory + blocks) and the compressed buffer's capacity.
+    pub nc: usize,
+    pub capc: usize,
+    /// Capacity of the key/value cache.
+    pub cap: usize,
+    pub mem: usize,
+    /// Compressed slots per selection block.
+    pub pf: usize,
+    pub sel: usize,
+    pub window: usize,
+    /// Blocks selected at this position, and at most.
+    pub topn: usize,
+    pub nsel: usize,
+    pub gated: bool,
+    pub scale: f64,
+}
+
+impl DecodeProblem {
+    /// Complete selection blocks.
+    fn fine(&self) -> usize {
+        (self.nc - self.mem) / self.pf.max(1)
+    }
+}
+
+/// The decode kernel's tiling for `p` within the shared-memory budget, if any.
+fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<super::decode::DecodeTiling> {
+    let mut kc = 32;
+    loop {
+        let mut t = super::decode::DecodeTiling {
+            d: p.d,
+            gq: p.gq,
+            kc,
+            nsel: p.nsel.max(1),
+            fcap: 1,
+            gated: p.gated,
+            threads: THREADS,
+        };
+        let fixed = t.shared();
+        // the rest holds the selection-block scores, in steps of 1024 (each a compiled kernel)
+        let room = budget.saturating_sub(fixed) / 4 / 1024 * 1024;
+        if room >= 1024 {
+            t.fcap = room.min(8192);
+            return Some(t);
+        }
+        if kc <= 8 {
+            return None;
+        }
+        kc /= 2;
+    }
+}
+
+/// Whether the decode kernel covers `p` on this device.
+pub fn decode_supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &DecodeProblem) -> bool {
+    p.kvh > 0
+        && p.gq > 0
+        && p.h.is_multiple_of(p.kvh)
+        && p.h.is_multiple_of(p.gq)
+        && p.mem > 0
+        && p.nc >= p.mem
+        && p.topn <= p.nsel
+        && p.d.is_multiple_of(2)
+        && decode_tiling(p, shared_budget(client)).is_some_and(|t| p.fine() <= t.fcap)
+}
+
+/// Runs the decode kernel: inputs `[qkv, cos, sin, ck, cv, k, v, gate logits]` (see
+/// [`super::decode`]), output `[b, h, 1, d]` in `qkv`'s dtype.
+pub fn decode<R: CubeRuntime>(inputs: [CubeTensor<R>; 8], p: &DecodeProblem) -> CubeTensor<R> {
+    let [qkv, cos, sin, ck, cv, k, v, gates] = inputs.map(into_contiguous);
+    let dtype = qkv.dtype;
+    let t = decode_tiling(p, shared_budget(&qkv.client)).expect("checked by `decode_supported`");
+    let out = empty(&qkv, vec![p.b, p.h, 1, p.d], dtype);
+    let pf = p.pf.max(1);
+    let client = qkv.client.clone();
+    // SAFETY: rows read are below `nc <= capc` (compressed) and `pos < cap` (cache); the
+    // selected blocks are complete blocks before the own one; `fine <= fcap`.
+    unsafe {
+        super::decode::nsa_decode::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static((p.b * p.h / p.gq) as u32, 1, 1),
+            CubeDim::new_1d(t.threads as u32),
+            qkv.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            ck.into_tensor_arg(),
+            cv.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            gates.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            p.width,
+            p.h,
+            p.kvh,
+            p.pos,
+            p.nc,
+            p.capc,
+            p.cap,
+            p.mem,
+            pf,
+            p.sel,
+            p.window,
+            p.topn,
+            p.scale as f32,
+            (1.0 / (p.gq * pf) as f64) as f32,
+            t,
+            dtype.into(),
+        );
+    }
+    out
+}

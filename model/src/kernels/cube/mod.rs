@@ -6,6 +6,7 @@
 //! the fused backward kernels.
 
 mod attn;
+mod decode;
 #[cfg(feature = "fusion")]
 mod fusion;
 mod launch;
@@ -26,8 +27,8 @@ use cubecl::prelude::ComputeClient;
 
 use self::attn::{COMPRESSED, SELECTED, SLIDING};
 pub use self::launch::force_dkdv_splits;
-use self::launch::{Problem, SelectSpec};
-use super::{register, NsaKernels};
+use self::launch::{DecodeProblem, Problem, SelectSpec};
+use super::{register, DecodeInputs, NsaKernels};
 use crate::config::NsaConfig;
 use crate::select::Selection;
 
@@ -85,6 +86,10 @@ pub trait KernelBackend: Backend {
 
     /// Top-`k` along the last axis: values and indices.
     fn top_k(x: FloatTensor<Self>, k: usize) -> (FloatTensor<Self>, IntTensor<Self>);
+
+    /// The decode step's attention ([`launch::decode`]): inputs `[qkv, cos, sin, ck, cv, k,
+    /// v, gate logits]` → `[b, h, 1, d]`.
+    fn decode(inputs: [FloatTensor<Self>; 8], p: &DecodeProblem) -> FloatTensor<Self>;
 }
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -134,6 +139,10 @@ where
 
     fn top_k(x: FloatTensor<Self>, k: usize) -> (FloatTensor<Self>, IntTensor<Self>) {
         launch::top_k(x, k, int_dtype::<I>())
+    }
+
+    fn decode(inputs: [FloatTensor<Self>; 8], p: &DecodeProblem) -> FloatTensor<Self> {
+        launch::decode(inputs, p)
     }
 }
 
@@ -386,6 +395,28 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         ))
     }
 
+    fn decode_attention(&self, s: &DecodeInputs<'_, B>) -> Option<Tensor<B, 4>> {
+        let p = decode_problem(s)?;
+        let (ck, cv) = s.compressed.buffers();
+        let (k, v) = s.kv.buffers();
+        let gates = (s.gate_logits)();
+        let float3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
+        let out = B::decode(
+            [
+                float3(s.qkv),
+                float_of(s.cos),
+                float_of(s.sin),
+                float_of(ck),
+                float_of(cv),
+                float_of(k),
+                float_of(v),
+                float3(&gates),
+            ],
+            &p,
+        );
+        Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
     fn compressed_and_selection(
         &self,
         q: &Tensor<B, 4>,
@@ -411,6 +442,72 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
 }
 
 type CompressedOut<B> = (Tensor<B, 4>, Option<Selection<B>>);
+
+/// The decode kernel's problem for `s`, or `None` when it does not cover it.
+fn decode_problem<B: KernelBackend>(s: &DecodeInputs<'_, B>) -> Option<DecodeProblem> {
+    let c = s.config;
+    let [b, one, width] = s.qkv.dims();
+    let (ck, cv) = s.compressed.buffers();
+    let (k, v) = s.kv.buffers();
+    let [cb, kvh, capc, d] = ck.dims();
+    let [kb, kvh2, cap, d2] = k.dims();
+    let h = c.heads;
+    let dtype = s.qkv.dtype();
+    let same = [
+        ck.dtype(),
+        cv.dtype(),
+        k.dtype(),
+        v.dtype(),
+        s.cos.dtype(),
+        s.sin.dtype(),
+    ]
+    .iter()
+    .all(|&t| t == dtype);
+    if !is_float(dtype)
+        || !same
+        || one != 1
+        || (cb, kb, kvh2, d2) != (b, b, kvh, d)
+        || cv.dims() != ck.dims()
+        || v.dims() != k.dims()
+        || s.cos.dims() != [1, 1, 1, d]
+        || kvh == 0
+        || !h.is_multiple_of(kvh)
+        || width != (h + 2 * kvh) * d
+        || s.kv.is_empty()
+        || s.compressed.len() < s.num_mem
+    {
+        return None;
+    }
+    let g = h / kvh;
+    let pf = c.selection_block_size / c.compress_block_sliding_stride;
+    let nc = s.compressed.len();
+    let fine = (nc - s.num_mem) / pf.max(1);
+    let p = DecodeProblem {
+        b,
+        h,
+        kvh,
+        d,
+        gq: if c.query_heads_share_selected_kv {
+            g
+        } else {
+            1
+        },
+        width,
+        pos: s.kv.len() - 1,
+        nc,
+        capc,
+        cap,
+        mem: s.num_mem,
+        pf: pf.max(1),
+        sel: c.selection_block_size,
+        window: c.sliding_window_size,
+        topn: c.num_selected_blocks.min(fine),
+        nsel: c.num_selected_blocks,
+        gated: c.use_diff_topk,
+        scale: s.scale,
+    };
+    launch::decode_supported(&B::cube_client(&s.qkv.device()), &p).then_some(p)
+}
 
 /// What the backward step keeps from the forward.
 #[derive(Clone, Debug)]

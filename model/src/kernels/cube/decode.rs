@@ -1,0 +1,519 @@
+//! One decode step of an NSA layer's attention in one kernel: for the newest query of every
+//! sequence, the compressed branch with the block importance it yields, the top-n block
+//! selection, the selected branch (chosen blocks + the causal part of the own block), the
+//! sliding window, and the gated mix of the three.
+//!
+//! The tensor-op decode step (`SparseAttention::step`) is about 130 Burn operations per layer
+//! for these parts, each a few microseconds of GPU work and ≈ 15 µs of host-side dispatch: the
+//! step was launch-bound. This kernel is one operation.
+//!
+//! Grid: one cube per `(batch, selection head)`; a cube holds the `gq` query heads that share
+//! the selection (all heads of a kv head with `query_heads_share_selected_kv`, else one head).
+//! Every branch is the same loop over chunks of `kc` keys: load the K/V tile into shared
+//! memory, scores of the `gq` rows, online-softmax update of the rows' statistics and of the
+//! output accumulators in registers. Barriers sit only in control flow that is uniform over
+//! the cube (loop bounds from scalars), as WGSL requires.
+//!
+//! Tensors (contiguous): `qkv` `[b, 1, width]` (queries of head `i` at `i * d`, un-rotated),
+//! `cos`, `sin` `[d]` (the position's rotation, as `rope::Rotation`), compressed `ck`, `cv`
+//! `[b, kvh, capc, d]` (memory slots then blocks, `nc` valid), the rotated key/value cache `kc`,
+//! `vc` `[b, kvh, cap, d]` (`pos + 1` valid, the new token's included), gate logits `gl`
+//! `[b, 1, 3 h]` (column `3 head + branch`), `out` `[b, h, 1, d]`.
+
+#![allow(unused_assignments, clippy::manual_div_ceil, clippy::collapsible_if)]
+
+use cubecl::prelude::*;
+
+use super::attn::{NEG, NEG_HALF};
+
+/// Marks a selected slot whose block may not be attended (probability ≤ 1e-10).
+const INVALID: u32 = 0xFFFF_FFFF;
+/// The constant slot of the selection softmax (as in the reference).
+const SINK: f32 = -1000.0;
+/// Below every score (start of an arg-max).
+const LOWEST: f32 = -3.0e38;
+
+/// Comptime shape of one decode kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DecodeTiling {
+    /// Head dimension.
+    pub d: usize,
+    /// Query heads per cube.
+    pub gq: usize,
+    /// Keys per chunk.
+    pub kc: usize,
+    /// Most blocks selected (`num_selected_blocks`, at least 1).
+    pub nsel: usize,
+    /// Selection-block scores the cube can hold in shared memory.
+    pub fcap: usize,
+    /// Keys of selected blocks are gated by their probability (`use_diff_topk`).
+    pub gated: bool,
+    /// Units per cube.
+    pub threads: usize,
+}
+
+impl DecodeTiling {
+    /// Shared memory of the kernel in bytes.
+    pub fn shared(&self) -> usize {
+        4 * (2 * self.kc * (self.d + 1)
+            + 3 * self.gq * self.d
+            + self.gq * self.kc
+            + 3 * self.gq
+            + 3 * self.gq
+            + self.fcap
+            + 2 * self.nsel
+            + 2 * self.threads
+            + 2)
+    }
+}
+
+/// Loads rows `first..first + valid` of head `base` (a row offset) of `k` and `v` into the
+/// tiles (row stride `d + 1`), zeros for the rest of the chunk.
+#[cube]
+fn load_tile<F: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    ks: &mut SharedMemory<f32>,
+    vs: &mut SharedMemory<f32>,
+    base: usize,
+    first: usize,
+    valid: usize,
+    #[comptime] t: DecodeTiling,
+) {
+    let d = t.d;
+    let ds = comptime!(t.d + 1);
+    let mut e = UNIT_POS as usize;
+    while e < comptime!(t.kc * t.d) {
+        let j = e / d;
+        let i = e % d;
+        let mut kv = 0.0f32;
+        let mut vv = 0.0f32;
+        if j < valid {
+            let off = (base + first + j) * d + i;
+            kv = f32::cast_from(k[off]);
+            vv = f32::cast_from(v[off]);
+        }
+        ks[j * ds + i] = kv;
+        vs[j * ds + i] = vv;
+        e += t.threads;
+    }
+    sync_cube();
+}
+
+/// Scores of the cube's rows against the tile: `ps[r * kc + j] = (q_r · k_j) · gate` for the
+/// first `valid` keys, [`NEG`] for the rest. `q` holds scaled queries `[gq, d]`.
+#[cube]
+fn chunk_scores(
+    q: &SharedMemory<f32>,
+    ks: &SharedMemory<f32>,
+    ps: &mut SharedMemory<f32>,
+    valid: usize,
+    gate: f32,
+    #[comptime] t: DecodeTiling,
+) {
+    let d = t.d;
+    let kc = t.kc;
+    let ds = comptime!(t.d + 1);
+    let mut g = UNIT_POS as usize;
+    while g < comptime!(t.gq * t.kc) {
+        let r = g / kc;
+        let j = g % kc;
+        let mut s = NEG.runtime();
+        if j < valid {
+            let mut dot = 0.0f32;
+            for i in 0..d {
+                dot += q[r * d + i] * ks[j * ds + i];
+            }
+            s = dot * gate;
+        }
+        ps[g] = s;
+        g += t.threads;
+    }
+    sync_cube();
+}
+
+/// Online-softmax update of the rows' maxima `m_s`, sums `l_s` and the accumulators `acc`
+/// (unit-owned elements `UNIT_POS + it * threads` of `[gq, d]`) with the chunk's scores `ps`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn chunk_update(
+    vs: &SharedMemory<f32>,
+    ps: &mut SharedMemory<f32>,
+    m_s: &mut SharedMemory<f32>,
+    l_s: &mut SharedMemory<f32>,
+    a_s: &mut SharedMemory<f32>,
+    acc: &mut Array<f32>,
+    #[comptime] t: DecodeTiling,
+) {
+    let d = t.d;
+    let kc = t.kc;
+    let ds = comptime!(t.d + 1);
+    let accn = comptime!((t.gq * t.d).div_ceil(t.threads));
+    let tid = UNIT_POS as usize;
+    let mut r = tid;
+    while r < t.gq {
+        let m_old = m_s[r];
+        let mut mx = m_old;
+        for j in 0..kc {
+            let s = ps[r * kc + j];
+            if s > mx {
+                mx = s;
+            }
+        }
+        let mut sum = 0.0f32;
+        for j in 0..kc {
+            let s = ps[r * kc + j];
+            let mut p = 0.0f32;
+            if s > NEG_HALF {
+                p = (s - mx).exp();
+            }
+            ps[r * kc + j] = p;
+            sum += p;
+        }
+        let a = (m_old - mx).exp();
+        a_s[r] = a;
+        l_s[r] = l_s[r] * a + sum;
+        m_s[r] = mx;
+        r += t.threads;
+    }
+    sync_cube();
+    #[unroll]
+    for it in 0..accn {
+        let e = tid + it * t.threads;
+        if e < comptime!(t.gq * t.d) {
+            let r = e / d;
+            let i = e % d;
+            let mut x = acc[it] * a_s[r];
+            for j in 0..kc {
+                x += ps[r * kc + j] * vs[j * ds + i];
+            }
+            acc[it] = x;
+        }
+    }
+    sync_cube();
+}
+
+/// Adds branch `branch`'s normalised output, weighted by its gate, to `os` and resets the
+/// accumulators and row statistics for the next branch.
+#[cube]
+fn finish_branch(
+    os: &mut SharedMemory<f32>,
+    gs: &SharedMemory<f32>,
+    m_s: &mut SharedMemory<f32>,
+    l_s: &mut SharedMemory<f32>,
+    acc: &mut Array<f32>,
+    branch: usize,
+    #[comptime] t: DecodeTiling,
+) {
+    let d = t.d;
+    let accn = comptime!((t.gq * t.d).div_ceil(t.threads));
+    let tid = UNIT_POS as usize;
+    #[unroll]
+    for it in 0..accn {
+        let e = tid + it * t.threads;
+        if e < comptime!(t.gq * t.d) {
+            let r = e / d;
+            os[e] += gs[r * 3 + branch] * (acc[it] / l_s[r]);
+            acc[it] = 0.0;
+        }
+    }
+    sync_cube();
+    let mut r = tid;
+    while r < t.gq {
+        m_s[r] = NEG;
+        l_s[r] = 0.0;
+        r += t.threads;
+    }
+    sync_cube();
+}
+
+/// The decode step's attention; see the module documentation for the layout.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn nsa_decode<F: Float>(
+    qkv: &Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    ck: &Tensor<F>,
+    cv: &Tensor<F>,
+    kc: &Tensor<F>,
+    vc: &Tensor<F>,
+    gl: &Tensor<F>,
+    out: &mut Tensor<F>,
+    width: usize,
+    h: usize,
+    kvh: usize,
+    pos: usize,
+    nc: usize,
+    capc: usize,
+    cap: usize,
+    mem: usize,
+    pf: usize,
+    sel: usize,
+    window: usize,
+    topn: usize,
+    scale: f32,
+    imp_scale: f32,
+    #[comptime] t: DecodeTiling,
+    #[define(F)] _dtype: StorageType,
+) {
+    let d = t.d;
+    let gq = t.gq;
+    let kchunk = t.kc;
+    let nt = t.threads;
+    let rows_d = comptime!(t.gq * t.d);
+    let accn = comptime!((t.gq * t.d).div_ceil(t.threads));
+    let tid = UNIT_POS as usize;
+    let hs = h / gq;
+    let b = CUBE_POS_X as usize / hs;
+    let head0 = (CUBE_POS_X as usize % hs) * gq;
+    let kvhead = head0 / (h / kvh);
+
+    let mut qs = SharedMemory::<f32>::new(rows_d);
+    let mut qr = SharedMemory::<f32>::new(rows_d);
+    let mut os = SharedMemory::<f32>::new(rows_d);
+    let mut ks = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
+    let mut vs = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
+    let mut ps = SharedMemory::<f32>::new(comptime!(t.gq * t.kc));
+    let mut m_s = SharedMemory::<f32>::new(gq);
+    let mut l_s = SharedMemory::<f32>::new(gq);
+    let mut a_s = SharedMemory::<f32>::new(gq);
+    let mut gs = SharedMemory::<f32>::new(comptime!(t.gq * 3));
+    let mut fsc = SharedMemory::<f32>::new(t.fcap);
+    let mut chosen = SharedMemory::<u32>::new(t.nsel);
+    let mut cgate = SharedMemory::<f32>::new(t.nsel);
+    let mut rv = SharedMemory::<f32>::new(nt);
+    let mut ri = SharedMemory::<u32>::new(nt);
+    let mut stat = SharedMemory::<f32>::new(2usize);
+
+    // queries: un-rotated for the compressed branch, rotated for the other two, both scaled
+    let mut e = tid;
+    while e < rows_d {
+        let r = e / d;
+        let i = e % d;
+        let base = b * width + (head0 + r) * d;
+        let x = f32::cast_from(qkv[base + i]);
+        // the partner of feature `i` in its rotation pair
+        let partner = i + 1 - (i % 2) * 2;
+        let xp = f32::cast_from(qkv[base + partner]);
+        qs[e] = x * scale;
+        qr[e] = (x * f32::cast_from(cos[i]) + xp * f32::cast_from(sin[i])) * scale;
+        os[e] = 0.0;
+        e += nt;
+    }
+    let mut e = tid;
+    while e < comptime!(t.gq * 3) {
+        let x = f32::cast_from(gl[b * 3 * h + head0 * 3 + e]);
+        gs[e] = 1.0f32 / (1.0f32 + (-x).exp());
+        e += nt;
+    }
+    let fine = (nc - mem) / pf;
+    let mut j = tid;
+    while j < fine {
+        fsc[j] = 0.0;
+        j += nt;
+    }
+    let mut r = tid;
+    while r < gq {
+        m_s[r] = NEG;
+        l_s[r] = 0.0;
+        r += nt;
+    }
+    let mut acc = Array::<f32>::new(accn);
+    #[unroll]
+    for it in 0..accn {
+        acc[it] = 0.0;
+    }
+    sync_cube();
+
+    // 1. compressed: memory and every complete block (all of them ended before `pos`), and the
+    //    selection blocks' importance: logits averaged over the cube's heads and the `pf` slots
+    //    of a block
+    let chead = (b * kvh + kvhead) * capc;
+    let chunks = (nc + kchunk - 1) / kchunk;
+    for ci in 0..chunks {
+        let k0 = ci * kchunk;
+        let mut valid = nc - k0;
+        if valid > kchunk {
+            valid = kchunk;
+        }
+        load_tile::<F>(ck, cv, &mut ks, &mut vs, chead, k0, valid, t);
+        chunk_scores(&qs, &ks, &mut ps, valid, 1.0f32, t);
+        let last = k0 + valid;
+        if last > mem {
+            let mut lo = 0usize;
+            if k0 > mem {
+                lo = (k0 - mem) / pf;
+            }
+            let mut hi = (last - mem - 1) / pf + 1;
+            if hi > fine {
+                hi = fine;
+            }
+            let mut blk = lo + tid;
+            while blk < hi {
+                let mut s = 0.0f32;
+                for u in 0..pf {
+                    let slot = mem + blk * pf + u;
+                    if slot >= k0 && slot < last {
+                        for rr in 0..gq {
+                            s += ps[rr * kchunk + slot - k0];
+                        }
+                    }
+                }
+                fsc[blk] += s * imp_scale;
+                blk += nt;
+            }
+        }
+        sync_cube();
+        chunk_update(&vs, &mut ps, &mut m_s, &mut l_s, &mut a_s, &mut acc, t);
+    }
+    finish_branch(&mut os, &gs, &mut m_s, &mut l_s, &mut acc, 0usize, t);
+
+    // top-n blocks by importance (ties: the lower index); probability from a softmax that
+    // includes a constant -1000 slot, blocks at ≤ 1e-10 are not attended
+    let mut mx = NEG.runtime();
+    let mut j = tid;
+    while j < fine {
+        let s = fsc[j];
+        if s > mx {
+            mx = s;
+        }
+        j += nt;
+    }
+    rv[tid] = mx;
+    sync_cube();
+    if tid == 0 {
+        let mut m = SINK.runtime();
+        for u in 0..nt {
+            let s = rv[u];
+            if s > m {
+                m = s;
+            }
+        }
+        stat[0usize] = m;
+    }
+    sync_cube();
+    let m = stat[0usize];
+    let mut sum = 0.0f32;
+    let mut j = tid;
+    while j < fine {
+        sum += (fsc[j] - m).exp();
+        j += nt;
+    }
+    rv[tid] = sum;
+    sync_cube();
+    if tid == 0 {
+        let mut z = (SINK - m).exp();
+        for u in 0..nt {
+            z += rv[u];
+        }
+        stat[1usize] = z;
+    }
+    sync_cube();
+    let z = stat[1usize];
+    for slot in 0..topn {
+        let mut bv = LOWEST.runtime();
+        let mut bi = 0u32;
+        let mut j = tid;
+        while j < fine {
+            let s = fsc[j];
+            if s > bv {
+                bv = s;
+                bi = j as u32;
+            }
+            j += nt;
+        }
+        rv[tid] = bv;
+        ri[tid] = bi;
+        sync_cube();
+        if tid == 0 {
+            let mut best = LOWEST.runtime();
+            let mut at = 0u32;
+            for u in 0..nt {
+                let s = rv[u];
+                let i = ri[u];
+                if s > best || (s == best && i < at) {
+                    best = s;
+                    at = i;
+                }
+            }
+            let prob = (best - m).exp() / z;
+            let mut blk = at;
+            if prob <= 1.0e-10 {
+                blk = INVALID;
+            }
+            chosen[slot] = blk;
+            // the straight-through gate's forward value, as the tensor ops form it
+            cgate[slot] = prob + (1.0f32 - prob);
+            fsc[usize::cast_from(at)] = NEG;
+        }
+        sync_cube();
+    }
+
+    // 2. selected blocks, then the causal part of the own block, rotated queries and keys
+    let khead = (b * kvh + kvhead) * cap;
+    let subs = (sel + kchunk - 1) / kchunk;
+    let own = pos / sel;
+    let chunks = (topn + 1) * subs;
+    for ci in 0..chunks {
+        let slot = ci / subs;
+        let sub = ci % subs;
+        let mut blk = own;
+        let mut gate = 1.0f32;
+        let mut ok = true;
+        if slot < topn {
+            let c = chosen[slot];
+            ok = c != INVALID;
+            if ok {
+                blk = usize::cast_from(c);
+            }
+            if t.gated {
+                gate = cgate[slot];
+            }
+        }
+        let first = blk * sel + sub * kchunk;
+        let mut valid = sel - sub * kchunk;
+        if valid > kchunk {
+            valid = kchunk;
+        }
+        if slot >= topn {
+            if first > pos {
+                valid = 0usize;
+            } else if first + valid > pos + 1 {
+                valid = pos + 1 - first;
+            }
+        }
+        if !ok {
+            valid = 0usize;
+        }
+        load_tile::<F>(kc, vc, &mut ks, &mut vs, khead, first, valid, t);
+        chunk_scores(&qr, &ks, &mut ps, valid, gate, t);
+        chunk_update(&vs, &mut ps, &mut m_s, &mut l_s, &mut a_s, &mut acc, t);
+    }
+    finish_branch(&mut os, &gs, &mut m_s, &mut l_s, &mut acc, 1usize, t);
+
+    // 3. sliding window: keys `pos - window ..= pos`
+    let mut lo = 0usize;
+    if pos > window {
+        lo = pos - window;
+    }
+    let chunks = (pos + 1 - lo + kchunk - 1) / kchunk;
+    for ci in 0..chunks {
+        let first = lo + ci * kchunk;
+        let mut valid = pos + 1 - first;
+        if valid > kchunk {
+            valid = kchunk;
+        }
+        load_tile::<F>(kc, vc, &mut ks, &mut vs, khead, first, valid, t);
+        chunk_scores(&qr, &ks, &mut ps, valid, 1.0f32, t);
+        chunk_update(&vs, &mut ps, &mut m_s, &mut l_s, &mut a_s, &mut acc, t);
+    }
+    finish_branch(&mut os, &gs, &mut m_s, &mut l_s, &mut acc, 2usize, t);
+
+    let mut e = tid;
+    while e < rows_d {
+        let r = e / d;
+        out[(b * h + head0 + r) * d + e % d] = F::cast_from(os[e]);
+        e += nt;
+    }
+}
