@@ -105,16 +105,28 @@ impl<B: Backend> KvBuffer<B> {
     /// Appends `k`, `v` `[batch, kv_heads, n, dim_head]`.
     pub fn push(self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
         let n = k.dims()[2];
+        self.append_with(n, |buf_k, buf_v, at| {
+            (write_rows(buf_k, at, k), write_rows(buf_v, at, v))
+        })
+    }
+
+    /// Appends `n` rows that `write` puts in: it gets the key and value buffers (grown if they
+    /// had no room) and the first row to write, and returns the buffers.
+    pub fn append_with(
+        self,
+        n: usize,
+        write: impl FnOnce(Tensor<B, 4>, Tensor<B, 4>, usize) -> (Tensor<B, 4>, Tensor<B, 4>),
+    ) -> Self {
         let cap = self.k.dims()[2];
         let extra = if self.len + n > cap {
             (self.len + n).max(2 * cap).div_ceil(self.align) * self.align - cap
         } else {
             0
         };
-        let (buf_k, buf_v) = (grow(self.k, extra), grow(self.v, extra));
+        let (k, v) = write(grow(self.k, extra), grow(self.v, extra), self.len);
         Self {
-            k: write_rows(buf_k, self.len, k),
-            v: write_rows(buf_v, self.len, v),
+            k,
+            v,
             len: self.len + n,
             align: self.align,
         }

@@ -40,12 +40,15 @@ impl<B: Backend> BranchGates<B> {
     /// Mixes `[compressed, selected, sliding]` outputs `[batch, heads, seq, dim_head]` by the gates
     /// computed from the (normed) layer input `x` `[batch, seq, dim]`.
     pub fn combine(&self, x: Tensor<B, 3>, branches: [Tensor<B, 4>; 3]) -> Tensor<B, 4> {
-        let [b, n, _] = x.dims();
+        self.mix(self.logits(x), branches)
+    }
+
+    /// Mixes the branches by the gates of `logits` `[batch, seq, 3 * heads]` ([`Self::logits`]).
+    pub fn mix(&self, logits: Tensor<B, 3>, branches: [Tensor<B, 4>; 3]) -> Tensor<B, 4> {
+        let [b, n, _] = logits.dims();
         let h = self.heads;
         // [batch, heads, seq, 3]
-        let gates = sigmoid(self.logits(x))
-            .reshape([b, n, h, 3])
-            .swap_dims(1, 2);
+        let gates = sigmoid(logits).reshape([b, n, h, 3]).swap_dims(1, 2);
         // a weighted sum of three terms (element-wise: fuses into one kernel where the backend
         // fuses, and its backward too; a stack + [1 × 3] matmul copied every branch)
         let [compressed, fine, sliding] = branches;

@@ -20,7 +20,7 @@ use crate::norm::RmsNorm;
 use crate::rope::Rotation;
 use crate::select::{fine_attention, fine_attention_step, importance, select_top};
 use crate::sliding::sliding_attention;
-use crate::tensor_util::{linear, pad_zeros};
+use crate::tensor_util::{linear, norm_linear, pad_zeros};
 
 /// One NSA layer.
 #[derive(Module, Debug)]
@@ -173,6 +173,11 @@ impl<B: Backend> SparseAttention<B> {
 
     /// Decodes one token: `x` `[batch, 1, dim]` at position `cache.kv.len()`, rotated by
     /// `rotation` (that position's) → `[batch, 1, dim]`.
+    ///
+    /// Where the backend registered kernels for it, the step is five operations: the normed
+    /// projection, the cache writes, the gate logits, the three branches with their mix
+    /// ([`crate::kernels::NsaKernels::decode_attention`]) and the output projection; every one
+    /// falls back to tensor ops on its own.
     pub fn step(
         &self,
         x: Tensor<B, 3>,
@@ -187,25 +192,48 @@ impl<B: Backend> SparseAttention<B> {
             mut gather,
         } = cache;
         let pos = kv.len();
-        let x = self.normed(x);
         let scale = self.scale();
         let c = &self.config;
         let [b, _, _] = x.dims();
         let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
-        let qkv = linear(&self.to_qkv, x.clone());
+        let norm = self.norm.as_ref();
+        let kernels = crate::kernels::get::<B>();
+        let qkv = norm_linear(norm, &self.to_qkv, x.clone(), false, None);
         // one position: `[b, 1, count * d]` is `[b, count, 1, d]` in memory
         let heads = |start: usize, count: usize| {
             qkv.clone()
                 .narrow(2, start * d, count * d)
                 .reshape([b, count, 1, d])
         };
-        let (k, v) = (heads(h, kvh), heads(h + kvh, kvh));
-        // the position's rotated key joins the cache before the branches read it
-        let kv = kv.push(rotation.apply(k.clone()), v.clone());
 
-        // one kernel for the three branches and their mix where registered, else tensor ops
-        let fused = crate::kernels::get::<B>().and_then(|kernels| {
-            let (cos, sin) = rotation.parts();
+        // the position's key (rotated) and value join the cache, its un-rotated key and value
+        // the compression ring (position `p` in row `p % l`)
+        let l = c.compress_block_size;
+        let slot = pos % l;
+        let (cos, sin) = rotation.parts();
+        let mut ring = None;
+        let kv = kv.append_with(1, |kb, vb, at| {
+            let buffers = [kb, vb, tail_k, tail_v];
+            let written = match &kernels {
+                Some(k) => k.decode_write(&qkv, cos, sin, buffers, h, at, slot),
+                None => Err(buffers),
+            };
+            let [kb, vb, tk, tv] = written.unwrap_or_else(|[kb, vb, tk, tv]| {
+                let (k, v) = (heads(h, kvh), heads(h + kvh, kvh));
+                [
+                    write_rows(kb, at, rotation.apply(k.clone())),
+                    write_rows(vb, at, v.clone()),
+                    write_rows(tk, slot, k),
+                    write_rows(tv, slot, v),
+                ]
+            });
+            ring = Some((tk, tv));
+            (kb, vb)
+        });
+        let (tail_k, tail_v) = ring.expect("written with the cache");
+
+        let gate_logits = || norm_linear(norm, &self.gates.proj, x.clone(), false, None);
+        let fused = kernels.as_ref().and_then(|kernels| {
             kernels.decode_attention(&DecodeInputs {
                 qkv: &qkv,
                 cos,
@@ -213,39 +241,34 @@ impl<B: Backend> SparseAttention<B> {
                 compressed: &compressed,
                 num_mem: self.compress.num_mem(),
                 kv: &kv,
-                gate_logits: &|| self.gates.logits(x.clone()),
+                gate_logits: &gate_logits,
                 config: c,
                 scale,
             })
         });
-        let out = match fused {
-            Some(mixed) => linear(&self.combine_heads, mixed.reshape([b, 1, h * d])),
-            None => {
-                let q = heads(0, h);
-                // 1. compressed: memory + every block that ended before `pos`
-                let (ck, cv) = compressed.all();
-                let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
-                // 2. selected
-                let q = rotation.apply(q);
-                let selection = comp
-                    .importance
-                    .and_then(|logits| importance(logits, c, pos))
-                    .and_then(|probs| select_top(probs, c));
-                let fine = fine_attention_step(q.clone(), &kv, selection, c, scale, &mut gather);
-                // 3. sliding window: the last `window + 1` keys
-                let start = pos.saturating_sub(c.sliding_window_size);
-                let (sk, sv) = kv.rows(start, pos + 1 - start);
-                let sliding = attend_one(q, sk, sv, scale);
-                self.mix(x, [comp.out, fine, sliding])
-            }
-        };
+        let mixed = fused.unwrap_or_else(|| {
+            let q = heads(0, h);
+            // 1. compressed: memory + every block that ended before `pos`
+            let (ck, cv) = compressed.all();
+            let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
+            // 2. selected
+            let q = rotation.apply(q);
+            let selection = comp
+                .importance
+                .and_then(|logits| importance(logits, c, pos))
+                .and_then(|probs| select_top(probs, c));
+            let fine = fine_attention_step(q.clone(), &kv, selection, c, scale, &mut gather);
+            // 3. sliding window: the last `window + 1` keys
+            let start = pos.saturating_sub(c.sliding_window_size);
+            let (sk, sv) = kv.rows(start, pos + 1 - start);
+            let sliding = attend_one(q, sk, sv, scale);
+            self.gates
+                .mix(gate_logits(), [comp.out, fine, sliding])
+                .reshape([b, 1, h * d])
+        });
+        let out = norm_linear(None, &self.combine_heads, mixed, false, None);
 
-        // the un-rotated tail ring (position `p` in row `p % l`); a block ending at `pos` is
-        // pooled now and seen from `pos + 1` on
-        let l = c.compress_block_size;
-        let slot = pos % l;
-        let tail_k = write_rows(tail_k, slot, k);
-        let tail_v = write_rows(tail_v, slot, v);
+        // a block ending at `pos` is pooled now and seen from `pos + 1` on
         if (pos + 1) % c.compress_block_sliding_stride == 0 {
             // in position order: the oldest, `pos + 1 - l`, sits in row `(pos + 1) % l`
             let ordered = |ring: &Tensor<B, 4>| ring.clone().roll_dim((pos + 1) % l, 2);

@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use burn::nn::Linear;
 use burn::prelude::*;
 
+use crate::kernels::RowLinear;
+use crate::norm::RmsNorm;
+
 static EXACT_MATMUL: AtomicBool = AtomicBool::new(false);
 
 /// Makes every matmul of the model (projections, feed-forward, output matrix, attention
@@ -71,6 +74,41 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
     match &layer.bias {
         Some(bias) => out + bias.val().unsqueeze(),
         None => out,
+    }
+}
+
+/// `act(norm(x) · W + bias) + residual` for `x` `[batch, seq, d_in]`: one registered kernel
+/// for the few rows of a decode step ([`crate::kernels::NsaKernels::row_linear`]), else
+/// [`RmsNorm::forward`], [`linear`], GELU and an add.
+pub fn norm_linear<B: Backend>(
+    norm: Option<&RmsNorm<B>>,
+    layer: &Linear<B>,
+    x: Tensor<B, 3>,
+    gelu: bool,
+    residual: Option<Tensor<B, 3>>,
+) -> Tensor<B, 3> {
+    if let Some(kernels) = crate::kernels::get::<B>() {
+        let spec = RowLinear {
+            norm,
+            layer,
+            gelu,
+            residual: residual.as_ref(),
+        };
+        if let Some(y) = kernels.row_linear(&x, &spec) {
+            return y;
+        }
+    }
+    let x = match norm {
+        Some(norm) => norm.forward(x),
+        None => x,
+    };
+    let mut y = linear(layer, x);
+    if gelu {
+        y = burn::tensor::activation::gelu(y);
+    }
+    match residual {
+        Some(r) => y + r,
+        None => y,
     }
 }
 

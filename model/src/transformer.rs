@@ -12,7 +12,7 @@ use crate::full::FullAttention;
 use crate::norm::RmsNorm;
 use crate::nsa::SparseAttention;
 use crate::rope::{RopeTable, Rotation};
-use crate::tensor_util::linear;
+use crate::tensor_util::{linear, norm_linear};
 
 /// The attention of one block.
 #[allow(clippy::large_enum_variant)]
@@ -92,6 +92,13 @@ impl<B: Backend> FeedForward<B> {
     /// `[..., dim]` → `[..., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         linear(&self.fc2, gelu(linear(&self.fc1, self.norm.forward(x))))
+    }
+
+    /// `x + forward(x)` for the rows of a decode step `[batch, 1, dim]`: two operations where
+    /// the backend registered row kernels.
+    pub fn step(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let hidden = norm_linear(Some(&self.norm), &self.fc1, x.clone(), true, None);
+        norm_linear(None, &self.fc2, hidden, false, Some(x))
     }
 }
 
@@ -198,11 +205,10 @@ impl<B: Backend> Transformer<B> {
         for (layer, c) in self.layers.iter().zip(cache.layers) {
             let (a, c) = layer.attn.step(x.clone(), c, &rotation);
             layers.push(c);
-            x = a + x;
-            x = layer.ff.forward(x.clone()) + x;
+            x = layer.ff.step(a + x);
         }
         let v = self.config.num_tokens;
-        let logits = linear(&self.to_logits, self.norm.forward(x)).reshape([b, v]);
+        let logits = norm_linear(Some(&self.norm), &self.to_logits, x, false, None).reshape([b, v]);
         (
             logits,
             Cache {

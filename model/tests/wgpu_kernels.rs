@@ -649,6 +649,19 @@ fn decode_kernel_matches_the_tensor_op_step() {
             kernels.decode_attention(&inputs).is_some(),
             "{name}: the decode kernel declined"
         );
+        let (kb, vb) = layer.kv.buffers();
+        let buffers = [
+            kb.clone(),
+            vb.clone(),
+            layer.tail_k.clone(),
+            layer.tail_v.clone(),
+        ];
+        assert!(
+            kernels
+                .decode_write(&qkv, cos, sin, buffers, heads, prompt, prompt % 8)
+                .is_ok(),
+            "{name}: the cache-write kernel declined"
+        );
 
         let (mut worst, mut largest) = (0.0f32, 0.0f32);
         for pos in prompt..total {
@@ -673,4 +686,133 @@ fn decode_kernel_matches_the_tensor_op_step() {
              (largest logit {largest:.1})"
         );
     }
+}
+
+/// The decode step's row kernel (`act(norm(x) · W + b) + residual`) against the tensor ops on
+/// the CPU, for every combination the model uses and batches of 1 and 3 rows.
+#[test]
+fn row_linear_kernel_matches_tensor_ops() {
+    use burn::nn::LinearConfig;
+    use nsa_model::kernels::RowLinear;
+    use nsa_model::norm::RmsNorm;
+    use nsa_model::tensor_util::norm_linear;
+
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    let kernels = kernels::get::<Wgpu>().expect("registered");
+    let mut rng = Rng(23);
+    for (rows, din, dout) in [(1, 48, 40), (3, 96, 33)] {
+        for (use_norm, bias, gelu, residual) in [
+            (true, false, false, false),
+            (true, true, false, false),
+            (true, true, true, false),
+            (false, true, false, true),
+            (false, false, false, false),
+        ] {
+            let case = format!(
+                "rows {rows}, {din} → {dout}, norm {use_norm}, bias {bias}, gelu {gelu}, residual {residual}"
+            );
+            let x = rng.host(&[rows, 1, din]);
+            let w = rng.host(&[din, dout]);
+            let bvec = rng.host(&[dout]);
+            let nw = rng.host(&[din]);
+            let res = rng.host(&[rows, 1, dout]);
+            let layer_on = |device: &_| {
+                let mut l = LinearConfig::new(din, dout)
+                    .with_bias(bias)
+                    .init::<Wgpu>(device);
+                l.weight = burn::module::Param::from_tensor(to_tensor(&w, device));
+                if bias {
+                    l.bias = Some(burn::module::Param::from_tensor(to_tensor(&bvec, device)));
+                }
+                l
+            };
+            let cpu_layer = {
+                let mut l = LinearConfig::new(din, dout)
+                    .with_bias(bias)
+                    .init::<NdArray>(&cpu);
+                l.weight = burn::module::Param::from_tensor(to_tensor(&w, &cpu));
+                if bias {
+                    l.bias = Some(burn::module::Param::from_tensor(to_tensor(&bvec, &cpu)));
+                }
+                l
+            };
+            let mut gpu_norm = RmsNorm::<Wgpu>::new(din, &gpu);
+            gpu_norm.weight = burn::module::Param::from_tensor(to_tensor(&nw, &gpu));
+            let mut cpu_norm = RmsNorm::<NdArray>::new(din, &cpu);
+            cpu_norm.weight = burn::module::Param::from_tensor(to_tensor(&nw, &cpu));
+            let gpu_layer = layer_on(&gpu);
+            let gx: Tensor<Wgpu, 3> = to_tensor(&x, &gpu);
+            let gres: Tensor<Wgpu, 3> = to_tensor(&res, &gpu);
+            let spec = RowLinear {
+                norm: use_norm.then_some(&gpu_norm),
+                layer: &gpu_layer,
+                gelu,
+                residual: residual.then_some(&gres),
+            };
+            let ours = kernels
+                .row_linear(&gx, &spec)
+                .unwrap_or_else(|| panic!("{case}: the row kernel declined"));
+            let want = norm_linear(
+                use_norm.then_some(&cpu_norm),
+                &cpu_layer,
+                to_tensor(&x, &cpu),
+                gelu,
+                residual.then(|| to_tensor(&res, &cpu)),
+            );
+            assert_eq!(ours.dims(), [rows, 1, dout], "{case}");
+            let err = max_abs_diff(
+                &HostTensor::from_tensor(ours),
+                &HostTensor::from_tensor(want),
+            );
+            assert!(err <= 1e-5, "{case}: differs by {err}");
+        }
+    }
+}
+
+/// The decode step writes its cache rows in place only where nothing else holds the buffers: a
+/// cache cloned before two steps must decode as if those steps never happened, including the
+/// compression that reads the whole ring (whose rows the other copy's second step rewrote).
+#[test]
+fn decode_writes_leave_a_shared_cache_alone() {
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    let (_, c) = decode_configs().remove(0);
+    let cpu_model = c
+        .init::<NdArray>(&cpu)
+        .unwrap()
+        .map(&mut Randomise::<NdArray>(cpu));
+    let gpu_model = c
+        .init::<Wgpu>(&gpu)
+        .unwrap()
+        .load_reference(cpu_model.reference_state())
+        .unwrap();
+    // stride 4: the step at position 7 pools the block 0..8 from the whole ring
+    let prompt = [3i64, 14, 15, 9, 26, 5, 35];
+    let ids = |v: &[i64]| TensorData::new(v.to_vec(), [1, v.len()]);
+    let (_, cache) = gpu_model.prefill(Tensor::from_data(ids(&prompt), &gpu), 8);
+    let copy = cache.clone();
+    let token = |t: i64| Tensor::<Wgpu, 1, Int>::from_data(TensorData::new(vec![t], [1]), &gpu);
+    // the original goes on two tokens (rewriting ring rows 7 and 0)
+    let (_, cache) = gpu_model.step(token(1), cache);
+    let (_, _cache) = gpu_model.step(token(2), cache);
+    // the copy takes other tokens from the prompt on
+    let (_, copy) = gpu_model.step(token(30), copy);
+    let (got, _) = gpu_model.step(token(31), copy);
+    // the same on the CPU from scratch
+    let (_, want) = cpu_model.prefill(Tensor::from_data(ids(&prompt), &cpu), 8);
+    let cpu_token =
+        |t: i64| Tensor::<NdArray, 1, Int>::from_data(TensorData::new(vec![t], [1]), &cpu);
+    let (_, want) = cpu_model.step(cpu_token(30), want);
+    let (want, _) = cpu_model.step(cpu_token(31), want);
+    let err = max_abs_diff(
+        &HostTensor::from_tensor(got),
+        &HostTensor::from_tensor(want),
+    );
+    assert!(
+        err <= 1e-5,
+        "the copied cache was changed by the other's steps: {err}"
+    );
 }

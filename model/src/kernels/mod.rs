@@ -27,8 +27,11 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use burn::prelude::*;
 
+use burn::nn::Linear;
+
 use crate::cache::KvBuffer;
 use crate::config::NsaConfig;
+use crate::norm::RmsNorm;
 use crate::select::Selection;
 
 #[cfg(feature = "kernels")]
@@ -126,10 +129,47 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
     /// The attention of one decode step of an NSA layer in one operation: the compressed
     /// branch, the block selection it drives, the selected and sliding branches, and their
     /// gated mix (what `SparseAttention::step` computes with tensor ops between the projection
-    /// and `combine_heads`) → `[batch, heads, 1, dim_head]`.
-    fn decode_attention(&self, _inputs: &DecodeInputs<'_, B>) -> Option<Tensor<B, 4>> {
+    /// and `combine_heads`) → `[batch, 1, heads * dim_head]`.
+    fn decode_attention(&self, _inputs: &DecodeInputs<'_, B>) -> Option<Tensor<B, 3>> {
         None
     }
+
+    /// `act(norm(x) · W + bias) + residual` ([`RowLinear`]) for `x` `[batch, seq, d_in]` with
+    /// few rows (a decode step's), in one operation.
+    fn row_linear(&self, _x: &Tensor<B, 3>, _spec: &RowLinear<'_, B>) -> Option<Tensor<B, 3>> {
+        None
+    }
+
+    /// The decode step's cache writes in one operation: from the projection row `qkv`
+    /// (as in [`DecodeInputs`]), the key rotated by `cos`/`sin` and the value into row `pos` of
+    /// the key/value cache, the un-rotated key and value into row `slot` of the compression
+    /// ring. `buffers`: `[k cache, v cache, k ring, v ring]`, each `[batch, kv_heads, rows,
+    /// dim_head]`, returned written; given back unchanged as `Err` when not handled.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn decode_write(
+        &self,
+        _qkv: &Tensor<B, 3>,
+        _cos: &Tensor<B, 4>,
+        _sin: &Tensor<B, 4>,
+        buffers: [Tensor<B, 4>; 4],
+        _heads: usize,
+        _pos: usize,
+        _slot: usize,
+    ) -> Result<[Tensor<B, 4>; 4], [Tensor<B, 4>; 4]> {
+        Err(buffers)
+    }
+}
+
+/// One projection of [`NsaKernels::row_linear`]: `act(norm(x) · W + bias) + residual`.
+pub struct RowLinear<'a, B: Backend> {
+    /// RMSNorm of the input first.
+    pub norm: Option<&'a RmsNorm<B>>,
+    /// The projection (its bias, if any, included).
+    pub layer: &'a Linear<B>,
+    /// GELU after the bias.
+    pub gelu: bool,
+    /// Added last, `[batch, seq, d_out]`.
+    pub residual: Option<&'a Tensor<B, 3>>,
 }
 
 /// The inputs of [`NsaKernels::decode_attention`] for the token at position `kv.len() - 1`.

@@ -20,7 +20,7 @@ use burn_fusion::{Fusion, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::prelude::ComputeClient;
 
-use super::launch::{self, DecodeProblem, Problem};
+use super::launch::{self, DecodeProblem, Problem, RowProblem, WriteProblem};
 use super::{int_dtype, KernelBackend, KernelForward, KernelGrads};
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -274,7 +274,7 @@ where
     fn decode(inputs: [FloatTensor<Self>; 8], p: &DecodeProblem) -> FloatTensor<Self> {
         let dtype = inputs[0].dtype;
         let inputs = inputs.into_iter().map(|t| (t, Kind::Float)).collect();
-        let outputs = vec![(vec![p.b, p.h, 1, p.d], dtype, Kind::Float)];
+        let outputs = vec![(vec![p.b, 1, p.h * p.d], dtype, Kind::Float)];
         let problem = p.clone();
         custom::<R, F, I, BT>("nsa_decode", inputs, outputs, move |ins| {
             let ins: [CubeTensor<R>; 8] = ins.try_into().expect("eight declared inputs");
@@ -282,5 +282,69 @@ where
         })
         .pop()
         .expect("out")
+    }
+
+    fn row_linear(
+        x: FloatTensor<Self>,
+        norm_w: Option<FloatTensor<Self>>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        residual: Option<FloatTensor<Self>>,
+        p: &RowProblem,
+    ) -> FloatTensor<Self> {
+        let dtype = x.dtype;
+        let mut shape = x.shape.to_vec();
+        *shape.last_mut().expect("rank >= 1") = p.dout;
+        let (has_norm, has_bias, has_res) = (norm_w.is_some(), bias.is_some(), residual.is_some());
+        let mut inputs = vec![(x, Kind::Float), (w, Kind::Float)];
+        inputs.extend(
+            [norm_w, bias, residual]
+                .into_iter()
+                .flatten()
+                .map(|t| (t, Kind::Float)),
+        );
+        let problem = p.clone();
+        custom::<R, F, I, BT>(
+            "nsa_row_linear",
+            inputs,
+            vec![(shape, dtype, Kind::Float)],
+            move |ins| {
+                let mut ins = ins.into_iter();
+                let mut next = || ins.next().expect("declared input");
+                let (x, w) = (next(), next());
+                let norm_w = has_norm.then(&mut next);
+                let bias = has_bias.then(&mut next);
+                let residual = has_res.then(&mut next);
+                vec![launch::row_linear(x, norm_w, w, bias, residual, &problem)]
+            },
+        )
+        .pop()
+        .expect("out")
+    }
+
+    fn decode_write(
+        inputs: [FloatTensor<Self>; 3],
+        buffers: [FloatTensor<Self>; 4],
+        p: &WriteProblem,
+    ) -> [FloatTensor<Self>; 4] {
+        let dtype = inputs[0].dtype;
+        let outputs = buffers
+            .iter()
+            .map(|t| (t.shape.to_vec(), dtype, Kind::Float))
+            .collect();
+        let ins = inputs
+            .into_iter()
+            .chain(buffers)
+            .map(|t| (t, Kind::Float))
+            .collect();
+        let problem = p.clone();
+        let out = custom::<R, F, I, BT>("nsa_decode_write", ins, outputs, move |ins| {
+            let mut ins = ins.into_iter();
+            let mut next = || ins.next().expect("declared input");
+            let inputs = [next(), next(), next()];
+            let buffers = [next(), next(), next(), next()];
+            launch::decode_write(inputs, buffers, &problem).into()
+        });
+        out.try_into().expect("four declared outputs")
     }
 }

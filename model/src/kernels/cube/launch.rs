@@ -650,12 +650,12 @@ pub fn decode_supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &DecodePro
 }
 
 /// Runs the decode kernel: inputs `[qkv, cos, sin, ck, cv, k, v, gate logits]` (see
-/// [`super::decode`]), output `[b, h, 1, d]` in `qkv`'s dtype.
+/// [`super::decode`]), output `[b, 1, h * d]` in `qkv`'s dtype.
 pub fn decode<R: CubeRuntime>(inputs: [CubeTensor<R>; 8], p: &DecodeProblem) -> CubeTensor<R> {
     let [qkv, cos, sin, ck, cv, k, v, gates] = inputs.map(into_contiguous);
     let dtype = qkv.dtype;
     let t = decode_tiling(p, shared_budget(&qkv.client)).expect("checked by `decode_supported`");
-    let out = empty(&qkv, vec![p.b, p.h, 1, p.d], dtype);
+    let out = empty(&qkv, vec![p.b, 1, p.h * p.d], dtype);
     let pf = p.pf.max(1);
     let client = qkv.client.clone();
     // SAFETY: rows read are below `nc <= capc` (compressed) and `pos < cap` (cache); the
@@ -693,4 +693,150 @@ pub fn decode<R: CubeRuntime>(inputs: [CubeTensor<R>; 8], p: &DecodeProblem) -> 
         );
     }
     out
+}
+
+/// A [`super::rows::row_linear`] launch: `m` rows of `din` features into `dout` columns, with
+/// the norm (its weight and epsilon), bias, GELU and residual as given.
+#[derive(Clone, Debug)]
+pub struct RowProblem {
+    pub m: usize,
+    pub din: usize,
+    pub dout: usize,
+    /// The RMSNorm's epsilon, when the rows are normed first.
+    pub norm_eps: Option<f64>,
+    pub bias: bool,
+    pub gelu: bool,
+    pub residual: bool,
+}
+
+/// Most rows of one [`row_linear`] launch (the batch of a decode step).
+pub const MAX_ROWS: usize = 8;
+
+fn row_tiling(p: &RowProblem, budget: usize) -> Option<super::rows::RowTiling> {
+    if p.m == 0 || p.m > MAX_ROWS || p.din == 0 || p.dout == 0 {
+        return None;
+    }
+    let t = super::rows::RowTiling {
+        din: p.din,
+        rows: p.m.next_power_of_two(),
+        cols: 32,
+        groups: 8,
+        norm: p.norm_eps.is_some(),
+        bias: p.bias,
+        gelu: p.gelu,
+        residual: p.residual,
+    };
+    (t.shared() <= budget).then_some(t)
+}
+
+/// Whether [`row_linear`] covers `p` on this device.
+pub fn row_supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &RowProblem) -> bool {
+    row_tiling(p, shared_budget(client)).is_some()
+}
+
+/// `act(norm(x) · w + bias) + residual`: `x` `[m, din]`, `norm_w` `[din]`, `w` `[din, dout]`,
+/// `bias` `[dout]`, `residual` `[m, dout]` (absent ones `None`) → `[m, dout]`.
+pub fn row_linear<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    norm_w: Option<CubeTensor<R>>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    residual: Option<CubeTensor<R>>,
+    p: &RowProblem,
+) -> CubeTensor<R> {
+    let (x, w) = (into_contiguous(x), into_contiguous(w));
+    let dtype = x.dtype;
+    let t = row_tiling(p, shared_budget(&x.client)).expect("checked by `row_supported`");
+    let some =
+        |o: Option<CubeTensor<R>>| o.map(into_contiguous).unwrap_or_else(|| dummy(&x, dtype));
+    let (norm_w, bias, residual) = (some(norm_w), some(bias), some(residual));
+    let mut shape = x.meta.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = p.dout;
+    let out = empty(&x, shape, dtype);
+    let client = x.client.clone();
+    // SAFETY: rows `< m`, columns `< dout`, features `< din`, as the shapes given.
+    unsafe {
+        super::rows::row_linear::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(p.dout.div_ceil(t.cols) as u32, 1, 1),
+            CubeDim::new_1d(t.threads() as u32),
+            x.into_tensor_arg(),
+            norm_w.into_tensor_arg(),
+            w.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            residual.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            p.m,
+            p.dout,
+            p.din as f32,
+            p.norm_eps.unwrap_or(0.0) as f32,
+            t,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+/// A [`super::rows::decode_write`] launch.
+#[derive(Clone, Debug)]
+pub struct WriteProblem {
+    pub b: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub d: usize,
+    pub pos: usize,
+    pub cap: usize,
+    pub ring: usize,
+    pub slot: usize,
+}
+
+/// A buffer the write may change: itself when nothing else holds it, else a copy.
+fn writable<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    if t.can_mut() && t.is_contiguous() {
+        t
+    } else {
+        into_contiguous(t.copy())
+    }
+}
+
+/// The decode step's cache writes from the projection row: inputs `[qkv, cos, sin]`, buffers
+/// `[k cache, v cache, k ring, v ring]` (changed in place where nothing else holds them) → the
+/// four buffers.
+pub fn decode_write<R: CubeRuntime>(
+    inputs: [CubeTensor<R>; 3],
+    buffers: [CubeTensor<R>; 4],
+    p: &WriteProblem,
+) -> [CubeTensor<R>; 4] {
+    let [qkv, cos, sin] = inputs.map(into_contiguous);
+    let [kc, vc, tk, tv] = buffers.map(writable);
+    let dtype = qkv.dtype;
+    let total = p.b * p.kvh * p.d;
+    let client = qkv.client.clone();
+    // SAFETY: one unit per `(batch, kv head, feature)`, guarded by `total`; `pos < cap`,
+    // `slot < ring`.
+    unsafe {
+        super::rows::decode_write::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(total.div_ceil(64) as u32, 1, 1),
+            CubeDim::new_1d(64),
+            qkv.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            kc.clone().into_tensor_arg(),
+            vc.clone().into_tensor_arg(),
+            tk.clone().into_tensor_arg(),
+            tv.clone().into_tensor_arg(),
+            total,
+            (p.h + 2 * p.kvh) * p.d,
+            p.h,
+            p.kvh,
+            p.pos,
+            p.cap,
+            p.ring,
+            p.slot,
+            p.d,
+            dtype.into(),
+        );
+    }
+    [kc, vc, tk, tv]
 }

@@ -10,6 +10,7 @@ mod decode;
 #[cfg(feature = "fusion")]
 mod fusion;
 mod launch;
+mod rows;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -27,8 +28,8 @@ use cubecl::prelude::ComputeClient;
 
 use self::attn::{COMPRESSED, SELECTED, SLIDING};
 pub use self::launch::force_dkdv_splits;
-use self::launch::{DecodeProblem, Problem, SelectSpec};
-use super::{register, DecodeInputs, NsaKernels};
+use self::launch::{DecodeProblem, Problem, RowProblem, SelectSpec, WriteProblem};
+use super::{register, DecodeInputs, NsaKernels, RowLinear};
 use crate::config::NsaConfig;
 use crate::select::Selection;
 
@@ -88,8 +89,25 @@ pub trait KernelBackend: Backend {
     fn top_k(x: FloatTensor<Self>, k: usize) -> (FloatTensor<Self>, IntTensor<Self>);
 
     /// The decode step's attention ([`launch::decode`]): inputs `[qkv, cos, sin, ck, cv, k,
-    /// v, gate logits]` → `[b, h, 1, d]`.
+    /// v, gate logits]` → `[b, 1, h * d]`.
     fn decode(inputs: [FloatTensor<Self>; 8], p: &DecodeProblem) -> FloatTensor<Self>;
+
+    /// [`launch::row_linear`]; the output has `x`'s leading dims and `p.dout` columns.
+    fn row_linear(
+        x: FloatTensor<Self>,
+        norm_w: Option<FloatTensor<Self>>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        residual: Option<FloatTensor<Self>>,
+        p: &RowProblem,
+    ) -> FloatTensor<Self>;
+
+    /// [`launch::decode_write`].
+    fn decode_write(
+        inputs: [FloatTensor<Self>; 3],
+        buffers: [FloatTensor<Self>; 4],
+        p: &WriteProblem,
+    ) -> [FloatTensor<Self>; 4];
 }
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -143,6 +161,25 @@ where
 
     fn decode(inputs: [FloatTensor<Self>; 8], p: &DecodeProblem) -> FloatTensor<Self> {
         launch::decode(inputs, p)
+    }
+
+    fn row_linear(
+        x: FloatTensor<Self>,
+        norm_w: Option<FloatTensor<Self>>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        residual: Option<FloatTensor<Self>>,
+        p: &RowProblem,
+    ) -> FloatTensor<Self> {
+        launch::row_linear(x, norm_w, w, bias, residual, p)
+    }
+
+    fn decode_write(
+        inputs: [FloatTensor<Self>; 3],
+        buffers: [FloatTensor<Self>; 4],
+        p: &WriteProblem,
+    ) -> [FloatTensor<Self>; 4] {
+        launch::decode_write(inputs, buffers, p)
     }
 }
 
@@ -395,7 +432,103 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         ))
     }
 
-    fn decode_attention(&self, s: &DecodeInputs<'_, B>) -> Option<Tensor<B, 4>> {
+    fn row_linear(&self, x: &Tensor<B, 3>, spec: &RowLinear<'_, B>) -> Option<Tensor<B, 3>> {
+        let [b, n, din] = x.dims();
+        let w = spec.layer.weight.val();
+        let [win, dout] = w.dims();
+        let bias = spec.layer.bias.as_ref().map(|b| b.val());
+        let norm_w = spec.norm.map(|n| n.weight.val());
+        let dtype = x.dtype();
+        if !is_float(dtype)
+            || w.dtype() != dtype
+            || win != din
+            || bias
+                .as_ref()
+                .is_some_and(|b| b.dims() != [dout] || b.dtype() != dtype)
+            || norm_w
+                .as_ref()
+                .is_some_and(|w| w.dims() != [din] || w.dtype() != dtype)
+            || spec
+                .residual
+                .is_some_and(|r| r.dims() != [b, n, dout] || r.dtype() != dtype)
+        {
+            return None;
+        }
+        let p = RowProblem {
+            m: b * n,
+            din,
+            dout,
+            norm_eps: spec.norm.map(|n| n.eps),
+            bias: bias.is_some(),
+            gelu: spec.gelu,
+            residual: spec.residual.is_some(),
+        };
+        if !launch::row_supported(&B::cube_client(&x.device()), &p) {
+            return None;
+        }
+        let f1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
+        let f3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
+        let out = B::row_linear(
+            f3(x),
+            norm_w.map(f1),
+            w.into_primitive().tensor(),
+            bias.map(f1),
+            spec.residual.map(f3),
+            &p,
+        );
+        Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    fn decode_write(
+        &self,
+        qkv: &Tensor<B, 3>,
+        cos: &Tensor<B, 4>,
+        sin: &Tensor<B, 4>,
+        buffers: [Tensor<B, 4>; 4],
+        heads: usize,
+        pos: usize,
+        slot: usize,
+    ) -> Result<[Tensor<B, 4>; 4], [Tensor<B, 4>; 4]> {
+        let [b, one, width] = qkv.dims();
+        let [kb, kvh, cap, d] = buffers[0].dims();
+        let [_, _, ring, _] = buffers[2].dims();
+        let dtype = qkv.dtype();
+        let fits = is_float(dtype)
+            && one == 1
+            && kb == b
+            && d % 2 == 0
+            && width == (heads + 2 * kvh) * d
+            && buffers[1].dims() == buffers[0].dims()
+            && buffers[2].dims() == [b, kvh, ring, d]
+            && buffers[3].dims() == buffers[2].dims()
+            && buffers.iter().all(|t| t.dtype() == dtype)
+            && cos.dims() == [1, 1, 1, d]
+            && sin.dims() == [1, 1, 1, d]
+            && pos < cap
+            && slot < ring;
+        if !fits {
+            return Err(buffers);
+        }
+        let p = WriteProblem {
+            b,
+            h: heads,
+            kvh,
+            d,
+            pos,
+            cap,
+            ring,
+            slot,
+        };
+        let f3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
+        let out = B::decode_write(
+            [f3(qkv), float_of(cos), float_of(sin)],
+            buffers.map(|t| t.into_primitive().tensor()),
+            &p,
+        );
+        Ok(out.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t))))
+    }
+
+    fn decode_attention(&self, s: &DecodeInputs<'_, B>) -> Option<Tensor<B, 3>> {
         let p = decode_problem(s)?;
         let (ck, cv) = s.compressed.buffers();
         let (k, v) = s.kv.buffers();
