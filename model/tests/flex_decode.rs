@@ -1,6 +1,7 @@
-//! Decoding on Burn's `flex` CPU backend with the registered matrix-vector product
-//! (`kernels::register_flex`) gives the logits of the plain matmul path, and prefill (many rows)
-//! is left to the matmul. Its own test binary: it switches the process-wide kernel registry.
+//! Decoding on Burn's `flex` CPU backend with the registered kernels (`kernels::register_flex`:
+//! row products, in-place cache writes, the one-call decode attention) gives the logits of the
+//! tensor-op path, and prefill (many rows) is left to the tensor ops. Its own test binary: it
+//! switches the process-wide kernel registry.
 #![cfg(feature = "flex")]
 
 use burn::backend::Flex;
@@ -37,38 +38,138 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     worst
 }
 
-#[test]
-fn decoding_with_the_flex_matvec_equals_the_matmul_path() {
-    let device = Default::default();
-    // wide enough that the projections take the multi-threaded path (>= 64k weights)
-    let mut c = TransformerConfig::new(300, 256, 2);
-    c.dim_head = 32;
-    c.heads = 8;
-    c.kv_heads = Some(4);
-    let s = &mut c.sparse;
+/// Random weights `N(0, 0.25)` (the gates' default zeros would hide the mix).
+struct Randomise;
+impl burn::module::ModuleMapper<B> for Randomise {
+    fn map_float<const D: usize>(
+        &mut self,
+        p: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        let shape = p.dims();
+        p.map(|_| {
+            Tensor::random(
+                shape,
+                burn::tensor::Distribution::Normal(0.0, 0.25),
+                &Default::default(),
+            )
+        })
+    }
+}
+
+/// Configs: wide enough for the multi-threaded product (>= 64k weights); GQA with shared
+/// selection and several compression slots per selection block; a selection per head;
+/// straight-through gates.
+fn configs() -> Vec<(&'static str, TransformerConfig)> {
+    let mut wide = TransformerConfig::new(300, 256, 2);
+    wide.dim_head = 32;
+    wide.heads = 8;
+    wide.kv_heads = Some(4);
+    let s = &mut wide.sparse;
     s.sliding_window_size = 4;
     s.compress_block_size = 4;
     s.compress_block_sliding_stride = 4;
     s.selection_block_size = 4;
     s.num_selected_blocks = 2;
-    let model = c.init::<B>(&device).unwrap();
-    let prompt: Vec<i64> = (0..7).map(|i| (i * 37 + 5) % 300).collect();
-    let steps: Vec<i64> = (0..14).map(|i| (i * 91 + 11) % 300).collect();
-    // the matmul path, then the registered matrix-vector product
-    kernels::set_enabled(false);
-    let plain = decode(&model, &prompt, &steps);
-    kernels::register_flex();
-    kernels::set_enabled(true);
-    assert!(kernels::get::<B>().is_some());
-    let fast = decode(&model, &prompt, &steps);
+    let mut small = TransformerConfig::new(40, 32, 2);
+    small.dim_head = 16;
+    small.heads = 4;
+    small.kv_heads = Some(2);
+    let s = &mut small.sparse;
+    s.compress_block_sliding_stride = 4;
+    s.compress_block_size = 8;
+    s.selection_block_size = 8;
+    s.sliding_window_size = 5;
+    s.num_selected_blocks = 2;
+    let mut separate = small.clone();
+    separate.sparse.query_heads_share_selected_kv = false;
+    let mut gated = small.clone();
+    gated.sparse.use_diff_topk = true;
+    vec![
+        ("wide", wide),
+        ("gqa shared selection", small),
+        ("selection per head", separate),
+        ("diff top-k gates", gated),
+    ]
+}
 
-    // the same products summed in another order
-    let d = max_diff(&plain, &fast);
-    assert!(d < 1e-4, "max logit difference {d}");
-    assert!(
-        d > 0.0,
-        "the decode steps did not take the matrix-vector product"
-    );
-    // the prefill logits (many rows) come from the matmul either way
-    assert_eq!(plain[0], fast[0]);
+/// One test (the registry switch is process-wide): for every config, the decode steps with the
+/// flex kernels (row products, in-place cache writes, the one-call decode attention) give the
+/// tensor-op logits at every position, and the kernels answer for a prefilled cache.
+#[test]
+fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
+    use nsa_model::cache::LayerCache;
+    use nsa_model::kernels::{DecodeInputs, RowLinear};
+    use nsa_model::transformer::Attention;
+
+    let device = Default::default();
+    kernels::register_flex();
+    for (name, c) in configs() {
+        let vocab = c.num_tokens as i64;
+        let model = c.init::<B>(&device).unwrap().map(&mut Randomise);
+        let prompt: Vec<i64> = (0..7).map(|i| (i * 37 + 5) % vocab).collect();
+        // 30 steps: past several strides, compression blocks and selection blocks
+        let steps: Vec<i64> = (0..30).map(|i| (i * 91 + 11) % vocab).collect();
+        kernels::set_enabled(false);
+        let plain = decode(&model, &prompt, &steps);
+        kernels::set_enabled(true);
+        let fast = decode(&model, &prompt, &steps);
+        let d = max_diff(&plain, &fast);
+        assert!(d < 1e-5, "{name}: max logit difference {d}");
+        assert!(d > 0.0, "{name}: the decode steps did not take the kernels");
+        // the prefill logits (many rows) come from the tensor ops either way
+        assert_eq!(plain[0], fast[0], "{name}");
+
+        // each kernel answers for the first layer of a prefilled cache
+        let k = kernels::get::<B>().expect("registered");
+        let n = prompt.len();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.clone(), [1, n]), &device);
+        let (_, cache) = model.prefill(ids, 4);
+        let (LayerCache::Nsa(layer), Attention::Nsa(attn)) =
+            (&cache.layers[0], &model.layers[0].attn)
+        else {
+            panic!("NSA layers");
+        };
+        let (heads, d) = (c.heads, c.dim_head);
+        let width = (heads + 2 * c.kv_heads.unwrap()) * d;
+        let x = Tensor::<B, 3>::random([1, 1, c.dim], burn::tensor::Distribution::Default, &device);
+        let qkv =
+            Tensor::<B, 3>::random([1, 1, width], burn::tensor::Distribution::Default, &device);
+        let rotation = cache.rope.rotation(n, 1);
+        let (cos, sin) = rotation.parts();
+        let spec = RowLinear {
+            norm: attn.norm.as_ref(),
+            layer: &attn.to_qkv,
+            gelu: false,
+            residual: None,
+        };
+        assert!(k.row_linear(&x, &spec).is_some(), "{name}: row_linear");
+        let inputs = DecodeInputs {
+            qkv: &qkv,
+            cos,
+            sin,
+            compressed: &layer.compressed,
+            num_mem: attn.compress.num_mem(),
+            kv: &layer.kv,
+            gate_logits: &|| attn.gates.logits(x.clone()),
+            config: &attn.config,
+            scale: attn.scale(),
+        };
+        assert!(
+            k.decode_attention(&inputs).is_some(),
+            "{name}: decode_attention"
+        );
+        let (kb, vb) = layer.kv.buffers();
+        let buffers = [
+            kb.clone(),
+            vb.clone(),
+            layer.tail_k.clone(),
+            layer.tail_v.clone(),
+        ];
+        let ring = c.sparse.compress_block_size;
+        assert!(
+            k.decode_write(&qkv, cos, sin, buffers, heads, n, n % ring)
+                .is_ok(),
+            "{name}: decode_write"
+        );
+    }
 }

@@ -17,10 +17,13 @@ use burn::tensor::{DType, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::NsaKernels;
+use super::flex_decode::{decode_attention, DecodeData};
+use super::{DecodeInputs, DecodeShape, NsaKernels, RowLinear};
 
-/// The `flex` implementation of [`NsaKernels`]: [`NsaKernels::linear_row`] and
-/// [`NsaKernels::write_rows`].
+/// The `flex` implementation of [`NsaKernels`]: the decode step's projections
+/// ([`NsaKernels::linear_row`], [`NsaKernels::row_linear`]), cache writes
+/// ([`NsaKernels::write_rows`], [`NsaKernels::decode_write`]) and attention
+/// ([`NsaKernels::decode_attention`]).
 pub struct FlexKernels;
 
 /// Registers [`FlexKernels`] for `Flex` (f32). Idempotent.
@@ -40,8 +43,13 @@ fn contiguous(t: FlexTensor) -> FlexTensor {
     }
 }
 
-fn float(t: Tensor<Flex, 2>) -> FlexTensor {
+fn float<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     contiguous(t.into_primitive().tensor())
+}
+
+fn flex_tensor<const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+    let t = FlexTensor::from_data(TensorData::new(values, shape));
+    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 impl NsaKernels<Flex> for FlexKernels {
@@ -90,6 +98,139 @@ impl NsaKernels<Flex> for FlexKernels {
         let out = matvec(x, w.as_slice::<f32>()?, bias, d_out);
         let out = FlexTensor::from_data(TensorData::new(out, [1, d_out]));
         Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    /// One row: RMSNorm, the matrix-vector product, GELU and the residual without a tensor op.
+    fn row_linear(
+        &self,
+        x: &Tensor<Flex, 3>,
+        spec: &RowLinear<'_, Flex>,
+    ) -> Option<Tensor<Flex, 3>> {
+        let [b, n, d_in] = x.dims();
+        let w = float(spec.layer.weight.val());
+        let [w_in, d_out] = w.layout().shape().dims::<2>();
+        if b * n != 1 || w_in != d_in || x.dtype() != DType::F32 {
+            return None;
+        }
+        let xs = float(x.clone());
+        let mut row = xs.as_slice::<f32>()?.to_vec();
+        if let Some(norm) = spec.norm {
+            // x / sqrt(mean(x²) + eps) * weight, as `norm::RmsNorm`
+            let nw = float(norm.weight.val());
+            let nw = nw.as_slice::<f32>()?;
+            let mean = row.iter().map(|v| v * v).sum::<f32>() / d_in as f32;
+            let rms = (mean + norm.eps as f32).sqrt();
+            row.iter_mut().zip(nw).for_each(|(v, w)| *v = *v / rms * w);
+        }
+        let bias = spec.layer.bias.as_ref().map(|b| float(b.val()));
+        let bias = match &bias {
+            Some(b) => Some(b.as_slice::<f32>()?),
+            None => None,
+        };
+        let mut out = matvec(&row, w.as_slice::<f32>()?, bias, d_out);
+        if spec.gelu {
+            let sqrt2 = std::f32::consts::SQRT_2;
+            out.iter_mut()
+                .for_each(|v| *v = 0.5 * *v * (1.0 + burn_flex::ops::unary::erf_f32(*v / sqrt2)));
+        }
+        if let Some(r) = spec.residual {
+            let r = float(r.clone());
+            out.iter_mut()
+                .zip(r.as_slice::<f32>()?)
+                .for_each(|(v, r)| *v += r);
+        }
+        Some(flex_tensor(out, [b, n, d_out]))
+    }
+
+    fn decode_write(
+        &self,
+        qkv: &Tensor<Flex, 3>,
+        cos: &Tensor<Flex, 4>,
+        sin: &Tensor<Flex, 4>,
+        buffers: [Tensor<Flex, 4>; 4],
+        heads: usize,
+        pos: usize,
+        slot: usize,
+    ) -> Result<[Tensor<Flex, 4>; 4], [Tensor<Flex, 4>; 4]> {
+        let [b, _, width] = qkv.dims();
+        let [_, kvh, _, d] = buffers[0].dims();
+        if qkv.dtype() != DType::F32 || d % 2 != 0 || width != (heads + 2 * kvh) * d {
+            return Err(buffers);
+        }
+        let (qkv, cos, sin) = (float(qkv.clone()), float(cos.clone()), float(sin.clone()));
+        let (Some(row), Some(cos), Some(sin)) = (
+            qkv.as_slice::<f32>(),
+            cos.as_slice::<f32>(),
+            sin.as_slice::<f32>(),
+        ) else {
+            return Err(buffers);
+        };
+        // `[b, kvh, 1, d]` keys (rotated and not) and values of the position
+        let (mut k, mut k_rot, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for bi in 0..b {
+            for head in 0..kvh {
+                let kcol = bi * width + (heads + head) * d;
+                let vcol = bi * width + (heads + kvh + head) * d;
+                for i in 0..d {
+                    let x = row[kcol + i];
+                    k.push(x);
+                    k_rot.push(x * cos[i] + row[kcol + (i ^ 1)] * sin[i]);
+                    v.push(row[vcol + i]);
+                }
+            }
+        }
+        let rows = [k_rot, v.clone(), k, v]
+            .map(|r| FlexTensor::from_data(TensorData::new(r, [b, kvh, 1, d])));
+        let starts = [pos, pos, slot, slot];
+        let mut out = buffers.map(|t| Some(t.into_primitive().tensor()));
+        for i in 0..4 {
+            let buf = out[i].take().expect("each once");
+            // in place where nothing else holds the buffer, else Burn's copy
+            let written = write_in_place(buf, starts[i], &rows[i]).unwrap_or_else(|buf| {
+                let buf = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(buf));
+                let r = Tensor::from_primitive(TensorPrimitive::Float(rows[i].clone()));
+                super::write_rows_with_slice_assign(buf, starts[i], r)
+                    .into_primitive()
+                    .tensor()
+            });
+            out[i] = Some(written);
+        }
+        Ok(out.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t.expect("written")))))
+    }
+
+    fn decode_attention(&self, s: &DecodeInputs<'_, Flex>) -> Option<Tensor<Flex, 3>> {
+        let p = DecodeShape::of(s)?;
+        if s.qkv.dtype() != DType::F32 {
+            return None;
+        }
+        let (ck, cv) = s.compressed.buffers();
+        let (k, v) = s.kv.buffers();
+        let gates = (s.gate_logits)();
+        let tensors = [
+            float(s.qkv.clone()),
+            float(s.cos.clone()),
+            float(s.sin.clone()),
+            float(ck.clone()),
+            float(cv.clone()),
+            float(k.clone()),
+            float(v.clone()),
+            float(gates),
+        ];
+        let [qkv, cos, sin, ck, cv, k, v, gates] = tensors.each_ref().map(|t| t.as_slice::<f32>());
+        let data = DecodeData {
+            qkv: qkv?,
+            cos: cos?,
+            sin: sin?,
+            ck: ck?,
+            cv: cv?,
+            k: k?,
+            v: v?,
+            gates: gates?,
+        };
+        Some(flex_tensor(
+            decode_attention(&p, &data),
+            [p.b, 1, p.h * p.d],
+        ))
     }
 }
 

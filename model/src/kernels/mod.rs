@@ -42,6 +42,8 @@ pub use cube::{force_dkdv_splits, register_cube};
 
 #[cfg(feature = "flex")]
 pub mod flex;
+#[cfg(feature = "flex")]
+mod flex_decode;
 
 #[cfg(feature = "flex")]
 pub use flex::register_flex;
@@ -170,6 +172,116 @@ pub struct RowLinear<'a, B: Backend> {
     pub gelu: bool,
     /// Added last, `[batch, seq, d_out]`.
     pub residual: Option<&'a Tensor<B, 3>>,
+}
+
+/// The sizes of one [`NsaKernels::decode_attention`] call, checked against each other
+/// ([`DecodeShape::of`]); what every implementation of it needs besides the data.
+#[derive(Clone, Debug)]
+pub struct DecodeShape {
+    pub b: usize,
+    pub h: usize,
+    pub kvh: usize,
+    pub d: usize,
+    /// Query heads per selection head (`h / kvh` when heads share their selection, else 1).
+    pub gq: usize,
+    /// Columns of the projection row (`(h + 2 kvh) * d`).
+    pub width: usize,
+    /// The query's position.
+    pub pos: usize,
+    /// Valid compressed rows (memory + blocks) and the compressed buffer's capacity.
+    pub nc: usize,
+    pub capc: usize,
+    /// Capacity of the key/value cache.
+    pub cap: usize,
+    /// Memory slots.
+    pub mem: usize,
+    /// Compressed slots per selection block.
+    pub pf: usize,
+    /// Selection block size.
+    pub sel: usize,
+    /// Sliding window.
+    pub window: usize,
+    /// Blocks selected at this position (`min(nsel, complete blocks)`), and at most.
+    pub topn: usize,
+    pub nsel: usize,
+    /// Keys of selected blocks gated by their probability (`use_diff_topk`).
+    pub gated: bool,
+    pub scale: f64,
+}
+
+impl DecodeShape {
+    /// The sizes of `s`, or `None` when its tensors do not fit together (or are not floats).
+    pub fn of<B: Backend>(s: &DecodeInputs<'_, B>) -> Option<Self> {
+        let c = s.config;
+        let [b, one, width] = s.qkv.dims();
+        let (ck, cv) = s.compressed.buffers();
+        let (k, v) = s.kv.buffers();
+        let [cb, kvh, capc, d] = ck.dims();
+        let [kb, kvh2, cap, d2] = k.dims();
+        let h = c.heads;
+        let dtype = s.qkv.dtype();
+        let same = [
+            ck.dtype(),
+            cv.dtype(),
+            k.dtype(),
+            v.dtype(),
+            s.cos.dtype(),
+            s.sin.dtype(),
+        ]
+        .iter()
+        .all(|&t| t == dtype);
+        if !dtype.is_float()
+            || !same
+            || one != 1
+            || (cb, kb, kvh2, d2) != (b, b, kvh, d)
+            || cv.dims() != ck.dims()
+            || v.dims() != k.dims()
+            || s.cos.dims() != [1, 1, 1, d]
+            || s.sin.dims() != [1, 1, 1, d]
+            || kvh == 0
+            || d % 2 != 0
+            || !h.is_multiple_of(kvh)
+            || width != (h + 2 * kvh) * d
+            || s.kv.is_empty()
+            || s.num_mem == 0
+            || s.compressed.len() < s.num_mem
+        {
+            return None;
+        }
+        let g = h / kvh;
+        let pf = (c.selection_block_size / c.compress_block_sliding_stride).max(1);
+        let nc = s.compressed.len();
+        let fine = (nc - s.num_mem) / pf;
+        Some(Self {
+            b,
+            h,
+            kvh,
+            d,
+            gq: if c.query_heads_share_selected_kv {
+                g
+            } else {
+                1
+            },
+            width,
+            pos: s.kv.len() - 1,
+            nc,
+            capc,
+            cap,
+            mem: s.num_mem,
+            pf,
+            sel: c.selection_block_size,
+            window: c.sliding_window_size,
+            topn: c.num_selected_blocks.min(fine),
+            nsel: c.num_selected_blocks,
+            gated: c.use_diff_topk,
+            scale: s.scale,
+        })
+    }
+
+    /// Complete selection blocks.
+    pub fn fine(&self) -> usize {
+        (self.nc - self.mem) / self.pf.max(1)
+    }
 }
 
 /// The inputs of [`NsaKernels::decode_attention`] for the token at position `kv.len() - 1`.

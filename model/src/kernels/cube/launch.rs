@@ -572,42 +572,8 @@ fn _modes() -> [u32; 3] {
     [SELECTED, SLIDING, COMPRESSED]
 }
 
-/// One decode step of a layer's attention ([`super::decode::nsa_decode`]): the newest query
-/// of every sequence at position `pos`.
-#[derive(Clone, Debug)]
-pub struct DecodeProblem {
-    pub b: usize,
-    pub h: usize,
-    pub kvh: usize,
-    pub d: usize,
-    /// Query heads per selection head.
-    pub gq: usize,
-    /// Columns of the projection row (`(h + 2 kvh) * d`).
-    pub width: usize,
-    pub pos: usize,
-    /// Valid compressed rows (memory + blocks) and the compressed buffer's capacity.
-    pub nc: usize,
-    pub capc: usize,
-    /// Capacity of the key/value cache.
-    pub cap: usize,
-    pub mem: usize,
-    /// Compressed slots per selection block.
-    pub pf: usize,
-    pub sel: usize,
-    pub window: usize,
-    /// Blocks selected at this position, and at most.
-    pub topn: usize,
-    pub nsel: usize,
-    pub gated: bool,
-    pub scale: f64,
-}
-
-impl DecodeProblem {
-    /// Complete selection blocks.
-    fn fine(&self) -> usize {
-        (self.nc - self.mem) / self.pf.max(1)
-    }
-}
+/// One decode step of a layer's attention ([`super::decode::nsa_decode`]).
+pub use crate::kernels::DecodeShape as DecodeProblem;
 
 /// The decode kernel's tiling for `p` within the shared-memory budget, if any.
 fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<super::decode::DecodeTiling> {

@@ -578,67 +578,7 @@ type CompressedOut<B> = (Tensor<B, 4>, Option<Selection<B>>);
 
 /// The decode kernel's problem for `s`, or `None` when it does not cover it.
 fn decode_problem<B: KernelBackend>(s: &DecodeInputs<'_, B>) -> Option<DecodeProblem> {
-    let c = s.config;
-    let [b, one, width] = s.qkv.dims();
-    let (ck, cv) = s.compressed.buffers();
-    let (k, v) = s.kv.buffers();
-    let [cb, kvh, capc, d] = ck.dims();
-    let [kb, kvh2, cap, d2] = k.dims();
-    let h = c.heads;
-    let dtype = s.qkv.dtype();
-    let same = [
-        ck.dtype(),
-        cv.dtype(),
-        k.dtype(),
-        v.dtype(),
-        s.cos.dtype(),
-        s.sin.dtype(),
-    ]
-    .iter()
-    .all(|&t| t == dtype);
-    if !is_float(dtype)
-        || !same
-        || one != 1
-        || (cb, kb, kvh2, d2) != (b, b, kvh, d)
-        || cv.dims() != ck.dims()
-        || v.dims() != k.dims()
-        || s.cos.dims() != [1, 1, 1, d]
-        || kvh == 0
-        || !h.is_multiple_of(kvh)
-        || width != (h + 2 * kvh) * d
-        || s.kv.is_empty()
-        || s.compressed.len() < s.num_mem
-    {
-        return None;
-    }
-    let g = h / kvh;
-    let pf = c.selection_block_size / c.compress_block_sliding_stride;
-    let nc = s.compressed.len();
-    let fine = (nc - s.num_mem) / pf.max(1);
-    let p = DecodeProblem {
-        b,
-        h,
-        kvh,
-        d,
-        gq: if c.query_heads_share_selected_kv {
-            g
-        } else {
-            1
-        },
-        width,
-        pos: s.kv.len() - 1,
-        nc,
-        capc,
-        cap,
-        mem: s.num_mem,
-        pf: pf.max(1),
-        sel: c.selection_block_size,
-        window: c.sliding_window_size,
-        topn: c.num_selected_blocks.min(fine),
-        nsel: c.num_selected_blocks,
-        gated: c.use_diff_topk,
-        scale: s.scale,
-    };
+    let p = DecodeProblem::of(s)?;
     launch::decode_supported(&B::cube_client(&s.qkv.device()), &p).then_some(p)
 }
 
