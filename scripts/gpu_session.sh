@@ -67,10 +67,26 @@ for phase in "$@"; do
       run devices 60 /tmp/bin/nsa-infer devices
       run bench-cuda-1 240 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-1.json"
       run bench-cuda-2 90 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-2.json"
+      # the tensor-op decode step of the same binary, for the same-call comparison
+      run bench-cuda-tensor-ops 120 env NSA_KERNELS=0 /tmp/bin/nsa-infer bench --backend cuda --runs 2 \
+        --json "$OUT/bench-cuda-tensor-ops.json"
+      run bench-cuda-long 120 /tmp/bin/nsa-infer bench --backend cuda --prompt-len 4096 \
+        --new-tokens 512 --runs 1 --json "$OUT/bench-cuda-long.json"
+      run decode-profile 90 env NSA_PROFILE_LOG="$OUT/decode-profile.log" /tmp/bin/nsa-infer bench \
+        --backend cuda --new-tokens 64 --runs 1
       run ref-decode 120 python3 scripts/reference_decode.py --runs 2
+      # the fixture has 64 tokens: a small BERT vocabulary (as infer/tests/common/mod.rs)
+      { printf '%s\n' '[PAD]' '[UNK]' '[CLS]' '[SEP]' '[MASK]'
+        echo "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会" |
+          python3 -c 'import sys; print("\n".join(sys.stdin.read().strip()))'; } | head -n 60 >/tmp/vocab.txt
       run import 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
-        --args assets/fixtures/transformer_nsa.args.json --out /tmp/fixture-nsa
+        --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt --out /tmp/fixture-nsa
       run compare 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa --backends ndarray,cuda,wgpu
+      # greedy continuations: CUDA and Vulkan decode with the one-kernel step, the CPU with tensor ops
+      for be in ndarray cuda wgpu; do
+        run "greedy-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
+          --prompt "我们来到大地上" --max-new-tokens 120 --greedy --no-echo
+      done
       run bench-wgpu-1 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-1.json"
       run bench-wgpu-2 60 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-2.json"
       run bench-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full --json "$OUT/bench-cuda-full.json"
