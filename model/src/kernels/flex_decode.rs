@@ -148,9 +148,13 @@ pub fn decode_attention(p: &DecodeShape, t: &DecodeData<'_>) -> Vec<f32> {
                 let g = |branch: usize| sigmoid(t.gates[b * 3 * p.h + head * 3 + branch]);
                 let (g0, g1, g2) = (g(0), g(1), g(2));
                 let o = &mut out[(b * p.h + head) * d..(b * p.h + head + 1) * d];
-                for i in 0..d {
-                    let e = r * d + i;
-                    o[i] = compressed[e] * g0 + selected[e] * g1 + sliding[e] * g2;
+                let rows = r * d..(r + 1) * d;
+                let branches = compressed[rows.clone()]
+                    .iter()
+                    .zip(&selected[rows.clone()])
+                    .zip(&sliding[rows]);
+                for (oi, ((c, s), w)) in o.iter_mut().zip(branches) {
+                    *oi = c * g0 + s * g1 + w * g2;
                 }
             }
         }
