@@ -4,6 +4,8 @@
 //! switches the process-wide kernel registry.
 #![cfg(feature = "flex")]
 
+mod common;
+
 use burn::backend::Flex;
 use burn::prelude::*;
 use nsa_model::kernels;
@@ -38,24 +40,6 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     worst
 }
 
-/// Random weights `N(0, 0.25)` (the gates' default zeros would hide the mix).
-struct Randomise;
-impl burn::module::ModuleMapper<B> for Randomise {
-    fn map_float<const D: usize>(
-        &mut self,
-        p: burn::module::Param<Tensor<B, D>>,
-    ) -> burn::module::Param<Tensor<B, D>> {
-        let shape = p.dims();
-        p.map(|_| {
-            Tensor::random(
-                shape,
-                burn::tensor::Distribution::Normal(0.0, 0.25),
-                &Default::default(),
-            )
-        })
-    }
-}
-
 /// Configs: wide enough for the multi-threaded product (>= 64k weights); GQA with shared
 /// selection and several compression slots per selection block; a selection per head;
 /// straight-through gates.
@@ -70,16 +54,7 @@ fn configs() -> Vec<(&'static str, TransformerConfig)> {
     s.compress_block_sliding_stride = 4;
     s.selection_block_size = 4;
     s.num_selected_blocks = 2;
-    let mut small = TransformerConfig::new(40, 32, 2);
-    small.dim_head = 16;
-    small.heads = 4;
-    small.kv_heads = Some(2);
-    let s = &mut small.sparse;
-    s.compress_block_sliding_stride = 4;
-    s.compress_block_size = 8;
-    s.selection_block_size = 8;
-    s.sliding_window_size = 5;
-    s.num_selected_blocks = 2;
+    let small = common::random::small_decode_config();
     let mut separate = small.clone();
     separate.sparse.query_heads_share_selected_kv = false;
     let mut gated = small.clone();
@@ -105,7 +80,11 @@ fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
     kernels::register_flex();
     for (name, c) in configs() {
         let vocab = c.num_tokens as i64;
-        let model = c.init::<B>(&device).unwrap().map(&mut Randomise);
+        // random weights N(0, 0.25): the gates' default zeros would hide the mix
+        let model = c
+            .init::<B>(&device)
+            .unwrap()
+            .map(&mut common::random::Randomise::<B> { device, std: 0.25 });
         let prompt: Vec<i64> = (0..7).map(|i| (i * 37 + 5) % vocab).collect();
         // 30 steps: past several strides, compression blocks and selection blocks
         let steps: Vec<i64> = (0..30).map(|i| (i * 91 + 11) % vocab).collect();

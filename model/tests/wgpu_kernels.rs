@@ -476,39 +476,19 @@ fn top_k_kernel_matches_burn_topk() {
 /// boundaries, several selected blocks compete).
 #[test]
 fn cached_decoding_with_kernels_equals_the_fused_forward() {
-    use burn::module::{Module, ModuleMapper, Param};
-    use burn::tensor::Distribution;
-    use nsa_model::TransformerConfig;
-
-    struct Randomise(WgpuDevice);
-    impl ModuleMapper<Wgpu> for Randomise {
-        fn map_float<const D: usize>(
-            &mut self,
-            p: Param<Tensor<Wgpu, D>>,
-        ) -> Param<Tensor<Wgpu, D>> {
-            let shape = p.dims();
-            let device = self.0.clone();
-            p.map(|_| Tensor::random(shape, Distribution::Normal(0.0, 0.5), &device))
-        }
-    }
+    use burn::module::Module;
+    use common::random::{small_decode_config, Randomise};
 
     register();
     let device = WgpuDevice::default();
-    let mut c = TransformerConfig::new(40, 32, 2);
-    c.dim_head = 16;
-    c.heads = 4;
-    c.kv_heads = Some(2);
-    let s = &mut c.sparse;
-    s.compress_block_sliding_stride = 4;
-    s.compress_block_size = 8;
-    s.selection_block_size = 8;
-    s.sliding_window_size = 5;
-    s.num_selected_blocks = 2;
-    s.num_compressed_mem_kv = 1;
+    let c = small_decode_config();
     let model = c
         .init::<Wgpu>(&device)
         .unwrap()
-        .map(&mut Randomise(device.clone()));
+        .map(&mut Randomise::<Wgpu> {
+            device: device.clone(),
+            std: 0.5,
+        });
     let mut rng = Rng(5);
     let (total, prompt) = (41, 3);
     let ids: Vec<i64> = (0..total).map(|_| rng.below(40) as i64).collect();
@@ -529,23 +509,12 @@ fn cached_decoding_with_kernels_equals_the_fused_forward() {
     println!("cached decoding vs fused forward on wgpu: max abs logit difference {worst:.2e}");
 }
 
-/// Random weights `N(0, 0.25)` on any backend (larger weights make attention so sharp that
-/// the tensor ops on lavapipe and on the CPU already differ by 1e-4).
-struct Randomise<B: Backend>(B::Device);
-impl<B: Backend> burn::module::ModuleMapper<B> for Randomise<B> {
-    fn map_float<const D: usize>(
-        &mut self,
-        p: burn::module::Param<Tensor<B, D>>,
-    ) -> burn::module::Param<Tensor<B, D>> {
-        let shape = p.dims();
-        let device = self.0.clone();
-        p.map(|_| {
-            Tensor::random(
-                shape,
-                burn::tensor::Distribution::Normal(0.0, 0.25),
-                &device,
-            )
-        })
+/// Random weights `N(0, 0.25)` (larger weights make attention so sharp that the tensor ops on
+/// lavapipe and on the CPU already differ by 1e-4).
+fn randomise<B: Backend>(device: &B::Device) -> common::random::Randomise<B> {
+    common::random::Randomise {
+        device: device.clone(),
+        std: 0.25,
     }
 }
 
@@ -553,20 +522,7 @@ impl<B: Backend> burn::module::ModuleMapper<B> for Randomise<B> {
 /// selection and several compression slots per selection block, separate selections per head,
 /// straight-through gated keys, and one slot per block with as many kv heads as heads.
 fn decode_configs() -> Vec<(&'static str, nsa_model::TransformerConfig)> {
-    let base = || {
-        let mut c = nsa_model::TransformerConfig::new(40, 32, 2);
-        c.dim_head = 16;
-        c.heads = 4;
-        c.kv_heads = Some(2);
-        let s = &mut c.sparse;
-        s.compress_block_sliding_stride = 4;
-        s.compress_block_size = 8;
-        s.selection_block_size = 8;
-        s.sliding_window_size = 5;
-        s.num_selected_blocks = 2;
-        s.num_compressed_mem_kv = 1;
-        c
-    };
+    let base = common::random::small_decode_config;
     let shared = base();
     let mut separate = base();
     separate.sparse.query_heads_share_selected_kv = false;
@@ -604,7 +560,7 @@ fn decode_kernel_matches_the_tensor_op_step() {
         let cpu_model = c
             .init::<NdArray>(&cpu)
             .unwrap()
-            .map(&mut Randomise::<NdArray>(cpu));
+            .map(&mut randomise::<NdArray>(&cpu));
         let gpu_model = c
             .init::<Wgpu>(&gpu)
             .unwrap()
@@ -783,7 +739,7 @@ fn decode_writes_leave_a_shared_cache_alone() {
     let cpu_model = c
         .init::<NdArray>(&cpu)
         .unwrap()
-        .map(&mut Randomise::<NdArray>(cpu));
+        .map(&mut randomise::<NdArray>(&cpu));
     let gpu_model = c
         .init::<Wgpu>(&gpu)
         .unwrap()

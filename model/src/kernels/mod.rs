@@ -195,7 +195,7 @@ pub struct DecodeShape {
     pub cap: usize,
     /// Memory slots.
     pub mem: usize,
-    /// Compressed slots per selection block.
+    /// Compressed slots per selection block (at least 1).
     pub pf: usize,
     /// Selection block size.
     pub sel: usize,
@@ -280,7 +280,7 @@ impl DecodeShape {
 
     /// Complete selection blocks.
     pub fn fine(&self) -> usize {
-        (self.nc - self.mem) / self.pf.max(1)
+        (self.nc - self.mem) / self.pf
     }
 }
 

@@ -47,3 +47,44 @@ pub fn random_config(rng: &mut Rng) -> NsaConfig {
     c.query_heads_share_selected_kv = rng.pick(&[false, true]);
     c
 }
+
+/// Maps every float parameter of a module to fresh `N(0, std)` values (`Tensor::random`).
+pub struct Randomise<B: burn::prelude::Backend> {
+    pub device: B::Device,
+    pub std: f64,
+}
+
+impl<B: burn::prelude::Backend> burn::module::ModuleMapper<B> for Randomise<B> {
+    fn map_float<const D: usize>(
+        &mut self,
+        p: burn::module::Param<burn::prelude::Tensor<B, D>>,
+    ) -> burn::module::Param<burn::prelude::Tensor<B, D>> {
+        let shape = p.dims();
+        let (device, std) = (self.device.clone(), self.std);
+        p.map(|_| {
+            burn::prelude::Tensor::random(
+                shape,
+                burn::tensor::Distribution::Normal(0.0, std),
+                &device,
+            )
+        })
+    }
+}
+
+/// The small transformer of the decode tests: vocab 40, dim 32, 2 layers, 4 heads over 2 kv
+/// heads of 16, stride 4, compression block 8, selection block 8 (2 slots per block), window
+/// 5, 2 selected blocks, 1 memory slot.
+pub fn small_decode_config() -> nsa_model::TransformerConfig {
+    let mut c = nsa_model::TransformerConfig::new(40, 32, 2);
+    c.dim_head = 16;
+    c.heads = 4;
+    c.kv_heads = Some(2);
+    let s = &mut c.sparse;
+    s.compress_block_sliding_stride = 4;
+    s.compress_block_size = 8;
+    s.selection_block_size = 8;
+    s.sliding_window_size = 5;
+    s.num_selected_blocks = 2;
+    s.num_compressed_mem_kv = 1;
+    c
+}

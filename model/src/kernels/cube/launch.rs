@@ -602,17 +602,10 @@ fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<super::decode::Deco
     }
 }
 
-/// Whether the decode kernel covers `p` on this device.
+/// Whether the decode kernel covers `p` (made by `DecodeShape::of`) on this device.
 pub fn decode_supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &DecodeProblem) -> bool {
-    p.kvh > 0
-        && p.gq > 0
-        && p.h.is_multiple_of(p.kvh)
-        && p.h.is_multiple_of(p.gq)
-        && p.mem > 0
-        && p.nc >= p.mem
-        && p.topn <= p.nsel
-        && p.d.is_multiple_of(2)
-        && decode_tiling(p, shared_budget(client)).is_some_and(|t| p.fine() <= t.fcap)
+    // the shapes fit together (`DecodeShape::of`); what is left is the shared memory
+    decode_tiling(p, shared_budget(client)).is_some_and(|t| p.fine() <= t.fcap)
 }
 
 /// Runs the decode kernel: inputs `[qkv, cos, sin, ck, cv, k, v, gate logits]` (see
@@ -622,7 +615,6 @@ pub fn decode<R: CubeRuntime>(inputs: [CubeTensor<R>; 8], p: &DecodeProblem) -> 
     let dtype = qkv.dtype;
     let t = decode_tiling(p, shared_budget(&qkv.client)).expect("checked by `decode_supported`");
     let out = empty(&qkv, vec![p.b, 1, p.h * p.d], dtype);
-    let pf = p.pf.max(1);
     let client = qkv.client.clone();
     // SAFETY: rows read are below `nc <= capc` (compressed) and `pos < cap` (cache); the
     // selected blocks are complete blocks before the own one; `fine <= fcap`.
@@ -648,12 +640,12 @@ pub fn decode<R: CubeRuntime>(inputs: [CubeTensor<R>; 8], p: &DecodeProblem) -> 
             p.capc,
             p.cap,
             p.mem,
-            pf,
+            p.pf,
             p.sel,
             p.window,
             p.topn,
             p.scale as f32,
-            (1.0 / (p.gq * pf) as f64) as f32,
+            (1.0 / (p.gq * p.pf) as f64) as f32,
             t,
             dtype.into(),
         );

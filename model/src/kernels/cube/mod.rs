@@ -379,6 +379,10 @@ fn float_of<B: Backend>(t: &Tensor<B, 4>) -> B::FloatTensorPrimitive {
     t.clone().into_primitive().tensor()
 }
 
+fn float3<B: Backend>(t: &Tensor<B, 3>) -> B::FloatTensorPrimitive {
+    t.clone().into_primitive().tensor()
+}
+
 fn int_dtype<I: IntElement>() -> DType {
     <I as Element>::dtype()
 }
@@ -467,13 +471,12 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
             return None;
         }
         let f1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
-        let f3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
         let out = B::row_linear(
-            f3(x),
+            float3(x),
             norm_w.map(f1),
             w.into_primitive().tensor(),
             bias.map(f1),
-            spec.residual.map(f3),
+            spec.residual.map(float3),
             &p,
         );
         Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
@@ -519,9 +522,8 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
             ring,
             slot,
         };
-        let f3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
         let out = B::decode_write(
-            [f3(qkv), float_of(cos), float_of(sin)],
+            [float3(qkv), float_of(cos), float_of(sin)],
             buffers.map(|t| t.into_primitive().tensor()),
             &p,
         );
@@ -533,7 +535,6 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         let (ck, cv) = s.compressed.buffers();
         let (k, v) = s.kv.buffers();
         let gates = (s.gate_logits)();
-        let float3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
         let out = B::decode(
             [
                 float3(s.qkv),
