@@ -415,6 +415,12 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
                 r.prompt_len,
                 r.prefill_s * 1e3
             );
+            let d = &r.breakdown;
+            println!(
+                "per token: step call {:.0} µs, wait for the logits {:.0} µs, sampling {:.0} µs; \
+                 {:.1} tokens/s without a read per token",
+                d.step_us, d.read_us, d.sample_us, d.pipelined_tokens_per_s
+            );
             if let Some(path) = args.json {
                 let json = serde_json::to_string_pretty(&r)?;
                 bundle::atomic_write(&path, json.as_bytes())

@@ -261,6 +261,79 @@ pub struct BenchReport {
     pub prompt_len: usize,
     /// New tokens per run.
     pub new_tokens: usize,
+    /// Where a decode step's time goes (one more run after the timed ones).
+    pub breakdown: StepBreakdown,
+}
+
+/// Mean microseconds per token of one decode run taken apart: `step_us` is the host's call of
+/// [`Transformer::step`] (recording the step's operations; the GPU backends run them
+/// asynchronously), `read_us` the wait for the logits on the host (the rest of the step's
+/// execution and the copy), `sample_us` the host's sampling. `pipelined_tokens_per_s`: the
+/// same number of steps fed a fixed token, with one sync at the end instead of a read per
+/// token (what on-device sampling could reach at most).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepBreakdown {
+    pub step_us: f64,
+    pub read_us: f64,
+    pub sample_us: f64,
+    pub pipelined_tokens_per_s: f64,
+}
+
+/// [`StepBreakdown`] of `steps` decode steps after `prompt`.
+fn step_breakdown<B: Backend>(
+    model: &Transformer<B>,
+    prompt: &[u32],
+    steps: usize,
+    sampling: &Sampling,
+    device: &B::Device,
+) -> Result<StepBreakdown> {
+    let vocab = model.config.num_tokens;
+    let steps = steps.max(1);
+    let ids = |tokens: &[u32]| {
+        let data: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        TensorData::new(data, [tokens.len()])
+    };
+    let prompt_ids = Tensor::<B, 1, Int>::from_data(ids(prompt), device).reshape([1, prompt.len()]);
+    let (_, mut cache) = model.prefill(prompt_ids.clone(), steps);
+    let mut rng = SplitMix64(99);
+    let mut token = prompt[prompt.len() - 1];
+    let (mut step_s, mut read_s, mut sample_s) = (0.0, 0.0, 0.0);
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        let id = Tensor::<B, 1, Int>::from_data(ids(&[token]), device);
+        let (logits, c) = model.step(id, cache);
+        cache = c;
+        let t1 = Instant::now();
+        let row = logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("logits: {e:?}"))?;
+        let t2 = Instant::now();
+        token = sampling.sample(&row[..vocab], &mut rng) as u32;
+        step_s += (t1 - t0).as_secs_f64();
+        read_s += (t2 - t1).as_secs_f64();
+        sample_s += t2.elapsed().as_secs_f64();
+    }
+    let (_, mut cache) = model.prefill(prompt_ids, steps);
+    let _ = B::sync(device);
+    let id = Tensor::<B, 1, Int>::from_data(ids(&[token]), device);
+    let t0 = Instant::now();
+    let mut last = None;
+    for _ in 0..steps {
+        let (logits, c) = model.step(id.clone(), cache);
+        cache = c;
+        last = Some(logits);
+    }
+    drop(last.map(|l| l.into_data()));
+    let pipelined = steps as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    let per = |s: f64| s * 1e6 / steps as f64;
+    Ok(StepBreakdown {
+        step_us: per(step_s),
+        read_us: per(read_s),
+        sample_us: per(sample_s),
+        pipelined_tokens_per_s: pipelined,
+    })
 }
 
 impl OnBackend for BenchJob {
@@ -305,6 +378,7 @@ impl OnBackend for BenchJob {
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
         };
+        let breakdown = step_breakdown(&model, &prompt, self.new_tokens, &self.sampling, &device)?;
         Ok(BenchReport {
             device: format!("{} {}", sel.kind, sel.device_name),
             load_s,
@@ -314,6 +388,7 @@ impl OnBackend for BenchJob {
             tokens_per_s: median(rates),
             prompt_len: self.prompt_len,
             new_tokens: self.new_tokens,
+            breakdown,
         })
     }
 }
