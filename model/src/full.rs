@@ -121,17 +121,24 @@ impl<B: Backend> FullAttention<B> {
         )
     }
 
-    /// Decodes one token `[batch, 1, dim]` at position `cache.kv.len()`, rotated by `rotation`.
+    /// Decodes one token `[batch, 1, dim]` at position `cache.kv.len()`, rotated by `rotation`,
+    /// plus `residual` when given.
     pub fn step(
         &self,
         x: Tensor<B, 3>,
         cache: FullCache<B>,
         rotation: &Rotation<B>,
+        residual: Option<Tensor<B, 3>>,
     ) -> (Tensor<B, 3>, FullCache<B>) {
         let pos = cache.kv.len();
         let [q, k, v] = self.project(self.norm.forward(x), rotation);
         let kv = cache.kv.push(k, v);
         let (k, v) = kv.all();
-        (self.attend_keys(q, k, v, pos), FullCache { kv })
+        let out = self.attend_keys(q, k, v, pos);
+        let out = match residual {
+            Some(r) => out + r,
+            None => out,
+        };
+        (out, FullCache { kv })
     }
 }

@@ -1,5 +1,11 @@
 //! Autoregressive generation with the KV cache: prefill the prompt once, then one cached step per
 //! new token. Tokens are handed to a callback as they are produced (for streaming).
+//!
+//! Where the backend samples on the device (`NsaKernels::sample_tokens`: CUDA and wgpu), the
+//! sampled id feeds the next step directly and the ids are read back in chunks
+//! (growing to [`READ_EVERY`]): the host does not wait for the logits of every token, so it records the
+//! next steps while the device computes. The tokens are those of the host sampler for the same
+//! logits ([`crate::sampling`]); steps recorded past a stop are discarded.
 
 use burn::prelude::*;
 
@@ -24,6 +30,12 @@ pub enum GenerateError {
     #[error(transparent)]
     Sampling(#[from] crate::sampling::SamplingError),
 }
+
+/// Most tokens decoded on the device between two reads of the sampled ids. The first id is read
+/// at once (the time to the first token), then chunks of 2, 4, .. up to this: every read waits
+/// for the device to finish everything recorded, and the device idles until the next steps
+/// arrive.
+pub const READ_EVERY: usize = 64;
 
 impl<B: Backend> Transformer<B> {
     /// Generates up to `max_new` tokens after `prompt` (one sequence). `on_token` sees every new
@@ -55,6 +67,34 @@ impl<B: Backend> Transformer<B> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
         let (logits, mut cache) = self.prefill(ids, max_new);
         let mut last = logits.narrow(1, n - 1, 1).reshape([1, vocab]);
+        let on_device = crate::kernels::get::<B>().zip(sampling.device_rule(vocab));
+        if let Some((kernels, rule)) = on_device {
+            // ids stay on the device; read in growing chunks
+            let mut pending = Vec::with_capacity(READ_EVERY);
+            let (mut sampled, mut chunk) = (0, 1);
+            loop {
+                let Some(id) = kernels.sample_tokens(&last, &rule, rng.next_u64()) else {
+                    break;
+                };
+                pending.push(id.clone());
+                sampled += 1;
+                if sampled < max_new {
+                    let (next, c) = self.step(id, cache);
+                    cache = c;
+                    last = next;
+                }
+                if sampled == max_new || pending.len() == chunk {
+                    chunk = (2 * chunk).min(READ_EVERY);
+                    if deliver(&mut pending, &mut out, &mut on_token, max_new) {
+                        return Ok(out);
+                    }
+                }
+            }
+            // the backend declined: the host samples from here on
+            if deliver(&mut pending, &mut out, &mut on_token, max_new) {
+                return Ok(out);
+            }
+        }
         loop {
             let row = last
                 .into_data()
@@ -73,4 +113,29 @@ impl<B: Backend> Transformer<B> {
             last = next;
         }
     }
+}
+
+/// Reads the sampled ids of `pending` (in order) into `out` and hands each to `on_token`;
+/// `true` when generation is over (stopped by the callback or `max_new` reached).
+fn deliver<B: Backend>(
+    pending: &mut Vec<Tensor<B, 1, Int>>,
+    out: &mut Vec<u32>,
+    on_token: &mut impl FnMut(u32) -> bool,
+    max_new: usize,
+) -> bool {
+    if pending.is_empty() {
+        return false;
+    }
+    let ids = Tensor::cat(std::mem::take(pending), 0)
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .expect("integer ids");
+    for id in ids {
+        out.push(id as u32);
+        if !on_token(id as u32) || out.len() == max_new {
+            return true;
+        }
+    }
+    false
 }

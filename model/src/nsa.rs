@@ -11,16 +11,17 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
 use crate::attend::attend;
-use crate::cache::{KvBuffer, NsaCache};
+use crate::cache::{GatherTables, KvBuffer, NsaCache};
 use crate::compress::Compressor;
 use crate::config::{ConfigError, NsaConfig};
 use crate::gates::BranchGates;
-use crate::kernels::{write_rows, DecodeInputs};
+use crate::kernels::{write_rows, BlockStep, DecodeInputs};
 use crate::norm::RmsNorm;
 use crate::rope::Rotation;
 use crate::select::{fine_attention, fine_attention_step, importance, select_top};
 use crate::sliding::sliding_attention;
 use crate::tensor_util::{linear, norm_linear, pad_zeros};
+use crate::transformer::FeedForward;
 
 /// One NSA layer.
 #[derive(Module, Debug)]
@@ -172,17 +173,21 @@ impl<B: Backend> SparseAttention<B> {
     }
 
     /// Decodes one token: `x` `[batch, 1, dim]` at position `cache.kv.len()`, rotated by
-    /// `rotation` (that position's) → `[batch, 1, dim]`.
+    /// `rotation` (that position's) → the attention's output `[batch, 1, dim]`; with `block`
+    /// (the block's feed-forward), the whole residual block instead: `h + ff(h)` with `h = x +
+    /// attention(x)`.
     ///
-    /// Where the backend registered kernels for it, the step is five operations: the normed
-    /// projection, the cache writes, the gate logits, the three branches with their mix
-    /// ([`crate::kernels::NsaKernels::decode_attention`]) and the output projection; every one
-    /// falls back to tensor ops on its own.
+    /// Where the backend registered kernels for it, a block is one operation
+    /// ([`crate::kernels::NsaKernels::decode_block`]); else the attention is four: the normed
+    /// projection with the gate logits, the cache writes, the three branches with their mix
+    /// ([`crate::kernels::NsaKernels::decode_attention`]) and the output projection with the
+    /// residual; every one falls back to tensor ops on its own.
     pub fn step(
         &self,
         x: Tensor<B, 3>,
         cache: NsaCache<B>,
         rotation: &Rotation<B>,
+        block: Option<&FeedForward<B>>,
     ) -> (Tensor<B, 3>, NsaCache<B>) {
         let NsaCache {
             kv,
@@ -198,9 +203,8 @@ impl<B: Backend> SparseAttention<B> {
         let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
         let norm = self.norm.as_ref();
         let kernels = crate::kernels::get::<B>();
-        let qkv = norm_linear(norm, &self.to_qkv, x.clone(), false, None);
         // one position: `[b, 1, count * d]` is `[b, count, 1, d]` in memory
-        let heads = |start: usize, count: usize| {
+        let heads = |qkv: &Tensor<B, 3>, start: usize, count: usize| {
             qkv.clone()
                 .narrow(2, start * d, count * d)
                 .reshape([b, count, 1, d])
@@ -212,14 +216,56 @@ impl<B: Backend> SparseAttention<B> {
         let slot = pos % l;
         let (cos, sin) = rotation.parts();
         let mut ring = None;
+        let mut whole_block = None;
+        let mut projected = None;
         let kv = kv.append_with(1, |kb, vb, at| {
-            let buffers = [kb, vb, tail_k, tail_v];
+            let mut buffers = [kb, vb, tail_k, tail_v];
+            // 1. the whole block in one operation
+            let whole = block.filter(|_| crate::kernels::block_enabled());
+            if let (Some(k), Some(ff)) = (&kernels, whole) {
+                let step = BlockStep {
+                    x: &x,
+                    norm,
+                    to_qkv: &self.to_qkv,
+                    gates: &self.gates.proj,
+                    combine: &self.combine_heads,
+                    ff: Some(ff),
+                    cos,
+                    sin,
+                    compressed: &compressed,
+                    num_mem: self.compress.num_mem(),
+                    config: c,
+                    scale,
+                    pos: at,
+                    slot,
+                };
+                match k.decode_block(&step, buffers) {
+                    Ok((out, [kb, vb, tk, tv])) => {
+                        whole_block = Some(out);
+                        ring = Some((tk, tv));
+                        return (kb, vb);
+                    }
+                    Err(back) => buffers = back,
+                }
+            }
+            // 2. operation by operation: the projection and the gate logits read the same
+            // normed row (one operation where a backend has it), then the writes
+            let paired = kernels
+                .as_ref()
+                .and_then(|k| k.row_linear_pair(&x, norm, &self.to_qkv, &self.gates.proj));
+            let (qkv, gates) = match paired {
+                Some((qkv, gates)) => (qkv, Some(gates)),
+                None => (
+                    norm_linear(norm, &self.to_qkv, x.clone(), false, None),
+                    None,
+                ),
+            };
             let written = match &kernels {
                 Some(k) => k.decode_write(&qkv, cos, sin, buffers, h, at, slot),
                 None => Err(buffers),
             };
             let [kb, vb, tk, tv] = written.unwrap_or_else(|[kb, vb, tk, tv]| {
-                let (k, v) = (heads(h, kvh), heads(h + kvh, kvh));
+                let (k, v) = (heads(&qkv, h, kvh), heads(&qkv, h + kvh, kvh));
                 [
                     write_rows(kb, at, rotation.apply(k.clone())),
                     write_rows(vb, at, v.clone()),
@@ -228,45 +274,30 @@ impl<B: Backend> SparseAttention<B> {
                 ]
             });
             ring = Some((tk, tv));
+            projected = Some((qkv, gates));
             (kb, vb)
         });
         let (tail_k, tail_v) = ring.expect("written with the cache");
-
-        let gate_logits = || norm_linear(norm, &self.gates.proj, x.clone(), false, None);
-        let fused = kernels.as_ref().and_then(|kernels| {
-            kernels.decode_attention(&DecodeInputs {
-                qkv: &qkv,
-                cos,
-                sin,
-                compressed: &compressed,
-                num_mem: self.compress.num_mem(),
-                kv: &kv,
-                gate_logits: &gate_logits,
-                config: c,
-                scale,
-            })
-        });
-        let mixed = fused.unwrap_or_else(|| {
-            let q = heads(0, h);
-            // 1. compressed: memory + every block that ended before `pos`
-            let (ck, cv) = compressed.all();
-            let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
-            // 2. selected
-            let q = rotation.apply(q);
-            let selection = comp
-                .importance
-                .and_then(|logits| importance(logits, c, pos))
-                .and_then(|probs| select_top(probs, c));
-            let fine = fine_attention_step(q.clone(), &kv, selection, c, scale, &mut gather);
-            // 3. sliding window: the last `window + 1` keys
-            let start = pos.saturating_sub(c.sliding_window_size);
-            let (sk, sv) = kv.rows(start, pos + 1 - start);
-            let sliding = attend_one(q, sk, sv, scale);
-            self.gates
-                .mix(gate_logits(), [comp.out, fine, sliding])
-                .reshape([b, 1, h * d])
-        });
-        let out = norm_linear(None, &self.combine_heads, mixed, false, None);
+        let out = match (whole_block, projected) {
+            (Some(out), _) => out,
+            (None, Some((qkv, gates))) => {
+                let out = self.attend_step(
+                    &x,
+                    &qkv,
+                    gates,
+                    &compressed,
+                    &kv,
+                    rotation,
+                    &mut gather,
+                    block.is_some(),
+                );
+                match block {
+                    Some(ff) => ff.step(out),
+                    None => out,
+                }
+            }
+            (None, None) => unreachable!("the cache write runs one of the two paths"),
+        };
 
         // a block ending at `pos` is pooled now and seen from `pos + 1` on
         if (pos + 1) % c.compress_block_sliding_stride == 0 {
@@ -286,6 +317,80 @@ impl<B: Backend> SparseAttention<B> {
                 tail_v,
                 gather,
             },
+        )
+    }
+
+    /// The attention of a decode step after the cache writes: `qkv` the position's projection
+    /// row, `gates` its gate logits when already computed, `kv` with the position written →
+    /// `[batch, 1, dim]` (plus `x` when `residual`).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_step(
+        &self,
+        x: &Tensor<B, 3>,
+        qkv: &Tensor<B, 3>,
+        gates: Option<Tensor<B, 3>>,
+        compressed: &KvBuffer<B>,
+        kv: &KvBuffer<B>,
+        rotation: &Rotation<B>,
+        gather: &mut Option<GatherTables<B>>,
+        residual: bool,
+    ) -> Tensor<B, 3> {
+        let pos = kv.len() - 1;
+        let scale = self.scale();
+        let c = &self.config;
+        let [b, _, _] = x.dims();
+        let (h, d) = (c.heads, c.dim_head);
+        let norm = self.norm.as_ref();
+        let kernels = crate::kernels::get::<B>();
+        let (cos, sin) = rotation.parts();
+        let heads = |start: usize, count: usize| {
+            qkv.clone()
+                .narrow(2, start * d, count * d)
+                .reshape([b, count, 1, d])
+        };
+        let gate_logits = || match &gates {
+            Some(g) => g.clone(),
+            None => norm_linear(norm, &self.gates.proj, x.clone(), false, None),
+        };
+        let fused = kernels.as_ref().and_then(|kernels| {
+            kernels.decode_attention(&DecodeInputs {
+                qkv,
+                cos,
+                sin,
+                compressed,
+                num_mem: self.compress.num_mem(),
+                kv,
+                gate_logits: &gate_logits,
+                config: c,
+                scale,
+            })
+        });
+        let mixed = fused.unwrap_or_else(|| {
+            let q = heads(0, h);
+            // 1. compressed: memory + every block that ended before `pos`
+            let (ck, cv) = compressed.all();
+            let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
+            // 2. selected
+            let q = rotation.apply(q);
+            let selection = comp
+                .importance
+                .and_then(|logits| importance(logits, c, pos))
+                .and_then(|probs| select_top(probs, c));
+            let fine = fine_attention_step(q.clone(), kv, selection, c, scale, gather);
+            // 3. sliding window: the last `window + 1` keys
+            let start = pos.saturating_sub(c.sliding_window_size);
+            let (sk, sv) = kv.rows(start, pos + 1 - start);
+            let sliding = attend_one(q, sk, sv, scale);
+            self.gates
+                .mix(gate_logits(), [comp.out, fine, sliding])
+                .reshape([b, 1, h * d])
+        });
+        norm_linear(
+            None,
+            &self.combine_heads,
+            mixed,
+            false,
+            residual.then(|| x.clone()),
         )
     }
 }

@@ -1,6 +1,12 @@
-//! Choosing the next token from logits, on the host: greedy, temperature, top-k (as the
-//! reference's `thres` fraction or as a count), top-p, and the reference's Gumbel sampling
-//! (`argmax(logits / temperature + gumbel noise)`), seeded for reproducible output.
+//! Choosing the next token from logits: greedy, temperature, top-k (as the reference's `thres`
+//! fraction or as a count), top-p, and the reference's Gumbel sampling (`argmax(logits /
+//! temperature + gumbel noise)`), seeded for reproducible output.
+//!
+//! The noise of token `i` is a hash of `(key, i)` ([`gumbel_noise`]) with one 64-bit key drawn
+//! per sampled token, so the same rule runs on the device without a random stream
+//! (`kernels::NsaKernels::sample_tokens`, used by [`crate::Transformer::generate`] where a
+//! backend has it): given the same logits, host and device pick the same token (up to a
+//! near-tie within float rounding of the noise).
 
 use serde::{Deserialize, Serialize};
 
@@ -87,35 +93,39 @@ impl Sampling {
         if self.temperature <= 0.0 {
             return argmax(logits.iter().copied());
         }
+        self.sample_with_key(logits, rng.next_u64())
+    }
+
+    /// [`Sampling::sample`] with the noise key given (one key per sampled token; what the
+    /// device kernel gets for the same choice).
+    pub fn sample_with_key(&self, logits: &[f32], noise_key: u64) -> usize {
+        if self.temperature <= 0.0 {
+            return argmax(logits.iter().copied());
+        }
         let v = logits.len();
-        let mut keep: Vec<usize> = (0..v).collect();
-        let key = |i: &usize| {
-            let x = logits[*i];
+        let key = |i: usize| {
+            let x = logits[i];
             if x.is_nan() {
                 f32::NEG_INFINITY
             } else {
                 x
             }
         };
-        let k = match self.top_k {
-            Some(TopK::Threshold(t)) => ((1.0 - t) * v as f64).ceil() as usize,
-            Some(TopK::Count(c)) => c,
-            None => v,
-        }
-        .clamp(1, v);
-        // the k most likely (O(v)), then sorted, most likely first
-        let by_logit = |a: &usize, b: &usize| key(b).total_cmp(&key(a)).then(a.cmp(b));
-        if k < v {
-            keep.select_nth_unstable_by(k - 1, by_logit);
-            keep.truncate(k);
-        }
-        keep.sort_by(by_logit);
-        let scaled: Vec<f64> = keep
-            .iter()
-            .map(|i| key(i) as f64 / self.temperature.max(1e-10))
-            .collect();
+        let k = self.kept(v);
+        let keep = if self.top_p.is_some() {
+            // the nucleus needs the kept tokens most likely first (ties: lower index first)
+            let mut keep = top_k_in_index_order(logits.len(), k, key);
+            keep.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+            keep
+        } else {
+            top_k_in_index_order(logits.len(), k, key)
+        };
         let mut n = keep.len();
         if let Some(p) = self.top_p {
+            let scaled: Vec<f64> = keep
+                .iter()
+                .map(|&i| key(i) as f64 / self.temperature.max(1e-10))
+                .collect();
             let max = scaled[0];
             let w: Vec<f64> = scaled.iter().map(|s| (s - max).exp()).collect();
             let total: f64 = w.iter().sum();
@@ -129,13 +139,92 @@ impl Sampling {
                 }
             }
         }
-        // Gumbel-max: argmax(logits / T + g), g = -log(-log(u))
-        let best = argmax(scaled[..n].iter().map(|s| {
-            let u = rng.uniform().max(1e-20);
-            (s - (-u.ln()).max(1e-20).ln()) as f32
-        }));
-        keep[best]
+        // Gumbel-max over the candidates: argmax(logit / T + g(key, index)), ties to the lower
+        // index (the order the device reduces in)
+        let inv_t = (1.0 / self.temperature.max(1e-10)) as f32;
+        let mut best = (0usize, f32::NEG_INFINITY);
+        for &i in &keep[..n] {
+            let s = key(i) * inv_t + gumbel_noise(noise_key, i as u32);
+            if s > best.1 || (s == best.1 && i < best.0) {
+                best = (i, s);
+            }
+        }
+        best.0
     }
+
+    /// This rule as the device sampler runs it, for a vocabulary of `vocab`: `None` with top-p
+    /// (host only).
+    pub fn device_rule(&self, vocab: usize) -> Option<DeviceSampling> {
+        if self.top_p.is_some() {
+            return None;
+        }
+        Some(DeviceSampling {
+            greedy: self.temperature <= 0.0,
+            kept: self.kept(vocab),
+            inv_temp: (1.0 / self.temperature.max(1e-10)) as f32,
+        })
+    }
+
+    /// Tokens the top-k filter keeps of `vocab`.
+    fn kept(&self, vocab: usize) -> usize {
+        match self.top_k {
+            Some(TopK::Threshold(t)) => ((1.0 - t) * vocab as f64).ceil() as usize,
+            Some(TopK::Count(c)) => c,
+            None => vocab,
+        }
+        .clamp(1, vocab.max(1))
+    }
+}
+
+/// [`Sampling`] as the device kernel takes it (no top-p).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceSampling {
+    /// Arg-max only (temperature 0).
+    pub greedy: bool,
+    /// The top-k filter's count (the vocabulary when off).
+    pub kept: usize,
+    /// `1 / temperature`.
+    pub inv_temp: f32,
+}
+
+/// Murmur3's 32-bit finaliser.
+fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// The Gumbel noise `-ln(-ln(u))` of token `index` under `key`, `u` in `(0, 1)` from 24 hashed
+/// bits; the device kernel computes the same function in f32.
+pub fn gumbel_noise(key: u64, index: u32) -> f32 {
+    let (lo, hi) = (key as u32, (key >> 32) as u32);
+    let h = mix32(mix32(index.wrapping_mul(0x9E37_79B9) ^ lo) ^ hi);
+    let u = ((h >> 8) as f32 + 0.5) / 16_777_216.0;
+    -(-u.ln()).ln()
+}
+
+/// The `k` largest of `key(0..v)` (ties at the `k`-th value: the lower indices), in index order.
+/// One selection over the values instead of a sort: the sampler's cost per token on the host.
+fn top_k_in_index_order(v: usize, k: usize, key: impl Fn(usize) -> f32) -> Vec<usize> {
+    if k >= v {
+        return (0..v).collect();
+    }
+    let mut values: Vec<f32> = (0..v).map(&key).collect();
+    let (_, &mut kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+    let above = (0..v).filter(|&i| key(i).total_cmp(&kth).is_gt()).count();
+    let mut ties = k - above;
+    (0..v)
+        .filter(|&i| match key(i).total_cmp(&kth) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Equal if ties > 0 => {
+                ties -= 1;
+                true
+            }
+            _ => false,
+        })
+        .collect()
 }
 
 fn argmax(xs: impl Iterator<Item = f32>) -> usize {
@@ -191,6 +280,27 @@ mod tests {
     }
 
     #[test]
+    fn top_k_selection_matches_a_full_sort() {
+        // ties at the k-th value go to the lower indices, as a stable sort by logit would keep
+        assert_eq!(
+            top_k_in_index_order(5, 2, |i| [1.0, 3.0, 3.0, 3.0, 0.0][i]),
+            vec![1, 2]
+        );
+        let mut rng = SplitMix64(9);
+        for k in [1, 3, 17, 40, 63, 64] {
+            // few distinct values: many ties
+            let xs: Vec<f32> = (0..64)
+                .map(|_| (rng.uniform() * 6.0).floor() as f32)
+                .collect();
+            let mut sorted: Vec<usize> = (0..64).collect();
+            sorted.sort_by(|&a, &b| xs[b].total_cmp(&xs[a]).then(a.cmp(&b)));
+            let mut want = sorted[..k].to_vec();
+            want.sort();
+            assert_eq!(top_k_in_index_order(64, k, |i| xs[i]), want, "k = {k}");
+        }
+    }
+
+    #[test]
     fn top_p_keeps_the_nucleus_and_sampling_follows_probabilities() {
         let logits = [2.0f32.ln(), 1.0f32.ln(), 1.0f32.ln(), (1e-3f32).ln()];
         let s = Sampling {
@@ -207,6 +317,24 @@ mod tests {
         assert_eq!(counts[3], 0);
         let p0 = counts[0] as f64 / 4000.0;
         assert!((p0 - 2.0 / 3.0).abs() < 0.05, "{p0}");
+    }
+
+    #[test]
+    fn the_noise_is_gumbel_distributed() {
+        // mean of Gumbel(0, 1) is Euler's constant, its variance pi^2 / 6
+        let n = 100_000;
+        let g: Vec<f64> = (0..n)
+            .map(|i| gumbel_noise(0xABCD_1234_5678, i) as f64)
+            .collect();
+        let mean = g.iter().sum::<f64>() / n as f64;
+        let var = g.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!((mean - 0.577_215_7).abs() < 0.02, "{mean}");
+        assert!(
+            (var - std::f64::consts::PI.powi(2) / 6.0).abs() < 0.05,
+            "{var}"
+        );
+        // another key, other noise
+        assert_ne!(gumbel_noise(1, 5), gumbel_noise(2, 5));
     }
 
     #[test]

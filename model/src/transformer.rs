@@ -47,21 +47,25 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// One decode step `[batch, 1, dim]` with the rotation of its position.
+    /// One decode step `[batch, 1, dim]` of the block this attention belongs to, with the
+    /// rotation of its position → the block's output `h + ff(h)`, `h = x + attention(x)` (one
+    /// operation for an NSA block where the backend has it).
     pub fn step(
         &self,
         x: Tensor<B, 3>,
         cache: LayerCache<B>,
         rotation: &Rotation<B>,
+        ff: &FeedForward<B>,
     ) -> (Tensor<B, 3>, LayerCache<B>) {
         match (self, cache) {
             (Self::Nsa(a), LayerCache::Nsa(c)) => {
-                let (out, cache) = a.step(x, c, rotation);
+                let (out, cache) = a.step(x, c, rotation, Some(ff));
                 (out, LayerCache::Nsa(cache))
             }
             (Self::Full(a), LayerCache::Full(c)) => {
-                let (out, cache) = a.step(x, c, rotation);
-                (out, LayerCache::Full(cache))
+                let residual = Some(x.clone());
+                let (h, cache) = a.step(x, c, rotation, residual);
+                (ff.step(h), LayerCache::Full(cache))
             }
             _ => panic!("layer cache of the wrong attention kind"),
         }
@@ -203,9 +207,9 @@ impl<B: Backend> Transformer<B> {
         let mut x = self.token_emb.forward(ids.reshape([b, 1]));
         let mut layers = Vec::with_capacity(self.layers.len());
         for (layer, c) in self.layers.iter().zip(cache.layers) {
-            let (a, c) = layer.attn.step(x.clone(), c, &rotation);
+            let (out, c) = layer.attn.step(x, c, &rotation, &layer.ff);
             layers.push(c);
-            x = layer.ff.step(a + x);
+            x = out;
         }
         let v = self.config.num_tokens;
         let logits = norm_linear(Some(&self.norm), &self.to_logits, x, false, None).reshape([b, v]);

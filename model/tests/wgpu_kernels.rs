@@ -618,6 +618,42 @@ fn decode_kernel_matches_the_tensor_op_step() {
                 .is_ok(),
             "{name}: the cache-write kernel declined"
         );
+        // and the whole block as one operation, as the model's step runs it: it answers and
+        // equals the block done operation by operation (attention, residual, feed-forward)
+        let x = Tensor::<Wgpu, 3>::random([b, 1, dim], burn::tensor::Distribution::Default, &gpu);
+        let ff = &gpu_model.layers[0].ff;
+        let step = nsa_model::kernels::BlockStep {
+            x: &x,
+            norm: attn.norm.as_ref(),
+            to_qkv: &attn.to_qkv,
+            gates: &attn.gates.proj,
+            combine: &attn.combine_heads,
+            ff: Some(ff),
+            cos,
+            sin,
+            compressed: &layer.compressed,
+            num_mem: attn.compress.num_mem(),
+            config: &attn.config,
+            scale: attn.scale(),
+            pos: prompt,
+            slot: prompt % c.sparse.compress_block_size,
+        };
+        let buffers = [
+            kb.clone(),
+            vb.clone(),
+            layer.tail_k.clone(),
+            layer.tail_v.clone(),
+        ];
+        let (whole, _) = kernels
+            .decode_block(&step, buffers)
+            .unwrap_or_else(|_| panic!("{name}: the block kernel declined"));
+        let (a, _) = attn.step(x.clone(), layer.clone(), &rotation, None);
+        let apart = ff.step(a + x);
+        let err = max_abs_diff(
+            &HostTensor::from_tensor(whole),
+            &HostTensor::from_tensor(apart),
+        );
+        assert!(err <= 1e-5, "{name}: the block op differs by {err}");
 
         let (mut worst, mut largest) = (0.0f32, 0.0f32);
         for pos in prompt..total {
@@ -678,7 +714,13 @@ fn row_linear_kernel_matches_tensor_ops() {
                 let mut l = LinearConfig::new(din, dout)
                     .with_bias(bias)
                     .init::<Wgpu>(device);
-                l.weight = burn::module::Param::from_tensor(to_tensor(&w, device));
+                // the matrix as a narrowed view of a wider one (on the fused backend the slice
+                // may arrive copied; `row_kernel_reads_padded_rows` checks the strided read)
+                let wide = Tensor::cat(
+                    vec![to_tensor(&w, device), Tensor::zeros([din, 7], device)],
+                    1,
+                );
+                l.weight = burn::module::Param::from_tensor(wide.narrow(1, 0, dout));
                 if bias {
                     l.bias = Some(burn::module::Param::from_tensor(to_tensor(&bvec, device)));
                 }
@@ -771,4 +813,226 @@ fn decode_writes_leave_a_shared_cache_alone() {
         err <= 1e-5,
         "the copied cache was changed by the other's steps: {err}"
     );
+}
+
+/// The device sampler picks the host sampler's token for the same logits and noise key: greedy,
+/// the reference's `thres` top-k, a top-k count, no filter, a low temperature; logits on a few
+/// levels, so that the top-k boundary falls inside a run of ties (kept: the lower indices).
+#[test]
+fn device_sampler_matches_the_host_sampler() {
+    use nsa_model::sampling::TopK;
+    use nsa_model::Sampling;
+
+    register();
+    let gpu = WgpuDevice::default();
+    let kernels = kernels::get::<Wgpu>().expect("registered");
+    let (rows, v) = (5, 301);
+    let mut rng = Rng(21);
+    let rules = [
+        ("greedy", Sampling::greedy()),
+        ("thres 0.9", Sampling::default()),
+        (
+            "count 7, T 0.5",
+            Sampling {
+                temperature: 0.5,
+                top_k: Some(TopK::Count(7)),
+                top_p: None,
+            },
+        ),
+        (
+            "no filter",
+            Sampling {
+                temperature: 1.0,
+                top_k: None,
+                top_p: None,
+            },
+        ),
+    ];
+    for round in 0..4 {
+        let levels = [3.0, 12.0, 1e6][round % 3];
+        let logits: Vec<f32> = (0..rows * v)
+            .map(|_| ((rng.next() * levels).round() / levels * 4.0) as f32)
+            .collect();
+        let t = Tensor::<Wgpu, 2>::from_data(TensorData::new(logits.clone(), [rows, v]), &gpu);
+        for (name, s) in &rules {
+            let key = 0x1234_5678_9ABC_DEF0u64.wrapping_mul(round as u64 + 1);
+            let rule = s.device_rule(v).expect("no top-p");
+            let got = kernels
+                .sample_tokens(&t, &rule, key)
+                .expect("the sampler answers")
+                .into_data()
+                .convert::<i64>()
+                .into_vec::<i64>()
+                .unwrap();
+            for (r, &id) in got.iter().enumerate() {
+                let row_key = (key & !0xFFFF_FFFF) | (key as u32).wrapping_add(r as u32) as u64;
+                let want = s.sample_with_key(&logits[r * v..(r + 1) * v], row_key);
+                assert_eq!(id as usize, want, "{name}, round {round}, row {r}");
+            }
+        }
+    }
+}
+
+/// Generation that samples on the device (ids fed to the next step, read in chunks) gives the
+/// tokens of the host loop (a top-p of 1 keeps the host sampler, with the same choice), sampled
+/// and greedy, and stops where the callback says.
+#[test]
+fn generation_on_the_device_equals_the_host_loop() {
+    use nsa_model::Sampling;
+
+    register();
+    let gpu = WgpuDevice::default();
+    let (_, c) = decode_configs().remove(0);
+    let model = c
+        .init::<Wgpu>(&gpu)
+        .unwrap()
+        .map(&mut randomise::<Wgpu>(&gpu));
+    let prompt = [3u32, 14, 15, 9, 26];
+    let host = |s: &Sampling| Sampling {
+        top_p: Some(1.0),
+        ..s.clone()
+    };
+    for s in [Sampling::default(), Sampling::greedy()] {
+        assert!(s.device_rule(40).is_some() && host(&s).device_rule(40).is_none());
+        let on_device = model.generate(&prompt, 37, &s, 5, |_| true).unwrap();
+        let on_host = model.generate(&prompt, 37, &host(&s), 5, |_| true).unwrap();
+        assert_eq!(on_device.len(), 37);
+        assert_eq!(on_device, on_host, "{s:?}");
+    }
+    // a stop inside a chunk of device-sampled ids
+    let mut seen = 0;
+    let stopped = model
+        .generate(&prompt, 37, &Sampling::default(), 5, |_| {
+            seen += 1;
+            seen < 20
+        })
+        .unwrap();
+    let full = model
+        .generate(&prompt, 37, &Sampling::default(), 5, |_| true)
+        .unwrap();
+    assert_eq!(stopped, full[..20]);
+}
+
+/// The paired projection (the NSA layer's `to_qkv` and gate projections of one normed row, one
+/// launch) equals the two projections done apart with tensor ops, with and without the norm,
+/// biases on either side, the second matrix with padded rows.
+#[test]
+fn row_linear_pair_matches_two_projections() {
+    use burn::nn::{Linear, LinearConfig};
+    use nsa_model::norm::RmsNorm;
+    use nsa_model::tensor_util::norm_linear;
+
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    let kernels = kernels::get::<Wgpu>().expect("registered");
+    let mut rng = Rng(29);
+    for (rows, din, d1, d2, use_norm, b1, b2) in [
+        (1, 48, 40, 12, true, false, true),
+        (3, 64, 33, 24, true, true, false),
+        (2, 32, 16, 7, false, true, true),
+    ] {
+        let case = format!("rows {rows}, {din} → {d1} + {d2}, norm {use_norm}, bias {b1}/{b2}");
+        let x = rng.host(&[rows, 1, din]);
+        let nw = rng.host(&[din]);
+        let (w1, w2) = (rng.host(&[din, d1]), rng.host(&[din, d2]));
+        let (v1, v2) = (rng.host(&[d1]), rng.host(&[d2]));
+        fn layer<B: Backend>(
+            w: &HostTensor,
+            bias: Option<&HostTensor>,
+            pad: usize,
+            device: &B::Device,
+        ) -> Linear<B> {
+            let [din, dout] = [w.shape[0], w.shape[1]];
+            let mut l = LinearConfig::new(din, dout)
+                .with_bias(bias.is_some())
+                .init::<B>(device);
+            let wide = Tensor::cat(
+                vec![to_tensor(w, device), Tensor::zeros([din, pad], device)],
+                1,
+            );
+            l.weight = burn::module::Param::from_tensor(wide.narrow(1, 0, dout));
+            l.bias = bias.map(|b| burn::module::Param::from_tensor(to_tensor(b, device)));
+            l
+        }
+        fn norm_on<B: Backend>(nw: &HostTensor, device: &B::Device) -> RmsNorm<B> {
+            let mut n = RmsNorm::new(nw.shape[0], device);
+            n.weight = burn::module::Param::from_tensor(to_tensor(nw, device));
+            n
+        }
+        let (g1, g2) = (
+            layer::<Wgpu>(&w1, b1.then_some(&v1), 0, &gpu),
+            layer::<Wgpu>(&w2, b2.then_some(&v2), 5, &gpu),
+        );
+        let (c1, c2) = (
+            layer::<NdArray>(&w1, b1.then_some(&v1), 0, &cpu),
+            layer::<NdArray>(&w2, b2.then_some(&v2), 0, &cpu),
+        );
+        let (gn, cn) = (norm_on::<Wgpu>(&nw, &gpu), norm_on::<NdArray>(&nw, &cpu));
+        let gx: Tensor<Wgpu, 3> = to_tensor(&x, &gpu);
+        let (a, b) = kernels
+            .row_linear_pair(&gx, use_norm.then_some(&gn), &g1, &g2)
+            .unwrap_or_else(|| panic!("{case}: the pair kernel declined"));
+        let cx: Tensor<NdArray, 3> = to_tensor(&x, &cpu);
+        let want_a = norm_linear(use_norm.then_some(&cn), &c1, cx.clone(), false, None);
+        let want_b = norm_linear(use_norm.then_some(&cn), &c2, cx, false, None);
+        assert_eq!(
+            (a.dims(), b.dims()),
+            ([rows, 1, d1], [rows, 1, d2]),
+            "{case}"
+        );
+        for (got, want, which) in [(a, want_a, "first"), (b, want_b, "second")] {
+            let err = max_abs_diff(
+                &HostTensor::from_tensor(got),
+                &HostTensor::from_tensor(want),
+            );
+            assert!(err <= 1e-5, "{case}, {which}: differs by {err}");
+        }
+    }
+}
+
+/// The row kernel reads a weight matrix whose rows are padded (as CUDA allocates `[512, 24]`
+/// with a row stride of 32) in place, through its row stride: on the plain `CubeBackend` a
+/// narrowed view reaches the kernel as such.
+#[test]
+fn row_kernel_reads_padded_rows() {
+    use burn::nn::LinearConfig;
+    use nsa_model::kernels::RowLinear;
+    use nsa_model::tensor_util::norm_linear;
+    type P = burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    let kernels = kernels::get::<P>().expect("registered");
+    let mut rng = Rng(31);
+    let (din, dout) = (40, 24);
+    let (x, w) = (rng.host(&[1, 1, din]), rng.host(&[din, dout]));
+    let mut layer = LinearConfig::new(din, dout)
+        .with_bias(false)
+        .init::<P>(&gpu);
+    let wide = Tensor::cat(
+        vec![to_tensor(&w, &gpu), Tensor::<P, 2>::zeros([din, 8], &gpu)],
+        1,
+    );
+    layer.weight = burn::module::Param::from_tensor(wide.narrow(1, 0, dout));
+    let spec = RowLinear {
+        norm: None,
+        layer: &layer,
+        gelu: false,
+        residual: None,
+    };
+    let got = kernels
+        .row_linear(&to_tensor::<P, 3>(&x, &gpu), &spec)
+        .expect("the row kernel answers");
+    let mut cpu_layer = LinearConfig::new(din, dout)
+        .with_bias(false)
+        .init::<NdArray>(&cpu);
+    cpu_layer.weight = burn::module::Param::from_tensor(to_tensor(&w, &cpu));
+    let want = norm_linear(None, &cpu_layer, to_tensor(&x, &cpu), false, None);
+    let err = max_abs_diff(
+        &HostTensor::from_tensor(got),
+        &HostTensor::from_tensor(want),
+    );
+    assert!(err <= 1e-5, "padded rows read wrongly: {err}");
 }

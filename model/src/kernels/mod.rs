@@ -28,6 +28,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use burn::prelude::*;
 
 use burn::nn::Linear;
+use burn::tensor::DType;
 
 use crate::cache::KvBuffer;
 use crate::config::NsaConfig;
@@ -142,6 +143,19 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         None
     }
 
+    /// `norm(x) · first + bias` and `norm(x) · second + bias` (each with its own bias) for the
+    /// few rows of a decode step in one operation: the NSA layer's `to_qkv` and gate
+    /// projections, which read the same normed row.
+    fn row_linear_pair(
+        &self,
+        _x: &Tensor<B, 3>,
+        _norm: Option<&RmsNorm<B>>,
+        _first: &Linear<B>,
+        _second: &Linear<B>,
+    ) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+        None
+    }
+
     /// The decode step's cache writes in one operation: from the projection row `qkv`
     /// (as in [`DecodeInputs`]), the key rotated by `cos`/`sin` and the value into row `pos` of
     /// the key/value cache, the un-rotated key and value into row `slot` of the compression
@@ -159,6 +173,34 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         _slot: usize,
     ) -> Result<[Tensor<B, 4>; 4], [Tensor<B, 4>; 4]> {
         Err(buffers)
+    }
+
+    /// One decode step of an NSA block in one operation ([`BlockStep`]): the normed projection
+    /// with the gate logits, the cache writes into `buffers` (`[k cache, v cache, k ring, v
+    /// ring]`, as [`NsaKernels::decode_write`]), the attention, the output projection with the
+    /// residual and, when given, the feed-forward with its residual → the block's output
+    /// `[batch, 1, dim]` and the written buffers; the buffers back unchanged as `Err` when not
+    /// handled. One operation of the backend's stream instead of six.
+    #[allow(clippy::type_complexity)]
+    fn decode_block(
+        &self,
+        _step: &BlockStep<'_, B>,
+        buffers: [Tensor<B, 4>; 4],
+    ) -> Result<(Tensor<B, 3>, [Tensor<B, 4>; 4]), [Tensor<B, 4>; 4]> {
+        Err(buffers)
+    }
+
+    /// The next token of each row of `logits` `[rows, vocab]` under `rule`, on the device:
+    /// [`crate::sampling::Sampling::sample`]'s choice for the same logits and noise key (row `r`:
+    /// `r` added to the key's low 32 bits, wrapping) → token ids `[rows]`. Lets a decode loop feed the token to the next step
+    /// without reading the logits back.
+    fn sample_tokens(
+        &self,
+        _logits: &Tensor<B, 2>,
+        _rule: &crate::sampling::DeviceSampling,
+        _key: u64,
+    ) -> Option<Tensor<B, 1, Int>> {
+        None
     }
 }
 
@@ -212,46 +254,65 @@ pub struct DecodeShape {
 impl DecodeShape {
     /// The sizes of `s`, or `None` when its tensors do not fit together (or are not floats).
     pub fn of<B: Backend>(s: &DecodeInputs<'_, B>) -> Option<Self> {
-        let c = s.config;
-        let [b, one, width] = s.qkv.dims();
         let (ck, cv) = s.compressed.buffers();
         let (k, v) = s.kv.buffers();
+        if s.kv.is_empty() {
+            return None;
+        }
+        Self::new(
+            s.config,
+            s.qkv.dims(),
+            s.qkv.dtype(),
+            [ck, cv, k, v, s.cos, s.sin],
+            s.kv.len(),
+            s.num_mem,
+            s.compressed.len(),
+            s.scale,
+        )
+    }
+
+    /// The sizes of a decode step from its parts: the projection row's shape and dtype, the
+    /// compressed and key/value buffers and the rotation (`[ck, cv, k, v, cos, sin]`), the
+    /// positions in the key/value cache with the new one (`kv_len`), the memory slots and the
+    /// valid compressed rows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<B: Backend>(
+        c: &NsaConfig,
+        [b, one, width]: [usize; 3],
+        dtype: DType,
+        [ck, cv, k, v, cos, sin]: [&Tensor<B, 4>; 6],
+        kv_len: usize,
+        num_mem: usize,
+        nc: usize,
+        scale: f64,
+    ) -> Option<Self> {
         let [cb, kvh, capc, d] = ck.dims();
         let [kb, kvh2, cap, d2] = k.dims();
         let h = c.heads;
-        let dtype = s.qkv.dtype();
-        let same = [
-            ck.dtype(),
-            cv.dtype(),
-            k.dtype(),
-            v.dtype(),
-            s.cos.dtype(),
-            s.sin.dtype(),
-        ]
-        .iter()
-        .all(|&t| t == dtype);
+        let same = [ck, cv, k, v, cos, sin].iter().all(|t| t.dtype() == dtype);
         if !dtype.is_float()
             || !same
             || one != 1
             || (cb, kb, kvh2, d2) != (b, b, kvh, d)
             || cv.dims() != ck.dims()
             || v.dims() != k.dims()
-            || s.cos.dims() != [1, 1, 1, d]
-            || s.sin.dims() != [1, 1, 1, d]
+            || cos.dims() != [1, 1, 1, d]
+            || sin.dims() != [1, 1, 1, d]
             || kvh == 0
             || d % 2 != 0
             || !h.is_multiple_of(kvh)
             || width != (h + 2 * kvh) * d
-            || s.kv.is_empty()
-            || s.num_mem == 0
-            || s.compressed.len() < s.num_mem
+            || kv_len == 0
+            || kv_len > cap
+            || num_mem == 0
+            || nc < num_mem
+            || nc > capc
         {
             return None;
         }
         let g = h / kvh;
         let pf = (c.selection_block_size / c.compress_block_sliding_stride).max(1);
-        let nc = s.compressed.len();
-        let fine = (nc - s.num_mem) / pf;
+        let fine = (nc - num_mem) / pf;
         Some(Self {
             b,
             h,
@@ -263,18 +324,18 @@ impl DecodeShape {
                 1
             },
             width,
-            pos: s.kv.len() - 1,
+            pos: kv_len - 1,
             nc,
             capc,
             cap,
-            mem: s.num_mem,
+            mem: num_mem,
             pf,
             sel: c.selection_block_size,
             window: c.sliding_window_size,
             topn: c.num_selected_blocks.min(fine),
             nsel: c.num_selected_blocks,
             gated: c.use_diff_topk,
-            scale: s.scale,
+            scale,
         })
     }
 
@@ -282,6 +343,39 @@ impl DecodeShape {
     pub fn fine(&self) -> usize {
         (self.nc - self.mem) / self.pf
     }
+}
+
+/// The inputs of [`NsaKernels::decode_block`]: an NSA block's parameters and the state of its
+/// decode cache for the token at row `pos`.
+pub struct BlockStep<'a, B: Backend> {
+    /// The block's input `[batch, 1, dim]` (the attention's residual).
+    pub x: &'a Tensor<B, 3>,
+    /// The attention's pre-norm.
+    pub norm: Option<&'a RmsNorm<B>>,
+    /// `dim → (heads + 2 kv_heads) * dim_head`.
+    pub to_qkv: &'a Linear<B>,
+    /// The gate projection `dim → 3 * heads`.
+    pub gates: &'a Linear<B>,
+    /// `heads * dim_head → dim`.
+    pub combine: &'a Linear<B>,
+    /// The block's feed-forward, applied (with its residual) after the attention when given.
+    pub ff: Option<&'a crate::transformer::FeedForward<B>>,
+    /// The position's rotation (as [`DecodeInputs`]).
+    pub cos: &'a Tensor<B, 4>,
+    /// See `cos`.
+    pub sin: &'a Tensor<B, 4>,
+    /// Memory and compressed keys/values of every block that ended before the position.
+    pub compressed: &'a KvBuffer<B>,
+    /// Memory slots at the front of `compressed`.
+    pub num_mem: usize,
+    /// The layer's settings.
+    pub config: &'a NsaConfig,
+    /// Softmax scale.
+    pub scale: f64,
+    /// The position (its row in the key/value cache).
+    pub pos: usize,
+    /// Its row in the compression ring.
+    pub slot: usize,
 }
 
 /// The inputs of [`NsaKernels::decode_attention`] for the token at position `kv.len() - 1`.
@@ -361,6 +455,19 @@ pub fn enabled() -> bool {
             on
         }
     }
+}
+
+/// Whether a decode step may run a whole NSA block as one operation
+/// ([`NsaKernels::decode_block`]); `NSA_DECODE_BLOCK=0` keeps the operation-by-operation step
+/// (for comparing the two in one binary).
+pub fn block_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("NSA_DECODE_BLOCK").as_deref(),
+            Ok("0" | "off" | "false" | "no")
+        )
+    })
 }
 
 /// Registers `kernels` for backend `B` (replacing an earlier registration).

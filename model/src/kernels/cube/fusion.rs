@@ -20,7 +20,10 @@ use burn_fusion::{Fusion, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use cubecl::prelude::ComputeClient;
 
-use super::launch::{self, DecodeProblem, Problem, RowProblem, WriteProblem};
+use super::launch::{
+    self, BlockProblem, BlockTensors, DecodeProblem, Problem, RowProblem, SampleProblem,
+    WriteProblem,
+};
 use super::{int_dtype, KernelBackend, KernelForward, KernelGrads};
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -346,5 +349,96 @@ where
             launch::decode_write(inputs, buffers, &problem).into()
         });
         out.try_into().expect("four declared outputs")
+    }
+
+    fn sample(logits: FloatTensor<Self>, p: &SampleProblem) -> IntTensor<Self> {
+        let outputs = vec![(vec![p.m], int_dtype::<I>(), Kind::Int)];
+        let problem = p.clone();
+        custom::<R, F, I, BT>(
+            "nsa_sample",
+            vec![(logits, Kind::Float)],
+            outputs,
+            move |ins| {
+                let logits = ins.into_iter().next().expect("logits");
+                vec![launch::sample(logits, &problem, int_dtype::<I>())]
+            },
+        )
+        .pop()
+        .expect("ids")
+    }
+
+    fn row_linear_pair(
+        x: FloatTensor<Self>,
+        norm_w: Option<FloatTensor<Self>>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        w2: FloatTensor<Self>,
+        bias2: Option<FloatTensor<Self>>,
+        p: &RowProblem,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let dtype = x.dtype;
+        let mut shape = x.shape.to_vec();
+        let mut shape2 = shape.clone();
+        *shape.last_mut().expect("rank >= 1") = p.dout;
+        *shape2.last_mut().expect("rank >= 1") = p.second.expect("a pair").0;
+        let (has_norm, has_bias, has_bias2) = (norm_w.is_some(), bias.is_some(), bias2.is_some());
+        let mut inputs = vec![(x, Kind::Float), (w, Kind::Float), (w2, Kind::Float)];
+        inputs.extend(
+            [norm_w, bias, bias2]
+                .into_iter()
+                .flatten()
+                .map(|t| (t, Kind::Float)),
+        );
+        let problem = p.clone();
+        let mut out = custom::<R, F, I, BT>(
+            "nsa_row_linear_pair",
+            inputs,
+            vec![(shape, dtype, Kind::Float), (shape2, dtype, Kind::Float)],
+            move |ins| {
+                let mut ins = ins.into_iter();
+                let mut next = || ins.next().expect("declared input");
+                let (x, w, w2) = (next(), next(), next());
+                let norm_w = has_norm.then(&mut next);
+                let bias = has_bias.then(&mut next);
+                let bias2 = has_bias2.then(&mut next);
+                let (a, b) =
+                    launch::row_linear_pair(x, norm_w, w, bias, None, Some((w2, bias2)), &problem);
+                vec![a, b.expect("a second output")]
+            },
+        )
+        .into_iter();
+        (out.next().expect("first"), out.next().expect("second"))
+    }
+
+    fn decode_block(
+        t: BlockTensors<FloatTensor<Self>>,
+        p: &BlockProblem,
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 4]) {
+        let dtype = t.x.dtype;
+        let mut outputs = vec![(t.x.shape.to_vec(), dtype, Kind::Float)];
+        outputs.extend(
+            t.buffers
+                .iter()
+                .map(|b| (b.shape.to_vec(), dtype, Kind::Float)),
+        );
+        let (inputs, layout) = t.flatten();
+        let inputs = inputs.into_iter().map(|t| (t, Kind::Float)).collect();
+        let problem = p.clone();
+        let mut res = custom::<R, F, I, BT>("nsa_decode_block", inputs, outputs, move |ins| {
+            let (out, buffers) =
+                launch::decode_block(BlockTensors::unflatten(ins, &layout), &problem);
+            let mut res = vec![out];
+            res.extend(buffers);
+            res
+        })
+        .into_iter();
+        let out = res.next().expect("out");
+        let buffers = [
+            res.next().expect("k"),
+            res.next().expect("v"),
+            res.next().expect("k ring"),
+            res.next().expect("v ring"),
+        ];
+        (out, buffers)
     }
 }

@@ -665,6 +665,9 @@ pub struct RowProblem {
     pub bias: bool,
     pub gelu: bool,
     pub residual: bool,
+    /// A second matrix of the same normed rows ([`row_linear_pair`]): its columns and whether
+    /// it has a bias.
+    pub second: Option<(usize, bool)>,
 }
 
 /// Most rows of one [`row_linear`] launch (the batch of a decode step).
@@ -683,13 +686,33 @@ fn row_tiling(p: &RowProblem, budget: usize) -> Option<super::rows::RowTiling> {
         bias: p.bias,
         gelu: p.gelu,
         residual: p.residual,
+        pair: p.second.is_some(),
+        bias2: p.second.is_some_and(|(_, b)| b),
     };
+    if p.second.is_some() && (p.gelu || p.residual) {
+        return None;
+    }
     (t.shared() <= budget).then_some(t)
 }
 
 /// Whether [`row_linear`] covers `p` on this device.
 pub fn row_supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &RowProblem) -> bool {
     row_tiling(p, shared_budget(client)).is_some()
+}
+
+/// A matrix `[rows, cols]` as the row kernel reads it, with its row stride: as it is when its
+/// rows are dense (CUDA allocates some matrices with padded rows, e.g. `[512, 24]` with a row
+/// stride of 32 and the `[512, 21128]` output head with 21248; copying those every token cost
+/// a launch each, 43 MB for the head), else a contiguous copy.
+fn dense_rows<R: CubeRuntime>(w: CubeTensor<R>) -> (CubeTensor<R>, usize) {
+    let (shape, strides) = (w.meta.shape(), w.meta.strides());
+    if shape.len() == 2 && strides[1] == 1 && strides[0] >= shape[1] {
+        let ws = strides[0];
+        return (w, ws);
+    }
+    let w = into_contiguous(w);
+    let ws = *w.meta.shape().last().expect("rank >= 1");
+    (w, ws)
 }
 
 /// `act(norm(x) · w + bias) + residual`: `x` `[m, din]`, `norm_w` `[din]`, `w` `[din, dout]`,
@@ -702,7 +725,22 @@ pub fn row_linear<R: CubeRuntime>(
     residual: Option<CubeTensor<R>>,
     p: &RowProblem,
 ) -> CubeTensor<R> {
-    let (x, w) = (into_contiguous(x), into_contiguous(w));
+    row_linear_pair(x, norm_w, w, bias, residual, None, p).0
+}
+
+/// [`row_linear`], and with `second = (w2 [din, dout2], bias2)` also `norm(x) · w2 + bias2`
+/// `[m, dout2]` in the same launch (`p.second` gives its sizes).
+#[allow(clippy::type_complexity)]
+pub fn row_linear_pair<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    norm_w: Option<CubeTensor<R>>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+    residual: Option<CubeTensor<R>>,
+    second: Option<(CubeTensor<R>, Option<CubeTensor<R>>)>,
+    p: &RowProblem,
+) -> (CubeTensor<R>, Option<CubeTensor<R>>) {
+    let (x, (w, ws)) = (into_contiguous(x), dense_rows(w));
     let dtype = x.dtype;
     let t = row_tiling(p, shared_budget(&x.client)).expect("checked by `row_supported`");
     let some =
@@ -710,13 +748,24 @@ pub fn row_linear<R: CubeRuntime>(
     let (norm_w, bias, residual) = (some(norm_w), some(bias), some(residual));
     let mut shape = x.meta.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = p.dout;
-    let out = empty(&x, shape, dtype);
+    let out = empty(&x, shape.clone(), dtype);
+    let dout2 = p.second.map_or(0, |(d, _)| d);
+    let (w2, ws2, bias2, out2) = match second {
+        Some((w2, bias2)) => {
+            let (w2, ws2) = dense_rows(w2);
+            *shape.last_mut().expect("rank >= 1") = dout2;
+            (w2, ws2, some(bias2), Some(empty(&x, shape, dtype)))
+        }
+        None => (dummy(&x, dtype), 0, dummy(&x, dtype), None),
+    };
+    let out2_arg = out2.clone().unwrap_or_else(|| dummy(&x, dtype));
     let client = x.client.clone();
-    // SAFETY: rows `< m`, columns `< dout`, features `< din`, as the shapes given.
+    // SAFETY: rows `< m`, columns `< dout` (`< dout2` of the second), features `< din`, as the
+    // shapes given.
     unsafe {
         super::rows::row_linear::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(p.dout.div_ceil(t.cols) as u32, 1, 1),
+            CubeCount::Static((p.dout + dout2).div_ceil(t.cols) as u32, 1, 1),
             CubeDim::new_1d(t.threads() as u32),
             x.into_tensor_arg(),
             norm_w.into_tensor_arg(),
@@ -724,15 +773,21 @@ pub fn row_linear<R: CubeRuntime>(
             bias.into_tensor_arg(),
             residual.into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            w2.into_tensor_arg(),
+            bias2.into_tensor_arg(),
+            out2_arg.into_tensor_arg(),
             p.m,
             p.dout,
+            ws,
+            dout2,
+            ws2,
             p.din as f32,
             p.norm_eps.unwrap_or(0.0) as f32,
             t,
             dtype.into(),
         );
     }
-    out
+    (out, out2)
 }
 
 /// A [`super::rows::decode_write`] launch.
@@ -797,4 +852,219 @@ pub fn decode_write<R: CubeRuntime>(
         );
     }
     [kc, vc, tk, tv]
+}
+
+/// A [`super::sample::sample_rows`] launch: `m` rows of `v` logits.
+#[derive(Clone, Debug)]
+pub struct SampleProblem {
+    pub m: usize,
+    pub v: usize,
+    pub rule: crate::sampling::DeviceSampling,
+    pub key: u64,
+}
+
+/// The next token of each row of `logits` `[m, v]` → `[m]` in `int_dtype`.
+pub fn sample<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    p: &SampleProblem,
+    int_dtype: DType,
+) -> CubeTensor<R> {
+    let logits = into_contiguous(logits);
+    let dtype = logits.dtype;
+    let out = empty(&logits, vec![p.m], int_dtype);
+    let kept = p.rule.kept.clamp(1, p.v.max(1));
+    // 1024 units where the device has them: each unit then scans 4x fewer logits per pass
+    let big = logits.client.properties().hardware.max_units_per_cube >= 1024;
+    let group = if big { 32 } else { 16 };
+    let tiling = super::sample::SampleTiling {
+        group,
+        greedy: p.rule.greedy,
+        filter: !p.rule.greedy && kept < p.v,
+    };
+    let bits = usize::BITS - p.v.leading_zeros();
+    let client = logits.client.clone();
+    // SAFETY: one cube per row (`m`), every index `< v` of its row; one id written per row.
+    unsafe {
+        super::sample::sample_rows::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(p.m as u32, 1, 1),
+            CubeDim::new_1d((group * group) as u32),
+            logits.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            p.v,
+            kept as u32,
+            bits,
+            p.rule.inv_temp,
+            p.key as u32,
+            (p.key >> 32) as u32,
+            tiling,
+            [dtype.into(), int_dtype.into()],
+        );
+    }
+    out
+}
+
+/// The tensors of one [`decode_block`] (see `NsaKernels::decode_block`): absent biases and
+/// norms `None`.
+pub struct BlockTensors<T> {
+    /// `[b, 1, dim]`.
+    pub x: T,
+    pub norm: Option<T>,
+    pub w_qkv: T,
+    pub b_qkv: Option<T>,
+    pub w_gates: T,
+    pub b_gates: Option<T>,
+    pub cos: T,
+    pub sin: T,
+    /// `[k cache, v cache, k ring, v ring]`, written (in place where nothing else holds them).
+    pub buffers: [T; 4],
+    pub ck: T,
+    pub cv: T,
+    pub w_comb: T,
+    pub b_comb: Option<T>,
+    pub ff: Option<FfTensors<T>>,
+}
+
+/// The feed-forward of a [`BlockTensors`].
+pub struct FfTensors<T> {
+    pub norm: T,
+    pub w1: T,
+    pub b1: Option<T>,
+    pub w2: T,
+    pub b2: Option<T>,
+}
+
+/// Which optional tensors a flattened [`BlockTensors`] holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockLayout {
+    pub norm: bool,
+    pub b_qkv: bool,
+    pub b_gates: bool,
+    pub b_comb: bool,
+    pub ff: Option<(bool, bool)>,
+}
+
+impl<T> BlockTensors<T> {
+    /// The tensors in a fixed order, and which optional ones are there.
+    pub fn flatten(self) -> (Vec<T>, BlockLayout) {
+        let layout = BlockLayout {
+            norm: self.norm.is_some(),
+            b_qkv: self.b_qkv.is_some(),
+            b_gates: self.b_gates.is_some(),
+            b_comb: self.b_comb.is_some(),
+            ff: self.ff.as_ref().map(|f| (f.b1.is_some(), f.b2.is_some())),
+        };
+        let mut v = vec![self.x];
+        v.extend(self.norm);
+        v.push(self.w_qkv);
+        v.extend(self.b_qkv);
+        v.push(self.w_gates);
+        v.extend(self.b_gates);
+        v.extend([self.cos, self.sin]);
+        v.extend(self.buffers);
+        v.extend([self.ck, self.cv, self.w_comb]);
+        v.extend(self.b_comb);
+        if let Some(f) = self.ff {
+            v.extend([f.norm, f.w1]);
+            v.extend(f.b1);
+            v.push(f.w2);
+            v.extend(f.b2);
+        }
+        (v, layout)
+    }
+
+    /// [`BlockTensors::flatten`] undone.
+    pub fn unflatten(v: Vec<T>, l: &BlockLayout) -> Self {
+        let mut it = v.into_iter();
+        let mut next = || it.next().expect("a flattened block tensor");
+        let x = next();
+        let norm = l.norm.then(&mut next);
+        let w_qkv = next();
+        let b_qkv = l.b_qkv.then(&mut next);
+        let w_gates = next();
+        let b_gates = l.b_gates.then(&mut next);
+        let (cos, sin) = (next(), next());
+        let buffers = [next(), next(), next(), next()];
+        let (ck, cv, w_comb) = (next(), next(), next());
+        let b_comb = l.b_comb.then(&mut next);
+        let ff = l.ff.map(|(b1, b2)| {
+            let (norm, w1) = (next(), next());
+            let b1 = b1.then(&mut next);
+            let w2 = next();
+            let b2 = b2.then(&mut next);
+            FfTensors {
+                norm,
+                w1,
+                b1,
+                w2,
+                b2,
+            }
+        });
+        Self {
+            x,
+            norm,
+            w_qkv,
+            b_qkv,
+            w_gates,
+            b_gates,
+            cos,
+            sin,
+            buffers,
+            ck,
+            cv,
+            w_comb,
+            b_comb,
+            ff,
+        }
+    }
+}
+
+/// The launches of one [`decode_block`], each checked on its own.
+#[derive(Clone, Debug)]
+pub struct BlockProblem {
+    /// `to_qkv` with the gate projection as its second matrix.
+    pub pair: RowProblem,
+    pub write: WriteProblem,
+    pub decode: DecodeProblem,
+    /// `combine_heads` with the residual.
+    pub combine: RowProblem,
+    /// `fc1` (normed, GELU) and `fc2` (residual).
+    pub ff: Option<(RowProblem, RowProblem)>,
+}
+
+/// One decode step of an NSA block (see `NsaKernels::decode_block`): the launches of the
+/// separate operations in sequence, as one operation of the caller's stream → the block's
+/// output `[b, 1, dim]` and the written buffers.
+pub fn decode_block<R: CubeRuntime>(
+    t: BlockTensors<CubeTensor<R>>,
+    p: &BlockProblem,
+) -> (CubeTensor<R>, [CubeTensor<R>; 4]) {
+    let (qkv, gates) = row_linear_pair(
+        t.x.clone(),
+        t.norm,
+        t.w_qkv,
+        t.b_qkv,
+        None,
+        Some((t.w_gates, t.b_gates)),
+        &p.pair,
+    );
+    let gates = gates.expect("a second output");
+    let [kc, vc, tk, tv] = decode_write(
+        [qkv.clone(), t.cos.clone(), t.sin.clone()],
+        t.buffers,
+        &p.write,
+    );
+    let att = decode(
+        [qkv, t.cos, t.sin, t.ck, t.cv, kc.clone(), vc.clone(), gates],
+        &p.decode,
+    );
+    let h = row_linear(att, None, t.w_comb, t.b_comb, Some(t.x), &p.combine);
+    let out = match (t.ff, &p.ff) {
+        (Some(f), Some((p1, p2))) => {
+            let hidden = row_linear(h.clone(), Some(f.norm), f.w1, f.b1, None, p1);
+            row_linear(hidden, None, f.w2, f.b2, Some(h), p2)
+        }
+        _ => h,
+    };
+    (out, [kc, vc, tk, tv])
 }

@@ -11,6 +11,7 @@ mod decode;
 mod fusion;
 mod launch;
 mod rows;
+mod sample;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -28,9 +29,15 @@ use cubecl::prelude::ComputeClient;
 
 use self::attn::{COMPRESSED, SELECTED, SLIDING};
 pub use self::launch::force_dkdv_splits;
-use self::launch::{DecodeProblem, Problem, RowProblem, SelectSpec, WriteProblem};
-use super::{register, DecodeInputs, NsaKernels, RowLinear};
+use self::launch::{
+    BlockProblem, BlockTensors, DecodeProblem, FfTensors, Problem, RowProblem, SampleProblem,
+    SelectSpec, WriteProblem,
+};
+use super::{register, BlockStep, DecodeInputs, NsaKernels, RowLinear};
+use burn::nn::Linear;
+
 use crate::config::NsaConfig;
+use crate::norm::RmsNorm;
 use crate::select::Selection;
 
 /// What the fused forward returns, as primitives of backend `B`.
@@ -108,6 +115,28 @@ pub trait KernelBackend: Backend {
         buffers: [FloatTensor<Self>; 4],
         p: &WriteProblem,
     ) -> [FloatTensor<Self>; 4];
+
+    /// [`launch::sample`].
+    fn sample(logits: FloatTensor<Self>, p: &SampleProblem) -> IntTensor<Self>;
+
+    /// [`launch::decode_block`].
+    #[allow(clippy::type_complexity)]
+    fn decode_block(
+        t: BlockTensors<FloatTensor<Self>>,
+        p: &BlockProblem,
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 4]);
+
+    /// [`launch::row_linear_pair`] with both matrices (no GELU or residual).
+    #[allow(clippy::too_many_arguments)]
+    fn row_linear_pair(
+        x: FloatTensor<Self>,
+        norm_w: Option<FloatTensor<Self>>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        w2: FloatTensor<Self>,
+        bias2: Option<FloatTensor<Self>>,
+        p: &RowProblem,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -180,6 +209,30 @@ where
         p: &WriteProblem,
     ) -> [FloatTensor<Self>; 4] {
         launch::decode_write(inputs, buffers, p)
+    }
+
+    fn sample(logits: FloatTensor<Self>, p: &SampleProblem) -> IntTensor<Self> {
+        launch::sample(logits, p, int_dtype::<I>())
+    }
+
+    fn decode_block(
+        t: BlockTensors<FloatTensor<Self>>,
+        p: &BlockProblem,
+    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 4]) {
+        launch::decode_block(t, p)
+    }
+
+    fn row_linear_pair(
+        x: FloatTensor<Self>,
+        norm_w: Option<FloatTensor<Self>>,
+        w: FloatTensor<Self>,
+        bias: Option<FloatTensor<Self>>,
+        w2: FloatTensor<Self>,
+        bias2: Option<FloatTensor<Self>>,
+        p: &RowProblem,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (a, b) = launch::row_linear_pair(x, norm_w, w, bias, None, Some((w2, bias2)), p);
+        (a, b.expect("a second output"))
     }
 }
 
@@ -383,6 +436,75 @@ fn float3<B: Backend>(t: &Tensor<B, 3>) -> B::FloatTensorPrimitive {
     t.clone().into_primitive().tensor()
 }
 
+/// The cache writes of a projection row `[b, 1, width]` of `dtype` into `buffers`, if they fit.
+#[allow(clippy::too_many_arguments)]
+fn write_problem<B: Backend>(
+    [b, one, width]: [usize; 3],
+    dtype: DType,
+    cos: &Tensor<B, 4>,
+    sin: &Tensor<B, 4>,
+    buffers: &[Tensor<B, 4>; 4],
+    heads: usize,
+    pos: usize,
+    slot: usize,
+) -> Option<WriteProblem> {
+    let [kb, kvh, cap, d] = buffers[0].dims();
+    let [_, _, ring, _] = buffers[2].dims();
+    let fits = is_float(dtype)
+        && one == 1
+        && kb == b
+        && d % 2 == 0
+        && width == (heads + 2 * kvh) * d
+        && buffers[1].dims() == buffers[0].dims()
+        && buffers[2].dims() == [b, kvh, ring, d]
+        && buffers[3].dims() == buffers[2].dims()
+        && buffers.iter().all(|t| t.dtype() == dtype)
+        && cos.dims() == [1, 1, 1, d]
+        && sin.dims() == [1, 1, 1, d]
+        && pos < cap
+        && slot < ring;
+    fits.then_some(WriteProblem {
+        b,
+        h: heads,
+        kvh,
+        d,
+        pos,
+        cap,
+        ring,
+        slot,
+    })
+}
+
+/// A row-kernel problem for `layer` on rows `[b, n, din]` of `dtype`, if its parameters fit.
+fn row_problem<B: Backend>(
+    [b, n, din]: [usize; 3],
+    dtype: DType,
+    norm: Option<&RmsNorm<B>>,
+    layer: &Linear<B>,
+    gelu: bool,
+    residual: bool,
+) -> Option<RowProblem> {
+    let [win, dout] = layer.weight.dims();
+    let fits = is_float(dtype)
+        && layer.weight.dtype() == dtype
+        && win == din
+        && layer
+            .bias
+            .as_ref()
+            .is_none_or(|b| b.dims() == [dout] && b.dtype() == dtype)
+        && norm.is_none_or(|n| n.weight.dims() == [din] && n.weight.dtype() == dtype);
+    fits.then_some(RowProblem {
+        m: b * n,
+        din,
+        dout,
+        norm_eps: norm.map(|n| n.eps),
+        bias: layer.bias.is_some(),
+        gelu,
+        residual,
+        second: None,
+    })
+}
+
 fn int_dtype<I: IntElement>() -> DType {
     <I as Element>::dtype()
 }
@@ -466,6 +588,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
             bias: bias.is_some(),
             gelu: spec.gelu,
             residual: spec.residual.is_some(),
+            second: None,
         };
         if !launch::row_supported(&B::cube_client(&x.device()), &p) {
             return None;
@@ -482,6 +605,62 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 
+    fn row_linear_pair(
+        &self,
+        x: &Tensor<B, 3>,
+        norm: Option<&RmsNorm<B>>,
+        first: &Linear<B>,
+        second: &Linear<B>,
+    ) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+        let [b, n, din] = x.dims();
+        let dtype = x.dtype();
+        let parts = |l: &Linear<B>| {
+            let w = l.weight.val();
+            let bias = l.bias.as_ref().map(|b| b.val());
+            let [win, dout] = w.dims();
+            let fits = w.dtype() == dtype
+                && win == din
+                && bias
+                    .as_ref()
+                    .is_none_or(|b| b.dims() == [dout] && b.dtype() == dtype);
+            fits.then_some((w, bias, dout))
+        };
+        let ((w, bias, dout), (w2, bias2, dout2)) = (parts(first)?, parts(second)?);
+        let norm_w = norm.map(|n| n.weight.val());
+        if !is_float(dtype)
+            || norm_w
+                .as_ref()
+                .is_some_and(|w| w.dims() != [din] || w.dtype() != dtype)
+        {
+            return None;
+        }
+        let p = RowProblem {
+            m: b * n,
+            din,
+            dout,
+            norm_eps: norm.map(|n| n.eps),
+            bias: bias.is_some(),
+            gelu: false,
+            residual: false,
+            second: Some((dout2, bias2.is_some())),
+        };
+        if !launch::row_supported(&B::cube_client(&x.device()), &p) {
+            return None;
+        }
+        let f1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
+        let (a, c) = B::row_linear_pair(
+            float3(x),
+            norm_w.map(f1),
+            w.into_primitive().tensor(),
+            bias.map(f1),
+            w2.into_primitive().tensor(),
+            bias2.map(f1),
+            &p,
+        );
+        let f3 = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
+        Some((f3(a), f3(c)))
+    }
+
     fn decode_write(
         &self,
         qkv: &Tensor<B, 3>,
@@ -492,35 +671,17 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         pos: usize,
         slot: usize,
     ) -> Result<[Tensor<B, 4>; 4], [Tensor<B, 4>; 4]> {
-        let [b, one, width] = qkv.dims();
-        let [kb, kvh, cap, d] = buffers[0].dims();
-        let [_, _, ring, _] = buffers[2].dims();
-        let dtype = qkv.dtype();
-        let fits = is_float(dtype)
-            && one == 1
-            && kb == b
-            && d % 2 == 0
-            && width == (heads + 2 * kvh) * d
-            && buffers[1].dims() == buffers[0].dims()
-            && buffers[2].dims() == [b, kvh, ring, d]
-            && buffers[3].dims() == buffers[2].dims()
-            && buffers.iter().all(|t| t.dtype() == dtype)
-            && cos.dims() == [1, 1, 1, d]
-            && sin.dims() == [1, 1, 1, d]
-            && pos < cap
-            && slot < ring;
-        if !fits {
-            return Err(buffers);
-        }
-        let p = WriteProblem {
-            b,
-            h: heads,
-            kvh,
-            d,
+        let Some(p) = write_problem(
+            qkv.dims(),
+            qkv.dtype(),
+            cos,
+            sin,
+            &buffers,
+            heads,
             pos,
-            cap,
-            ring,
             slot,
+        ) else {
+            return Err(buffers);
         };
         let out = B::decode_write(
             [float3(qkv), float_of(cos), float_of(sin)],
@@ -528,6 +689,70 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
             &p,
         );
         Ok(out.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t))))
+    }
+
+    fn decode_block(
+        &self,
+        s: &BlockStep<'_, B>,
+        buffers: [Tensor<B, 4>; 4],
+    ) -> Result<(Tensor<B, 3>, [Tensor<B, 4>; 4]), [Tensor<B, 4>; 4]> {
+        match block_problem(s, &buffers) {
+            Some(p) => {
+                let f1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
+                let f2 = |t: Tensor<B, 2>| t.into_primitive().tensor();
+                let bias = |l: &Linear<B>| l.bias.as_ref().map(|b| f1(b.val()));
+                let (ck, cv) = s.compressed.buffers();
+                let t = BlockTensors {
+                    x: float3(s.x),
+                    norm: s.norm.map(|n| f1(n.weight.val())),
+                    w_qkv: f2(s.to_qkv.weight.val()),
+                    b_qkv: bias(s.to_qkv),
+                    w_gates: f2(s.gates.weight.val()),
+                    b_gates: bias(s.gates),
+                    cos: float_of(s.cos),
+                    sin: float_of(s.sin),
+                    buffers: buffers.map(|t| t.into_primitive().tensor()),
+                    ck: float_of(ck),
+                    cv: float_of(cv),
+                    w_comb: f2(s.combine.weight.val()),
+                    b_comb: bias(s.combine),
+                    ff: s.ff.map(|ff| FfTensors {
+                        norm: f1(ff.norm.weight.val()),
+                        w1: f2(ff.fc1.weight.val()),
+                        b1: bias(&ff.fc1),
+                        w2: f2(ff.fc2.weight.val()),
+                        b2: bias(&ff.fc2),
+                    }),
+                };
+                let (out, written) = B::decode_block(t, &p);
+                let f4 = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
+                Ok((
+                    Tensor::from_primitive(TensorPrimitive::Float(out)),
+                    written.map(f4),
+                ))
+            }
+            None => Err(buffers),
+        }
+    }
+
+    fn sample_tokens(
+        &self,
+        logits: &Tensor<B, 2>,
+        rule: &crate::sampling::DeviceSampling,
+        key: u64,
+    ) -> Option<Tensor<B, 1, Int>> {
+        let [m, v] = logits.dims();
+        if m == 0 || v == 0 || v > u32::MAX as usize / 2 {
+            return None;
+        }
+        let p = SampleProblem {
+            m,
+            v,
+            rule: *rule,
+            key,
+        };
+        let ids = B::sample(logits.clone().into_primitive().tensor(), &p);
+        Some(Tensor::from_primitive(ids))
     }
 
     fn decode_attention(&self, s: &DecodeInputs<'_, B>) -> Option<Tensor<B, 3>> {
@@ -581,6 +806,75 @@ type CompressedOut<B> = (Tensor<B, 4>, Option<Selection<B>>);
 fn decode_problem<B: KernelBackend>(s: &DecodeInputs<'_, B>) -> Option<DecodeProblem> {
     let p = DecodeProblem::of(s)?;
     launch::decode_supported(&B::cube_client(&s.qkv.device()), &p).then_some(p)
+}
+
+/// The launches of [`NsaKernels::decode_block`] for `s`, or `None` when one of them does not
+/// cover it.
+fn block_problem<B: KernelBackend>(
+    s: &BlockStep<'_, B>,
+    buffers: &[Tensor<B, 4>; 4],
+) -> Option<BlockProblem> {
+    let c = s.config;
+    let dims = s.x.dims();
+    let dtype = s.x.dtype();
+    let [b, _, dim] = dims;
+    let client = B::cube_client(&s.x.device());
+    let mut pair = row_problem(dims, dtype, s.norm, s.to_qkv, false, false)?;
+    let gates = row_problem(dims, dtype, s.norm, s.gates, false, false)?;
+    pair.second = Some((gates.dout, gates.bias));
+    let width = pair.dout;
+    let write = write_problem(
+        [b, 1, width],
+        dtype,
+        s.cos,
+        s.sin,
+        buffers,
+        c.heads,
+        s.pos,
+        s.slot,
+    )?;
+    let (ck, cv) = s.compressed.buffers();
+    let decode = DecodeProblem::new(
+        c,
+        [b, 1, width],
+        dtype,
+        [ck, cv, &buffers[0], &buffers[1], s.cos, s.sin],
+        s.pos + 1,
+        s.num_mem,
+        s.compressed.len(),
+        s.scale,
+    )?;
+    let combine = row_problem(
+        [b, 1, c.heads * c.dim_head],
+        dtype,
+        None,
+        s.combine,
+        false,
+        true,
+    )?;
+    let ff = match s.ff {
+        Some(ff) => {
+            let fc1 = row_problem(dims, dtype, Some(&ff.norm), &ff.fc1, true, false)?;
+            let fc2 = row_problem([b, 1, fc1.dout], dtype, None, &ff.fc2, false, true)?;
+            Some((fc1, fc2))
+        }
+        None => None,
+    };
+    let fits = gates.dout == 3 * c.heads
+        && combine.dout == dim
+        && ff.as_ref().is_none_or(|(_, fc2)| fc2.dout == dim)
+        && [&pair, &combine]
+            .into_iter()
+            .chain(ff.iter().flat_map(|(a, b)| [a, b]))
+            .all(|p| launch::row_supported(&client, p))
+        && launch::decode_supported(&client, &decode);
+    fits.then_some(BlockProblem {
+        pair,
+        write,
+        decode,
+        combine,
+        ff,
+    })
 }
 
 /// What the backward step keeps from the forward.

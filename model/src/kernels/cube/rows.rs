@@ -9,9 +9,9 @@
 //!   written in place.
 //!
 //! Layouts (contiguous): `x` `[m, din]`, norm weight `[din]`, `W` `[din, dout]` (Burn's
-//! `Linear` layout), bias `[dout]`, residual and `y` `[m, dout]`.
+//! `Linear` layout; rows may be padded), bias `[dout]`, residual and `y` `[m, dout]`.
 
-#![allow(unused_assignments, clippy::manual_div_ceil)]
+#![allow(unused_assignments, clippy::manual_div_ceil, clippy::collapsible_if)]
 
 use cubecl::prelude::*;
 
@@ -36,6 +36,11 @@ pub struct RowTiling {
     pub gelu: bool,
     /// Add a residual last.
     pub residual: bool,
+    /// A second matrix `W2` of the same normed rows (columns `dout..dout + dout2` of the grid,
+    /// into `out2`; its bias when `bias2`, no GELU or residual).
+    pub pair: bool,
+    /// Add the second matrix's bias.
+    pub bias2: bool,
 }
 
 impl RowTiling {
@@ -53,8 +58,11 @@ impl RowTiling {
     }
 }
 
-/// `out[r, j] = act(norm(x[r]) · W[:, j] + bias[j]) + res[r, j]` for `r < m`. Grid: x = column
-/// tile of `cols`; unit `(g, c)` sums the features `g, g + groups, ..` of column `c`.
+/// `out[r, j] = act(norm(x[r]) · W[:, j] + bias[j]) + res[r, j]` for `r < m`, `W`'s rows `ws`
+/// apart (`ws >= dout`: CUDA pads the rows of some matrices); with [`RowTiling::pair`] also
+/// `out2[r, j] = norm(x[r]) · W2[:, j] + bias2[j]` (rows `ws2` apart). Grid: x = column tile of
+/// `cols` over the `dout (+ dout2)` columns; unit `(g, c)` sums the features `g, g + groups, ..`
+/// of column `c`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn row_linear<F: Float>(
@@ -64,8 +72,14 @@ pub fn row_linear<F: Float>(
     bias: &Tensor<F>,
     res: &Tensor<F>,
     out: &mut Tensor<F>,
+    w2: &Tensor<F>,
+    bias2: &Tensor<F>,
+    out2: &mut Tensor<F>,
     m: usize,
     dout: usize,
+    ws: usize,
+    dout2: usize,
+    ws2: usize,
     din_f: f32,
     eps: f32,
     #[comptime] t: RowTiling,
@@ -135,12 +149,26 @@ pub fn row_linear<F: Float>(
     if j < dout {
         let mut i = g;
         while i < din {
-            let wv = f32::cast_from(w[i * dout + j]);
+            let wv = f32::cast_from(w[i * ws + j]);
             #[unroll]
             for r in 0..rows {
                 acc[r] += xs[r * din + i] * wv;
             }
             i += groups;
+        }
+    }
+    if t.pair {
+        if j >= dout && j < dout + dout2 {
+            let j2 = j - dout;
+            let mut i = g;
+            while i < din {
+                let wv = f32::cast_from(w2[i * ws2 + j2]);
+                #[unroll]
+                for r in 0..rows {
+                    acc[r] += xs[r * din + i] * wv;
+                }
+                i += groups;
+            }
         }
     }
     #[unroll]
@@ -167,6 +195,24 @@ pub fn row_linear<F: Float>(
                     s += f32::cast_from(res[r * dout + j]);
                 }
                 out[r * dout + j] = F::cast_from(s);
+            }
+        }
+    }
+    if t.pair {
+        if g == 0 && j >= dout && j < dout + dout2 {
+            let j2 = j - dout;
+            #[unroll]
+            for r in 0..rows {
+                if r < m {
+                    let mut s = 0.0f32;
+                    for u in 0..groups {
+                        s += part[(u * rows + r) * cols + c];
+                    }
+                    if t.bias2 {
+                        s += f32::cast_from(bias2[j2]);
+                    }
+                    out2[r * dout2 + j2] = F::cast_from(s);
+                }
             }
         }
     }

@@ -1,0 +1,227 @@
+//! The next token chosen on the device, so that a decode loop need not read the logits back
+//! every token ([`crate::sampling`] is the same rule on the host):
+//!
+//! - greedy: the first index of the largest logit;
+//! - otherwise the `kept` largest logits (ties at the boundary: the lower indices, as the host's
+//!   selection), scaled by `1 / temperature`, plus Gumbel noise that is a hash of `(key, index)`
+//!   ([`crate::sampling::gumbel_noise`]); the arg-max wins (ties: the lower index).
+//!
+//! One cube per row of `logits` `[m, v]`. The `kept`-th largest logit is found by a bisection
+//! over the logits' order-preserving `u32` keys (32 counting passes), the tie boundary by a
+//! bisection over the index; every pass is a strided count and one cube-wide sum. All loops
+//! with barriers have bounds from scalars or comptime values (uniform control flow, as WGSL
+//! requires).
+
+#![allow(unused_assignments, clippy::manual_div_ceil)]
+
+use cubecl::prelude::*;
+
+/// Below every score (start of an arg-max).
+const LOWEST: f32 = -3.0e38;
+
+/// Comptime shape of one [`sample_rows`] kernel (`group²` units).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SampleTiling {
+    /// Entries one unit sums in each of the two levels of a reduction; the cube has `group²`
+    /// units (16 or 32: a cube of 256 units runs everywhere, 1024 where the device allows).
+    pub group: usize,
+    /// Arg-max of the logits only.
+    pub greedy: bool,
+    /// Keep only the `kept` largest logits (`kept < v`).
+    pub filter: bool,
+}
+
+/// The logit's bits mapped so that unsigned order is float order; NaN maps to `-inf`'s key.
+#[cube]
+fn order_key(x: f32) -> u32 {
+    let bits = u32::reinterpret(x);
+    let mut key = bits | 0x8000_0000u32;
+    if bits >= 0x8000_0000u32 {
+        key = !bits;
+    }
+    if (bits & 0x7FFF_FFFFu32) > 0x7F80_0000u32 {
+        key = 0x007F_FFFFu32;
+    }
+    key
+}
+
+/// Murmur3's 32-bit finaliser.
+#[cube]
+fn mix32(x: u32) -> u32 {
+    let mut h = x;
+    h ^= h >> 16u32;
+    h *= 0x85EB_CA6Bu32;
+    h ^= h >> 13u32;
+    h *= 0xC2B2_AE35u32;
+    h ^= h >> 16u32;
+    h
+}
+
+/// Gumbel noise `-ln(-ln(u))` of token `i` under the key `(lo, hi)`; `u` in `(0, 1)` from 24
+/// hashed bits.
+#[cube]
+fn gumbel(lo: u32, hi: u32, i: u32) -> f32 {
+    let h = mix32(mix32((i * 0x9E37_79B9u32) ^ lo) ^ hi);
+    let u = (f32::cast_from(h >> 8u32) + 0.5f32) / 16_777_216.0f32;
+    let e = -u.ln();
+    -e.ln()
+}
+
+/// The sum of every unit's `v` (all units return it): `group` units sum `group` entries each,
+/// then every unit sums their `group` partial sums.
+#[cube]
+fn cube_sum(
+    red: &mut SharedMemory<u32>,
+    part: &mut SharedMemory<u32>,
+    v: u32,
+    #[comptime] group: usize,
+) -> u32 {
+    let tid = UNIT_POS as usize;
+    red[tid] = v;
+    sync_cube();
+    if tid < group {
+        let mut s = 0u32;
+        for u in 0..group {
+            s += red[tid * group + u];
+        }
+        part[tid] = s;
+    }
+    sync_cube();
+    let mut total = 0u32;
+    for u in 0..group {
+        total += part[u];
+    }
+    total
+}
+
+/// Tokens `out` `[m]` for the logits `[m, v]`: see the module. `key_lo`, `key_hi`: the key of
+/// row 0; row `r` uses `key_lo + r`. `bits`: index bisection steps (`v < 2^bits`).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn sample_rows<F: Float, I: Int>(
+    logits: &Tensor<F>,
+    out: &mut Tensor<I>,
+    v: usize,
+    kept: u32,
+    bits: u32,
+    inv_temp: f32,
+    key_lo: u32,
+    key_hi: u32,
+    #[comptime] t: SampleTiling,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = CUBE_POS_X as usize;
+    let tid = UNIT_POS as usize;
+    let group = t.group;
+    let nt = comptime!(t.group * t.group);
+    let base = row * v;
+    let mut red = SharedMemory::<u32>::new(comptime!(t.group * t.group));
+    let mut part = SharedMemory::<u32>::new(t.group);
+    let mut bv = SharedMemory::<f32>::new(comptime!(t.group * t.group));
+    let mut bi = SharedMemory::<u32>::new(comptime!(t.group * t.group));
+
+    // kept: key > thr, or key == thr and index < cut
+    let mut thr = 0u32;
+    let mut cut = v;
+    if t.filter {
+        // the largest threshold with at least `kept` keys at or above it
+        for b in 0..32u32 {
+            let cand = thr | (0x8000_0000u32 >> b);
+            let mut c = 0u32;
+            let mut i = tid;
+            while i < v {
+                if order_key(f32::cast_from(logits[base + i])) >= cand {
+                    c += 1;
+                }
+                i += nt;
+            }
+            if cube_sum(&mut red, &mut part, c, t.group) >= kept {
+                thr = cand;
+            }
+        }
+        let mut c = 0u32;
+        let mut i = tid;
+        while i < v {
+            if order_key(f32::cast_from(logits[base + i])) > thr {
+                c += 1;
+            }
+            i += nt;
+        }
+        let need = kept - cube_sum(&mut red, &mut part, c, t.group);
+        // the smallest `cut` with `need` keys equal to `thr` below it
+        let mut lo = 0usize;
+        let mut hi = v;
+        for _ in 0..bits {
+            let mid = (lo + hi) / 2;
+            let mut c = 0u32;
+            let mut i = tid;
+            while i < mid {
+                if order_key(f32::cast_from(logits[base + i])) == thr {
+                    c += 1;
+                }
+                i += nt;
+            }
+            if cube_sum(&mut red, &mut part, c, t.group) >= need {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        cut = hi;
+    }
+
+    let mut best = LOWEST.runtime();
+    let mut besti = 0u32;
+    let mut i = tid;
+    while i < v {
+        let x = f32::cast_from(logits[base + i]);
+        let mut keep = true;
+        if t.filter {
+            let key = order_key(x);
+            keep = key > thr || (key == thr && i < cut);
+        }
+        if keep {
+            let mut s = x;
+            if !t.greedy {
+                s = x * inv_temp + gumbel(key_lo + row as u32, key_hi, i as u32);
+            }
+            if s > best {
+                best = s;
+                besti = i as u32;
+            }
+        }
+        i += nt;
+    }
+    // arg-max over the units (ties: the lower index): groups of `group`, then unit 0
+    bv[tid] = best;
+    bi[tid] = besti;
+    sync_cube();
+    if tid < group {
+        let mut mv = bv[tid * group];
+        let mut mi = bi[tid * group];
+        for u in 1..group {
+            let ov = bv[tid * group + u];
+            let oi = bi[tid * group + u];
+            if ov > mv || (ov == mv && oi < mi) {
+                mv = ov;
+                mi = oi;
+            }
+        }
+        bv[tid * group] = mv;
+        bi[tid * group] = mi;
+    }
+    sync_cube();
+    if tid == 0 {
+        let mut mv = bv[0usize];
+        let mut mi = bi[0usize];
+        for g in 1..group {
+            let ov = bv[g * group];
+            let oi = bi[g * group];
+            if ov > mv || (ov == mv && oi < mi) {
+                mv = ov;
+                mi = oi;
+            }
+        }
+        out[row] = I::cast_from(mi);
+    }
+}
