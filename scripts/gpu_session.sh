@@ -13,6 +13,8 @@
 # Phases:
 #   infer   nsa-infer bench on CUDA (cold, warm) and wgpu (Vulkan), NSA and dense; compare the
 #           logits of the reference fixture checkpoint on cpu, cuda and wgpu; reference decode
+#   decode  the decode benchmarks of issue 4 with the per-token breakdown, the reference,
+#           the op-by-op step (NSA_DECODE_BLOCK=0), the fixture comparison and greedy outputs on the three backends
 #   train   nsa-train on CUDA over the exported stream, then the reference on the same stream
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
 #           (a cold machine compiles and autotunes for minutes before the first row finishes)
@@ -90,6 +92,38 @@ for phase in "$@"; do
       run bench-wgpu-1 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-1.json"
       run bench-wgpu-2 60 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-2.json"
       run bench-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full --json "$OUT/bench-cuda-full.json"
+      ;;
+    decode)
+      # the decode figures of issue 4 with the per-token breakdown (`bench` prints it), the
+      # reference in the same call, greedy outputs on the three backends
+      run devices 60 /tmp/bin/nsa-infer devices
+      run bench-cuda-1 240 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-1.json"
+      run bench-cuda-2 90 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-2.json"
+      run bench-cuda-ops 90 env NSA_DECODE_BLOCK=0 /tmp/bin/nsa-infer bench --backend cuda \
+        --json "$OUT/bench-cuda-ops.json"
+      run decode-profile 90 env NSA_PROFILE_LOG="$OUT/decode-profile.log" /tmp/bin/nsa-infer bench \
+        --backend cuda --new-tokens 64 --runs 1
+      run ref-decode 120 python3 scripts/reference_decode.py --runs 2
+      run bench-wgpu-1 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-1.json"
+      run bench-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full --json "$OUT/bench-cuda-full.json"
+      { printf '%s\n' '[PAD]' '[UNK]' '[CLS]' '[SEP]' '[MASK]'
+        echo "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会" |
+          python3 -c 'import sys; print("\n".join(sys.stdin.read().strip()))'; } | head -n 60 >/tmp/vocab.txt
+      run import 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
+        --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt --out /tmp/fixture-nsa
+      run compare 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa --backends ndarray,cuda,wgpu
+      for be in ndarray cuda wgpu; do
+        run "greedy-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
+          --prompt "我们来到大地上" --max-new-tokens 120 --greedy --no-echo
+        # sampled with the recipe's rule and one seed: the device sampler (CUDA, Vulkan) against
+        # the host's (CPU)
+        run "sampled-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
+          --prompt "我们来到大地上" --max-new-tokens 120 --seed 7 --no-echo
+      done
+      run bench-cuda-long 120 /tmp/bin/nsa-infer bench --backend cuda --prompt-len 4096 \
+        --new-tokens 512 --runs 1 --json "$OUT/bench-cuda-long.json"
+      run bench-cuda-tensor-ops 120 env NSA_KERNELS=0 /tmp/bin/nsa-infer bench --backend cuda --runs 1 \
+        --json "$OUT/bench-cuda-tensor-ops.json"
       ;;
     train)
       STEPS=${STEPS:-600}
