@@ -63,6 +63,24 @@ run() { # name, timeout, command...
   tail -n 12 "$OUT/$name.out" "$OUT/$name.err" | tee -a "$OUT/session.log"
 }
 
+# The reference fixture checkpoint on the three backends: logits compared with `compare`, then
+# greedy and seeded continuations (the device sampler on CUDA and Vulkan against the host's on
+# the CPU). The fixture has 64 tokens: a small BERT vocabulary (as infer/tests/common/mod.rs).
+fixture_checks() {
+  { printf '%s\n' '[PAD]' '[UNK]' '[CLS]' '[SEP]' '[MASK]'
+    echo "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会" |
+      python3 -c 'import sys; print("\n".join(sys.stdin.read().strip()))'; } | head -n 60 >/tmp/vocab.txt
+  run import 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
+    --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt --out /tmp/fixture-nsa
+  run compare 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa --backends ndarray,cuda,wgpu
+  for be in ndarray cuda wgpu; do
+    run "greedy-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
+      --prompt "我们来到大地上" --max-new-tokens 120 --greedy --no-echo
+    run "sampled-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
+      --prompt "我们来到大地上" --max-new-tokens 120 --seed 7 --no-echo
+  done
+}
+
 for phase in "$@"; do
   case $phase in
     infer)
@@ -77,18 +95,7 @@ for phase in "$@"; do
       run decode-profile 90 env NSA_PROFILE_LOG="$OUT/decode-profile.log" /tmp/bin/nsa-infer bench \
         --backend cuda --new-tokens 64 --runs 1
       run ref-decode 120 python3 scripts/reference_decode.py --runs 2
-      # the fixture has 64 tokens: a small BERT vocabulary (as infer/tests/common/mod.rs)
-      { printf '%s\n' '[PAD]' '[UNK]' '[CLS]' '[SEP]' '[MASK]'
-        echo "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会" |
-          python3 -c 'import sys; print("\n".join(sys.stdin.read().strip()))'; } | head -n 60 >/tmp/vocab.txt
-      run import 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
-        --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt --out /tmp/fixture-nsa
-      run compare 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa --backends ndarray,cuda,wgpu
-      # greedy continuations: CUDA and Vulkan decode with the one-kernel step, the CPU with tensor ops
-      for be in ndarray cuda wgpu; do
-        run "greedy-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
-          --prompt "我们来到大地上" --max-new-tokens 120 --greedy --no-echo
-      done
+      fixture_checks
       run bench-wgpu-1 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-1.json"
       run bench-wgpu-2 60 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-2.json"
       run bench-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full --json "$OUT/bench-cuda-full.json"
@@ -106,20 +113,7 @@ for phase in "$@"; do
       run ref-decode 120 python3 scripts/reference_decode.py --runs 2
       run bench-wgpu-1 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-1.json"
       run bench-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full --json "$OUT/bench-cuda-full.json"
-      { printf '%s\n' '[PAD]' '[UNK]' '[CLS]' '[SEP]' '[MASK]'
-        echo "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会" |
-          python3 -c 'import sys; print("\n".join(sys.stdin.read().strip()))'; } | head -n 60 >/tmp/vocab.txt
-      run import 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
-        --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt --out /tmp/fixture-nsa
-      run compare 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa --backends ndarray,cuda,wgpu
-      for be in ndarray cuda wgpu; do
-        run "greedy-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
-          --prompt "我们来到大地上" --max-new-tokens 120 --greedy --no-echo
-        # sampled with the recipe's rule and one seed: the device sampler (CUDA, Vulkan) against
-        # the host's (CPU)
-        run "sampled-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
-          --prompt "我们来到大地上" --max-new-tokens 120 --seed 7 --no-echo
-      done
+      fixture_checks
       run bench-cuda-long 120 /tmp/bin/nsa-infer bench --backend cuda --prompt-len 4096 \
         --new-tokens 512 --runs 1 --json "$OUT/bench-cuda-long.json"
       run bench-cuda-tensor-ops 120 env NSA_KERNELS=0 /tmp/bin/nsa-infer bench --backend cuda --runs 1 \

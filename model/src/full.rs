@@ -121,24 +121,17 @@ impl<B: Backend> FullAttention<B> {
         )
     }
 
-    /// Decodes one token `[batch, 1, dim]` at position `cache.kv.len()`, rotated by `rotation`,
-    /// plus `residual` when given.
+    /// Decodes one token `[batch, 1, dim]` at position `cache.kv.len()`, rotated by `rotation`.
     pub fn step(
         &self,
         x: Tensor<B, 3>,
         cache: FullCache<B>,
         rotation: &Rotation<B>,
-        residual: Option<Tensor<B, 3>>,
     ) -> (Tensor<B, 3>, FullCache<B>) {
         let pos = cache.kv.len();
         let [q, k, v] = self.project(self.norm.forward(x), rotation);
         let kv = cache.kv.push(k, v);
         let (k, v) = kv.all();
-        let out = self.attend_keys(q, k, v, pos);
-        let out = match residual {
-            Some(r) => out + r,
-            None => out,
-        };
-        (out, FullCache { kv })
+        (self.attend_keys(q, k, v, pos), FullCache { kv })
     }
 }

@@ -2,10 +2,10 @@
 //! new token. Tokens are handed to a callback as they are produced (for streaming).
 //!
 //! Where the backend samples on the device (`NsaKernels::sample_tokens`: CUDA and wgpu), the
-//! sampled id feeds the next step directly and the ids are read back in chunks
-//! (growing to [`READ_EVERY`]): the host does not wait for the logits of every token, so it records the
-//! next steps while the device computes. The tokens are those of the host sampler for the same
-//! logits ([`crate::sampling`]); steps recorded past a stop are discarded.
+//! sampled id feeds the next step directly and the ids are read back in chunks (growing to
+//! [`READ_EVERY`]): the host does not wait for the logits of every token, so it records the next
+//! steps while the device computes. The tokens are those of the host sampler for the same logits
+//! ([`crate::sampling`]); steps recorded past a stop are discarded.
 
 use burn::prelude::*;
 

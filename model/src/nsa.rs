@@ -199,16 +199,9 @@ impl<B: Backend> SparseAttention<B> {
         let pos = kv.len();
         let scale = self.scale();
         let c = &self.config;
-        let [b, _, _] = x.dims();
         let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
         let norm = self.norm.as_ref();
         let kernels = crate::kernels::get::<B>();
-        // one position: `[b, 1, count * d]` is `[b, count, 1, d]` in memory
-        let heads = |qkv: &Tensor<B, 3>, start: usize, count: usize| {
-            qkv.clone()
-                .narrow(2, start * d, count * d)
-                .reshape([b, count, 1, d])
-        };
 
         // the position's key (rotated) and value join the cache, its un-rotated key and value
         // the compression ring (position `p` in row `p % l`)
@@ -265,7 +258,7 @@ impl<B: Backend> SparseAttention<B> {
                 None => Err(buffers),
             };
             let [kb, vb, tk, tv] = written.unwrap_or_else(|[kb, vb, tk, tv]| {
-                let (k, v) = (heads(&qkv, h, kvh), heads(&qkv, h + kvh, kvh));
+                let (k, v) = (heads_of(&qkv, h, kvh, d), heads_of(&qkv, h + kvh, kvh, d));
                 [
                     write_rows(kb, at, rotation.apply(k.clone())),
                     write_rows(vb, at, v.clone()),
@@ -343,11 +336,7 @@ impl<B: Backend> SparseAttention<B> {
         let norm = self.norm.as_ref();
         let kernels = crate::kernels::get::<B>();
         let (cos, sin) = rotation.parts();
-        let heads = |start: usize, count: usize| {
-            qkv.clone()
-                .narrow(2, start * d, count * d)
-                .reshape([b, count, 1, d])
-        };
+        let heads = |start: usize, count: usize| heads_of(qkv, start, count, d);
         let gate_logits = || match &gates {
             Some(g) => g.clone(),
             None => norm_linear(norm, &self.gates.proj, x.clone(), false, None),
@@ -393,6 +382,15 @@ impl<B: Backend> SparseAttention<B> {
             residual.then(|| x.clone()),
         )
     }
+}
+
+/// Heads `start..start + count` of a decode step's projection row `[b, 1, width]` as `[b,
+/// count, 1, d]` (one position: the row is `[b, count, 1, d]` in memory).
+fn heads_of<B: Backend>(qkv: &Tensor<B, 3>, start: usize, count: usize, d: usize) -> Tensor<B, 4> {
+    let [b, _, _] = qkv.dims();
+    qkv.clone()
+        .narrow(2, start * d, count * d)
+        .reshape([b, count, 1, d])
 }
 
 /// Attention of one query per head `[batch, heads, 1, dim_head]` over keys and values

@@ -63,9 +63,8 @@ impl<B: Backend> Attention<B> {
                 (out, LayerCache::Nsa(cache))
             }
             (Self::Full(a), LayerCache::Full(c)) => {
-                let residual = Some(x.clone());
-                let (h, cache) = a.step(x, c, rotation, residual);
-                (ff.step(h), LayerCache::Full(cache))
+                let (out, cache) = a.step(x.clone(), c, rotation);
+                (ff.step(out + x), LayerCache::Full(cache))
             }
             _ => panic!("layer cache of the wrong attention kind"),
         }

@@ -58,6 +58,40 @@ impl RowTiling {
     }
 }
 
+/// `acc[r] += Σ_i xs[r, i] · W[i, j]` over this unit's features `g, g + groups, ..` (`W`'s rows
+/// `ws` apart).
+#[cube]
+fn column_products<F: Float>(
+    xs: &SharedMemory<f32>,
+    w: &Tensor<F>,
+    ws: usize,
+    j: usize,
+    g: usize,
+    acc: &mut Array<f32>,
+    #[comptime] t: RowTiling,
+) {
+    let din = t.din;
+    let mut i = g;
+    while i < din {
+        let wv = f32::cast_from(w[i * ws + j]);
+        #[unroll]
+        for r in 0..t.rows {
+            acc[r] += xs[r * din + i] * wv;
+        }
+        i += t.groups;
+    }
+}
+
+/// Row `r`, column `c` of the tile summed over the unit groups' partial products.
+#[cube]
+fn group_sum(part: &SharedMemory<f32>, r: usize, c: usize, #[comptime] t: RowTiling) -> f32 {
+    let mut s = 0.0f32;
+    for u in 0..t.groups {
+        s += part[(u * t.rows + r) * t.cols + c];
+    }
+    s
+}
+
 /// `out[r, j] = act(norm(x[r]) · W[:, j] + bias[j]) + res[r, j]` for `r < m`, `W`'s rows `ws`
 /// apart (`ws >= dout`: CUDA pads the rows of some matrices); with [`RowTiling::pair`] also
 /// `out2[r, j] = norm(x[r]) · W2[:, j] + bias2[j]` (rows `ws2` apart). Grid: x = column tile of
@@ -88,7 +122,6 @@ pub fn row_linear<F: Float>(
     let din = t.din;
     let rows = t.rows;
     let cols = t.cols;
-    let groups = t.groups;
     let nt = comptime!(t.cols * t.groups);
     let tid = UNIT_POS as usize;
     let c = tid % cols;
@@ -147,28 +180,11 @@ pub fn row_linear<F: Float>(
         acc[r] = 0.0;
     }
     if j < dout {
-        let mut i = g;
-        while i < din {
-            let wv = f32::cast_from(w[i * ws + j]);
-            #[unroll]
-            for r in 0..rows {
-                acc[r] += xs[r * din + i] * wv;
-            }
-            i += groups;
-        }
+        column_products(&xs, w, ws, j, g, &mut acc, t);
     }
     if t.pair {
         if j >= dout && j < dout + dout2 {
-            let j2 = j - dout;
-            let mut i = g;
-            while i < din {
-                let wv = f32::cast_from(w2[i * ws2 + j2]);
-                #[unroll]
-                for r in 0..rows {
-                    acc[r] += xs[r * din + i] * wv;
-                }
-                i += groups;
-            }
+            column_products(&xs, w2, ws2, j - dout, g, &mut acc, t);
         }
     }
     #[unroll]
@@ -181,10 +197,7 @@ pub fn row_linear<F: Float>(
         #[unroll]
         for r in 0..rows {
             if r < m {
-                let mut s = 0.0f32;
-                for u in 0..groups {
-                    s += part[(u * rows + r) * cols + c];
-                }
+                let mut s = group_sum(&part, r, c, t);
                 if t.bias {
                     s += f32::cast_from(bias[j]);
                 }
@@ -204,10 +217,7 @@ pub fn row_linear<F: Float>(
             #[unroll]
             for r in 0..rows {
                 if r < m {
-                    let mut s = 0.0f32;
-                    for u in 0..groups {
-                        s += part[(u * rows + r) * cols + c];
-                    }
+                    let mut s = group_sum(&part, r, c, t);
                     if t.bias2 {
                         s += f32::cast_from(bias2[j2]);
                     }
