@@ -535,8 +535,12 @@ fn decode_configs() -> Vec<(&'static str, nsa_model::TransformerConfig)> {
     plain.sparse.sliding_window_size = 6;
     plain.sparse.num_selected_blocks = 3;
     plain.sparse.num_compressed_mem_kv = 2;
+    // a selection block spans two of the kernel's 32-key chunks
+    let mut long = base();
+    long.sparse.selection_block_size = 36;
     vec![
         ("gqa shared selection", shared),
+        ("selection blocks longer than a chunk", long),
         ("selection per head", separate),
         ("diff top-k gates", gated),
         ("one slot per block, no gqa", plain),
@@ -820,13 +824,19 @@ fn decode_writes_leave_a_shared_cache_alone() {
 /// levels, so that the top-k boundary falls inside a run of ties (kept: the lower indices).
 #[test]
 fn device_sampler_matches_the_host_sampler() {
+    register();
+    // 301 logits a row: held in registers during the search; 40,000: read on every pass
+    for (rows, v) in [(5, 301), (2, 40_000)] {
+        sample_rounds(rows, v);
+    }
+}
+
+fn sample_rounds(rows: usize, v: usize) {
     use nsa_model::sampling::TopK;
     use nsa_model::Sampling;
 
-    register();
     let gpu = WgpuDevice::default();
     let kernels = kernels::get::<Wgpu>().expect("registered");
-    let (rows, v) = (5, 301);
     let mut rng = Rng(21);
     let rules = [
         ("greedy", Sampling::greedy()),
@@ -867,7 +877,7 @@ fn device_sampler_matches_the_host_sampler() {
             for (r, &id) in got.iter().enumerate() {
                 let row_key = (key & !0xFFFF_FFFF) | (key as u32).wrapping_add(r as u32) as u64;
                 let want = s.sample_with_key(&logits[r * v..(r + 1) * v], row_key);
-                assert_eq!(id as usize, want, "{name}, round {round}, row {r}");
+                assert_eq!(id as usize, want, "{name}, v {v}, round {round}, row {r}");
             }
         }
     }

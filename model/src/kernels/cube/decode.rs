@@ -32,6 +32,8 @@ const INVALID: u32 = 0xFFFF_FFFF;
 const SINK: f32 = -1000.0;
 /// Below every score (start of an arg-max).
 const LOWEST: f32 = -3.0e38;
+/// The gate of a key slot that is not attended.
+const UNUSED: f32 = -1.0;
 
 /// Comptime shape of one decode kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,25 +58,138 @@ impl DecodeTiling {
     /// Shared memory of the kernel in bytes.
     pub fn shared(&self) -> usize {
         4 * (2 * self.kc * (self.d + 1)
+            + self.kc
             + 3 * self.gq * self.d
-            + self.gq * self.kc
+            + self.gq * self.kc * (1 + self.split())
             + 3 * self.gq
             + 3 * self.gq
             + self.fcap
             + 2 * self.nsel
-            + 2 * self.threads
-            + 2)
+            + 2 * self.threads)
+    }
+
+    /// Units that share one score's dot product (a divisor of `d`): the cube's idle units
+    /// when `gq · kc < threads`.
+    pub fn split(&self) -> usize {
+        let mut sp = (self.threads / (self.gq * self.kc).max(1)).clamp(1, 8);
+        while sp > 1 && !self.d.is_multiple_of(sp) {
+            sp /= 2;
+        }
+        sp
     }
 }
 
-/// Loads rows `first..first + valid` of head `base` (a row offset) of `k` and `v` into the
-/// tiles (row stride `d + 1`), zeros for the rest of the chunk.
+/// Entries one unit folds in the first level of the cube's reductions.
+const LANE: usize = 16;
+
+/// Level one of a two-level maximum over `rv` `[threads]`: unit `g` folds entries
+/// `g * LANE ..` into entry `g * LANE`; then every unit returns the maximum of those and `floor`.
 #[cube]
+fn cube_max(rv: &mut SharedMemory<f32>, floor: f32, #[comptime] t: DecodeTiling) -> f32 {
+    let tid = UNIT_POS as usize;
+    let groups = comptime!(t.threads.div_ceil(LANE));
+    if tid < groups {
+        let mut m = rv[tid * LANE];
+        for u in 1..LANE {
+            let at = tid * LANE + u;
+            if at < t.threads {
+                let s = rv[at];
+                if s > m {
+                    m = s;
+                }
+            }
+        }
+        rv[tid * LANE] = m;
+    }
+    sync_cube();
+    let mut m = floor;
+    for g in 0..groups {
+        let s = rv[g * LANE];
+        if s > m {
+            m = s;
+        }
+    }
+    sync_cube();
+    m
+}
+
+/// The sum of `rv` `[threads]` (two levels, as [`cube_max`]), returned to every unit.
+#[cube]
+fn cube_total(rv: &mut SharedMemory<f32>, #[comptime] t: DecodeTiling) -> f32 {
+    let tid = UNIT_POS as usize;
+    let groups = comptime!(t.threads.div_ceil(LANE));
+    if tid < groups {
+        let mut s = 0.0f32;
+        for u in 0..LANE {
+            let at = tid * LANE + u;
+            if at < t.threads {
+                s += rv[at];
+            }
+        }
+        rv[tid * LANE] = s;
+    }
+    sync_cube();
+    let mut s = 0.0f32;
+    for g in 0..groups {
+        s += rv[g * LANE];
+    }
+    sync_cube();
+    s
+}
+
+/// The arg-max of `rv` `[threads]` with indices `ri` (ties: the lower index; two levels, as
+/// [`cube_max`]), returned to every unit as `(value, index)`.
+#[cube]
+fn cube_argmax(
+    rv: &mut SharedMemory<f32>,
+    ri: &mut SharedMemory<u32>,
+    #[comptime] t: DecodeTiling,
+) -> (f32, u32) {
+    let tid = UNIT_POS as usize;
+    let groups = comptime!(t.threads.div_ceil(LANE));
+    if tid < groups {
+        let mut m = rv[tid * LANE];
+        let mut mi = ri[tid * LANE];
+        for u in 1..LANE {
+            let at = tid * LANE + u;
+            if at < t.threads {
+                let s = rv[at];
+                let i = ri[at];
+                if s > m || (s == m && i < mi) {
+                    m = s;
+                    mi = i;
+                }
+            }
+        }
+        rv[tid * LANE] = m;
+        ri[tid * LANE] = mi;
+    }
+    sync_cube();
+    let mut m = LOWEST.runtime();
+    let mut mi = 0u32;
+    for g in 0..groups {
+        let s = rv[g * LANE];
+        let i = ri[g * LANE];
+        if s > m || (s == m && i < mi) {
+            m = s;
+            mi = i;
+        }
+    }
+    sync_cube();
+    (m, mi)
+}
+
+/// Loads rows `first..first + valid` of head `base` (a row offset) of `k` and `v` into the
+/// tiles (row stride `d + 1`), zeros for the rest of the chunk; key gates `kg` 1 for the loaded
+/// rows, -1 (not attended) for the rest.
+#[cube]
+#[allow(clippy::too_many_arguments)]
 fn load_tile<F: Float>(
     k: &Tensor<F>,
     v: &Tensor<F>,
     ks: &mut SharedMemory<f32>,
     vs: &mut SharedMemory<f32>,
+    kg: &mut SharedMemory<f32>,
     base: usize,
     first: usize,
     valid: usize,
@@ -95,34 +210,127 @@ fn load_tile<F: Float>(
         }
         ks[j * ds + i] = kv;
         vs[j * ds + i] = vv;
+        if i == 0 {
+            let mut g = UNUSED.runtime();
+            if j < valid {
+                g = 1.0;
+            }
+            kg[j] = g;
+        }
         e += t.threads;
     }
     sync_cube();
 }
 
-/// Scores of the cube's rows against the tile: `ps[r * kc + j] = (q_r · k_j) · gate` for the
-/// first `valid` keys, [`NEG`] for the rest. `q` holds scaled queries `[gq, d]`.
+/// Loads keys `g0..g0 + kc` of the selected branch, the selected blocks one after the other
+/// (`sel` keys each, slot `s < topn` block `chosen[s]` gated by `cgate[s]` when `gated`) and
+/// then the own block `own` up to `pos`: rows of head `base` into the tiles, their gates into
+/// `kg` (-1: not attended, zeros loaded).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_selected<F: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    ks: &mut SharedMemory<f32>,
+    vs: &mut SharedMemory<f32>,
+    kg: &mut SharedMemory<f32>,
+    chosen: &SharedMemory<u32>,
+    cgate: &SharedMemory<f32>,
+    base: usize,
+    g0: usize,
+    sel: usize,
+    topn: usize,
+    own: usize,
+    pos: usize,
+    #[comptime] t: DecodeTiling,
+) {
+    let d = t.d;
+    let ds = comptime!(t.d + 1);
+    let mut e = UNIT_POS as usize;
+    while e < comptime!(t.kc * t.d) {
+        let j = e / d;
+        let i = e % d;
+        let g = g0 + j;
+        let slot = g / sel;
+        let mut row = own * sel + g % sel;
+        let mut gate = 1.0f32;
+        let mut ok = slot <= topn;
+        if slot < topn {
+            let c = chosen[slot];
+            ok = c != INVALID;
+            row = usize::cast_from(c) * sel + g % sel;
+            if t.gated {
+                gate = cgate[slot];
+            }
+        } else if row > pos {
+            ok = false;
+        }
+        let mut kv = 0.0f32;
+        let mut vv = 0.0f32;
+        if ok {
+            let off = (base + row) * d + i;
+            kv = f32::cast_from(k[off]);
+            vv = f32::cast_from(v[off]);
+        } else {
+            gate = UNUSED.runtime();
+        }
+        ks[j * ds + i] = kv;
+        vs[j * ds + i] = vv;
+        if i == 0 {
+            kg[j] = gate;
+        }
+        e += t.threads;
+    }
+    sync_cube();
+}
+
+/// Scores of the cube's rows against the tile: `ps[r * kc + j] = (q_r · k_j) · kg[j]` for the
+/// keys with a gate `kg[j] >= 0`, [`NEG`] for the rest. `q` holds scaled queries `[gq, d]`;
+/// [`DecodeTiling::split`] units share each dot product (partial sums through `pp`).
 #[cube]
 fn chunk_scores(
     q: &SharedMemory<f32>,
     ks: &SharedMemory<f32>,
+    kg: &SharedMemory<f32>,
     ps: &mut SharedMemory<f32>,
-    valid: usize,
-    gate: f32,
+    pp: &mut SharedMemory<f32>,
     #[comptime] t: DecodeTiling,
 ) {
     let d = t.d;
     let kc = t.kc;
     let ds = comptime!(t.d + 1);
+    let sp = comptime!(t.split());
+    let seg = comptime!(t.d / t.split());
+    let pairs = comptime!(t.gq * t.kc);
     let mut g = UNIT_POS as usize;
-    while g < comptime!(t.gq * t.kc) {
-        let r = g / kc;
+    while g < comptime!(t.gq * t.kc * t.split()) {
+        // pairs fastest: the units of a plane read different key rows (stride `d + 1`)
+        let pr = g % pairs;
+        let part = g / pairs;
+        let r = pr / kc;
+        let j = pr % kc;
+        let mut dot = 0.0f32;
+        if kg[j] >= 0.0 {
+            let i0 = part * seg;
+            #[unroll]
+            for i in 0..seg {
+                dot += q[r * d + i0 + i] * ks[j * ds + i0 + i];
+            }
+        }
+        pp[g] = dot;
+        g += t.threads;
+    }
+    sync_cube();
+    let mut g = UNIT_POS as usize;
+    while g < pairs {
         let j = g % kc;
         let mut s = NEG.runtime();
-        if j < valid {
+        let gate = kg[j];
+        if gate >= 0.0 {
             let mut dot = 0.0f32;
-            for i in 0..d {
-                dot += q[r * d + i] * ks[j * ds + i];
+            #[unroll]
+            for u in 0..sp {
+                dot += pp[u * pairs + g];
             }
             s = dot * gate;
         }
@@ -150,6 +358,7 @@ fn chunk_update(
     let ds = comptime!(t.d + 1);
     let accn = comptime!((t.gq * t.d).div_ceil(t.threads));
     let tid = UNIT_POS as usize;
+    // the rows' new maxima and rescale factors, the probabilities (every unit), the sums
     let mut r = tid;
     while r < t.gq {
         let m_old = m_s[r];
@@ -160,23 +369,31 @@ fn chunk_update(
                 mx = s;
             }
         }
-        let mut sum = 0.0f32;
-        for j in 0..kc {
-            let s = ps[r * kc + j];
-            let mut p = 0.0f32;
-            if s > NEG_HALF {
-                p = (s - mx).exp();
-            }
-            ps[r * kc + j] = p;
-            sum += p;
-        }
-        let a = (m_old - mx).exp();
-        a_s[r] = a;
-        l_s[r] = l_s[r] * a + sum;
+        a_s[r] = (m_old - mx).exp();
         m_s[r] = mx;
         r += t.threads;
     }
     sync_cube();
+    let mut g = tid;
+    while g < comptime!(t.gq * t.kc) {
+        let s = ps[g];
+        let mut p = 0.0f32;
+        if s > NEG_HALF {
+            p = (s - m_s[g / kc]).exp();
+        }
+        ps[g] = p;
+        g += t.threads;
+    }
+    sync_cube();
+    let mut r = tid;
+    while r < t.gq {
+        let mut sum = 0.0f32;
+        for j in 0..kc {
+            sum += ps[r * kc + j];
+        }
+        l_s[r] = l_s[r] * a_s[r] + sum;
+        r += t.threads;
+    }
     #[unroll]
     for it in 0..accn {
         let e = tid + it * t.threads;
@@ -274,7 +491,9 @@ pub fn nsa_decode<F: Float>(
     let mut os = SharedMemory::<f32>::new(rows_d);
     let mut ks = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut vs = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
+    let mut kg = SharedMemory::<f32>::new(t.kc);
     let mut ps = SharedMemory::<f32>::new(comptime!(t.gq * t.kc));
+    let mut pp = SharedMemory::<f32>::new(comptime!(t.gq * t.kc * t.split()));
     let mut m_s = SharedMemory::<f32>::new(gq);
     let mut l_s = SharedMemory::<f32>::new(gq);
     let mut a_s = SharedMemory::<f32>::new(gq);
@@ -284,7 +503,6 @@ pub fn nsa_decode<F: Float>(
     let mut cgate = SharedMemory::<f32>::new(t.nsel);
     let mut rv = SharedMemory::<f32>::new(nt);
     let mut ri = SharedMemory::<u32>::new(nt);
-    let mut stat = SharedMemory::<f32>::new(2usize);
 
     // queries: un-rotated for the compressed branch, rotated for the other two, both scaled
     let mut e = tid;
@@ -337,8 +555,8 @@ pub fn nsa_decode<F: Float>(
         if valid > kchunk {
             valid = kchunk;
         }
-        load_tile::<F>(ck, cv, &mut ks, &mut vs, chead, k0, valid, t);
-        chunk_scores(&qs, &ks, &mut ps, valid, 1.0f32, t);
+        load_tile::<F>(ck, cv, &mut ks, &mut vs, &mut kg, chead, k0, valid, t);
+        chunk_scores(&qs, &ks, &kg, &mut ps, &mut pp, t);
         let last = k0 + valid;
         if last > mem {
             let mut lo = 0usize;
@@ -382,18 +600,7 @@ pub fn nsa_decode<F: Float>(
     }
     rv[tid] = mx;
     sync_cube();
-    if tid == 0 {
-        let mut m = SINK.runtime();
-        for u in 0..nt {
-            let s = rv[u];
-            if s > m {
-                m = s;
-            }
-        }
-        stat[0usize] = m;
-    }
-    sync_cube();
-    let m = stat[0usize];
+    let m = cube_max(&mut rv, SINK.runtime(), t);
     let mut sum = 0.0f32;
     let mut j = tid;
     while j < fine {
@@ -402,15 +609,7 @@ pub fn nsa_decode<F: Float>(
     }
     rv[tid] = sum;
     sync_cube();
-    if tid == 0 {
-        let mut z = (SINK - m).exp();
-        for u in 0..nt {
-            z += rv[u];
-        }
-        stat[1usize] = z;
-    }
-    sync_cube();
-    let z = stat[1usize];
+    let z = (SINK - m).exp() + cube_total(&mut rv, t);
     for slot in 0..topn {
         let mut bv = LOWEST.runtime();
         let mut bi = 0u32;
@@ -426,17 +625,8 @@ pub fn nsa_decode<F: Float>(
         rv[tid] = bv;
         ri[tid] = bi;
         sync_cube();
+        let (best, at) = cube_argmax(&mut rv, &mut ri, t);
         if tid == 0 {
-            let mut best = LOWEST.runtime();
-            let mut at = 0u32;
-            for u in 0..nt {
-                let s = rv[u];
-                let i = ri[u];
-                if s > best || (s == best && i < at) {
-                    best = s;
-                    at = i;
-                }
-            }
             let prob = (best - m).exp() / z;
             let mut blk = at;
             if prob <= 1.0e-10 {
@@ -450,44 +640,29 @@ pub fn nsa_decode<F: Float>(
         sync_cube();
     }
 
-    // 2. selected blocks, then the causal part of the own block, rotated queries and keys
+    // 2. selected blocks one after the other, then the causal part of the own block (rotated
+    //    queries and keys), `kc` keys a chunk
     let khead = (b * kvh + kvhead) * cap;
-    let subs = (sel + kchunk - 1) / kchunk;
     let own = pos / sel;
-    let chunks = (topn + 1) * subs;
+    let chunks = ((topn + 1) * sel + kchunk - 1) / kchunk;
     for ci in 0..chunks {
-        let slot = ci / subs;
-        let sub = ci % subs;
-        let mut blk = own;
-        let mut gate = 1.0f32;
-        let mut ok = true;
-        if slot < topn {
-            let c = chosen[slot];
-            ok = c != INVALID;
-            if ok {
-                blk = usize::cast_from(c);
-            }
-            if t.gated {
-                gate = cgate[slot];
-            }
-        }
-        let first = blk * sel + sub * kchunk;
-        let mut valid = sel - sub * kchunk;
-        if valid > kchunk {
-            valid = kchunk;
-        }
-        if slot >= topn {
-            if first > pos {
-                valid = 0usize;
-            } else if first + valid > pos + 1 {
-                valid = pos + 1 - first;
-            }
-        }
-        if !ok {
-            valid = 0usize;
-        }
-        load_tile::<F>(kc, vc, &mut ks, &mut vs, khead, first, valid, t);
-        chunk_scores(&qr, &ks, &mut ps, valid, gate, t);
+        load_selected::<F>(
+            kc,
+            vc,
+            &mut ks,
+            &mut vs,
+            &mut kg,
+            &chosen,
+            &cgate,
+            khead,
+            ci * kchunk,
+            sel,
+            topn,
+            own,
+            pos,
+            t,
+        );
+        chunk_scores(&qr, &ks, &kg, &mut ps, &mut pp, t);
         chunk_update(&vs, &mut ps, &mut m_s, &mut l_s, &mut a_s, &mut acc, t);
     }
     finish_branch(&mut os, &gs, &mut m_s, &mut l_s, &mut acc, 1usize, t);
@@ -504,8 +679,8 @@ pub fn nsa_decode<F: Float>(
         if valid > kchunk {
             valid = kchunk;
         }
-        load_tile::<F>(kc, vc, &mut ks, &mut vs, khead, first, valid, t);
-        chunk_scores(&qr, &ks, &mut ps, valid, 1.0f32, t);
+        load_tile::<F>(kc, vc, &mut ks, &mut vs, &mut kg, khead, first, valid, t);
+        chunk_scores(&qr, &ks, &kg, &mut ps, &mut pp, t);
         chunk_update(&vs, &mut ps, &mut m_s, &mut l_s, &mut a_s, &mut acc, t);
     }
     finish_branch(&mut os, &gs, &mut m_s, &mut l_s, &mut acc, 2usize, t);

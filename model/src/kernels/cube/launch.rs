@@ -677,11 +677,19 @@ fn row_tiling(p: &RowProblem, budget: usize) -> Option<super::rows::RowTiling> {
     if p.m == 0 || p.m > MAX_ROWS || p.din == 0 || p.dout == 0 {
         return None;
     }
+    // 256 units a cube; narrow column tiles (8 columns: 32-byte row pieces of `W`) give the
+    // small matrices of a decode block more cubes than the GPU has cores, wide ones (the
+    // output head's 21,128 columns) fewer redundant norms
+    let cols = if p.dout + p.second.map_or(0, |(d, _)| d) >= 8192 {
+        32
+    } else {
+        8
+    };
     let t = super::rows::RowTiling {
         din: p.din,
         rows: p.m.next_power_of_two(),
-        cols: 32,
-        groups: 8,
+        cols,
+        groups: 256 / cols,
         norm: p.norm_eps.is_some(),
         bias: p.bias,
         gelu: p.gelu,
@@ -863,6 +871,9 @@ pub struct SampleProblem {
     pub key: u64,
 }
 
+/// Most logits a sampler unit holds in registers (beyond that every pass reads them again).
+pub const SAMPLE_REGISTERS: usize = 32;
+
 /// The next token of each row of `logits` `[m, v]` → `[m]` in `int_dtype`.
 pub fn sample<R: CubeRuntime>(
     logits: CubeTensor<R>,
@@ -876,10 +887,17 @@ pub fn sample<R: CubeRuntime>(
     // 1024 units where the device has them: each unit then scans 4x fewer logits per pass
     let big = logits.client.properties().hardware.max_units_per_cube >= 1024;
     let group = if big { 32 } else { 16 };
+    let filter = !p.rule.greedy && kept < p.v;
+    let per = p.v.div_ceil(group * group);
     let tiling = super::sample::SampleTiling {
         group,
         greedy: p.rule.greedy,
-        filter: !p.rule.greedy && kept < p.v,
+        filter,
+        per: if filter && per <= SAMPLE_REGISTERS {
+            per
+        } else {
+            0
+        },
     };
     let bits = usize::BITS - p.v.leading_zeros();
     let client = logits.client.clone();

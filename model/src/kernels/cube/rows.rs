@@ -53,7 +53,7 @@ impl RowTiling {
     pub fn shared(&self) -> usize {
         4 * (self.rows * self.din
             + self.groups * self.rows * self.cols
-            + self.threads()
+            + 2 * self.threads()
             + self.rows)
     }
 }
@@ -71,14 +71,26 @@ fn column_products<F: Float>(
     #[comptime] t: RowTiling,
 ) {
     let din = t.din;
-    let mut i = g;
-    while i < din {
+    // unrolled, so that a unit has all of its loads of `W` in flight at once
+    let steps = comptime!(t.din / t.groups);
+    #[unroll]
+    for s in 0..steps {
+        let i = g + s * t.groups;
         let wv = f32::cast_from(w[i * ws + j]);
         #[unroll]
         for r in 0..t.rows {
             acc[r] += xs[r * din + i] * wv;
         }
-        i += t.groups;
+    }
+    if comptime!(!t.din.is_multiple_of(t.groups)) {
+        let i = g + steps * t.groups;
+        if i < din {
+            let wv = f32::cast_from(w[i * ws + j]);
+            #[unroll]
+            for r in 0..t.rows {
+                acc[r] += xs[r * din + i] * wv;
+            }
+        }
     }
 }
 
@@ -132,6 +144,7 @@ pub fn row_linear<F: Float>(
     let mut part = SharedMemory::<f32>::new(comptime!(t.groups * t.rows * t.cols));
     let mut red = SharedMemory::<f32>::new(nt);
     let mut rms = SharedMemory::<f32>::new(rows);
+    let mut sums = SharedMemory::<f32>::new(nt);
 
     let mut e = tid;
     while e < comptime!(t.rows * t.din) {
@@ -157,10 +170,20 @@ pub fn row_linear<F: Float>(
             }
             red[tid] = s;
             sync_cube();
+            // two levels: `nt / lane` units sum `lane` entries each, then unit 0 their sums
+            let lane = comptime!(if nt % 16 == 0 { 16 } else { 1 });
+            if tid < comptime!(nt / lane) {
+                let mut p = 0.0f32;
+                for u in 0..lane {
+                    p += red[tid * lane + u];
+                }
+                sums[tid] = p;
+            }
+            sync_cube();
             if tid == 0 {
                 let mut total = 0.0f32;
-                for u in 0..nt {
-                    total += red[u];
+                for u in 0..comptime!(nt / lane) {
+                    total += sums[u];
                 }
                 rms[r] = (total / din_f + eps).sqrt();
             }

@@ -7,8 +7,9 @@
 //!   ([`crate::sampling::gumbel_noise`]); the arg-max wins (ties: the lower index).
 //!
 //! One cube per row of `logits` `[m, v]`. The `kept`-th largest logit is found by a bisection
-//! over the logits' order-preserving `u32` keys (32 counting passes), the tie boundary by a
-//! bisection over the index; every pass is a strided count and one cube-wide sum. All loops
+//! over the logits' order-preserving `u32` keys (32 counting passes, over keys held in registers
+//! where they fit), the tie boundary by a bisection over the index when ties at the threshold
+//! are not all kept; every pass is a strided count and one cube-wide sum. All loops
 //! with barriers have bounds from scalars or comptime values (uniform control flow, as WGSL
 //! requires).
 
@@ -29,6 +30,9 @@ pub struct SampleTiling {
     pub greedy: bool,
     /// Keep only the `kept` largest logits (`kept < v`).
     pub filter: bool,
+    /// Logits per unit held in registers during the threshold search (`v <= per · group²`),
+    /// 0: every pass reads the logits again.
+    pub per: usize,
 }
 
 /// The logit's bits mapped so that unsigned order is float order; NaN maps to `-inf`'s key.
@@ -120,46 +124,103 @@ pub fn sample_rows<F: Float, I: Int>(
     let mut bv = SharedMemory::<f32>::new(comptime!(t.group * t.group));
     let mut bi = SharedMemory::<u32>::new(comptime!(t.group * t.group));
 
+    // the row's keys in registers when they fit (`per` each): the passes then read no memory
+    let per = comptime!(t.per.max(1));
+    let mut keys = Array::<u32>::new(per);
+    if t.per > 0 {
+        #[unroll]
+        for k in 0..per {
+            let i = tid + k * nt;
+            let mut key = 0u32;
+            if i < v {
+                key = order_key(f32::cast_from(logits[base + i]));
+            }
+            keys[k] = key;
+        }
+    }
+
     // kept: key > thr, or key == thr and index < cut
     let mut thr = 0u32;
     let mut cut = v;
     if t.filter {
-        // the largest threshold with at least `kept` keys at or above it
+        // the largest threshold with at least `kept` keys at or above it (the padding keys 0
+        // are below every candidate)
         for b in 0..32u32 {
             let cand = thr | (0x8000_0000u32 >> b);
             let mut c = 0u32;
-            let mut i = tid;
-            while i < v {
-                if order_key(f32::cast_from(logits[base + i])) >= cand {
-                    c += 1;
+            if t.per > 0 {
+                #[unroll]
+                for k in 0..per {
+                    if keys[k] >= cand {
+                        c += 1;
+                    }
                 }
-                i += nt;
+            } else {
+                let mut i = tid;
+                while i < v {
+                    if order_key(f32::cast_from(logits[base + i])) >= cand {
+                        c += 1;
+                    }
+                    i += nt;
+                }
             }
             if cube_sum(&mut red, &mut part, c, t.group) >= kept {
                 thr = cand;
             }
         }
-        let mut c = 0u32;
-        let mut i = tid;
-        while i < v {
-            if order_key(f32::cast_from(logits[base + i])) > thr {
-                c += 1;
+        let mut gt = 0u32;
+        let mut eq = 0u32;
+        if t.per > 0 {
+            #[unroll]
+            for k in 0..per {
+                if keys[k] > thr {
+                    gt += 1;
+                }
+                if keys[k] == thr && tid + k * nt < v {
+                    eq += 1;
+                }
             }
-            i += nt;
-        }
-        let need = kept - cube_sum(&mut red, &mut part, c, t.group);
-        // the smallest `cut` with `need` keys equal to `thr` below it
-        let mut lo = 0usize;
-        let mut hi = v;
-        for _ in 0..bits {
-            let mid = (lo + hi) / 2;
-            let mut c = 0u32;
+        } else {
             let mut i = tid;
-            while i < mid {
-                if order_key(f32::cast_from(logits[base + i])) == thr {
-                    c += 1;
+            while i < v {
+                let key = order_key(f32::cast_from(logits[base + i]));
+                if key > thr {
+                    gt += 1;
+                }
+                if key == thr {
+                    eq += 1;
                 }
                 i += nt;
+            }
+        }
+        let need = kept - cube_sum(&mut red, &mut part, gt, t.group);
+        let ties = cube_sum(&mut red, &mut part, eq, t.group);
+        // the smallest `cut` with `need` keys equal to `thr` below it; when every tie is kept
+        // (`need == ties`, the usual case) no search (the bound is the same on every unit)
+        let mut steps = 0u32;
+        if ties > need {
+            steps = bits;
+        }
+        let mut lo = 0usize;
+        let mut hi = v;
+        for _ in 0..steps {
+            let mid = (lo + hi) / 2;
+            let mut c = 0u32;
+            if t.per > 0 {
+                #[unroll]
+                for k in 0..per {
+                    if keys[k] == thr && tid + k * nt < mid {
+                        c += 1;
+                    }
+                }
+            } else {
+                let mut i = tid;
+                while i < mid {
+                    if order_key(f32::cast_from(logits[base + i])) == thr {
+                        c += 1;
+                    }
+                    i += nt;
+                }
             }
             if cube_sum(&mut red, &mut part, c, t.group) >= need {
                 hi = mid;
