@@ -421,6 +421,18 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
                  {:.1} tokens/s without a read per token",
                 d.step_us, d.read_us, d.sample_us, d.pipelined_tokens_per_s
             );
+            if !r.threads.is_empty() {
+                let busy: Vec<String> = r
+                    .threads
+                    .iter()
+                    .map(|(name, us)| format!("{name} {us:.0}"))
+                    .collect();
+                println!(
+                    "host threads, CPU µs per token over the warm runs ({:.0} µs wall): {}",
+                    r.wall_us,
+                    busy.join(", ")
+                );
+            }
             if let Some(path) = args.json {
                 let json = serde_json::to_string_pretty(&r)?;
                 bundle::atomic_write(&path, json.as_bytes())

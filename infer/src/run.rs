@@ -263,6 +263,51 @@ pub struct BenchReport {
     pub new_tokens: usize,
     /// Where a decode step's time goes (one more run after the timed ones).
     pub breakdown: StepBreakdown,
+    /// Wall microseconds per generated token over the warm runs (prefills included).
+    pub wall_us: f64,
+    /// The process's busiest threads over the warm runs: name and CPU microseconds per
+    /// generated token (Linux; empty elsewhere). A thread near `wall_us` is what limits the
+    /// decode loop on the host side.
+    pub threads: Vec<(String, f64)>,
+}
+
+/// CPU time of every thread of this process: `(thread id, name, seconds)` from
+/// `/proc/self/task` (`schedstat`'s nanoseconds on the CPU; empty where there is none).
+fn thread_times() -> Vec<(u64, String, f64)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let id: u64 = t.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let sched = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            let ns: f64 = sched.split_whitespace().next()?.parse().ok()?;
+            Some((id, name.trim().to_string(), ns * 1e-9))
+        })
+        .collect()
+}
+
+/// The threads busy for at least 5 % of `wall_us` between two [`thread_times`] snapshots, in
+/// CPU microseconds per token (`tokens`), busiest first.
+fn busy_threads(
+    before: &[(u64, String, f64)],
+    after: &[(u64, String, f64)],
+    tokens: f64,
+    wall_us: f64,
+) -> Vec<(String, f64)> {
+    let mut busy: Vec<(String, f64)> = after
+        .iter()
+        .map(|(id, name, s)| {
+            let s0 = before.iter().find(|b| b.0 == *id).map_or(0.0, |b| b.2);
+            (name.clone(), (s - s0) * 1e6 / tokens)
+        })
+        .filter(|(_, us)| *us >= 0.05 * wall_us)
+        .collect();
+    busy.sort_by(|a, b| b.1.total_cmp(&a.1));
+    busy.truncate(6);
+    busy
 }
 
 /// Mean microseconds per token of one decode run taken apart: `step_us` is the host's call of
@@ -369,11 +414,16 @@ impl OnBackend for BenchJob {
         let (_, cold) = measure(true)?;
         let mut prefills = Vec::new();
         let mut rates = Vec::new();
+        let before = thread_times();
+        let t_warm = Instant::now();
         for _ in 0..self.runs {
             let (p, r) = measure(false)?;
             prefills.push(p);
             rates.push(r);
         }
+        let tokens = (self.runs * self.new_tokens).max(1) as f64;
+        let wall_us = t_warm.elapsed().as_secs_f64() * 1e6 / tokens;
+        let threads = busy_threads(&before, &thread_times(), tokens, wall_us);
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -389,6 +439,8 @@ impl OnBackend for BenchJob {
             prompt_len: self.prompt_len,
             new_tokens: self.new_tokens,
             breakdown,
+            wall_us,
+            threads,
         })
     }
 }

@@ -17,7 +17,8 @@
 //! Tensors (contiguous): `qkv` `[b, 1, width]` (queries of head `i` at `i * d`, un-rotated),
 //! `cos`, `sin` `[d]` (the position's rotation, as `rope::Rotation`), compressed `ck`, `cv`
 //! `[b, kvh, capc, d]` (memory slots then blocks, `nc` valid), the rotated key/value cache `kc`,
-//! `vc` `[b, kvh, cap, d]` (`pos + 1` valid, the new token's included), gate logits `gl`
+//! `vc` `[b, kvh, cap, d]` (`pos + 1` valid, the new token's included, or written by the kernel
+//! with [`DecodeTiling::write`], with the ring `tk`, `tv` `[b, kvh, ring, d]`), gate logits `gl`
 //! `[b, 1, 3 h]` (column `3 head + branch`), `out` `[b, h, 1, d]`.
 
 #![allow(unused_assignments, clippy::manual_div_ceil, clippy::collapsible_if)]
@@ -52,6 +53,8 @@ pub struct DecodeTiling {
     pub gated: bool,
     /// Units per cube.
     pub threads: usize,
+    /// Write the new position's key and value into the caches first (the cube's kv head).
+    pub write: bool,
 }
 
 impl DecodeTiling {
@@ -453,10 +456,14 @@ pub fn nsa_decode<F: Float>(
     sin: &Tensor<F>,
     ck: &Tensor<F>,
     cv: &Tensor<F>,
-    kc: &Tensor<F>,
-    vc: &Tensor<F>,
+    kc: &mut Tensor<F>,
+    vc: &mut Tensor<F>,
     gl: &Tensor<F>,
     out: &mut Tensor<F>,
+    tk: &mut Tensor<F>,
+    tv: &mut Tensor<F>,
+    ring: usize,
+    slot: usize,
     width: usize,
     h: usize,
     kvh: usize,
@@ -541,6 +548,27 @@ pub fn nsa_decode<F: Float>(
     #[unroll]
     for it in 0..accn {
         acc[it] = 0.0;
+    }
+    if t.write {
+        // the new position's key (rotated) and value into the cache, un-rotated into row
+        // `slot` of the compression ring, as `rows::decode_write`; every cube of a kv head
+        // writes the same values, so each reads its own writes after the barrier
+        let mut i = tid;
+        while i < d {
+            let kcol = b * width + (h + kvhead) * d;
+            let k = f32::cast_from(qkv[kcol + i]);
+            let partner = f32::cast_from(qkv[kcol + i + 1 - (i % 2) * 2]);
+            let v = qkv[b * width + (h + kvh + kvhead) * d + i];
+            let rot = k * f32::cast_from(cos[i]) + partner * f32::cast_from(sin[i]);
+            let at = ((b * kvh + kvhead) * cap + pos) * d + i;
+            kc[at] = F::cast_from(rot);
+            vc[at] = v;
+            let at = ((b * kvh + kvhead) * ring + slot) * d + i;
+            tk[at] = F::cast_from(k);
+            tv[at] = v;
+            i += nt;
+        }
+        sync_storage();
     }
     sync_cube();
 

@@ -587,6 +587,7 @@ fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<super::decode::Deco
             fcap: 1,
             gated: p.gated,
             threads: THREADS,
+            write: false,
         };
         let fixed = t.shared();
         // the rest holds the selection-block scores, in steps of 1024 (each a compiled kernel)
@@ -611,10 +612,47 @@ pub fn decode_supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &DecodePro
 /// Runs the decode kernel: inputs `[qkv, cos, sin, ck, cv, k, v, gate logits]` (see
 /// [`super::decode`]), output `[b, 1, h * d]` in `qkv`'s dtype.
 pub fn decode<R: CubeRuntime>(inputs: [CubeTensor<R>; 8], p: &DecodeProblem) -> CubeTensor<R> {
-    let [qkv, cos, sin, ck, cv, k, v, gates] = inputs.map(into_contiguous);
+    launch_decode(inputs.map(into_contiguous), None, p)
+}
+
+/// [`decode`] that first writes the new position into the caches, as [`decode_write`] (one
+/// launch instead of two): inputs `[qkv, cos, sin, ck, cv]`, `buffers` `[kc, vc, tk, tv]` → the
+/// output and the written buffers.
+pub fn decode_writing<R: CubeRuntime>(
+    inputs: [CubeTensor<R>; 6],
+    buffers: [CubeTensor<R>; 4],
+    p: &DecodeProblem,
+    w: &WriteProblem,
+) -> (CubeTensor<R>, [CubeTensor<R>; 4]) {
+    let [qkv, cos, sin, ck, cv, gates] = inputs.map(into_contiguous);
+    let [kc, vc, tk, tv] = buffers.map(writable);
+    let out = launch_decode(
+        [qkv, cos, sin, ck, cv, kc.clone(), vc.clone(), gates],
+        Some(([tk.clone(), tv.clone()], w)),
+        p,
+    );
+    (out, [kc, vc, tk, tv])
+}
+
+fn launch_decode<R: CubeRuntime>(
+    inputs: [CubeTensor<R>; 8],
+    write: Option<([CubeTensor<R>; 2], &WriteProblem)>,
+    p: &DecodeProblem,
+) -> CubeTensor<R> {
+    let [qkv, cos, sin, ck, cv, k, v, gates] = inputs;
     let dtype = qkv.dtype;
-    let t = decode_tiling(p, shared_budget(&qkv.client)).expect("checked by `decode_supported`");
+    let mut t =
+        decode_tiling(p, shared_budget(&qkv.client)).expect("checked by `decode_supported`");
+    t.write = write.is_some();
     let out = empty(&qkv, vec![p.b, 1, p.h * p.d], dtype);
+    let (ring, slot) = write.as_ref().map_or((0, 0), |(_, w)| (w.ring, w.slot));
+    let [tk, tv] = match write {
+        Some((ring, w)) => {
+            debug_assert!(w.pos == p.pos && w.cap == p.cap, "one position, one cache");
+            ring
+        }
+        None => [dummy(&qkv, dtype), dummy(&qkv, dtype)],
+    };
     let client = qkv.client.clone();
     // SAFETY: rows read are below `nc <= capc` (compressed) and `pos < cap` (cache); the
     // selected blocks are complete blocks before the own one; `fine <= fcap`.
@@ -632,6 +670,10 @@ pub fn decode<R: CubeRuntime>(inputs: [CubeTensor<R>; 8], p: &DecodeProblem) -> 
             v.into_tensor_arg(),
             gates.into_tensor_arg(),
             out.clone().into_tensor_arg(),
+            tk.into_tensor_arg(),
+            tv.into_tensor_arg(),
+            ring,
+            slot,
             p.width,
             p.h,
             p.kvh,
@@ -1067,14 +1109,11 @@ pub fn decode_block<R: CubeRuntime>(
         &p.pair,
     );
     let gates = gates.expect("a second output");
-    let [kc, vc, tk, tv] = decode_write(
-        [qkv.clone(), t.cos.clone(), t.sin.clone()],
+    let (att, [kc, vc, tk, tv]) = decode_writing(
+        [qkv, t.cos, t.sin, t.ck, t.cv, gates],
         t.buffers,
-        &p.write,
-    );
-    let att = decode(
-        [qkv, t.cos, t.sin, t.ck, t.cv, kc.clone(), vc.clone(), gates],
         &p.decode,
+        &p.write,
     );
     let h = row_linear(att, None, t.w_comb, t.b_comb, Some(t.x), &p.combine);
     let out = match (t.ff, &p.ff) {
