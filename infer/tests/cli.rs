@@ -393,3 +393,27 @@ fn bad_inputs_are_refused_with_one_line() {
     eprintln!("{n} bad inputs refused");
     assert!(n >= 20);
 }
+
+/// The README's `cargo run -p nsa-infer -- ...` commands (its main command among them) run the
+/// CLI: the package has two binaries, so it needs `default-run` (without it cargo refuses to
+/// choose), or the command must name `--bin`.
+#[test]
+fn the_readme_commands_run_the_cli() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("../README.md")).expect("README.md");
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
+    let default_run = manifest.contains("default-run = \"nsa-infer\"");
+    let commands: Vec<&str> = readme
+        .lines()
+        .flat_map(|l| l.split("&&"))
+        .filter(|c| c.contains("cargo run") && c.contains("-p nsa-infer"))
+        .collect();
+    assert!(!commands.is_empty(), "the README runs nsa-infer with cargo");
+    for c in commands {
+        assert!(
+            default_run || c.contains("--bin"),
+            "`{}` needs `--bin` or `default-run` in infer/Cargo.toml",
+            c.trim()
+        );
+    }
+}
