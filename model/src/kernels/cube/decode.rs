@@ -26,6 +26,7 @@
 use cubecl::prelude::*;
 
 use super::attn::{NEG, NEG_HALF};
+use super::reduce::{cube_argmax, cube_max, cube_sum};
 
 /// Marks a selected slot whose block may not be attended (probability ≤ 1e-10).
 const INVALID: u32 = 0xFFFF_FFFF;
@@ -82,104 +83,37 @@ impl DecodeTiling {
     }
 }
 
-/// Entries one unit folds in the first level of the cube's reductions.
+/// Entries one unit folds in the first level of the cube's reductions ([`super::reduce`]).
 const LANE: usize = 16;
 
-/// Level one of a two-level maximum over `rv` `[threads]`: unit `g` folds entries
-/// `g * LANE ..` into entry `g * LANE`; then every unit returns the maximum of those and `floor`.
+/// Feature `i` of key slot `j` of the tiles: element `off` of `k` and `v` when `gate >= 0`,
+/// zeros for a slot that is not attended; the slot's gate into `kg` (by its feature 0).
 #[cube]
-fn cube_max(rv: &mut SharedMemory<f32>, floor: f32, #[comptime] t: DecodeTiling) -> f32 {
-    let tid = UNIT_POS as usize;
-    let groups = comptime!(t.threads.div_ceil(LANE));
-    if tid < groups {
-        let mut m = rv[tid * LANE];
-        for u in 1..LANE {
-            let at = tid * LANE + u;
-            if at < t.threads {
-                let s = rv[at];
-                if s > m {
-                    m = s;
-                }
-            }
-        }
-        rv[tid * LANE] = m;
-    }
-    sync_cube();
-    let mut m = floor;
-    for g in 0..groups {
-        let s = rv[g * LANE];
-        if s > m {
-            m = s;
-        }
-    }
-    sync_cube();
-    m
-}
-
-/// The sum of `rv` `[threads]` (two levels, as [`cube_max`]), returned to every unit.
-#[cube]
-fn cube_total(rv: &mut SharedMemory<f32>, #[comptime] t: DecodeTiling) -> f32 {
-    let tid = UNIT_POS as usize;
-    let groups = comptime!(t.threads.div_ceil(LANE));
-    if tid < groups {
-        let mut s = 0.0f32;
-        for u in 0..LANE {
-            let at = tid * LANE + u;
-            if at < t.threads {
-                s += rv[at];
-            }
-        }
-        rv[tid * LANE] = s;
-    }
-    sync_cube();
-    let mut s = 0.0f32;
-    for g in 0..groups {
-        s += rv[g * LANE];
-    }
-    sync_cube();
-    s
-}
-
-/// The arg-max of `rv` `[threads]` with indices `ri` (ties: the lower index; two levels, as
-/// [`cube_max`]), returned to every unit as `(value, index)`.
-#[cube]
-fn cube_argmax(
-    rv: &mut SharedMemory<f32>,
-    ri: &mut SharedMemory<u32>,
+#[allow(clippy::too_many_arguments)]
+fn store_key<F: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    ks: &mut SharedMemory<f32>,
+    vs: &mut SharedMemory<f32>,
+    kg: &mut SharedMemory<f32>,
+    j: usize,
+    i: usize,
+    off: usize,
+    gate: f32,
     #[comptime] t: DecodeTiling,
-) -> (f32, u32) {
-    let tid = UNIT_POS as usize;
-    let groups = comptime!(t.threads.div_ceil(LANE));
-    if tid < groups {
-        let mut m = rv[tid * LANE];
-        let mut mi = ri[tid * LANE];
-        for u in 1..LANE {
-            let at = tid * LANE + u;
-            if at < t.threads {
-                let s = rv[at];
-                let i = ri[at];
-                if s > m || (s == m && i < mi) {
-                    m = s;
-                    mi = i;
-                }
-            }
-        }
-        rv[tid * LANE] = m;
-        ri[tid * LANE] = mi;
+) {
+    let ds = comptime!(t.d + 1);
+    let mut kv = 0.0f32;
+    let mut vv = 0.0f32;
+    if gate >= 0.0 {
+        kv = f32::cast_from(k[off]);
+        vv = f32::cast_from(v[off]);
     }
-    sync_cube();
-    let mut m = LOWEST.runtime();
-    let mut mi = 0u32;
-    for g in 0..groups {
-        let s = rv[g * LANE];
-        let i = ri[g * LANE];
-        if s > m || (s == m && i < mi) {
-            m = s;
-            mi = i;
-        }
+    ks[j * ds + i] = kv;
+    vs[j * ds + i] = vv;
+    if i == 0 {
+        kg[j] = gate;
     }
-    sync_cube();
-    (m, mi)
 }
 
 /// Loads rows `first..first + valid` of head `base` (a row offset) of `k` and `v` into the
@@ -199,27 +133,15 @@ fn load_tile<F: Float>(
     #[comptime] t: DecodeTiling,
 ) {
     let d = t.d;
-    let ds = comptime!(t.d + 1);
     let mut e = UNIT_POS as usize;
     while e < comptime!(t.kc * t.d) {
         let j = e / d;
         let i = e % d;
-        let mut kv = 0.0f32;
-        let mut vv = 0.0f32;
+        let mut gate = UNUSED.runtime();
         if j < valid {
-            let off = (base + first + j) * d + i;
-            kv = f32::cast_from(k[off]);
-            vv = f32::cast_from(v[off]);
+            gate = 1.0;
         }
-        ks[j * ds + i] = kv;
-        vs[j * ds + i] = vv;
-        if i == 0 {
-            let mut g = UNUSED.runtime();
-            if j < valid {
-                g = 1.0;
-            }
-            kg[j] = g;
-        }
+        store_key(k, v, ks, vs, kg, j, i, (base + first + j) * d + i, gate, t);
         e += t.threads;
     }
     sync_cube();
@@ -248,7 +170,6 @@ fn load_selected<F: Float>(
     #[comptime] t: DecodeTiling,
 ) {
     let d = t.d;
-    let ds = comptime!(t.d + 1);
     let mut e = UNIT_POS as usize;
     while e < comptime!(t.kc * t.d) {
         let j = e / d;
@@ -268,20 +189,10 @@ fn load_selected<F: Float>(
         } else if row > pos {
             ok = false;
         }
-        let mut kv = 0.0f32;
-        let mut vv = 0.0f32;
-        if ok {
-            let off = (base + row) * d + i;
-            kv = f32::cast_from(k[off]);
-            vv = f32::cast_from(v[off]);
-        } else {
+        if !ok {
             gate = UNUSED.runtime();
         }
-        ks[j * ds + i] = kv;
-        vs[j * ds + i] = vv;
-        if i == 0 {
-            kg[j] = gate;
-        }
+        store_key(k, v, ks, vs, kg, j, i, (base + row) * d + i, gate, t);
         e += t.threads;
     }
     sync_cube();
@@ -626,18 +537,14 @@ pub fn nsa_decode<F: Float>(
         }
         j += nt;
     }
-    rv[tid] = mx;
-    sync_cube();
-    let m = cube_max(&mut rv, SINK.runtime(), t);
+    let m = cube_max(&mut rv, mx, SINK.runtime(), nt, LANE);
     let mut sum = 0.0f32;
     let mut j = tid;
     while j < fine {
         sum += (fsc[j] - m).exp();
         j += nt;
     }
-    rv[tid] = sum;
-    sync_cube();
-    let z = (SINK - m).exp() + cube_total(&mut rv, t);
+    let z = (SINK - m).exp() + cube_sum(&mut rv, sum, nt, LANE);
     for slot in 0..topn {
         let mut bv = LOWEST.runtime();
         let mut bi = 0u32;
@@ -650,10 +557,7 @@ pub fn nsa_decode<F: Float>(
             }
             j += nt;
         }
-        rv[tid] = bv;
-        ri[tid] = bi;
-        sync_cube();
-        let (best, at) = cube_argmax(&mut rv, &mut ri, t);
+        let (best, at) = cube_argmax(&mut rv, &mut ri, bv, bi, LOWEST.runtime(), nt, LANE);
         if tid == 0 {
             let prob = (best - m).exp() / z;
             let mut blk = at;

@@ -15,6 +15,8 @@
 
 use cubecl::prelude::*;
 
+use super::reduce::cube_sum;
+
 const SQRT_2: f32 = std::f32::consts::SQRT_2;
 
 /// Comptime shape of one [`row_linear`] kernel.
@@ -53,7 +55,7 @@ impl RowTiling {
     pub fn shared(&self) -> usize {
         4 * (self.rows * self.din
             + self.groups * self.rows * self.cols
-            + 2 * self.threads()
+            + self.threads()
             + self.rows)
     }
 }
@@ -144,7 +146,6 @@ pub fn row_linear<F: Float>(
     let mut part = SharedMemory::<f32>::new(comptime!(t.groups * t.rows * t.cols));
     let mut red = SharedMemory::<f32>::new(nt);
     let mut rms = SharedMemory::<f32>::new(rows);
-    let mut sums = SharedMemory::<f32>::new(nt);
 
     let mut e = tid;
     while e < comptime!(t.rows * t.din) {
@@ -168,23 +169,8 @@ pub fn row_linear<F: Float>(
                 s += v * v;
                 i += nt;
             }
-            red[tid] = s;
-            sync_cube();
-            // two levels: `nt / lane` units sum `lane` entries each, then unit 0 their sums
-            let lane = comptime!(if nt % 16 == 0 { 16 } else { 1 });
-            if tid < comptime!(nt / lane) {
-                let mut p = 0.0f32;
-                for u in 0..lane {
-                    p += red[tid * lane + u];
-                }
-                sums[tid] = p;
-            }
-            sync_cube();
+            let total = cube_sum(&mut red, s, nt, 16usize);
             if tid == 0 {
-                let mut total = 0.0f32;
-                for u in 0..comptime!(nt / lane) {
-                    total += sums[u];
-                }
                 rms[r] = (total / din_f + eps).sqrt();
             }
             sync_cube();

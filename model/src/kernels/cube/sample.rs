@@ -17,6 +17,8 @@
 
 use cubecl::prelude::*;
 
+use super::reduce::{cube_argmax, cube_sum};
+
 /// Below every score (start of an arg-max).
 const LOWEST: f32 = -3.0e38;
 
@@ -71,33 +73,6 @@ fn gumbel(lo: u32, hi: u32, i: u32) -> f32 {
     -e.ln()
 }
 
-/// The sum of every unit's `v` (all units return it): `group` units sum `group` entries each,
-/// then every unit sums their `group` partial sums.
-#[cube]
-fn cube_sum(
-    red: &mut SharedMemory<u32>,
-    part: &mut SharedMemory<u32>,
-    v: u32,
-    #[comptime] group: usize,
-) -> u32 {
-    let tid = UNIT_POS as usize;
-    red[tid] = v;
-    sync_cube();
-    if tid < group {
-        let mut s = 0u32;
-        for u in 0..group {
-            s += red[tid * group + u];
-        }
-        part[tid] = s;
-    }
-    sync_cube();
-    let mut total = 0u32;
-    for u in 0..group {
-        total += part[u];
-    }
-    total
-}
-
 /// Tokens `out` `[m]` for the logits `[m, v]`: see the module. `key_lo`, `key_hi`: the key of
 /// row 0; row `r` uses `key_lo + r`. `bits`: index bisection steps (`v < 2^bits`).
 #[cube(launch_unchecked)]
@@ -120,7 +95,6 @@ pub fn sample_rows<F: Float, I: Int>(
     let nt = comptime!(t.group * t.group);
     let base = row * v;
     let mut red = SharedMemory::<u32>::new(comptime!(t.group * t.group));
-    let mut part = SharedMemory::<u32>::new(t.group);
     let mut bv = SharedMemory::<f32>::new(comptime!(t.group * t.group));
     let mut bi = SharedMemory::<u32>::new(comptime!(t.group * t.group));
 
@@ -164,7 +138,7 @@ pub fn sample_rows<F: Float, I: Int>(
                     i += nt;
                 }
             }
-            if cube_sum(&mut red, &mut part, c, t.group) >= kept {
+            if cube_sum(&mut red, c, nt, group) >= kept {
                 thr = cand;
             }
         }
@@ -193,8 +167,8 @@ pub fn sample_rows<F: Float, I: Int>(
                 i += nt;
             }
         }
-        let need = kept - cube_sum(&mut red, &mut part, gt, t.group);
-        let ties = cube_sum(&mut red, &mut part, eq, t.group);
+        let need = kept - cube_sum(&mut red, gt, nt, group);
+        let ties = cube_sum(&mut red, eq, nt, group);
         // the smallest `cut` with `need` keys equal to `thr` below it; when every tie is kept
         // (`need == ties`, the usual case) no search (the bound is the same on every unit)
         let mut steps = 0u32;
@@ -222,7 +196,7 @@ pub fn sample_rows<F: Float, I: Int>(
                     i += nt;
                 }
             }
-            if cube_sum(&mut red, &mut part, c, t.group) >= need {
+            if cube_sum(&mut red, c, nt, group) >= need {
                 hi = mid;
             } else {
                 lo = mid;
@@ -253,36 +227,9 @@ pub fn sample_rows<F: Float, I: Int>(
         }
         i += nt;
     }
-    // arg-max over the units (ties: the lower index): groups of `group`, then unit 0
-    bv[tid] = best;
-    bi[tid] = besti;
-    sync_cube();
-    if tid < group {
-        let mut mv = bv[tid * group];
-        let mut mi = bi[tid * group];
-        for u in 1..group {
-            let ov = bv[tid * group + u];
-            let oi = bi[tid * group + u];
-            if ov > mv || (ov == mv && oi < mi) {
-                mv = ov;
-                mi = oi;
-            }
-        }
-        bv[tid * group] = mv;
-        bi[tid * group] = mi;
-    }
-    sync_cube();
+    // arg-max over the units (ties: the lower index)
+    let (_, at) = cube_argmax(&mut bv, &mut bi, best, besti, LOWEST.runtime(), nt, group);
     if tid == 0 {
-        let mut mv = bv[0usize];
-        let mut mi = bi[0usize];
-        for g in 1..group {
-            let ov = bv[g * group];
-            let oi = bi[g * group];
-            if ov > mv || (ov == mv && oi < mi) {
-                mv = ov;
-                mi = oi;
-            }
-        }
-        out[row] = I::cast_from(mi);
+        out[row] = I::cast_from(at);
     }
 }
