@@ -16,6 +16,10 @@
 #   decode  the decode benchmarks of issue 4 with the per-token breakdown, the reference,
 #           the op-by-op step (NSA_DECODE_BLOCK=0), the fixture comparison and greedy outputs on the three backends
 #   train   nsa-train on CUDA over the exported stream, then the reference on the same stream
+#   mma     the kernels on tensor cores: checks against the tensor ops per kernel, the layer
+#           and the training step with and without (NSA_MMA=0), a kernel profile
+#   final   the layer (bf16, f32, up to 128k) beside PyTorch SDPA and the reference NSA layer,
+#           and the training steps
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
 #           (a cold machine compiles and autotunes for minutes before the first row finishes)
 # Everything lands in $OUT/all.tgz; the caches come back beside it as cache.tgz.part-* (copy
@@ -154,6 +158,40 @@ for phase in "$@"; do
       run bench-layer 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa,full \
         --lengths 4k,16k,64k --precisions bf16 --passes fwd+bwd --runs 3 --warmup 1 \
         --row-timeout 100 --json "$OUT/bench-layer.json"
+      ;;
+    mma)
+      # the kernels' tensor-core products (bf16/f16 fragments, tf32 for f32) against the tensor
+      # ops, per kernel (NSA_MMA lists the kernels that may use them), then their speed against
+      # the scalar products (NSA_MMA=0) in the same binary
+      for m in ${MMA_CHECKS:-fwd fwd,dq fwd,dkdv 1}; do
+        run "mma-check-${m//,/+}" 90 env NSA_MMA=$m /tmp/bin/nsa-bench --backend cuda \
+          --suite check --lengths 1k --precisions bf16,f32 --json "$OUT/mma-check-${m//,/+}.json"
+      done
+      for m in 1 0; do
+        run "mma$m-layer" 150 env NSA_MMA=$m /tmp/bin/nsa-bench --backend cuda --suite layer \
+          --impls nsa --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd --runs 3 \
+          --warmup 1 --row-timeout 100 --json "$OUT/mma$m-layer.json"
+        run "mma$m-train" 150 env NSA_MMA=$m /tmp/bin/nsa-bench --backend cuda --suite train \
+          --train-shapes 256x16,4096x1 --train-precisions f32 --runs 5 --warmup 2 \
+          --json "$OUT/mma$m-train.json"
+      done
+      # every kernel of one 64k fwd+bwd timed on its own (a sync after each)
+      run mma-profile 120 env NSA_PROFILE_LOG="$OUT/mma-profile.log" /tmp/bin/nsa-bench \
+        --backend cuda --suite layer --impls nsa --lengths 64k --precisions bf16 \
+        --passes fwd+bwd --runs 1 --warmup 1 --in-process
+      ;;
+    final)
+      # the layer table of BENCHMARKS.md: ours (tensor-core kernels where the device has them)
+      # and, in the same call, PyTorch SDPA and the reference NSA layer; the training steps
+      run final-layer 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa \
+        --lengths 4k,16k,64k,128k --precisions bf16,f32 --passes fwd,fwd+bwd --runs 3 \
+        --warmup 1 --row-timeout 100 --json "$OUT/final-layer.json"
+      run final-ref 240 python3 scripts/bench_reference.py --suite layer \
+        --impls sdpa,ref-nsa-triton --lengths 4k,16k,64k --precisions bf16 --runs 3 \
+        --warmup 1 --json "$OUT/final-ref.json"
+      run final-train 150 /tmp/bin/nsa-bench --backend cuda --suite train \
+        --train-shapes 256x16,4096x1 --train-precisions f32 --runs 5 --warmup 2 \
+        --json "$OUT/final-train.json"
       ;;
     layer)
       export CUBECL_AUTOTUNE_LEVEL=minimal

@@ -29,6 +29,8 @@
 
 use cubecl::prelude::*;
 
+use super::mma::{acc_stride, depth, mma_tiles, tile_stride};
+
 /// Mode: selected blocks + own block.
 pub const SELECTED: u32 = 0;
 /// Mode: sliding window.
@@ -79,6 +81,11 @@ pub struct Tiling {
     pub pr: usize,
     pub pd: usize,
     pub tpr: usize,
+    /// Products on tensor cores ([`super::mma`]; the host sets it where the device has the
+    /// fragments of the storage type and rows, keys and dims are multiples of 16).
+    pub mma: bool,
+    /// Bytes of a tensor-core tile element `H`: 2 (bf16 / f16 storage), 4 (tf32 for f32).
+    pub hb: usize,
 }
 
 /// Largest `(a, b)` with `a` from `a_max` down and `b` from `b_max` down (powers of two,
@@ -166,6 +173,25 @@ impl Tiling {
         }
     }
 
+    /// Row stride of the forward's f32 score tile.
+    pub fn ps(&self) -> usize {
+        if self.mma {
+            acc_stride(self.kc)
+        } else {
+            self.kc + 1
+        }
+    }
+
+    /// Words of the forward's f32 score tile (on the tensor-core path it also takes each
+    /// chunk's `P V`).
+    pub fn score_words(&self) -> usize {
+        if self.mma {
+            self.rows() * self.ps().max(acc_stride(self.d))
+        } else {
+            self.rows() * self.ps()
+        }
+    }
+
     /// Shared memory (bytes) of the forward kernel.
     pub fn fwd_shared(&self) -> usize {
         let r = self.rows();
@@ -176,18 +202,56 @@ impl Tiling {
             0
         };
         let stats = 4 * r + 2 * r * self.tpr;
-        4 * (r * (self.d + 1) + 2 * self.kc * (self.d + 1) + r * (self.kc + 1) + stats + imp)
+        let tiles = if self.mma {
+            // tensor-core tiles of q, k, v, p and the three unused f32 tiles
+            let halves = r * tile_stride(self.d) + 2 * self.kc * tile_stride(self.d);
+            ((halves + r * tile_stride(self.kc)) * self.hb).div_ceil(4) + 3
+        } else {
+            r * (self.d + 1) + 2 * self.kc * (self.d + 1)
+        };
+        4 * (tiles + self.score_words() + stats + imp)
+    }
+
+    /// Words of the dq kernel's f32 tile: scores and `dO Vᵀ` (two `[rows, kc]` tiles) on the
+    /// tensor-core path, where each chunk's `dS K` reuses it.
+    pub fn dq_words(&self) -> usize {
+        let r = self.rows();
+        if self.mma {
+            (2 * r * acc_stride(self.kc)).max(r * acc_stride(self.d))
+        } else {
+            2 * r * (self.kc + 1)
+        }
     }
 
     /// Shared memory (bytes) of the dq kernel.
     pub fn dq_shared(&self) -> usize {
         let r = self.rows();
-        4 * (2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1) + 2 * r * (self.kc + 1) + 2 * r)
+        let tiles = if self.mma {
+            // tensor-core tiles of q, dout, k, v, dS and the four unused f32 tiles
+            let halves = 2 * r * tile_stride(self.d) + 2 * self.kc * tile_stride(self.d);
+            ((halves + r * tile_stride(self.kc)) * self.hb).div_ceil(4) + 4
+        } else {
+            2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1)
+        };
+        4 * (tiles + self.dq_words() + 2 * r)
+    }
+
+    /// Words of the dk/dv kernel's f32 tile on the tensor-core path: a batch's scores and
+    /// `dO Vᵀ`, then its `Pᵀ dO` and `dSᵀ Q` (`[kc, d]` each, one after the other).
+    pub fn dkdv_words(&self) -> usize {
+        let r = self.bwd_rows();
+        (2 * r * acc_stride(self.kc)).max(self.kc * acc_stride(self.d))
     }
 
     /// Shared memory (bytes) of the dk/dv kernel.
     pub fn dkdv_shared(&self) -> usize {
         let r = self.bwd_rows();
+        if self.mma {
+            // tensor-core tiles of q, dout, k, v, p, dS and the six unused f32 tiles
+            let halves = 2 * r * tile_stride(self.d) + 2 * self.kc * tile_stride(self.d);
+            let halves = halves + 2 * r * tile_stride(self.kc);
+            return 4 * ((halves * self.hb).div_ceil(4) + 6 + self.dkdv_words() + 6 * r);
+        }
         4 * (2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1) + 2 * r * (self.kc + 1) + 6 * r)
     }
 }
@@ -333,7 +397,7 @@ fn chunk_at<F: Float, I: Int>(
 /// units per row; the output accumulators (`pr × pd` per unit) rescaled and updated.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn attn_fwd<F: Float, I: Int>(
+pub fn attn_fwd<F: Float, I: Int, H: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -353,7 +417,7 @@ pub fn attn_fwd<F: Float, I: Int>(
     fine: usize,
     scale: f32,
     #[comptime] t: Tiling,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F, I, H)] _dtypes: [StorageType; 3],
 ) {
     let d = t.d;
     let kc = t.kc;
@@ -362,7 +426,12 @@ pub fn attn_fwd<F: Float, I: Int>(
     let nt = t.threads;
     // row strides of the shared tiles (padded by one word against bank conflicts)
     let ds = comptime!(t.d + 1);
-    let ps = comptime!(t.kc + 1);
+    let ps = comptime!(t.ps());
+    // tensor-core path: strides of the tiles (element `H`) and of `P V` in `p_s`
+    let hst = comptime!(tile_stride(t.d));
+    let kf = comptime!(depth(t.hb));
+    let hp = comptime!(tile_stride(t.kc));
+    let os = comptime!(acc_stride(t.d));
     let qr = t.qr;
     let qk = t.qk;
     let pr = t.pr;
@@ -372,7 +441,8 @@ pub fn attn_fwd<F: Float, I: Int>(
     let sn = comptime!(t.qr * t.qk);
     let kgroups = comptime!(t.kc / t.qk);
     let dgroups = comptime!(t.d / t.pd);
-    let stiles = comptime!(t.score_tiles());
+    // the scalar score tiles (none on the tensor-core path)
+    let stiles = comptime!(if t.mma { 0 } else { t.score_tiles() });
     let otiles = comptime!(t.out_tiles());
     let oper = comptime!(t.out_tiles().div_ceil(t.threads));
     let tid = UNIT_POS as usize;
@@ -383,10 +453,27 @@ pub fn attn_fwd<F: Float, I: Int>(
     let kvhead = (hg * gq) / t.gk;
     let sel_row = (b * groups + hg) * n + t0;
 
-    let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.d + 1)));
-    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut p_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.kc + 1)));
+    // f32 tiles of the scalar path (one word on the tensor-core path), tiles of element `H`
+    // of the tensor-core path (one word on the scalar path)
+    let mut q_s = SharedMemory::<f32>::new(comptime!(if t.mma { 1 } else { t.rows() * (t.d + 1) }));
+    let mut k_s = SharedMemory::<f32>::new(comptime!(if t.mma { 1 } else { t.kc * (t.d + 1) }));
+    let mut v_s = SharedMemory::<f32>::new(comptime!(if t.mma { 1 } else { t.kc * (t.d + 1) }));
+    let mut p_s = SharedMemory::<f32>::new_aligned(comptime!(t.score_words()), 128usize);
+    let hq = comptime!(if t.mma {
+        t.rows() * tile_stride(t.d)
+    } else {
+        1
+    });
+    let hkv = comptime!(if t.mma { t.kc * tile_stride(t.d) } else { 1 });
+    let hpn = comptime!(if t.mma {
+        t.rows() * tile_stride(t.kc)
+    } else {
+        1
+    });
+    let mut q_h = SharedMemory::<H>::new_aligned(hq, 128usize);
+    let mut k_h = SharedMemory::<H>::new_aligned(hkv, 128usize);
+    let mut v_h = SharedMemory::<H>::new_aligned(hkv, 128usize);
+    let mut p_h = SharedMemory::<H>::new_aligned(hpn, 128usize);
     let mut m_s = SharedMemory::<f32>::new(rows);
     let mut l_s = SharedMemory::<f32>::new(rows);
     let mut a_s = SharedMemory::<f32>::new(rows);
@@ -425,7 +512,11 @@ pub fn attn_fwd<F: Float, I: Int>(
         if tt < n {
             val = f32::cast_from(q[((b * h + head) * n + tt) * d + e % d]) * scale;
         }
-        q_s[r * ds + e % d] = val;
+        if t.mma {
+            q_h[r * hst + e % d] = H::cast_from(val);
+        } else {
+            q_s[r * ds + e % d] = val;
+        }
         e += nt;
     }
     let mut r = tid;
@@ -457,11 +548,48 @@ pub fn attn_fwd<F: Float, I: Int>(
                 kv = f32::cast_from(k[off]);
                 vv = f32::cast_from(v[off]);
             }
-            k_s[j * ds + e % d] = kv;
-            v_s[j * ds + e % d] = vv;
+            if t.mma {
+                k_h[j * hst + e % d] = H::cast_from(kv);
+                v_h[j * hst + e % d] = H::cast_from(vv);
+            } else {
+                k_s[j * ds + e % d] = kv;
+                v_s[j * ds + e % d] = vv;
+            }
             e += nt;
         }
         sync_cube();
+
+        if t.mma {
+            // scores `Q Kᵀ` on tensor cores (K read as the transposed operand), then masked
+            mma_tiles::<H>(
+                &q_h, &k_h, &mut p_s, rows, kc, d, hst, hst, ps, 0usize, false, true, kf,
+            );
+            sync_cube();
+            let mut e = tid;
+            while e < rows * kc {
+                let r = e / kc;
+                let j = e % kc;
+                let tt = t0 + r / gq;
+                let mut s = NEG.runtime();
+                if tt < n
+                    && visible(
+                        kstart + j,
+                        tt,
+                        nk,
+                        span,
+                        mem,
+                        own,
+                        slot_ok,
+                        j < left,
+                        t.mode,
+                    )
+                {
+                    s = p_s[r * ps + j] * gate;
+                }
+                p_s[r * ps + j] = s;
+                e += nt;
+            }
+        }
 
         // scores: unit tile `g` holds rows `rg * qr ..` and keys `kg + kgroups * jj`
         let mut g = tid;
@@ -562,7 +690,11 @@ pub fn attn_fwd<F: Float, I: Int>(
                 if s > NEG_HALF {
                     pj = (s - mx).exp();
                 }
-                p_s[r * ps + j] = pj;
+                if t.mma {
+                    p_h[r * hp + j] = H::cast_from(pj);
+                } else {
+                    p_s[r * ps + j] = pj;
+                }
                 sum += pj;
                 j += tpr;
             }
@@ -574,6 +706,13 @@ pub fn attn_fwd<F: Float, I: Int>(
             r += rpp;
         }
         sync_cube();
+        if t.mma {
+            // the chunk's `P V` into `p_s` (its scores are read by now)
+            mma_tiles::<H>(
+                &p_h, &v_h, &mut p_s, rows, d, kc, hp, hst, os, 0usize, false, false, kf,
+            );
+            sync_cube();
+        }
 
         // output tiles: rows `rg * pr ..`, dims `dg + dgroups * u`
         #[unroll]
@@ -588,10 +727,15 @@ pub fn attn_fwd<F: Float, I: Int>(
                     let a = a_s[rg * pr + i];
                     #[unroll]
                     for u in 0..pd {
-                        acc[base + i * pd + u] *= a;
+                        let mut add = 0.0f32;
+                        if t.mma {
+                            add = p_s[(rg * pr + i) * os + dg + dgroups * u];
+                        }
+                        acc[base + i * pd + u] = acc[base + i * pd + u] * a + add;
                     }
                 }
-                for j in 0..kc {
+                let kv_steps = comptime!(if t.mma { 0 } else { t.kc });
+                for j in 0..kv_steps {
                     let mut vreg = Array::<f32>::new(pd);
                     #[unroll]
                     for u in 0..pd {
@@ -710,7 +854,6 @@ fn rank_blocks(
 ) {
     let nt = t.threads;
     let tid = UNIT_POS as usize;
-    let kc = t.kc;
     let pf = t.pf;
     let sg = t.sg;
     let kk = t.topk;
@@ -718,6 +861,7 @@ fn rank_blocks(
     let nfb = comptime!(t.kc / t.pf);
     let irows = comptime!(t.imp_rows());
     let inv = comptime!(1.0f32 / (t.sg * t.pf) as f32);
+    let ps = comptime!(t.ps());
     if kstart >= mem {
         let first = (kstart - mem) / pf;
         let mut e = tid;
@@ -728,7 +872,7 @@ fn rank_blocks(
             let mut sum = 0.0f32;
             for hh in 0..sg {
                 for c in 0..pf {
-                    sum += p_s[(r0 + hh) * (kc + 1) + fb * pf + c];
+                    sum += p_s[(r0 + hh) * ps + fb * pf + c];
                 }
             }
             fs_s[e] = sum * inv;
@@ -847,7 +991,7 @@ fn dual_score_tile(
 /// as [`attn_fwd`].
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn attn_bwd_dq<F: Float, I: Int>(
+pub fn attn_bwd_dq<F: Float, I: Int, H: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -867,7 +1011,7 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
     mem: usize,
     scale: f32,
     #[comptime] t: Tiling,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F, I, H)] _dtypes: [StorageType; 3],
 ) {
     let d = t.d;
     let kc = t.kc;
@@ -876,6 +1020,14 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
     let nt = t.threads;
     let ds = comptime!(t.d + 1);
     let ps = comptime!(t.kc + 1);
+    // tensor-core path: tile strides; scores at word 0 of `buf`, `dO Vᵀ` at `dpo`
+    // (stride `as_`), each chunk's `dS K` over both (stride `os`)
+    let hst = comptime!(tile_stride(t.d));
+    let kf = comptime!(depth(t.hb));
+    let hp = comptime!(tile_stride(t.kc));
+    let as_ = comptime!(acc_stride(t.kc));
+    let os = comptime!(acc_stride(t.d));
+    let dpo = comptime!(t.rows() * acc_stride(t.kc));
     let qr = t.qr;
     let qk = t.qk;
     let pr = t.pr;
@@ -883,7 +1035,7 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
     let sn = comptime!(t.qr * t.qk);
     let kgroups = comptime!(t.kc / t.qk);
     let dgroups = comptime!(t.d / t.pd);
-    let stiles = comptime!(t.score_tiles());
+    let stiles = comptime!(if t.mma { 0 } else { t.score_tiles() });
     let otiles = comptime!(t.out_tiles());
     let oper = comptime!(t.out_tiles().div_ceil(t.threads));
     let accn = comptime!(t.out_tiles().div_ceil(t.threads) * t.pr * t.pd);
@@ -896,12 +1048,33 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
     let kvhead = (hg * gq) / t.gk;
     let sel_row = (b * groups + hg) * n + t0;
 
-    let mut q_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.d + 1)));
-    let mut do_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.d + 1)));
-    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut ds_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.kc + 1)));
-    let mut raw_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * (t.kc + 1)));
+    let rd = comptime!(if t.mma { 1 } else { t.rows() * (t.d + 1) });
+    let kd = comptime!(if t.mma { 1 } else { t.kc * (t.d + 1) });
+    let rk = comptime!(if t.mma { 1 } else { t.rows() * (t.kc + 1) });
+    let mut q_s = SharedMemory::<f32>::new(rd);
+    let mut do_s = SharedMemory::<f32>::new(rd);
+    let mut k_s = SharedMemory::<f32>::new(kd);
+    let mut v_s = SharedMemory::<f32>::new(kd);
+    let mut ds_s = SharedMemory::<f32>::new(rk);
+    let mut raw_s = SharedMemory::<f32>::new(rk);
+    let hq = comptime!(if t.mma {
+        t.rows() * tile_stride(t.d)
+    } else {
+        1
+    });
+    let hkv = comptime!(if t.mma { t.kc * tile_stride(t.d) } else { 1 });
+    let hpn = comptime!(if t.mma {
+        t.rows() * tile_stride(t.kc)
+    } else {
+        1
+    });
+    let bw = comptime!(if t.mma { t.dq_words() } else { 1 });
+    let mut q_h = SharedMemory::<H>::new_aligned(hq, 128usize);
+    let mut do_h = SharedMemory::<H>::new_aligned(hq, 128usize);
+    let mut k_h = SharedMemory::<H>::new_aligned(hkv, 128usize);
+    let mut v_h = SharedMemory::<H>::new_aligned(hkv, 128usize);
+    let mut ds_h = SharedMemory::<H>::new_aligned(hpn, 128usize);
+    let mut buf = SharedMemory::<f32>::new_aligned(bw, 128usize);
     let mut lse_s = SharedMemory::<f32>::new(rows);
     let mut dl_s = SharedMemory::<f32>::new(rows);
 
@@ -917,8 +1090,13 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
             qv = f32::cast_from(q[off]) * scale;
             dv = f32::cast_from(dout[off]);
         }
-        q_s[r * ds + e % d] = qv;
-        do_s[r * ds + e % d] = dv;
+        if t.mma {
+            q_h[r * hst + e % d] = H::cast_from(qv);
+            do_h[r * hst + e % d] = H::cast_from(dv);
+        } else {
+            q_s[r * ds + e % d] = qv;
+            do_s[r * ds + e % d] = dv;
+        }
         e += nt;
     }
     let mut r = tid;
@@ -959,11 +1137,60 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
                 kv = f32::cast_from(k[off]);
                 vv = f32::cast_from(v[off]);
             }
-            k_s[j * ds + e % d] = kv;
-            v_s[j * ds + e % d] = vv;
+            if t.mma {
+                k_h[j * hst + e % d] = H::cast_from(kv);
+                v_h[j * hst + e % d] = H::cast_from(vv);
+            } else {
+                k_s[j * ds + e % d] = kv;
+                v_s[j * ds + e % d] = vv;
+            }
             e += nt;
         }
         sync_cube();
+
+        if t.mma {
+            // scores and `dO Vᵀ` on tensor cores, then `dS · gate` as `H`
+            mma_tiles::<H>(
+                &q_h, &k_h, &mut buf, rows, kc, d, hst, hst, as_, 0usize, false, true, kf,
+            );
+            mma_tiles::<H>(
+                &do_h, &v_h, &mut buf, rows, kc, d, hst, hst, as_, dpo, false, true, kf,
+            );
+            sync_cube();
+            let mut e = tid;
+            while e < rows * kc {
+                let r = e / kc;
+                let j = e % kc;
+                let tt = t0 + r / gq;
+                let mut dsv = 0.0f32;
+                if tt < n
+                    && visible(
+                        kstart + j,
+                        tt,
+                        nk,
+                        span,
+                        mem,
+                        own,
+                        slot_ok,
+                        j < left,
+                        t.mode,
+                    )
+                {
+                    let p = (buf[r * as_ + j] * gate - lse_s[r]).exp();
+                    dsv = p * (buf[dpo + r * as_ + j] - dl_s[r]);
+                }
+                ds_h[r * hp + j] = H::cast_from(dsv * gate);
+                e += nt;
+            }
+            sync_cube();
+            // the chunk's `dS K` over the scores (read by now)
+            mma_tiles::<H>(
+                &ds_h, &k_h, &mut buf, rows, d, kc, hp, hst, os, 0usize, false, false, kf,
+            );
+            sync_cube();
+            let otiles = comptime!(t.out_tiles());
+            add_tiles(&buf, &mut acc, otiles, t);
+        }
 
         // scores and their gradients in `qr × qk` register tiles (as in the forward)
         let mut g = tid;
@@ -1015,7 +1242,8 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
                 let rg = g / dgroups;
                 let dg = g % dgroups;
                 let base = it * pr * pd;
-                for j in 0..kc {
+                let kv_steps = comptime!(if t.mma { 0 } else { t.kc });
+                for j in 0..kv_steps {
                     let mut kreg = Array::<f32>::new(pd);
                     #[unroll]
                     for u in 0..pd {
@@ -1079,7 +1307,7 @@ pub fn attn_bwd_dq<F: Float, I: Int>(
 /// [`csr_count`]); the own-block, sliding and compressed queries follow from the positions.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn attn_bwd_dkdv<F: Float>(
+pub fn attn_bwd_dkdv<F: Float, H: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -1102,7 +1330,7 @@ pub fn attn_bwd_dkdv<F: Float>(
     mem: usize,
     scale: f32,
     #[comptime] t: Tiling,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, H)] _dtypes: [StorageType; 2],
 ) {
     let d = t.d;
     let kc = t.kc;
@@ -1134,12 +1362,37 @@ pub fn attn_bwd_dkdv<F: Float>(
         left = t.sel - sub * kc;
     }
 
-    let mut k_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut v_s = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
-    let mut q_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * (t.d + 1)));
-    let mut do_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * (t.d + 1)));
-    let mut p_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * (t.kc + 1)));
-    let mut ds_s = SharedMemory::<f32>::new(comptime!(t.bwd_rows() * (t.kc + 1)));
+    // f32 tiles of the scalar path, ones of element `H` of the tensor-core path (one word
+    // each on the other path)
+    let hst = comptime!(tile_stride(t.d));
+    let kd = comptime!(if t.mma { 1 } else { t.kc * (t.d + 1) });
+    let rd = comptime!(if t.mma { 1 } else { t.bwd_rows() * (t.d + 1) });
+    let rk = comptime!(if t.mma { 1 } else { t.bwd_rows() * (t.kc + 1) });
+    let mut k_s = SharedMemory::<f32>::new(kd);
+    let mut v_s = SharedMemory::<f32>::new(kd);
+    let mut q_s = SharedMemory::<f32>::new(rd);
+    let mut do_s = SharedMemory::<f32>::new(rd);
+    let mut p_s = SharedMemory::<f32>::new(rk);
+    let mut ds_s = SharedMemory::<f32>::new(rk);
+    let hkv = comptime!(if t.mma { t.kc * tile_stride(t.d) } else { 1 });
+    let hq = comptime!(if t.mma {
+        t.bwd_rows() * tile_stride(t.d)
+    } else {
+        1
+    });
+    let hpn = comptime!(if t.mma {
+        t.bwd_rows() * tile_stride(t.kc)
+    } else {
+        1
+    });
+    let bw = comptime!(if t.mma { t.dkdv_words() } else { 1 });
+    let mut k_h = SharedMemory::<H>::new_aligned(hkv, 128usize);
+    let mut v_h = SharedMemory::<H>::new_aligned(hkv, 128usize);
+    let mut q_h = SharedMemory::<H>::new_aligned(hq, 128usize);
+    let mut do_h = SharedMemory::<H>::new_aligned(hq, 128usize);
+    let mut p_h = SharedMemory::<H>::new_aligned(hpn, 128usize);
+    let mut ds_h = SharedMemory::<H>::new_aligned(hpn, 128usize);
+    let mut buf = SharedMemory::<f32>::new_aligned(bw, 128usize);
     let mut lse_s = SharedMemory::<f32>::new(rows);
     let mut dl_s = SharedMemory::<f32>::new(rows);
     let mut gate_s = SharedMemory::<f32>::new(rows);
@@ -1160,8 +1413,13 @@ pub fn attn_bwd_dkdv<F: Float>(
             kv = f32::cast_from(k[off]);
             vv = f32::cast_from(v[off]);
         }
-        k_s[j * ds + e % d] = kv;
-        v_s[j * ds + e % d] = vv;
+        if t.mma {
+            k_h[j * hst + e % d] = H::cast_from(kv);
+            v_h[j * hst + e % d] = H::cast_from(vv);
+        } else {
+            k_s[j * ds + e % d] = kv;
+            v_s[j * ds + e % d] = vv;
+        }
         e += nt;
     }
     let mut dk_acc = Array::<f32>::new(accn);
@@ -1239,33 +1497,64 @@ pub fn attn_bwd_dkdv<F: Float>(
                     qv = f32::cast_from(q[off]) * scale;
                     dv = f32::cast_from(dout[off]);
                 }
-                q_s[r * ds + e % d] = qv;
-                do_s[r * ds + e % d] = dv;
+                if t.mma {
+                    q_h[r * hst + e % d] = H::cast_from(qv);
+                    do_h[r * hst + e % d] = H::cast_from(dv);
+                } else {
+                    q_s[r * ds + e % d] = qv;
+                    do_s[r * ds + e % d] = dv;
+                }
                 e += nt;
             }
             sync_cube();
-            accumulate_batch(
-                &k_s,
-                &v_s,
-                &q_s,
-                &do_s,
-                &mut p_s,
-                &mut ds_s,
-                &lse_s,
-                &dl_s,
-                &gate_s,
-                &pos_s,
-                &live_s,
-                &mut dk_acc,
-                &mut dv_acc,
-                kstart,
-                left,
-                nk,
-                span,
-                mem,
-                false,
-                t,
-            );
+            if t.mma {
+                accumulate_batch_mma::<H>(
+                    &k_h,
+                    &v_h,
+                    &q_h,
+                    &do_h,
+                    &mut p_h,
+                    &mut ds_h,
+                    &mut buf,
+                    &lse_s,
+                    &dl_s,
+                    &gate_s,
+                    &pos_s,
+                    &live_s,
+                    &mut dk_acc,
+                    &mut dv_acc,
+                    kstart,
+                    left,
+                    nk,
+                    span,
+                    mem,
+                    false,
+                    t,
+                );
+            } else {
+                accumulate_batch(
+                    &k_s,
+                    &v_s,
+                    &q_s,
+                    &do_s,
+                    &mut p_s,
+                    &mut ds_s,
+                    &lse_s,
+                    &dl_s,
+                    &gate_s,
+                    &pos_s,
+                    &live_s,
+                    &mut dk_acc,
+                    &mut dv_acc,
+                    kstart,
+                    left,
+                    nk,
+                    span,
+                    mem,
+                    false,
+                    t,
+                );
+            }
         }
     }
 
@@ -1345,33 +1634,64 @@ pub fn attn_bwd_dkdv<F: Float>(
                 qv = f32::cast_from(q[off]) * scale;
                 dv = f32::cast_from(dout[off]);
             }
-            q_s[r * ds + e % d] = qv;
-            do_s[r * ds + e % d] = dv;
+            if t.mma {
+                q_h[r * hst + e % d] = H::cast_from(qv);
+                do_h[r * hst + e % d] = H::cast_from(dv);
+            } else {
+                q_s[r * ds + e % d] = qv;
+                do_s[r * ds + e % d] = dv;
+            }
             e += nt;
         }
         sync_cube();
-        accumulate_batch(
-            &k_s,
-            &v_s,
-            &q_s,
-            &do_s,
-            &mut p_s,
-            &mut ds_s,
-            &lse_s,
-            &dl_s,
-            &gate_s,
-            &pos_s,
-            &live_s,
-            &mut dk_acc,
-            &mut dv_acc,
-            kstart,
-            left,
-            nk,
-            span,
-            mem,
-            true,
-            t,
-        );
+        if t.mma {
+            accumulate_batch_mma::<H>(
+                &k_h,
+                &v_h,
+                &q_h,
+                &do_h,
+                &mut p_h,
+                &mut ds_h,
+                &mut buf,
+                &lse_s,
+                &dl_s,
+                &gate_s,
+                &pos_s,
+                &live_s,
+                &mut dk_acc,
+                &mut dv_acc,
+                kstart,
+                left,
+                nk,
+                span,
+                mem,
+                true,
+                t,
+            );
+        } else {
+            accumulate_batch(
+                &k_s,
+                &v_s,
+                &q_s,
+                &do_s,
+                &mut p_s,
+                &mut ds_s,
+                &lse_s,
+                &dl_s,
+                &gate_s,
+                &pos_s,
+                &live_s,
+                &mut dk_acc,
+                &mut dv_acc,
+                kstart,
+                left,
+                nk,
+                span,
+                mem,
+                true,
+                t,
+            );
+        }
     }
 
     #[unroll]
@@ -1507,6 +1827,126 @@ fn accumulate_batch(
                         dk_acc[base + i * pd + u] += dsv * qreg[u];
                         dv_acc[base + i * pd + u] += pv * oreg[u];
                     }
+                }
+            }
+        }
+    }
+}
+
+/// [`accumulate_batch`] on tensor cores: scores and `dO Vᵀ` into `buf`, probabilities and
+/// score gradients as `H`, then `Pᵀ dO` and `dSᵀ Q` (the transposed operands read
+/// from the `[rows, kc]` tiles) through `buf` into the unit's accumulators.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn accumulate_batch_mma<H: Float>(
+    k_h: &SharedMemory<H>,
+    v_h: &SharedMemory<H>,
+    q_h: &SharedMemory<H>,
+    do_h: &SharedMemory<H>,
+    p_h: &mut SharedMemory<H>,
+    ds_h: &mut SharedMemory<H>,
+    buf: &mut SharedMemory<f32>,
+    lse_s: &SharedMemory<f32>,
+    dl_s: &SharedMemory<f32>,
+    gate_s: &SharedMemory<f32>,
+    pos_s: &SharedMemory<u32>,
+    live_s: &SharedMemory<u32>,
+    dk_acc: &mut Array<f32>,
+    dv_acc: &mut Array<f32>,
+    kstart: usize,
+    left: usize,
+    nk: usize,
+    span: usize,
+    mem: usize,
+    by_position: bool,
+    #[comptime] t: Tiling,
+) {
+    let rows = comptime!(t.bwd_rows());
+    let kc = t.kc;
+    let d = t.d;
+    let nt = t.threads;
+    let hst = comptime!(tile_stride(t.d));
+    let kf = comptime!(depth(t.hb));
+    let hp = comptime!(tile_stride(t.kc));
+    let as_ = comptime!(acc_stride(t.kc));
+    let os = comptime!(acc_stride(t.d));
+    let dpo = comptime!(t.bwd_rows() * acc_stride(t.kc));
+    let tid = UNIT_POS as usize;
+
+    mma_tiles::<H>(
+        q_h, k_h, buf, rows, kc, d, hst, hst, as_, 0usize, false, true, kf,
+    );
+    mma_tiles::<H>(
+        do_h, v_h, buf, rows, kc, d, hst, hst, as_, dpo, false, true, kf,
+    );
+    sync_cube();
+    let mut e = tid;
+    while e < rows * kc {
+        let r = e / kc;
+        let j = e % kc;
+        let p = kstart + j;
+        let tt = pos_s[r] as usize;
+        let gate = gate_s[r];
+        let mut ok = live_s[r] == 1 && p < nk && j < left;
+        if by_position {
+            ok = ok && visible(p, tt, nk, span, mem, true, true, true, t.mode);
+        }
+        let mut prob = 0.0f32;
+        let mut dsv = 0.0f32;
+        if ok {
+            prob = (buf[r * as_ + j] * gate - lse_s[r]).exp();
+            dsv = prob * (buf[dpo + r * as_ + j] - dl_s[r]) * gate;
+        }
+        p_h[r * hp + j] = H::cast_from(prob);
+        ds_h[r * hp + j] = H::cast_from(dsv);
+        e += nt;
+    }
+    sync_cube();
+    // dv += Pᵀ dO, then dk += dSᵀ Q, each `[kc, d]` through `buf`
+    let atiles = comptime!(t.bwd_acc_tiles());
+    mma_tiles::<H>(
+        p_h, do_h, buf, kc, d, rows, hp, hst, os, 0usize, true, false, kf,
+    );
+    sync_cube();
+    add_tiles(buf, dv_acc, atiles, t);
+    sync_cube();
+    mma_tiles::<H>(
+        ds_h, q_h, buf, kc, d, rows, hp, hst, os, 0usize, true, false, kf,
+    );
+    sync_cube();
+    add_tiles(buf, dk_acc, atiles, t);
+    sync_cube();
+}
+
+/// `acc += buf` for the unit's `pr × pd` register tiles of a `[x, d]` product in `buf`
+/// (stride `acc_stride(d)`): tile `g` holds rows `(g / dgroups) * pr ..` and dims
+/// `g % dgroups + dgroups * u`, `tiles` tiles strided over the units.
+#[cube]
+fn add_tiles(
+    buf: &SharedMemory<f32>,
+    acc: &mut Array<f32>,
+    #[comptime] tiles: usize,
+    #[comptime] t: Tiling,
+) {
+    let nt = t.threads;
+    let os = comptime!(acc_stride(t.d));
+    let pr = t.pr;
+    let pd = t.pd;
+    let dgroups = comptime!(t.d / t.pd);
+    let per = comptime!(tiles.div_ceil(t.threads));
+    let tid = UNIT_POS as usize;
+    #[unroll]
+    for it in 0..per {
+        let g = tid + it * nt;
+        if g < tiles {
+            let x = g / dgroups;
+            let dg = g % dgroups;
+            let base = it * pr * pd;
+            #[unroll]
+            for i in 0..pr {
+                #[unroll]
+                for u in 0..pd {
+                    acc[base + i * pd + u] += buf[(x * pr + i) * os + dg + dgroups * u];
                 }
             }
         }

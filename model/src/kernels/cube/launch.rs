@@ -86,8 +86,79 @@ enum Pass {
     Dkdv,
 }
 
-/// The largest tiles that fit the shared-memory budget.
-fn tiling(p: &Problem, pass: Pass, budget: usize) -> Option<Tiling> {
+/// The tensor-core tile element for storage `dtype` on this device and its size in bytes:
+/// bf16 / f16 itself (16 × 16 × 16 fragments, CUDA from sm_70), tf32 for f32 (16 × 16 × 8,
+/// sm_80); `None` where the device lists neither (WGSL) or `NSA_MMA=0` asks for the scalar
+/// products.
+fn mma_elem<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    dtype: DType,
+) -> Option<(StorageType, usize)> {
+    let (elem, bytes, k): (StorageType, usize, u32) = match dtype {
+        DType::BF16 | DType::F16 => (dtype.into(), 2, 16),
+        DType::F32 => (
+            cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::TF32).into(),
+            4,
+            8,
+        ),
+        _ => return None,
+    };
+    let config = cubecl::ir::features::MmaConfig {
+        a_type: elem,
+        b_type: elem,
+        cd_type: DType::F32.into(),
+        m: 16,
+        n: 16,
+        k,
+    };
+    client
+        .properties()
+        .features
+        .matmul
+        .cmma
+        .contains(&config)
+        .then_some((elem, bytes))
+}
+
+/// The kernels that may use tensor cores: `NSA_MMA` unset or `1`: all; `0`: none; else a
+/// comma-separated subset of `fwd`, `dq`, `dkdv` (to compare and to isolate them).
+fn mma_wanted(pass: Pass) -> bool {
+    static PASSES: OnceLock<[bool; 3]> = OnceLock::new();
+    let passes = PASSES.get_or_init(|| match std::env::var("NSA_MMA").as_deref() {
+        Err(_) | Ok("1") => [true; 3],
+        Ok(list) => ["fwd", "dq", "dkdv"].map(|name| list.split(',').any(|p| p.trim() == name)),
+    });
+    passes[pass as usize]
+}
+
+/// [`mma_elem`] for `pass`, where [`mma_wanted`].
+fn mma_for<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    dtype: DType,
+    pass: Pass,
+) -> Option<(StorageType, usize)> {
+    mma_elem(client, dtype).filter(|_| mma_wanted(pass))
+}
+
+/// Keys per chunk of the selected forward and dq kernels (one query position per cube):
+/// 64, or `NSA_SELECTED_CHUNK` (a power of two from 8 to 64, to measure the trade between
+/// shared memory per cube, i.e. cubes per multiprocessor, and barriers per key).
+fn selected_chunk() -> usize {
+    static CHUNK: OnceLock<usize> = OnceLock::new();
+    *CHUNK.get_or_init(|| {
+        std::env::var("NSA_SELECTED_CHUNK")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|c| c.is_power_of_two() && (8..=64).contains(c))
+            .unwrap_or(64)
+    })
+}
+
+/// The largest tiles that fit the shared-memory budget; `mma`: the bytes of the tensor-core
+/// tile element where the device has one ([`mma_for`]), used where the shapes are multiples
+/// of the fragment (all but the selected forward and dq, which have one query position per
+/// cube).
+fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<Tiling> {
     let gk = p.gk();
     let select = p.select.filter(|_| matches!(pass, Pass::Fwd));
     let sel = match (p.mode, select) {
@@ -96,7 +167,8 @@ fn tiling(p: &Problem, pass: Pass, budget: usize) -> Option<Tiling> {
         _ => 1,
     };
     let mut kc = match (p.mode, select) {
-        (SELECTED, _) => p.sel.min(64),
+        (SELECTED, _) if matches!(pass, Pass::Dkdv) => p.sel.min(64),
+        (SELECTED, _) => p.sel.min(selected_chunk()),
         // chunks of whole selection blocks
         (_, Some(s)) => s.pf * (32 / s.pf).max(1),
         _ => 32,
@@ -128,6 +200,20 @@ fn tiling(p: &Problem, pass: Pass, budget: usize) -> Option<Tiling> {
             pr: 1,
             pd: 1,
             tpr: 1,
+            mma: false,
+            hb: mma.unwrap_or(2),
+        };
+        let frag = super::mma::FRAG;
+        let t = Tiling {
+            mma: mma.is_some()
+                && match pass {
+                    // one query position per cube in the selected forward and dq
+                    Pass::Fwd | Pass::Dq => p.mode != SELECTED && t.rows().is_multiple_of(frag),
+                    Pass::Dkdv => t.bwd_rows().is_multiple_of(frag),
+                }
+                && kc.is_multiple_of(frag)
+                && p.d.is_multiple_of(frag),
+            ..t
         };
         let t = match pass {
             Pass::Fwd | Pass::Dq => t.with_register_tiles(),
@@ -169,7 +255,7 @@ pub fn supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &Problem) -> bool
     let budget = shared_budget(client);
     [Pass::Fwd, Pass::Dq, Pass::Dkdv]
         .iter()
-        .all(|&pass| tiling(p, pass, budget).is_some())
+        .all(|&pass| tiling(p, pass, budget, None).is_some())
         && p.h.is_multiple_of(p.kvh)
         && p.h.is_multiple_of(p.gq)
         // entries `(head * n + t) * count + slot` and row offsets `(b * h + head) * n + t`
@@ -256,7 +342,10 @@ pub fn forward<R: CubeRuntime>(
 ) -> Forward<R> {
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let dtype = q.dtype;
-    let t = tiling(p, Pass::Fwd, shared_budget(&q.client)).expect("checked by `supported`");
+    let mma = mma_for(&q.client, dtype, Pass::Fwd);
+    let budget = shared_budget(&q.client);
+    let t = tiling(p, Pass::Fwd, budget, mma.map(|m| m.1)).expect("checked by `supported`");
+    let tile_elem = mma.map_or(dtype.into(), |m| m.0);
     let idx = idx
         .map(into_contiguous)
         .unwrap_or_else(|| dummy(&q, int_dtype));
@@ -300,7 +389,7 @@ pub fn forward<R: CubeRuntime>(
             p.select.map_or(0, |s| s.fine),
             p.scale as f32,
             t,
-            [dtype.into(), idt.into()],
+            [dtype.into(), idt.into(), tile_elem],
         );
     }
     Forward {
@@ -361,7 +450,9 @@ pub fn backward<R: CubeRuntime>(
     }
 
     // dq (and dgates)
-    let t = tiling(p, Pass::Dq, budget).expect("checked by `supported`");
+    let mma = mma_for(&client, dtype, Pass::Dq);
+    let t = tiling(p, Pass::Dq, budget, mma.map(|m| m.1)).expect("checked by `supported`");
+    let tile_elem = mma.map_or(dtype.into(), |m| m.0);
     let dq = empty(&q, vec![p.b, p.h, p.n, p.d], dtype);
     let dgates = if gated {
         empty(&q, vec![p.b, p.groups(), p.n, p.count], dtype)
@@ -393,12 +484,14 @@ pub fn backward<R: CubeRuntime>(
             p.mem,
             p.scale as f32,
             t,
-            [dtype.into(), idt.into()],
+            [dtype.into(), idt.into(), tile_elem],
         );
     }
 
     // the queries of every key block (selected mode)
-    let t = tiling(p, Pass::Dkdv, budget).expect("checked by `supported`");
+    let mma = mma_for(&client, dtype, Pass::Dkdv);
+    let t = tiling(p, Pass::Dkdv, budget, mma.map(|m| m.1)).expect("checked by `supported`");
+    let tile_elem = mma.map_or(dtype.into(), |m| m.0);
     let nb = p.nk.div_ceil(p.sel.max(1));
     let (offsets, entries) = if p.mode == SELECTED && p.count > 0 {
         csr(&idx, p, nb)
@@ -442,7 +535,7 @@ pub fn backward<R: CubeRuntime>(
             p.mem,
             p.scale as f32,
             t,
-            dtype.into(),
+            [dtype.into(), tile_elem],
         );
     }
     let dk = empty(&dk_part, vec![p.b, p.kvh, p.nk, p.d], dtype);

@@ -10,6 +10,7 @@ mod decode;
 #[cfg(feature = "fusion")]
 mod fusion;
 mod launch;
+mod mma;
 mod reduce;
 mod rows;
 mod sample;
