@@ -183,6 +183,13 @@ for phase in "$@"; do
     final)
       # the layer table of BENCHMARKS.md: ours (tensor-core kernels where the device has them)
       # and, in the same call, PyTorch SDPA and the reference NSA layer; the training steps
+      # kernels against the tensor ops: the layer, and the seed model's (8 heads, no
+      # GQA, blocks of 16: the shapes where the training step's kernels use tf32 fragments)
+      run final-check 90 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 1k \
+        --precisions bf16,f32 --json "$OUT/final-check.json"
+      run final-check-seed 90 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 256,1k,4k \
+        --precisions f32,bf16 --dim 512 --heads 8 --kv-heads 8 --compress-block 16 --stride 16 \
+        --selection-block 16 --selected 4 --window 16 --json "$OUT/final-check-seed.json"
       run final-layer 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa \
         --lengths 4k,16k,64k,128k --precisions bf16,f32 --passes fwd,fwd+bwd --runs 3 \
         --warmup 1 --row-timeout 100 --json "$OUT/final-layer.json"

@@ -88,14 +88,16 @@ enum Pass {
 
 /// The tensor-core tile element for storage `dtype` on this device and its size in bytes:
 /// bf16 / f16 itself (16 × 16 × 16 fragments, CUDA from sm_70), tf32 for f32 (16 × 16 × 8,
-/// sm_80); `None` where the device lists neither (WGSL) or `NSA_MMA=0` asks for the scalar
-/// products.
+/// sm_80, unless [`crate::tensor_util::exact_matmul`] is on); `None` where the device lists
+/// neither (WGSL).
 fn mma_elem<R: CubeRuntime>(
     client: &ComputeClient<R>,
     dtype: DType,
 ) -> Option<(StorageType, usize)> {
     let (elem, bytes, k): (StorageType, usize, u32) = match dtype {
         DType::BF16 | DType::F16 => (dtype.into(), 2, 16),
+        // f32-exact products asked for (`--exact-matmul`): no TF32 operands here either
+        DType::F32 if crate::tensor_util::exact_matmul() => return None,
         DType::F32 => (
             cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::TF32).into(),
             4,
@@ -140,20 +142,6 @@ fn mma_for<R: CubeRuntime>(
     mma_elem(client, dtype).filter(|_| mma_wanted(pass))
 }
 
-/// Keys per chunk of the selected forward and dq kernels (one query position per cube):
-/// 64, or `NSA_SELECTED_CHUNK` (a power of two from 8 to 64, to measure the trade between
-/// shared memory per cube, i.e. cubes per multiprocessor, and barriers per key).
-fn selected_chunk() -> usize {
-    static CHUNK: OnceLock<usize> = OnceLock::new();
-    *CHUNK.get_or_init(|| {
-        std::env::var("NSA_SELECTED_CHUNK")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|c| c.is_power_of_two() && (8..=64).contains(c))
-            .unwrap_or(64)
-    })
-}
-
 /// The largest tiles that fit the shared-memory budget; `mma`: the bytes of the tensor-core
 /// tile element where the device has one ([`mma_for`]), used where the shapes are multiples
 /// of the fragment (all but the selected forward and dq, which have one query position per
@@ -167,8 +155,7 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
         _ => 1,
     };
     let mut kc = match (p.mode, select) {
-        (SELECTED, _) if matches!(pass, Pass::Dkdv) => p.sel.min(64),
-        (SELECTED, _) => p.sel.min(selected_chunk()),
+        (SELECTED, _) => p.sel.min(64),
         // chunks of whole selection blocks
         (_, Some(s)) => s.pf * (32 / s.pf).max(1),
         _ => 32,
@@ -226,6 +213,21 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
         };
         if bytes <= budget {
             return Some(t);
+        }
+        if t.mma {
+            // stay tensor-core sized: chunks down to one fragment, then fewer rows
+            let rows = match pass {
+                Pass::Dkdv => t.bwd_rows(),
+                Pass::Fwd | Pass::Dq => t.rows(),
+            };
+            if kc >= 2 * frag && select.is_none_or(|s| (kc / 2).is_multiple_of(s.pf)) {
+                kc /= 2;
+                continue;
+            }
+            if tq > 1 && (rows / 2).is_multiple_of(frag) {
+                tq /= 2;
+                continue;
+            }
         }
         if let Some(s) = select {
             // keep whole selection blocks per chunk
