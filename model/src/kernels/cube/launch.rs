@@ -87,9 +87,9 @@ enum Pass {
 }
 
 /// The tensor-core tile element for storage `dtype` on this device and its size in bytes:
-/// bf16 / f16 itself (16 × 16 × 16 fragments, CUDA from sm_70), tf32 for f32 (16 × 16 × 8,
-/// sm_80, unless [`crate::tensor_util::exact_matmul`] is on); `None` where the device lists
-/// neither (WGSL).
+/// bf16 / f16 itself (16 × 16 × 16 fragments), tf32 for f32 (16 × 16 × 8, unless
+/// [`crate::tensor_util::exact_matmul`] is on), where CubeCL lists the fragment for the device
+/// (CUDA's WMMA; checked on an H200); `None` elsewhere (WGSL has none).
 fn mma_elem<R: CubeRuntime>(
     client: &ComputeClient<R>,
     dtype: DType,

@@ -5,9 +5,9 @@
 //!
 //! The attention kernels call [`mma_tiles`] for their products (scores `Q Kᵀ`, outputs `P V`,
 //! the gradients' `dO Vᵀ`, `dS K`, `Pᵀ dO`, `dSᵀ Q`) when [`super::attn::Tiling::mma`] is set,
-//! which the host does only where the device lists the instruction (`features.matmul.cmma`:
-//! CUDA from sm_70 for bf16/f16, sm_80 for tf32; not WGSL). The scalar products stay the path
-//! of every other device.
+//! which the host does only where CubeCL lists the fragment for the device
+//! (`features.matmul.cmma`: CUDA's WMMA, checked on an H200; WGSL has none). The scalar
+//! products stay the path of every other device.
 //!
 //! Strides: WMMA wants row strides that are multiples of 16 bytes and fragment pointers aligned
 //! to 32 bytes, which the strides of [`tile_stride`] / [`acc_stride`] and the fragment offsets
