@@ -40,6 +40,18 @@ impl HostTensor {
         Self { shape, values }
     }
 
+    /// Element-wise comparison with `reference` ([`crate::compare::Comparison`]; a shape
+    /// mismatch is an error, a non-finite value on either side a failed comparison).
+    pub fn compare(
+        &self,
+        reference: &HostTensor,
+    ) -> Result<crate::compare::Comparison, crate::compare::CompareError> {
+        crate::compare::Comparison::of_shaped(
+            (&self.shape, &self.values),
+            (&reference.shape, &reference.values),
+        )
+    }
+
     fn transposed(&self) -> Self {
         let (r, c) = (self.shape[0], self.shape[1]);
         let mut values = vec![0.0; r * c];

@@ -10,6 +10,7 @@
 
 pub mod attend;
 pub mod cache;
+pub mod compare;
 pub mod compress;
 pub mod config;
 pub mod full;
@@ -28,10 +29,11 @@ pub mod tensor_util;
 pub mod transformer;
 
 pub use cache::Cache;
+pub use compare::{CompareError, Comparison};
 pub use config::{AttentionKind, ConfigError, NsaConfig, SparseSettings, TransformerConfig};
 pub use full::FullAttention;
-pub use generate::GenerateError;
+pub use generate::{GenerateError, Generated};
 pub use inspect::LayerSelection;
 pub use nsa::SparseAttention;
-pub use sampling::{Sampling, SamplingError, SplitMix64, TopK};
+pub use sampling::{Repetition, Sampling, SamplingError, SplitMix64, TopK};
 pub use transformer::{cross_entropy, Attention, Transformer};

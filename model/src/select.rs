@@ -76,16 +76,26 @@ pub fn importance<B: Backend>(
 }
 
 /// Picks the top blocks from [`importance`] probabilities.
+///
+/// **Ties**: blocks are ranked by descending importance, and of two blocks with exactly the
+/// same importance the one with the lower index ranks first. Every implementation applies this
+/// rule: [`top_blocks`] here, and the kernels (the `top_k`, compressed-and-selection and decode
+/// kernels on CUDA/wgpu, the CPU decode step), which rank the logits before the softmax: the
+/// same order, except that two different logits whose probabilities round to the same float
+/// are a tie here and ordered by logit there. The reference (`torch.topk`) leaves the order of
+/// ties unspecified; on the CPU it keeps whichever tied blocks its partial sort lands on, often
+/// not the lowest indices, so a config with exact ties (e.g. compression and selection blocks
+/// of one token over repeated tokens) may select other blocks than the reference does.
 pub fn select_top<B: Backend>(probs: Tensor<B, 4>, config: &NsaConfig) -> Option<Selection<B>> {
     let fine = probs.dims()[3];
     let n = config.num_selected_blocks.min(fine);
     if n == 0 {
         return None;
     }
-    // on GPUs a kernel: Burn's default top-k sorts on the host (a device sync per layer and
-    // decode step); the kernel has no backward, so tracked (training) tensors keep Burn's
+    // on GPUs a kernel (Burn's default top-k sorts on the host: a device sync per layer and
+    // decode step); the kernel has no backward, so tracked (training) tensors take the host's
     let fused = crate::kernels::get::<B>().and_then(|k| k.top_k(&probs, n));
-    let (values, indices) = fused.unwrap_or_else(|| probs.topk_with_indices(n, 3));
+    let (values, indices) = fused.unwrap_or_else(|| top_blocks(probs, n));
     let valid = values.clone().greater_elem(1e-10);
     let scores = if config.use_diff_topk {
         // straight-through: forward value 1, gradient of the probability
@@ -98,6 +108,32 @@ pub fn select_top<B: Backend>(probs: Tensor<B, 4>, config: &NsaConfig) -> Option
         scores,
         valid,
     })
+}
+
+/// The `n` largest values of every row of `x` `[batch, heads, seq, len]` and their indices,
+/// largest first, exact ties broken by the lower index ([`select_top`]'s rule) →
+/// (`[batch, heads, seq, n]`, `[batch, heads, seq, n]`). Ranked on the host in f64 (exact for
+/// every float type), the values gathered from `x` so that they stay differentiable. Burn's
+/// `topk_with_indices` leaves the order of ties to an unstable sort.
+pub fn top_blocks<B: Backend>(x: Tensor<B, 4>, n: usize) -> (Tensor<B, 4>, Tensor<B, 4, Int>) {
+    let [b, h, s, len] = x.dims();
+    let n = n.min(len);
+    let host = x
+        .to_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("f64 data after convert");
+    let mut indices = Vec::with_capacity(b * h * s * n);
+    let mut order: Vec<usize> = Vec::with_capacity(len);
+    for row in host.chunks_exact(len.max(1)) {
+        order.clear();
+        order.extend(0..len);
+        order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+        indices.extend(order[..n].iter().map(|&i| i as i64));
+    }
+    let device = x.device();
+    let indices = Tensor::<B, 4, Int>::from_data(TensorData::new(indices, [b, h, s, n]), &device);
+    (x.gather(3, indices.clone()), indices)
 }
 
 /// Fine attention of rotated `q` `[batch, heads, seq, dim_head]` over rotated `k` and `v`
@@ -309,4 +345,27 @@ pub fn fine_attention_step<B: Backend>(
     attend(fq, keys, values, Some(blocked), scale)
         .out
         .reshape([b, h, 1, d])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    /// Exact ties in rows longer than 20 (where Burn's unstable host sort stops being an
+    /// insertion sort and returned tied indices in any order): the lower index first.
+    #[test]
+    fn ties_keep_the_lower_index() {
+        let device = Default::default();
+        let len = 40;
+        // five distinct levels, eight blocks each: 0.5 at 0, 5, 10, ...; 0.9 at 3, 8, 13, ...
+        let row: Vec<f32> = (0..len).map(|i| [0.5, 0.1, 0.2, 0.9, 0.3][i % 5]).collect();
+        let x = Tensor::<NdArray, 4>::from_data(TensorData::new(row, [1, 1, 1, len]), &device);
+        let config = NsaConfig::new(16, 4, 1, 4, 4, 4, 4, 11);
+        let s = select_top(x, &config).expect("blocks to select");
+        let indices: Vec<i64> = s.indices.into_data().convert::<i64>().to_vec().unwrap();
+        assert_eq!(indices, vec![3, 8, 13, 18, 23, 28, 33, 38, 0, 5, 10]);
+        let values: Vec<f32> = s.scores.into_data().to_vec().unwrap();
+        assert_eq!(&values[7..9], &[0.9, 0.5]);
+    }
 }

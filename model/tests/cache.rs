@@ -65,11 +65,11 @@ fn cached_decoding_equals_recompute() {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, total]), &device);
         let full = model.forward(ids.clone());
         let (logits, mut cache) = model.prefill(ids.clone().narrow(1, 0, prompt), 4);
+        // infinite when either side has a NaN or infinity
         let diff = |a: Vec<f32>, b: Vec<f32>| {
-            a.iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0f32, f32::max)
+            nsa_model::Comparison::of(&a, &b)
+                .expect("same length")
+                .max_abs
         };
         let prefill_err = diff(
             host(logits.narrow(1, prompt - 1, 1).reshape([batch, 40])),
