@@ -4,7 +4,7 @@
 
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{gelu, log_softmax};
+use burn::tensor::activation::log_softmax;
 
 use crate::cache::{Cache, LayerCache};
 use crate::config::{AttentionKind, ConfigError, TransformerConfig};
@@ -94,7 +94,10 @@ impl<B: Backend> FeedForward<B> {
 
     /// `[..., dim]` → `[..., dim]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(&self.fc2, gelu(linear(&self.fc1, self.norm.forward(x))))
+        linear(
+            &self.fc2,
+            crate::tensor_util::gelu(linear(&self.fc1, self.norm.forward(x))),
+        )
     }
 
     /// `x + forward(x)` for the rows of a decode step `[batch, 1, dim]`: two operations where
