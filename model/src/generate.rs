@@ -37,6 +37,16 @@ pub enum GenerateError {
 /// arrive.
 pub const READ_EVERY: usize = 64;
 
+/// One generated token, as [`Transformer::generate_with`] hands it over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Generated {
+    /// The token id.
+    pub id: u32,
+    /// Its natural log-probability under the model (the softmax of the raw logits, before
+    /// temperature, filters or penalty), when asked for.
+    pub logprob: Option<f64>,
+}
+
 impl<B: Backend> Transformer<B> {
     /// Generates up to `max_new` tokens after `prompt` (one sequence). `on_token` sees every new
     /// token and may stop generation by returning `false`. Returns the new tokens.
@@ -47,6 +57,20 @@ impl<B: Backend> Transformer<B> {
         sampling: &Sampling,
         seed: u64,
         mut on_token: impl FnMut(u32) -> bool,
+    ) -> Result<Vec<u32>, GenerateError> {
+        self.generate_with(prompt, max_new, sampling, seed, false, |g| on_token(g.id))
+    }
+
+    /// [`Transformer::generate`], handing each token with its log-probability when `logprobs`
+    /// (which reads every step's logits on the host: no device sampling then).
+    pub fn generate_with(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        sampling: &Sampling,
+        seed: u64,
+        logprobs: bool,
+        mut on_token: impl FnMut(Generated) -> bool,
     ) -> Result<Vec<u32>, GenerateError> {
         sampling.validate()?;
         if prompt.is_empty() {
@@ -67,7 +91,9 @@ impl<B: Backend> Transformer<B> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
         let (logits, mut cache) = self.prefill(ids, max_new);
         let mut last = logits.narrow(1, n - 1, 1).reshape([1, vocab]);
-        let on_device = crate::kernels::get::<B>().zip(sampling.device_rule(vocab));
+        let on_device = crate::kernels::get::<B>()
+            .zip(sampling.device_rule(vocab))
+            .filter(|_| !logprobs);
         if let Some((kernels, rule)) = on_device {
             // ids stay on the device; read in growing chunks
             let mut pending = Vec::with_capacity(READ_EVERY);
@@ -95,15 +121,27 @@ impl<B: Backend> Transformer<B> {
                 return Ok(out);
             }
         }
+        let mut history = if sampling.needs_history() {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
         loop {
             let row = last
                 .into_data()
                 .convert::<f32>()
                 .into_vec::<f32>()
                 .expect("f32 logits");
-            let token = sampling.sample(&row, &mut rng) as u32;
+            let token = if sampling.needs_history() {
+                let t = sampling.sample_after(&row, &history, &mut rng) as u32;
+                history.push(t);
+                t
+            } else {
+                sampling.sample(&row, &mut rng) as u32
+            };
             out.push(token);
-            if !on_token(token) || out.len() == max_new {
+            let logprob = logprobs.then(|| log_probability(&row, token as usize));
+            if !on_token(Generated { id: token, logprob }) || out.len() == max_new {
                 return Ok(out);
             }
             let id =
@@ -115,12 +153,29 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
+/// `ln softmax(row)[id]`, in f64 (NaN logits count as `-inf`).
+pub fn log_probability(row: &[f32], id: usize) -> f64 {
+    let clean = |x: f32| {
+        if x.is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            x as f64
+        }
+    };
+    let max = row
+        .iter()
+        .map(|&x| clean(x))
+        .fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = row.iter().map(|&x| (clean(x) - max).exp()).sum();
+    clean(row[id]) - max - sum.ln()
+}
+
 /// Reads the sampled ids of `pending` (in order) into `out` and hands each to `on_token`;
 /// `true` when generation is over (stopped by the callback or `max_new` reached).
 fn deliver<B: Backend>(
     pending: &mut Vec<Tensor<B, 1, Int>>,
     out: &mut Vec<u32>,
-    on_token: &mut impl FnMut(u32) -> bool,
+    on_token: &mut impl FnMut(Generated) -> bool,
     max_new: usize,
 ) -> bool {
     if pending.is_empty() {
@@ -133,7 +188,11 @@ fn deliver<B: Backend>(
         .expect("integer ids");
     for id in ids {
         out.push(id as u32);
-        if !on_token(id as u32) || out.len() == max_new {
+        let token = Generated {
+            id: id as u32,
+            logprob: None,
+        };
+        if !on_token(token) || out.len() == max_new {
             return true;
         }
     }

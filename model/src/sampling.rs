@@ -1,6 +1,12 @@
 //! Choosing the next token from logits: greedy, temperature, top-k (as the reference's `thres`
-//! fraction or as a count), top-p, and the reference's Gumbel sampling (`argmax(logits /
-//! temperature + gumbel noise)`), seeded for reproducible output.
+//! fraction or as a count), top-p, min-p, a repetition penalty, and the reference's Gumbel
+//! sampling (`argmax(logits / temperature + gumbel noise)`), seeded for reproducible output.
+//!
+//! The order of the rules: the repetition penalty changes the logits of recent tokens, then
+//! top-k keeps the most likely tokens, min-p those of them at least `min_p` times as likely as
+//! the most likely one (after the temperature), top-p the nucleus of what is left, and the
+//! Gumbel-max draw picks among the rest. Top-p, min-p and the penalty run on the host; the
+//! device sampler covers greedy, temperature and top-k.
 //!
 //! The noise of token `i` is a hash of `(key, i)` ([`gumbel_noise`]) with one 64-bit key drawn
 //! per sampled token, so the same rule runs on the device without a random stream
@@ -29,6 +35,23 @@ pub struct Sampling {
     pub top_k: Option<TopK>,
     /// Optional nucleus filter: keep the most likely tokens whose probabilities add up to `p`.
     pub top_p: Option<f64>,
+    /// Optional min-p filter: keep the tokens whose probability (at the temperature) is at
+    /// least this fraction of the most likely token's.
+    #[serde(default)]
+    pub min_p: Option<f64>,
+    /// Optional repetition penalty (llama.cpp's `repeat_penalty`): a token among the recent
+    /// ones has its logit divided by it when positive, multiplied when negative.
+    #[serde(default)]
+    pub repetition: Option<Repetition>,
+}
+
+/// The repetition penalty of [`Sampling`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Repetition {
+    /// Penalty, > 0 (1 = none, > 1 discourages repeats).
+    pub penalty: f64,
+    /// How many of the most recent tokens (prompt included) count.
+    pub last_n: usize,
 }
 
 impl Default for Sampling {
@@ -37,6 +60,8 @@ impl Default for Sampling {
             temperature: 1.0,
             top_k: Some(TopK::Threshold(0.9)),
             top_p: None,
+            min_p: None,
+            repetition: None,
         }
     }
 }
@@ -56,6 +81,12 @@ pub enum SamplingError {
     /// Top-p outside `(0, 1]`.
     #[error("top-p must be in (0, 1], got {0}")]
     TopP(f64),
+    /// Min-p outside `[0, 1]`.
+    #[error("min-p must be in [0, 1], got {0}")]
+    MinP(f64),
+    /// Repetition penalty not a finite number > 0.
+    #[error("the repetition penalty must be a finite number > 0 (1 = none), got {0}")]
+    Penalty(f64),
 }
 
 impl Sampling {
@@ -64,7 +95,7 @@ impl Sampling {
         Self {
             temperature: 0.0,
             top_k: None,
-            top_p: None,
+            ..Self::default()
         }
     }
 
@@ -85,7 +116,52 @@ impl Sampling {
                 return Err(SamplingError::TopP(p));
             }
         }
+        if let Some(p) = self.min_p {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(SamplingError::MinP(p));
+            }
+        }
+        if let Some(r) = self.repetition {
+            if !(r.penalty.is_finite() && r.penalty > 0.0) {
+                return Err(SamplingError::Penalty(r.penalty));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the choice depends on the tokens before it (a repetition penalty is set).
+    pub fn needs_history(&self) -> bool {
+        self.repetition
+            .is_some_and(|r| r.penalty != 1.0 && r.last_n > 0)
+    }
+
+    /// [`Sampling::sample`] after the tokens `history` (prompt and generated, oldest first):
+    /// the repetition penalty applies to the last `last_n` of them.
+    pub fn sample_after(&self, logits: &[f32], history: &[u32], rng: &mut SplitMix64) -> usize {
+        match self.penalised(logits, history) {
+            Some(row) => self.sample(&row, rng),
+            None => self.sample(logits, rng),
+        }
+    }
+
+    /// `logits` with the repetition penalty applied to the recent tokens of `history`; `None`
+    /// when there is no penalty.
+    fn penalised(&self, logits: &[f32], history: &[u32]) -> Option<Vec<f32>> {
+        if !self.needs_history() {
+            return None;
+        }
+        let r = self.repetition?;
+        let mut row = logits.to_vec();
+        let recent = &history[history.len().saturating_sub(r.last_n)..];
+        let mut seen = std::collections::HashSet::new();
+        let p = r.penalty as f32;
+        for &t in recent {
+            let t = t as usize;
+            if t < row.len() && seen.insert(t) {
+                row[t] = if row[t] > 0.0 { row[t] / p } else { row[t] * p };
+            }
+        }
+        Some(row)
     }
 
     /// Picks a token from `logits` (one row). NaN logits count as `-inf`.
@@ -120,6 +196,17 @@ impl Sampling {
         } else {
             top_k_in_index_order(logits.len(), k, key)
         };
+        let mut keep = keep;
+        if let Some(min_p) = self.min_p.filter(|&p| p > 0.0) {
+            // p_i >= min_p * p_max  <=>  logit_i / T >= logit_max / T + ln(min_p)
+            let inv_t = 1.0 / self.temperature.max(1e-10);
+            let max = keep
+                .iter()
+                .map(|&i| key(i) as f64)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let floor = max * inv_t + min_p.ln();
+            keep.retain(|&i| key(i) as f64 * inv_t >= floor);
+        }
         let mut n = keep.len();
         if let Some(p) = self.top_p {
             let scaled: Vec<f64> = keep
@@ -152,10 +239,10 @@ impl Sampling {
         best.0
     }
 
-    /// This rule as the device sampler runs it, for a vocabulary of `vocab`: `None` with top-p
-    /// (host only).
+    /// This rule as the device sampler runs it, for a vocabulary of `vocab`: `None` with top-p,
+    /// min-p or a repetition penalty (host only).
     pub fn device_rule(&self, vocab: usize) -> Option<DeviceSampling> {
-        if self.top_p.is_some() {
+        if self.top_p.is_some() || self.min_p.is_some_and(|p| p > 0.0) || self.needs_history() {
             return None;
         }
         Some(DeviceSampling {
@@ -307,6 +394,7 @@ mod tests {
             temperature: 1.0,
             top_k: None,
             top_p: Some(0.7),
+            ..Sampling::default()
         };
         let mut rng = SplitMix64(3);
         let mut counts = [0usize; 4];
@@ -344,6 +432,7 @@ mod tests {
             temperature: 0.8,
             top_k: Some(TopK::Count(10)),
             top_p: None,
+            ..Sampling::default()
         };
         let run = |seed| {
             let mut rng = SplitMix64(seed);
@@ -353,6 +442,69 @@ mod tests {
         };
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn min_p_keeps_tokens_near_the_most_likely() {
+        // probabilities 0.5, 0.3, 0.15, 0.05: min-p 0.25 keeps 0.5 and 0.3 (>= 0.125) and 0.15
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.15f32.ln(), 0.05f32.ln()];
+        let s = Sampling {
+            top_k: None,
+            min_p: Some(0.25),
+            ..Sampling::default()
+        };
+        assert!(s.device_rule(4).is_none(), "min-p runs on the host");
+        let mut rng = SplitMix64(4);
+        let mut counts = [0usize; 4];
+        for _ in 0..6000 {
+            counts[s.sample(&logits, &mut rng)] += 1;
+        }
+        assert_eq!(counts[3], 0, "{counts:?}");
+        let p0 = counts[0] as f64 / 6000.0;
+        assert!((p0 - 0.5 / 0.95).abs() < 0.03, "{p0}");
+        // min-p 1 is greedy among the most likely
+        let s = Sampling {
+            min_p: Some(1.0),
+            ..s
+        };
+        assert!((0..50).all(|_| s.sample(&logits, &mut rng) == 0));
+    }
+
+    #[test]
+    fn the_repetition_penalty_discourages_recent_tokens() {
+        let logits = [2.0f32, 1.9, -1.0, 0.5];
+        let greedy = Sampling {
+            repetition: Some(Repetition {
+                penalty: 1.5,
+                last_n: 2,
+            }),
+            ..Sampling::greedy()
+        };
+        let mut rng = SplitMix64(1);
+        // token 0 is recent: 2.0 / 1.5 < 1.9
+        assert_eq!(greedy.sample_after(&logits, &[3, 0], &mut rng), 1);
+        // ... but not within the last 2 tokens here
+        assert_eq!(greedy.sample_after(&logits, &[0, 3, 2], &mut rng), 0);
+        // negative logits are multiplied, so they fall further
+        assert_eq!(greedy.penalised(&logits, &[2]).unwrap()[2], -1.5);
+        // a penalty of 1 changes nothing and keeps the device sampler
+        let none = Sampling {
+            repetition: Some(Repetition {
+                penalty: 1.0,
+                last_n: 64,
+            }),
+            ..Sampling::default()
+        };
+        assert!(!none.needs_history() && none.device_rule(4).is_some());
+        assert!(greedy.device_rule(4).is_none());
+        let bad = Sampling {
+            repetition: Some(Repetition {
+                penalty: 0.0,
+                last_n: 64,
+            }),
+            ..Sampling::default()
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]
