@@ -41,6 +41,8 @@ pub mod cube;
 #[cfg(feature = "kernels")]
 pub use cube::{force_dkdv_splits, register_cube};
 
+pub mod switches;
+
 #[cfg(feature = "flex")]
 pub mod flex;
 #[cfg(feature = "flex")]
@@ -447,10 +449,11 @@ pub fn enabled() -> bool {
         1 => true,
         2 => false,
         _ => {
-            let on = !matches!(
-                std::env::var("NSA_KERNELS").as_deref(),
-                Ok("0" | "off" | "false" | "no")
-            );
+            // an invalid value (refused by the binaries at start-up) leaves the default
+            let on = std::env::var("NSA_KERNELS")
+                .ok()
+                .and_then(|v| switches::parse_flag("NSA_KERNELS", &v).ok())
+                .unwrap_or(true);
             set_enabled(on);
             on
         }
@@ -463,10 +466,10 @@ pub fn enabled() -> bool {
 pub fn block_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
-        !matches!(
-            std::env::var("NSA_DECODE_BLOCK").as_deref(),
-            Ok("0" | "off" | "false" | "no")
-        )
+        std::env::var("NSA_DECODE_BLOCK")
+            .ok()
+            .and_then(|v| switches::parse_flag("NSA_DECODE_BLOCK", &v).ok())
+            .unwrap_or(true)
     })
 }
 

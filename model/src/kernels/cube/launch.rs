@@ -122,13 +122,17 @@ fn mma_elem<R: CubeRuntime>(
         .then_some((elem, bytes))
 }
 
-/// The kernels that may use tensor cores: `NSA_MMA` unset or `1`: all; `0`: none; else a
-/// comma-separated subset of `fwd`, `dq`, `dkdv` (to compare and to isolate them).
+/// The kernels that may use tensor cores: `NSA_MMA` unset or on: all; off: none; else a
+/// comma-separated subset of `fwd`, `dq`, `dkdv` (to compare and to isolate them;
+/// [`crate::kernels::switches::parse_mma`]; an invalid value, refused by the binaries, leaves
+/// all on).
 fn mma_wanted(pass: Pass) -> bool {
     static PASSES: OnceLock<[bool; 3]> = OnceLock::new();
-    let passes = PASSES.get_or_init(|| match std::env::var("NSA_MMA").as_deref() {
-        Err(_) | Ok("1") => [true; 3],
-        Ok(list) => ["fwd", "dq", "dkdv"].map(|name| list.split(',').any(|p| p.trim() == name)),
+    let passes = PASSES.get_or_init(|| {
+        std::env::var("NSA_MMA")
+            .ok()
+            .and_then(|v| crate::kernels::switches::parse_mma(&v).ok())
+            .unwrap_or([true; 3])
     });
     passes[pass as usize]
 }
@@ -301,7 +305,11 @@ fn dummy<R: CubeRuntime>(like: &CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
     type Entry = (TypeId, ThreadId, DType, Box<dyn Any + Send>);
     static DUMMIES: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
     static FRESH: OnceLock<bool> = OnceLock::new();
-    if *FRESH.get_or_init(|| std::env::var("NSA_FRESH_DUMMIES").is_ok_and(|v| v == "1")) {
+    if *FRESH.get_or_init(|| {
+        std::env::var("NSA_FRESH_DUMMIES").is_ok_and(|v| {
+            crate::kernels::switches::parse_flag("NSA_FRESH_DUMMIES", &v) == Ok(true)
+        })
+    }) {
         return empty(like, vec![1], dtype);
     }
     let (runtime, thread) = (TypeId::of::<R>(), std::thread::current().id());
