@@ -1,6 +1,11 @@
 //! Choosing the compute backend at run time: CUDA, wgpu (Vulkan / Metal / DX12) or the CPU
-//! (ndarray), all compiled into one binary (cargo features `cuda`, `wgpu`, `ndarray`, on by
-//! default).
+//! (Burn's flex or ndarray backend), all compiled into one binary (cargo features `cuda`,
+//! `wgpu`, `flex`, `ndarray`, on by default).
+//!
+//! The names on the command line ([`BACKEND_HELP`]) are `auto`, `cuda`, `wgpu`, `cpu` and
+//! `ndarray`: `cpu` is the fast CPU backend (Burn's flex when compiled in, else ndarray) and
+//! `ndarray` is Burn's ndarray backend, the slower reference CPU backend of the tests.
+//! `flex` (= `cpu`), `vulkan` and `metal` (= `wgpu`) are accepted but not listed.
 //!
 //! Code that runs on "some backend" implements [`OnBackend`] (inference) or
 //! [`OnAutodiffBackend`] (training): one generic method, monomorphised once per compiled-in
@@ -15,6 +20,14 @@ use std::str::FromStr;
 use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 
+/// The backend names every help text lists, in this order.
+pub const BACKEND_NAMES: &str = "auto, cuda, wgpu, cpu or ndarray";
+
+/// Help text of a `--backend` option (both binaries).
+pub const BACKEND_HELP: &str = "Backend: auto, cuda, wgpu, cpu or ndarray. auto tries CUDA, \
+     then a wgpu GPU adapter, then the CPU; cpu is the fast CPU backend (Burn's flex); ndarray \
+     is Burn's ndarray backend, the slower reference CPU backend of the tests";
+
 /// The backend asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendKind {
@@ -25,9 +38,11 @@ pub enum BackendKind {
     Cuda,
     /// wgpu: Vulkan, Metal or DX12, chosen by wgpu at run time.
     Wgpu,
-    /// The CPU through ndarray (the portable reference backend of the tests).
+    /// `ndarray`: the CPU through Burn's ndarray backend (the portable reference backend of
+    /// the tests; slower).
     Ndarray,
-    /// The CPU through burn-flex (`gemm`-based; faster matrix-vector products when decoding).
+    /// `cpu`: the CPU through Burn's flex backend (`gemm`-based, multi-threaded; the fast CPU
+    /// backend). Displayed as `cpu`; `flex` is accepted as a hidden alias.
     Flex,
 }
 
@@ -50,6 +65,22 @@ impl BackendKind {
             Self::Flex => cfg!(feature = "flex"),
         }
     }
+
+    /// The cargo feature that compiles the backend in.
+    pub fn feature(self) -> &'static str {
+        match self {
+            Self::Auto => "cuda,wgpu,flex",
+            Self::Cuda => "cuda",
+            Self::Wgpu => "wgpu",
+            Self::Ndarray => "ndarray",
+            Self::Flex => "flex",
+        }
+    }
+
+    /// Whether this is one of the CPU backends (`cpu`, `ndarray`).
+    pub fn is_cpu(self) -> bool {
+        matches!(self, Self::Ndarray | Self::Flex)
+    }
 }
 
 impl FromStr for BackendKind {
@@ -63,7 +94,7 @@ impl FromStr for BackendKind {
             "flex" => Ok(Self::Flex),
             "cpu" => Ok(Self::cpu()),
             other => Err(format!(
-                "unknown backend `{other}`: expected auto, cuda, wgpu, cpu, ndarray or flex"
+                "unknown backend `{other}`: expected {BACKEND_NAMES}"
             )),
         }
     }
@@ -76,7 +107,7 @@ impl fmt::Display for BackendKind {
             Self::Cuda => "cuda",
             Self::Wgpu => "wgpu",
             Self::Ndarray => "ndarray",
-            Self::Flex => "flex",
+            Self::Flex => "cpu",
         })
     }
 }
@@ -121,7 +152,10 @@ impl fmt::Display for Precision {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BackendError {
     /// The backend was not compiled into this binary.
-    #[error("backend `{0}` is not compiled into this binary (rebuild with `--features {0}`)")]
+    #[error(
+        "backend `{0}` is not compiled into this binary (rebuild with `--features {feature}`)",
+        feature = .0.feature()
+    )]
     NotCompiled(BackendKind),
     /// The backend is compiled in but cannot run here.
     #[error("backend `{kind}` is unavailable: {reason}")]
@@ -354,7 +388,7 @@ pub fn select_devices(kind: BackendKind, list: &DeviceList) -> Result<Selection,
         kind,
         index: Some(first),
     })?;
-    let cpu = matches!(selection.kind, BackendKind::Ndarray | BackendKind::Flex);
+    let cpu = selection.kind.is_cpu();
     let count = count_of(selection.kind)?;
     let devices = match list {
         DeviceList::All => (0..count).collect(),
@@ -724,7 +758,15 @@ mod tests {
         assert_eq!("CUDA".parse::<BackendKind>(), Ok(BackendKind::Cuda));
         assert_eq!("cpu".parse::<BackendKind>(), Ok(BackendKind::cpu()));
         assert_eq!("ndarray".parse::<BackendKind>(), Ok(BackendKind::Ndarray));
-        assert!("tpu".parse::<BackendKind>().unwrap_err().contains("tpu"));
+        assert_eq!("flex".parse::<BackendKind>(), Ok(BackendKind::Flex));
+        let err = "tpu".parse::<BackendKind>().unwrap_err();
+        assert!(err.contains("tpu"), "{err}");
+        assert!(
+            err.ends_with("expected auto, cuda, wgpu, cpu or ndarray"),
+            "{err}"
+        );
+        assert_eq!(BackendKind::Flex.to_string(), "cpu");
+        assert!(BACKEND_HELP.contains(BACKEND_NAMES));
         assert_eq!("bf16".parse::<Precision>(), Ok(Precision::Bf16));
         assert!("f8".parse::<Precision>().is_err());
     }

@@ -42,11 +42,16 @@ pub enum BundleError {
         /// The error.
         source: std::io::Error,
     },
-    /// Not a model directory.
+    /// Not a model directory; the hint names a model directory inside it, if there is one.
     #[error(
-        "{0}: not a model directory (expected {CONFIG_FILE}, {TOKENIZER_FILE} and {WEIGHTS_FILE})"
+        "{path}: not a model directory (expected {CONFIG_FILE}, {TOKENIZER_FILE} and {WEIGHTS_FILE}){hint}"
     )]
-    NotABundle(PathBuf),
+    NotABundle {
+        /// The directory.
+        path: PathBuf,
+        /// `"; ..."` or empty.
+        hint: String,
+    },
     /// Bad config.
     #[error("{path}: invalid model config: {reason}")]
     Config {
@@ -267,7 +272,10 @@ impl Bundle {
     /// Reads `dir` and checks that config, tokenizer and weights agree.
     pub fn read(dir: &Path) -> Result<Self, BundleError> {
         if !dir.is_dir() || !dir.join(CONFIG_FILE).exists() {
-            return Err(BundleError::NotABundle(dir.to_path_buf()));
+            return Err(BundleError::NotABundle {
+                path: dir.to_path_buf(),
+                hint: not_a_bundle_hint(dir),
+            });
         }
         let config = read_config(&dir.join(CONFIG_FILE))?;
         let tok_path = dir.join(TOKENIZER_FILE);
@@ -301,6 +309,45 @@ impl Bundle {
                 source,
             }
         })
+    }
+}
+
+/// The model config an exported weights file records in its safetensors metadata
+/// (`nsa_config`, written by [`write_weights`]); `None` for other files.
+pub fn recorded_config(path: &Path) -> Result<Option<TransformerConfig>, BundleError> {
+    if path.extension().is_none_or(|e| e != "safetensors") {
+        return Ok(None);
+    }
+    let bytes = fs::read(path).map_err(io(path))?;
+    let Ok((_, meta)) = SafeTensors::read_metadata(&bytes) else {
+        return Ok(None);
+    };
+    Ok(meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("nsa_config"))
+        .and_then(|json| serde_json::from_str(json).ok()))
+}
+
+/// What to say when `dir` is not a model directory: a training run's `best/` and `last/`
+/// bundles inside it, or that it does not exist.
+fn not_a_bundle_hint(dir: &Path) -> String {
+    if !dir.exists() {
+        return "; it does not exist".into();
+    }
+    let inside: Vec<String> = ["best", "last"]
+        .iter()
+        .map(|n| dir.join(n))
+        .filter(|d| d.join(CONFIG_FILE).exists())
+        .map(|d| d.display().to_string())
+        .collect();
+    match inside.as_slice() {
+        [] => String::new(),
+        [one] => format!("; it holds a training run: did you mean {one}?"),
+        [best, last] => format!(
+            "; it holds a training run: did you mean {best} (best validation loss) or {last} (newest)?"
+        ),
+        _ => unreachable!("at most two"),
     }
 }
 

@@ -21,6 +21,9 @@ use std::str::FromStr;
 use nsa_model::{AttentionKind, TransformerConfig};
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod toml_keys;
+use toml_keys::{failing_key, first_difference, merge, parse_error, parse_table, readable};
+
 /// The `tiny` preset (`assets/configs/tiny.toml`).
 pub const TINY_TOML: &str = include_str!("../../assets/configs/tiny.toml");
 /// The `seed` preset (`assets/configs/seed.toml`).
@@ -211,9 +214,14 @@ pub struct OptimConfig {
     /// Final learning rate as a fraction of `lr`.
     #[serde(default = "default_min_lr_ratio")]
     pub min_lr_ratio: f64,
-    /// Linear warmup steps (capped at `train.steps`).
+    /// Linear warmup steps (capped at the planned steps).
     #[serde(default)]
     pub warmup_steps: u64,
+    /// Steps the warmup + cosine schedule is planned over (default: `train.steps`). Set when a
+    /// resumed run changes `train.steps`, to the steps the run was planned with: the schedule
+    /// of those steps is kept and later steps run at its final learning rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_steps: Option<u64>,
     /// Decoupled weight decay.
     #[serde(default)]
     pub weight_decay: f64,
@@ -388,37 +396,6 @@ impl Overrides {
     }
 }
 
-fn parse_error(origin: &str, text: &str, e: &toml::de::Error) -> ConfigError {
-    let message = match e.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {}", e.message().trim())
-        }
-        None => e.message().trim().to_string(),
-    };
-    ConfigError::Parse {
-        origin: origin.to_string(),
-        message: message.replace('\n', " "),
-    }
-}
-
-fn parse_table(origin: &str, text: &str) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>()
-        .map_err(|e| parse_error(origin, text, &e))
-}
-
-/// Recursively replaces the values of `base` by those of `over` (tables are merged).
-fn merge(base: &mut toml::Table, over: toml::Table) {
-    for (key, value) in over {
-        match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
-            (_, value) => {
-                base.insert(key, value);
-            }
-        }
-    }
-}
-
 impl TrainConfig {
     /// A preset.
     pub fn preset(preset: Preset) -> Self {
@@ -467,24 +444,51 @@ impl TrainConfig {
             user = Some((origin, table));
         }
         let base = base_preset.unwrap_or_default();
-        let mut table = parse_table(base.name(), base.toml())?;
-        let origin = match user {
+        let preset_table = parse_table(base.name(), base.toml())?;
+        let mut table = preset_table.clone();
+        let (origin, user_table) = match user {
             Some((origin, over)) => {
-                merge(&mut table, over);
-                origin
+                merge(&mut table, over.clone());
+                (origin, Some(over))
             }
-            None => format!("preset {}", base.name()),
+            None => (format!("preset {}", base.name()), None),
         };
         let mut config: TrainConfig =
             toml::Value::Table(table)
                 .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    origin,
-                    message: e.message().trim().replace('\n', " "),
+                .map_err(|e: toml::de::Error| {
+                    // name the key: the first value of the file that alone breaks the preset
+                    let culprit = user_table
+                        .as_ref()
+                        .and_then(|user| failing_key(&preset_table, user));
+                    ConfigError::Parse {
+                        origin,
+                        message: match culprit {
+                            Some((key, message)) => format!("`{key}`: {message}"),
+                            None => readable(e.message()),
+                        },
+                    }
                 })?;
         config.apply(overrides);
         config.validate()?;
         Ok(config)
+    }
+
+    /// Keys a resumed run may change (`--steps`, `--eval-every`, `--sample-every`,
+    /// `--log-every`, and the schedule's length recorded when `--steps` changes).
+    pub const RESUMABLE_KEYS: [&'static str; 5] = [
+        "train.steps",
+        "train.eval_every",
+        "train.sample_every",
+        "train.log_every",
+        "optim.schedule_steps",
+    ];
+
+    /// The first key, other than [`Self::RESUMABLE_KEYS`], whose value differs between `self`
+    /// (a saved run) and `other`, as `key = value in the run, value here`; `None` when they
+    /// are the same recipe.
+    pub fn recipe_difference(&self, other: &TrainConfig) -> Option<String> {
+        first_difference(self, other, &Self::RESUMABLE_KEYS)
     }
 
     /// Applies command-line values.
@@ -568,6 +572,9 @@ impl TrainConfig {
         }
         positive("train.max_non_finite", None, t.max_non_finite)?;
         let o = &self.optim;
+        if let Some(n) = o.schedule_steps {
+            positive("optim.schedule_steps", None, n)?;
+        }
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return Err(bad(
                 "optim.lr",
@@ -745,6 +752,24 @@ mod tests {
     }
 
     #[test]
+    fn recipe_differences() {
+        let a = TrainConfig::preset(Preset::Tiny);
+        let mut b = a.clone();
+        b.train.steps += 10;
+        b.train.log_every = 1;
+        b.optim.schedule_steps = Some(3);
+        assert_eq!(a.recipe_difference(&b), None);
+        b.data.seq_len = 7;
+        let d = a.recipe_difference(&b).unwrap();
+        assert!(
+            d.starts_with("data.seq_len = ") && d.ends_with("7 here"),
+            "{d}"
+        );
+        let seed = TrainConfig::preset(Preset::Seed);
+        assert!(a.recipe_difference(&seed).is_some());
+    }
+
+    #[test]
     fn errors_name_the_option() {
         let dir = tempfile::tempdir().unwrap();
         let check = |text: &str, needles: &[&str]| {
@@ -765,6 +790,14 @@ mod tests {
         );
         check("[optim]\nlr = -1.0\n", &["optim.lr", "--lr", "-1"]);
         check("[train]\nstpes = 3\n", &["bad.toml", "stpes"]);
+        check(
+            "[train]\nsteps = \"5\"\n",
+            &["bad.toml", "`train.steps`", "string", "whole number"],
+        );
+        check(
+            "[optim]\nlr = \"fast\"\n",
+            &["bad.toml", "`optim.lr`", "number"],
+        );
         check("[train\n", &["bad.toml", "line 1"]);
         let msg = TrainConfig::resolve(
             Some(Preset::Tiny),
@@ -777,6 +810,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(msg.contains("--batch-size"), "{msg}");
+        // a complete file (a run's config.toml) names the line and its key
+        let mut text = TrainConfig::preset(Preset::Tiny).to_toml();
+        text = text.replace("eval_every = ", "eval_every = \"x\" #");
+        let msg = TrainConfig::from_toml_str(&text, "config.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("config.toml") && msg.contains("eval_every"),
+            "{msg}"
+        );
         let missing = dir.path().join("nope.toml");
         let msg = TrainConfig::resolve(None, Some(&missing), &Overrides::default())
             .unwrap_err()

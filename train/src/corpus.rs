@@ -117,6 +117,12 @@ pub enum CorpusError {
     MissingText { path: PathBuf, location: String },
     #[error("{path}: no documents")]
     Empty { path: PathBuf },
+    #[error(
+        "{path}: no text files in this directory{}; text files are .txt, .text, .jsonl, .json \
+         and Wikipedia abstract .xml, each optionally .gz (subdirectories are searched too)",
+        if *.skipped > 0 { format!(" ({skipped} file(s) with other extensions skipped)") } else { String::new() }
+    )]
+    NoTextFiles { path: PathBuf, skipped: usize },
     #[error("token cache {path}: {reason}")]
     InvalidCache { path: PathBuf, reason: String },
     #[error("cannot write token cache {path}: {source}")]
@@ -189,19 +195,27 @@ pub fn read_documents_from(
 }
 
 /// The files [`read_documents`] reads for `path`: the path itself if it is a file, else the
-/// files with a known extension under it, recursively, sorted, hidden entries skipped.
+/// files with a known extension under it, recursively, sorted, hidden entries skipped (a
+/// directory without any is an error that lists the extensions).
 pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>, CorpusError> {
     let meta = fs::metadata(path).map_err(io_err(path))?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut files = Vec::new();
-    walk(path, &mut files)?;
+    let mut skipped = 0;
+    walk(path, &mut files, &mut skipped)?;
+    if files.is_empty() {
+        return Err(CorpusError::NoTextFiles {
+            path: path.to_path_buf(),
+            skipped,
+        });
+    }
     files.sort();
     Ok(files)
 }
 
-fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
+fn walk(dir: &Path, files: &mut Vec<PathBuf>, skipped: &mut usize) -> Result<(), CorpusError> {
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let entry = entry.map_err(io_err(dir))?;
         let path = entry.path();
@@ -211,9 +225,11 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
         // follow symlinks
         let meta = fs::metadata(&path).map_err(io_err(&path))?;
         if meta.is_dir() {
-            walk(&path, files)?;
+            walk(&path, files, skipped)?;
         } else if has_known_extension(&path) {
             files.push(path);
+        } else {
+            *skipped += 1;
         }
     }
     Ok(())
@@ -1340,7 +1356,11 @@ mod tests {
         let d = dir.path().join("emptydir");
         fs::create_dir(&d).unwrap();
         fs::write(d.join("notes.bin"), "x").unwrap();
-        assert!(matches!(read_documents(&d), Err(CorpusError::Empty { .. })));
+        let msg = read_documents(&d).unwrap_err().to_string();
+        assert!(
+            msg.contains("emptydir") && msg.contains(".jsonl") && msg.contains("1 file(s)"),
+            "{msg}"
+        );
         let x = dir.path().join("only-residue.xml");
         fs::write(&x, "<feed><doc><abstract>{{x}}</abstract></doc></feed>").unwrap();
         assert!(matches!(read_documents(&x), Err(CorpusError::Empty { .. })));

@@ -1,6 +1,6 @@
 //! Training for NSA language models: data, tokenizer, Learner, checkpoints.
 //!
-//! The `nsa-train` binary is a thin command line over [`training::run`]:
+//! The `nsa-train` binary is a thin command line ([`cli`]) over [`training::run`]:
 //!
 //! * [`config`]: the training configuration (TOML, presets, overrides, validation);
 //! * [`corpus`], [`tokenizer`], [`data`]: text, tokens, the token cache and the Learner's
@@ -11,14 +11,18 @@
 //!   spread over several devices (data parallel); [`checkpoint`]: atomic
 //!   checkpoints and resumption; [`bundle`]: the inference model directory;
 //! * [`training`]: a run from start to end; [`report`], [`plot`]: log lines and the loss
-//!   curve; [`backend`]: runtime backend selection; [`failure`]: panics as one-line errors
-//!   (device out of memory names the settings to lower).
+//!   curve; [`dashboard`]: Burn's terminal dashboard with a working Ctrl-C; [`backend`]:
+//!   runtime backend selection; [`failure`]: panics as one-line errors (device out of memory
+//!   names the settings to lower).
 pub mod backend;
 pub mod bundle;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod corpus;
+pub mod dashboard;
 pub mod data;
+pub mod environment;
 pub mod failure;
 pub mod kernel_cache;
 pub mod lm;

@@ -1,151 +1,83 @@
-//! `nsa-train`: trains an NSA language model with Burn's Learner (see `nsa_train::training`).
+//! `nsa-train`: trains an NSA language model with Burn's Learner (see `nsa_train::training`);
+//! the arguments are `nsa_train::cli::Cli`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use nsa_model::AttentionKind;
-use nsa_train::backend::{BackendKind, DeviceList, DeviceRequest};
-use nsa_train::config::{Overrides, Preset, TokenizerAlgorithm, TrainConfig};
+use nsa_train::backend::DeviceRequest;
+use nsa_train::cli::Cli;
+use nsa_train::config::{Overrides, TrainConfig};
 use nsa_train::kernel_cache::{self, Workload};
-use nsa_train::strategy::EndReason;
+use nsa_train::strategy::{is_run_dir, EndReason};
 use nsa_train::training::{run, RunOptions, Start, UiMode};
 
-/// Train a Native Sparse Attention language model.
-///
-/// The configuration is a preset (`--preset tiny|seed`), optionally overridden by a TOML file
-/// (`--config`, same layout as assets/configs/*.toml, any subset of keys) and by the flags
-/// below. Everything goes into the run directory (`--out`): config.toml, tokenizer.json,
-/// checkpoints, the inference bundles best/ and last/ (for nsa-infer), metrics.csv, loss.png,
-/// samples.txt. `--resume --out DIR` continues a run exactly where its last checkpoint left
-/// off. In a terminal Burn's dashboard shows the progress (press q then s to stop with a
-/// checkpoint); otherwise, or with --no-tui, plain log lines are printed. Ctrl-C (or SIGTERM)
-/// saves a checkpoint and exits; a second Ctrl-C exits at once.
-#[derive(Parser, Debug)]
-#[command(name = "nsa-train", version, allow_negative_numbers = true)]
-struct Cli {
-    /// Base configuration: `tiny` (CPU first run) or `seed` (the original recipe) [default: seed]
-    #[arg(long, value_name = "NAME")]
-    preset: Option<Preset>,
-    /// TOML file overriding the preset (any subset of its keys; may set `preset = "tiny"`)
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Run directory [default: runs/<preset>]
-    #[arg(long, value_name = "DIR")]
-    out: Option<PathBuf>,
-    /// Continue the run in --out from its newest checkpoint, with its saved config.toml
-    #[arg(long)]
-    resume: bool,
-    /// Training text: a file or directory (.txt, .jsonl, .json, Wikipedia abstract .xml, each
-    /// optionally .gz); repeatable [default: the embedded zh-mix corpus]
-    #[arg(long, value_name = "PATH")]
-    data: Vec<PathBuf>,
-    /// Tokenizer: a tokenizer.json or a BERT vocab.txt [default: the embedded bert-base-chinese]
-    #[arg(long, value_name = "FILE")]
-    tokenizer: Option<PathBuf>,
-    /// Train a tokenizer on the corpus instead: `wordpiece` or `bpe`
-    #[arg(long, value_name = "KIND")]
-    train_tokenizer: Option<TokenizerAlgorithm>,
-    /// Vocabulary size of a trained tokenizer
-    #[arg(long, value_name = "N")]
-    vocab_size: Option<usize>,
-    /// Attention of every layer: `nsa` (sparse) or `full` (the dense baseline)
-    #[arg(long, value_name = "KIND")]
-    attention: Option<AttentionKind>,
-    /// Optimizer steps
-    #[arg(long, value_name = "N")]
-    steps: Option<u64>,
-    /// Sequences per micro-batch
-    #[arg(long, value_name = "N")]
-    batch_size: Option<usize>,
-    /// Micro-batches per optimizer step (gradient accumulation)
-    #[arg(long, value_name = "N")]
-    grad_accum: Option<usize>,
-    /// Peak learning rate
-    #[arg(long, value_name = "LR")]
-    lr: Option<f64>,
-    /// Tokens per training sequence
-    #[arg(long, value_name = "N")]
-    seq_len: Option<usize>,
-    /// Seed of initialisation, data order and samples
-    #[arg(long, value_name = "N")]
-    seed: Option<u64>,
-    /// Validation + checkpoint + best/last bundles every N steps
-    #[arg(long, value_name = "N")]
-    eval_every: Option<u64>,
-    /// Generate a sample every N steps (0 = never)
-    #[arg(long, value_name = "N")]
-    sample_every: Option<u64>,
-    /// A log line every N steps
-    #[arg(long, value_name = "N")]
-    log_every: Option<u64>,
-    /// Backend: auto, cuda, wgpu, cpu or ndarray
-    #[arg(long, value_name = "NAME", default_value = "auto")]
-    backend: BackendKind,
-    /// Device index within the backend
-    #[arg(long, value_name = "N", conflicts_with = "devices")]
-    device: Option<usize>,
-    /// Data-parallel training over several devices of this machine: `all` or indices such as
-    /// `0,1` (the first is the main device; the global batch is split between them and the
-    /// gradients averaged, so the loss curve is that of one device). On the CPU, `0,0` runs
-    /// two replicas on the one device (tests the mechanism, no speed-up)
-    #[arg(long, value_name = "LIST")]
-    devices: Option<DeviceList>,
-    /// Plain log lines even in a terminal (no dashboard)
-    #[arg(long)]
-    no_tui: bool,
-    /// Token cache directory [default: $NSA_CACHE_DIR/tokens or ~/.cache/nsa/tokens]
-    #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
-    /// Stop with a checkpoint after this step (continue later with --resume)
-    #[arg(long, value_name = "STEP")]
-    stop_at: Option<u64>,
-    /// Print the resolved configuration as TOML and exit
-    #[arg(long)]
-    print_config: bool,
-}
-
-fn overrides(cli: &Cli) -> Overrides {
-    Overrides {
-        steps: cli.steps,
-        batch_size: cli.batch_size,
-        lr: cli.lr,
-        seq_len: cli.seq_len,
-        grad_accum: cli.grad_accum,
-        seed: cli.seed,
-        eval_every: cli.eval_every,
-        sample_every: cli.sample_every,
-        log_every: cli.log_every,
-        attention: cli.attention,
-        data: cli.data.clone(),
-        tokenizer: cli.tokenizer.clone(),
-        train_tokenizer: cli.train_tokenizer,
-        vocab_size: cli.vocab_size,
+/// Refuses `--preset`, `--config` and recipe flags given with `--resume` unless they resolve
+/// to the run's saved configuration (so the command that started a run, plus `--resume`,
+/// continues it).
+fn check_resume_recipe(cli: &Cli, overrides: &Overrides, out: &Path) -> anyhow::Result<()> {
+    let mut given: Vec<String> = Vec::new();
+    if let Some(p) = cli.preset {
+        given.push(format!("--preset {p}"));
     }
+    if let Some(c) = &cli.config {
+        given.push(format!("--config {}", c.display()));
+    }
+    if let Some(flag) = overrides.recipe_flag() {
+        given.push(flag.to_string());
+    }
+    if given.is_empty() || !is_run_dir(out) {
+        // nothing to compare (a missing run is reported by `run`)
+        return Ok(());
+    }
+    let saved = TrainConfig::from_file(&out.join("config.toml"))?;
+    // only the recipe: --steps and the intervals may change on resume
+    let recipe = Overrides {
+        steps: None,
+        eval_every: None,
+        sample_every: None,
+        log_every: None,
+        ..overrides.clone()
+    };
+    let mut wanted = if cli.preset.is_some() || cli.config.is_some() {
+        TrainConfig::resolve(cli.preset, cli.config.as_deref(), &recipe)?
+    } else {
+        let mut c = saved.clone();
+        c.apply(&recipe);
+        c
+    };
+    // the saved paths are absolute
+    wanted.data.paths = wanted
+        .data
+        .paths
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    if let Some(difference) = saved.recipe_difference(&wanted) {
+        bail!(
+            "{} does not match the run in {} ({difference}): a resumed run keeps its saved \
+             config.toml; leave {} out (--steps, --eval-every, --sample-every, --log-every and \
+             the device flags may change), or start a new run with another --out",
+            given.join(" "),
+            out.display(),
+            if given.len() > 1 { "them" } else { "it" }
+        );
+    }
+    Ok(())
 }
 
 fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
-    let overrides = overrides(&cli);
+    let overrides = cli.overrides();
     let preset_name = cli.preset.unwrap_or_default();
     let out = cli
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(preset_name.name()));
     let start = if cli.resume {
-        if let Some(flag) = overrides.recipe_flag().or(cli
-            .preset
-            .map(|_| "--preset")
-            .or(cli.config.as_ref().map(|_| "--config")))
-        {
-            bail!(
-                "{flag} cannot be used with --resume: the run continues with its saved \
-                 config.toml (allowed: --steps, --eval-every, --sample-every, --log-every, \
-                 --backend, --device, --devices)"
-            );
-        }
+        check_resume_recipe(&cli, &overrides, &out)?;
         Start::Resume(overrides)
     } else {
         let config = TrainConfig::resolve(cli.preset, cli.config.as_deref(), &overrides)?;
@@ -186,6 +118,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             interrupter.stop(Some("Ctrl-C / SIGTERM"));
             eprintln!("\nstopping: saving a checkpoint (Ctrl-C again quits at once)");
         } else {
+            // the dashboard may hold the terminal
+            nsa_train::dashboard::restore_terminal();
+            eprintln!(
+                "\nstopped at once: the run continues from its last checkpoint with --resume"
+            );
             std::process::exit(130);
         }
     })
@@ -212,20 +149,15 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            // clap's first line names the option and the problem
-            let text = e.to_string();
-            eprintln!(
-                "{}",
-                text.lines().next().unwrap_or("error: invalid arguments")
-            );
-            return ExitCode::from(2);
+            // clap's whole message: the problem, similar arguments, usage, where to get help
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
+    if let Err(e) = nsa_train::environment::check() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {

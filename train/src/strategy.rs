@@ -59,8 +59,10 @@ pub enum EndReason {
     Finished,
     /// Stopped at the requested step (`--stop-at`), checkpoint saved.
     StoppedAt(u64),
-    /// The interrupter fired (signal, dashboard); checkpoint saved.
+    /// The interrupter fired (Ctrl-C, SIGTERM, a test); checkpoint saved.
     Interrupted(String),
+    /// Stopped from the dashboard (q, then s); checkpoint saved.
+    StoppedFromDashboard,
     /// A NaN/Inf loss stopped training; the last good checkpoint is untouched.
     NonFinite(String),
     /// Writing a checkpoint or bundle failed.
@@ -137,6 +139,9 @@ pub struct FitContext {
     pub reporter: Arc<Reporter>,
     /// Stop (with a checkpoint) after this step.
     pub stop_at: Option<u64>,
+    /// What to do when the time estimate after the first steps is more than a day (e.g.
+    /// "for a first run on the CPU use --preset tiny").
+    pub slow_hint: String,
 }
 
 /// The strategy; see the module documentation.
@@ -187,11 +192,36 @@ struct Loop<'a, B: AutodiffBackend> {
     last_checkpoint: Option<u64>,
     /// Loss sum, count and non-finite count since the last log line.
     window: (f64, u64, u64),
+    /// Seconds per step measured after the first steps of this session (for the ETA).
+    per_step: Option<f64>,
+}
+
+/// How the interrupter's stop is reported.
+fn interrupted(interrupter: &burn::train::Interrupter) -> EndReason {
+    match interrupter.get_message() {
+        Some(m) if m == crate::dashboard::DASHBOARD_STOP_MESSAGE => EndReason::StoppedFromDashboard,
+        Some(m) => EndReason::Interrupted(m),
+        None => EndReason::Interrupted("interrupted".into()),
+    }
 }
 
 impl<B: AutodiffBackend> Loop<'_, B> {
     fn log(&self, msg: impl AsRef<str>) {
         self.cx.reporter.line(msg);
+    }
+
+    /// Prints the time estimate once, after the first steps of this session (see
+    /// [`crate::report::Estimate`]).
+    fn estimate(&mut self, step: u64, total: u64, done: u64, seconds: f64, first: f64) {
+        if self.per_step.is_some() {
+            return;
+        }
+        if let Some(e) = crate::report::Estimate::after(step, total, done, seconds, first) {
+            self.per_step = Some(e.per_step);
+            for line in e.lines(&self.cx.slow_hint) {
+                self.log(line);
+            }
+        }
     }
 
     /// Saves a checkpoint of `learner` at the current step, waits until it is on disk, writes
@@ -365,6 +395,7 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for NsaStrate
             samples: Vec::new(),
             last_checkpoint: None,
             window: (0.0, 0, 0),
+            per_step: None,
         };
         let config = lp.cx.config.clone();
         let t = &config.train;
@@ -379,6 +410,8 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for NsaStrate
         }
         let session_start_tokens = state.tokens_seen;
         let session_start_seconds = state.train_seconds;
+        let session_start_step = state.step;
+        let mut first_step_seconds = None;
         let mut consecutive_bad = 0u64;
         let mut end = EndReason::Finished;
 
@@ -409,6 +442,14 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for NsaStrate
                 state.tokens_seen += tokens_per_step;
                 state.train_seconds += item.seconds;
                 let step = state.step;
+                let first = *first_step_seconds.get_or_insert(item.seconds);
+                lp.estimate(
+                    step,
+                    total,
+                    step - session_start_step,
+                    state.train_seconds - session_start_seconds,
+                    first,
+                );
                 let row = CsvRow {
                     step,
                     split: "train".into(),
@@ -437,8 +478,14 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for NsaStrate
                     let loss = if n > 0 { sum / n as f64 } else { f64::NAN };
                     let tps = (state.tokens_seen - session_start_tokens) as f64
                         / (state.train_seconds - session_start_seconds).max(1e-9);
+                    let eta = match lp.per_step {
+                        Some(p) if step < total => {
+                            format!(" | ETA {}", crate::report::eta(p * (total - step) as f64))
+                        }
+                        _ => String::new(),
+                    };
                     lp.log(format!(
-                        "step {step:>w$}/{total} | loss {loss:.4} | ppl {:.1} | lr {lr:.2e} | grad {:.3} | {} tok/s | {}{}",
+                        "step {step:>w$}/{total} | loss {loss:.4} | ppl {:.1} | lr {lr:.2e} | grad {:.3} | {} tok/s | {}{eta}{}",
                         loss.exp(),
                         item.grad_norm.unwrap_or(f64::NAN),
                         thousands(tps.round() as u64),
@@ -487,10 +534,7 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for NsaStrate
                     lp.sample(&model, step);
                 }
                 if interrupter.should_stop() {
-                    let why = interrupter
-                        .get_message()
-                        .unwrap_or_else(|| "interrupted".into());
-                    stop = Some(EndReason::Interrupted(why));
+                    stop = Some(interrupted(&interrupter));
                     break;
                 }
                 if lp.cx.stop_at == Some(step) && step != epoch_end {
@@ -599,10 +643,7 @@ impl<B: AutodiffBackend> SupervisedLearningStrategy<Components<B>> for NsaStrate
                 lp.sample(&model, step);
             }
             if val.is_none() || interrupter.should_stop() {
-                let why = interrupter
-                    .get_message()
-                    .unwrap_or_else(|| "interrupted".into());
-                end = EndReason::Interrupted(why);
+                end = interrupted(&interrupter);
                 break;
             }
             if lp.cx.stop_at == Some(step) && step < total {

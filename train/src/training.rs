@@ -13,9 +13,19 @@
 //! <run>/metrics.csv         per-step training and per-evaluation validation metrics
 //! <run>/loss.png            the loss curve
 //! <run>/samples.txt         generated samples
-//! <run>/train.log           the log lines; experiment.log: Burn's log
-//! <run>/train/ <run>/valid/ Burn's per-epoch metric logs
+//! <run>/train.log           the log lines
+//! <run>/data.json           facts about the data (tokens, split, corpus fingerprint)
 //! ```
+//!
+//! Burn's own metric folders and log (`train/`, `valid/`, `experiment.log`) are not written.
+//!
+//! # Resuming
+//!
+//! `Start::Resume` continues from the newest checkpoint with the saved configuration; only
+//! `steps`, `eval_every`, `sample_every` and `log_every` may change. `steps` must be more than
+//! the steps done. The learning-rate schedule stays the one the run was planned with: when
+//! `steps` changes, the planned length is recorded as `optim.schedule_steps`, the schedule
+//! of those steps is kept, and steps after them run at its final learning rate.
 //!
 //! The token cache goes to `--cache-dir`, else `$NSA_CACHE_DIR/tokens` or the user cache
 //! directory (`~/.cache/nsa/tokens`), where runs on the same corpus and tokenizer share it.
@@ -52,9 +62,10 @@ use crate::lm::LanguageModel;
 use crate::metrics::{read_csv, CsvLog, GradNormMetric, PerplexityMetric, ThroughputMetric};
 use crate::parallel::ShardPlan;
 use crate::plot::write_loss_png;
-use crate::report::{duration, thousands, QuietRenderer, Reporter};
+pub use crate::report::RunSummary;
+use crate::report::{start_notes, thousands, NoMetricFiles, QuietRenderer, Reporter};
 use crate::schedule::WarmupCosine;
-use crate::strategy::{is_run_dir, EndReason, FitContext, FitOutcome, NsaStrategy, Sample};
+use crate::strategy::{is_run_dir, EndReason, FitContext, FitOutcome, NsaStrategy};
 use crate::tokenizer::{bert_base_chinese, Tokenizer, TokenizerError};
 
 /// The optimizer of the Learner.
@@ -131,8 +142,9 @@ pub enum Start {
     /// Start from step 0 with this configuration (the run directory must not hold a run).
     New(TrainConfig),
     /// Continue the run in the directory from its newest checkpoint, with its saved
-    /// configuration; only `steps`, `eval_every`, `sample_every` and `log_every` may be
-    /// overridden.
+    /// configuration; only `steps` (more than the steps done; the learning-rate schedule
+    /// stays, see the module documentation), `eval_every`, `sample_every` and `log_every` may
+    /// be overridden.
     Resume(Overrides),
 }
 
@@ -194,124 +206,6 @@ pub struct DataInfo {
     pub corpus_fingerprint: String,
 }
 
-/// The result of a run.
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    /// The run directory.
-    pub out: PathBuf,
-    /// The configuration used.
-    pub config: TrainConfig,
-    /// The backend selection.
-    pub selection: Selection,
-    /// The step the session started from.
-    pub start_step: u64,
-    /// The step reached.
-    pub end_step: u64,
-    /// Why training ended.
-    pub end: EndReason,
-    /// The final training state.
-    pub state: TrainState,
-    /// Wall time of the whole session (seconds): setup, training, validation, checkpoints.
-    pub wall_seconds: f64,
-    /// Training time of this session (seconds; validation and checkpoints excluded).
-    pub train_seconds: f64,
-    /// Training tokens of this session.
-    pub train_tokens: u64,
-    /// Mean training loss over the last evaluation interval.
-    pub final_train_loss: Option<f64>,
-    /// Data facts.
-    pub data: DataInfo,
-    /// Samples generated in this session.
-    pub samples: Vec<Sample>,
-    /// The dashboard was used.
-    pub dashboard: bool,
-    /// The newest complete checkpoint.
-    pub last_checkpoint: Option<u64>,
-}
-
-impl RunSummary {
-    /// Training throughput of this session.
-    pub fn tokens_per_second(&self) -> f64 {
-        self.train_tokens as f64 / self.train_seconds.max(1e-9)
-    }
-
-    /// The summary lines printed at the end.
-    pub fn lines(&self) -> Vec<String> {
-        let s = &self.state;
-        let end = match &self.end {
-            EndReason::Finished => "finished".to_string(),
-            EndReason::StoppedAt(k) => format!("stopped after step {k} as requested"),
-            EndReason::Interrupted(why) => format!("interrupted ({why})"),
-            EndReason::NonFinite(why) => format!("stopped: {why}"),
-            EndReason::Failed(why) => format!("failed: {why}"),
-        };
-        let mut out = vec![
-            format!(
-                "training {end}: steps {}..{} of {} in {} ({} of training, {} tokens/s); session wall time {}",
-                self.start_step,
-                self.end_step,
-                s.total_steps,
-                duration(self.wall_seconds),
-                duration(self.train_seconds),
-                thousands(self.tokens_per_second().round() as u64),
-                duration(self.wall_seconds),
-            ),
-            format!(
-                "final training loss {} (mean of the last evaluation interval), validation loss {}, best {}",
-                fmt_loss(self.final_train_loss),
-                fmt_loss(s.last_val_loss),
-                match (s.best_val_loss, s.best_step) {
-                    (Some(v), Some(k)) => format!("{v:.4} at step {k}"),
-                    _ => "-".into(),
-                }
-            ),
-            format!(
-                "unigram entropy of the training split: {:.4} nats ({:.3} bits, {} distinct tokens){}",
-                self.data.unigram_entropy,
-                self.data.unigram_entropy / std::f64::consts::LN_2,
-                thousands(self.data.distinct_tokens as u64),
-                match s.last_val_loss {
-                    Some(v) => format!(
-                        "; validation loss is {:.4} nats {} it",
-                        (v - self.data.unigram_entropy).abs(),
-                        if v < self.data.unigram_entropy { "below" } else { "above" }
-                    ),
-                    None => String::new(),
-                }
-            ),
-        ];
-        if s.non_finite_steps > 0 {
-            out.push(format!(
-                "{} step(s) with a NaN/Inf loss were skipped",
-                s.non_finite_steps
-            ));
-        }
-        let o = &self.out;
-        let mut files = vec![format!("metrics {}", o.join("metrics.csv").display())];
-        files.push(format!("loss curve {}", o.join("loss.png").display()));
-        if o.join("best").join(crate::bundle::WEIGHTS_FILE).is_file() {
-            files.push(format!("best model {}", o.join("best").display()));
-        }
-        if o.join("last").join(crate::bundle::WEIGHTS_FILE).is_file() {
-            files.push(format!("last model {}", o.join("last").display()));
-        }
-        out.push(files.join(" | "));
-        if let Some(k) = self.last_checkpoint {
-            if self.end_step < s.total_steps {
-                out.push(format!(
-                    "checkpoint at step {k}: continue with `nsa-train --resume --out {}`",
-                    o.display()
-                ));
-            }
-        }
-        out
-    }
-}
-
-fn fmt_loss(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.4}"))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -332,6 +226,7 @@ struct Prepared {
     stop_at: Option<u64>,
     interrupter: Interrupter,
     dashboard: bool,
+    slow_hint: String,
 }
 
 fn canonical_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, TrainError> {
@@ -361,6 +256,8 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
     let started = Instant::now();
     let out = options.out.clone();
     let run_exists = is_run_dir(&out);
+    // the planned steps of a resumed run (its saved config.toml)
+    let mut saved_steps = None;
     let (mut config, resume) = match &options.start {
         Start::New(config) => {
             if run_exists {
@@ -380,6 +277,8 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
                 )));
             }
             let mut config = TrainConfig::from_file(&out.join("config.toml"))?;
+            let planned = config.train.steps;
+            saved_steps = Some(planned);
             let allowed = Overrides {
                 steps: o.steps,
                 eval_every: o.eval_every,
@@ -388,6 +287,10 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
                 ..Default::default()
             };
             config.apply(&allowed);
+            // a new length keeps the schedule of the steps the run was planned with
+            if config.train.steps != planned && config.optim.schedule_steps.is_none() {
+                config.optim.schedule_steps = Some(planned);
+            }
             config.validate()?;
             (config, true)
         }
@@ -445,6 +348,18 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
     } else {
         TrainState::new(config.train.steps)
     };
+    if let Some(planned) = saved_steps {
+        let steps = config.train.steps;
+        if steps != planned && steps <= state.step {
+            return Err(TrainError::RunDir(format!(
+                "the run in {} is at step {}: --steps {steps} would not train it further; pass \
+                 --steps with more than {} steps to train longer, or leave --steps out",
+                out.display(),
+                state.step,
+                state.step
+            )));
+        }
+    }
 
     // tokenizer
     let source = source_of(&config);
@@ -583,31 +498,49 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
         entropy
     ));
     let t = &config.train;
+    let schedule = WarmupCosine::from_config(&config.optim, t.steps);
+    let planned = schedule.planned_steps();
     reporter.line(format!(
-        "training: {} steps of {} x {} x {} tokens, AdamW lr {:.1e} (warmup {}, cosine to {:.1e}), clip {}, seed {}{}",
+        "training: {} steps of {} x {} x {} tokens, AdamW lr {:.1e} (warmup {}, cosine to {:.1e}{}), clip {}, seed {}; \
+         log lines every {} steps show the mean loss of those steps (metrics.csv has every step){}",
         t.steps,
         t.batch_size,
         t.grad_accum,
         seq_len,
         config.optim.lr,
-        config.optim.warmup_steps.min(t.steps),
+        config.optim.warmup_steps.min(planned),
         config.optim.lr * config.optim.min_lr_ratio,
+        if planned != t.steps {
+            format!(" at step {planned}")
+        } else {
+            String::new()
+        },
         config.optim.grad_clip,
         t.seed,
+        t.log_every,
         if state.step > 0 {
             format!("; resuming at step {}", state.step)
         } else {
             String::new()
         }
     ));
+    let (notes, slow_hint) = start_notes(&config, state.step, selection.kind.is_cpu());
+    for note in &notes {
+        reporter.line(note);
+        if dashboard {
+            println!("{note}");
+        }
+    }
     if dashboard {
         reporter.line(format!(
-            "dashboard: press q then s to stop with a checkpoint; log: {}",
+            "dashboard: Ctrl-C, or q then s, stops with a checkpoint; log: {}",
             out.join("train.log").display()
         ));
         println!(
-            "{} — starting the dashboard (press q, then s, to stop with a checkpoint)",
-            out.display()
+            "{} — starting the dashboard (Ctrl-C, or q then s, stops with a checkpoint; its \
+             \"Eval interval\" is {} steps)",
+            out.display(),
+            config.train.eval_every
         );
     }
 
@@ -623,6 +556,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
         stop_at: options.stop_at,
         interrupter: options.interrupter.clone(),
         dashboard,
+        slow_hint,
         config: TrainConfig {
             model: model_config,
             ..config.clone()
@@ -786,6 +720,7 @@ impl OnAutodiffBackend for TrainWork {
             csv,
             reporter: p.reporter.clone(),
             stop_at: p.stop_at,
+            slow_hint: p.slow_hint.clone(),
         };
         let strategy =
             NsaStrategy::<B>::new(devices, context, outcome.clone()).map_err(|message| {
@@ -801,6 +736,9 @@ impl OnAutodiffBackend for TrainWork {
         );
         let mut training: SupervisedTraining<Components<B>> =
             SupervisedTraining::new(&p.out, Arc::new(train), Arc::new(valid))
+                // no experiment.log, train/epoch-N/, valid/epoch-N/ (train.log, metrics.csv)
+                .with_application_logger(None)
+                .with_metric_logger(NoMetricFiles)
                 .metric_train_numeric(LossMetric::<B::InnerBackend>::new())
                 .metric_train_numeric(PerplexityMetric::new())
                 .metric_train_numeric(LearningRateMetric::new())
@@ -813,6 +751,10 @@ impl OnAutodiffBackend for TrainWork {
                 .with_interrupter(p.interrupter.clone())
                 .with_training_strategy(TrainingStrategy::Custom(Arc::new(strategy)))
                 .num_epochs(t.steps.div_ceil(t.eval_every) as usize);
+        #[cfg(feature = "tui")]
+        if p.dashboard {
+            training = training.renderer(crate::dashboard::Dashboard::new(p.interrupter.clone()));
+        }
         if !p.dashboard {
             training = training.renderer(QuietRenderer);
         }

@@ -1,6 +1,7 @@
-//! The `nsa-train` command line: bad inputs are refused with one clear line and a non-zero
-//! exit code, without touching what is already saved; a small run trains, stops, resumes and
-//! leaves an inference bundle.
+//! The `nsa-train` command line: bad inputs are refused with one clear line (argument errors
+//! with clap's whole message) and a non-zero exit code, without touching what is already
+//! saved; a small run trains, stops, resumes and leaves an inference bundle; a resumed run
+//! keeps its recipe.
 
 mod common;
 
@@ -37,6 +38,22 @@ fn refused(args: &[&str], needles: &[&str]) {
     assert!(lines[0].starts_with("error"), "{err}");
     for n in needles {
         assert!(err.contains(n), "{args:?}: `{n}` missing from: {err}");
+    }
+}
+
+/// An argument error: clap's whole message (the problem, tips and usage where clap gives
+/// them, where to get help).
+fn refused_by_clap(args: &[&str], needles: &[&str]) {
+    let (code, out, err) = nsa_train(args);
+    assert_eq!(code, 2, "{args:?}: {out}{err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(
+        err.contains("For more information, try '--help'."),
+        "{args:?}: no help line in:\n{err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: `{n}` missing from:\n{err}");
     }
 }
 
@@ -142,17 +159,35 @@ fn bad_inputs_are_refused_with_one_line() {
         &["--preset", "tiny", "--steps", "0", "--out", &out_s],
         &["--steps"],
     );
+    // a directory without text files lists what is read
+    let no_text = d.join("no-text");
+    std::fs::create_dir(&no_text).unwrap();
+    std::fs::write(no_text.join("notes.bin"), "x").unwrap();
     refused(
-        &["--preset", "tiny", "--attention", "sparse-ish"],
-        &["--attention", "sparse-ish"],
+        &[
+            "--config",
+            &config,
+            "--data",
+            no_text.to_str().unwrap(),
+            "--out",
+            &out_s,
+        ],
+        &[
+            "no-text",
+            "no text files",
+            ".txt",
+            ".jsonl",
+            ".json",
+            ".xml",
+            ".gz",
+        ],
     );
+    // a wrong type in a config file names the key and the file
+    let quoted = d.join("quoted-steps.toml");
+    std::fs::write(&quoted, "preset = \"tiny\"\n[train]\nsteps = \"5\"\n").unwrap();
     refused(
-        &["--preset", "tiny", "--backend", "tpu"],
-        &["--backend", "tpu"],
-    );
-    refused(
-        &["--preset", "tiny", "--devices", "zero", "--out", &out_s],
-        &["--devices", "zero"],
+        &["--config", quoted.to_str().unwrap(), "--out", &out_s],
+        &["quoted-steps.toml", "`train.steps`", "whole number"],
     );
     refused(
         &[
@@ -184,12 +219,10 @@ fn bad_inputs_are_refused_with_one_line() {
         ],
         &["--devices", "--grad-accum", "3 × 3"],
     );
-    refused(&["--preset", "huge"], &["--preset", "huge"]);
     refused(
         &["--config", "/nonexistent/x.toml"],
         &["/nonexistent/x.toml"],
     );
-    refused(&["--preset", "tiny", "--no-such-flag"], &["--no-such-flag"]);
     refused(
         &[
             "--preset",
@@ -204,10 +237,6 @@ fn bad_inputs_are_refused_with_one_line() {
     refused(
         &["--resume", "--out", &out_s],
         &["no training run to resume"],
-    );
-    refused(
-        &["--resume", "--lr", "0.1", "--out", &out_s],
-        &["--lr", "--resume"],
     );
     assert!(!out.exists(), "a refused run left {} behind", out.display());
 
@@ -229,6 +258,68 @@ fn bad_inputs_are_refused_with_one_line() {
     );
     let entries: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
     assert_eq!(entries.len(), 2);
+}
+
+#[test]
+fn argument_errors_print_clap_s_whole_message() {
+    refused_by_clap(&["--preset", "huge"], &["--preset", "huge", "tiny"]);
+    refused_by_clap(
+        &["--preset", "tiny", "--no-such-flag"],
+        &["--no-such-flag", "Usage: nsa-train"],
+    );
+    refused_by_clap(
+        &["--preset", "tiny", "--stpes", "5"],
+        &["--stpes", "tip:", "--steps", "Usage: nsa-train"],
+    );
+    refused_by_clap(
+        &["--preset", "tiny", "--attention", "sparse-ish"],
+        &["--attention", "sparse-ish"],
+    );
+    refused_by_clap(
+        &["--preset", "tiny", "--backend", "tpu"],
+        &[
+            "--backend",
+            "tpu",
+            "expected auto, cuda, wgpu, cpu or ndarray",
+        ],
+    );
+    refused_by_clap(
+        &["--preset", "tiny", "--devices", "zero"],
+        &["--devices", "zero"],
+    );
+    refused_by_clap(&["--steps", "many"], &["--steps", "many"]);
+}
+
+#[test]
+fn help_shows_examples_and_one_backend_vocabulary() {
+    let (code, out, err) = nsa_train(&["--help"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Examples:"), "{out}");
+    assert!(
+        out.contains("nsa-train --preset tiny --backend cpu"),
+        "{out}"
+    );
+    assert!(out.contains(nsa_train::backend::BACKEND_NAMES), "{out}");
+    assert!(out.contains("Ctrl-C"), "{out}");
+    for stale in ["cpu or ndarray\n", "ndarray (= cpu)", "flex,", ", flex"] {
+        assert!(!out.contains(stale), "`{stale}` in:\n{out}");
+    }
+    // the documented commands parse
+    let cmd = nsa_train::cli::command;
+    for line in nsa_train::cli::EXAMPLES.lines() {
+        let line = line.trim();
+        if line.starts_with("nsa-train") {
+            let parsed = cmd().try_get_matches_from(line.split_whitespace());
+            assert!(parsed.is_ok(), "{line}: {}", parsed.unwrap_err());
+        }
+    }
+    // `flex` is still understood, and shown as `cpu`
+    assert_eq!(
+        "flex"
+            .parse::<nsa_train::backend::BackendKind>()
+            .map(|k| k.to_string()),
+        Ok(nsa_train::backend::BackendKind::cpu().to_string())
+    );
 }
 
 #[test]
@@ -262,6 +353,10 @@ fn trains_stops_resumes_and_writes_the_bundle() {
     assert!(stdout.contains("validation after step 2"), "{stdout}");
     assert!(stdout.contains("unigram entropy"), "{stdout}");
     assert!(stdout.contains("--resume"), "{stdout}");
+    assert!(
+        stdout.contains("log lines every 2 steps show the mean loss of those steps"),
+        "{stdout}"
+    );
 
     let resume = [
         "--resume",
@@ -302,4 +397,141 @@ fn trains_stops_resumes_and_writes_the_bundle() {
     let (code, stdout, _) = nsa_train(&resume);
     assert_eq!(code, 0);
     assert!(stdout.contains("complete"), "{stdout}");
+
+    // nothing but our own files: no Burn logger output
+    for noise in ["experiment.log", "train", "valid"] {
+        assert!(!out.join(noise).exists(), "{noise} in the run directory");
+    }
+}
+
+#[test]
+fn a_resumed_run_keeps_its_recipe_and_its_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = common::small_corpus(d, 300);
+    let corpus_s = corpus.to_str().unwrap();
+    let config = write_config(d);
+    let out = d.join("run");
+    let out_s = out.to_str().unwrap();
+    let (code, stdout, err) = nsa_train(&[
+        "--config",
+        &config,
+        "--data",
+        corpus_s,
+        "--out",
+        out_s,
+        "--backend",
+        "cpu",
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--sample-every",
+        "100",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    // the time estimate after the first steps, then in the log lines
+    assert!(stdout.contains("step 3/6: "), "{stdout}");
+    assert!(stdout.contains("per step, ETA "), "{stdout}");
+    assert!(stdout.contains("| ETA "), "{stdout}");
+    // why there is no samples.txt
+    assert!(!out.join("samples.txt").exists());
+    assert!(
+        stdout.contains("no samples: train.sample_every = 100 is more than the 6 steps"),
+        "{stdout}"
+    );
+    let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+
+    // fewer steps than done: refused, config.toml untouched
+    refused(
+        &[
+            "--resume",
+            "--out",
+            out_s,
+            "--backend",
+            "cpu",
+            "--steps",
+            "4",
+        ],
+        &["at step 6", "--steps 4", "more than 6"],
+    );
+    // another recipe: refused, naming the difference
+    refused(
+        &["--resume", "--out", out_s, "--preset", "seed"],
+        &[
+            "--preset seed",
+            "does not match",
+            "in the run",
+            "leave it out",
+        ],
+    );
+    refused(
+        &["--resume", "--out", out_s, "--lr", "0.1"],
+        &["--lr", "optim.lr", "0.1 here"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("config.toml")).unwrap(),
+        saved
+    );
+
+    // the command that made the run, plus --resume and more steps: accepted; the schedule of
+    // the 6 planned steps is kept
+    let (code, stdout, err) = nsa_train(&[
+        "--resume",
+        "--config",
+        &config,
+        "--data",
+        corpus_s,
+        "--out",
+        out_s,
+        "--backend",
+        "cpu",
+        "--steps",
+        "8",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    assert!(stdout.contains("resuming at step 6"), "{stdout}");
+    assert!(
+        stdout.contains("keeps the schedule of the 6 steps it was planned with; steps 7-8 run at its final learning rate"),
+        "{stdout}"
+    );
+    let config = nsa_train::config::TrainConfig::from_file(&out.join("config.toml")).unwrap();
+    assert_eq!(config.train.steps, 8);
+    assert_eq!(config.optim.schedule_steps, Some(6));
+}
+
+#[test]
+fn the_gpu_recipe_on_the_cpu_is_flagged_before_the_first_step() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = common::small_corpus(d, 3000);
+    let cache = std::env::temp_dir().join("nsa-train-cli-test-cache");
+    let mut child = Command::new(BIN)
+        .args(["--preset", "seed", "--backend", "cpu", "--data"])
+        .arg(&corpus)
+        .arg("--out")
+        .arg(d.join("run"))
+        .env("NSA_CACHE_DIR", cache)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut warned = false;
+    for line in std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+    {
+        warned =
+            line.starts_with("warning: this is a GPU recipe") && line.contains("--preset tiny");
+        seen.push(line);
+        if warned {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(warned, "no warning in:\n{}", seen.join("\n"));
 }

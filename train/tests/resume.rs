@@ -1,5 +1,6 @@
 //! Resuming: training N steps, stopping, and resuming for N more steps gives the same losses
-//! and weights as 2N uninterrupted steps — through the real training code path (`run`).
+//! and weights as 2N uninterrupted steps — through the real training code path (`run`); a
+//! run extended with more steps keeps its learning-rate schedule.
 
 mod common;
 
@@ -8,8 +9,9 @@ use std::path::Path;
 use nsa_train::backend::{BackendKind, DeviceList};
 use nsa_train::bundle::{read_state_dict, WEIGHTS_FILE};
 use nsa_train::checkpoint::{checkpoint_dir, complete_steps, latest};
-use nsa_train::config::Overrides;
+use nsa_train::config::{Overrides, TrainConfig};
 use nsa_train::metrics::{read_csv, CsvRow};
+use nsa_train::schedule::WarmupCosine;
 use nsa_train::strategy::EndReason;
 use nsa_train::training::{run, RunOptions, Start, UiMode};
 
@@ -32,6 +34,14 @@ fn train_losses(out: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// The tests of this file run one at a time: the backends draw from a process-wide
+/// generator, so two runs training at once would not reproduce each other.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn max_weight_difference(a: &Path, b: &Path) -> f32 {
     let a = read_state_dict(&a.join(WEIGHTS_FILE)).unwrap();
     let b = read_state_dict(&b.join(WEIGHTS_FILE)).unwrap();
@@ -49,6 +59,7 @@ fn max_weight_difference(a: &Path, b: &Path) -> f32 {
 
 #[test]
 fn resumed_training_equals_uninterrupted_training() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let corpus = common::small_corpus(d, 400);
@@ -129,4 +140,87 @@ fn resumed_training_equals_uninterrupted_training() {
     assert_eq!(complete_steps(&checkpoint_dir(&full)), [4, 8]);
     assert!(full.join("loss.png").is_file());
     assert!(full.join("samples.txt").is_file());
+}
+
+/// `(step, lr)` of the training rows.
+fn train_lrs(out: &Path) -> Vec<(u64, f64)> {
+    read_csv(&out.join("metrics.csv"))
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.split == "train")
+        .map(|r| (r.step, r.lr.unwrap()))
+        .collect()
+}
+
+#[test]
+fn extending_a_run_keeps_its_learning_rate_schedule() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = common::small_corpus(d, 300);
+    let cache = d.join("cache");
+
+    // warmup 2 (a cosine to the end), and a warmup longer than the run (capped at its steps)
+    for warmup in [2u64, 100] {
+        let out = d.join(format!("warmup-{warmup}"));
+        let mut o = options(&out, &cache, &corpus, None);
+        if let Start::New(c) = &mut o.start {
+            c.train.steps = 6;
+            c.train.eval_every = 3;
+            c.train.sample_every = 0;
+            c.optim.warmup_steps = warmup;
+        }
+        assert_eq!(run(o).unwrap().end_step, 6);
+
+        // 4 more steps
+        let mut resume = options(&out, &cache, &corpus, None);
+        resume.start = Start::Resume(Overrides {
+            steps: Some(10),
+            ..Default::default()
+        });
+        let s = run(resume).unwrap();
+        assert_eq!((s.start_step, s.end_step), (6, 10));
+        let config = TrainConfig::from_file(&out.join("config.toml")).unwrap();
+        assert_eq!(config.train.steps, 10);
+        assert_eq!(config.optim.schedule_steps, Some(6));
+
+        // the original schedule up to step 6, its final learning rate after
+        let o = &config.optim;
+        let plan = WarmupCosine::new(o.lr, o.min_lr_ratio, o.warmup_steps, 6);
+        let lrs = train_lrs(&out);
+        assert_eq!(lrs.len(), 10);
+        for &(step, lr) in &lrs {
+            let expected = plan.lr_at(step.min(6) - 1);
+            assert!(
+                (lr - expected).abs() <= 1e-12 * expected,
+                "warmup {warmup}, step {step}: lr {lr}, planned {expected}"
+            );
+        }
+        let last = plan.lr_at(5);
+        assert!(lrs[6..].iter().all(|&(_, lr)| lr == last));
+        if warmup == 100 {
+            // warmup capped at the 6 planned steps: the peak from step 6 on
+            assert!((last - o.lr).abs() <= 1e-12 * o.lr, "{last}");
+        } else {
+            assert!(last < o.lr);
+        }
+
+        // fewer steps than done: refused, config.toml untouched
+        let saved = std::fs::read_to_string(out.join("config.toml")).unwrap();
+        let mut shorter = options(&out, &cache, &corpus, None);
+        shorter.start = Start::Resume(Overrides {
+            steps: Some(4),
+            ..Default::default()
+        });
+        let err = run(shorter).unwrap_err().to_string();
+        assert!(
+            err.contains("at step 10") && err.contains("--steps"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(out.join("config.toml")).unwrap(),
+            saved
+        );
+    }
 }

@@ -1,0 +1,99 @@
+//! The `NSA_*` environment variables the binaries read, checked at start-up: an invalid switch
+//! value or a misspelt name is an error naming the variable, not a silent default (a typo such
+//! as `NSA_KERNEL=0` would otherwise measure the kernels while meaning to measure without).
+
+use nsa_model::kernels::switches;
+
+/// The variables: the kernel switches ([`switches::FLAGS`], `NSA_MMA`) and these.
+const OTHERS: &[(&str, &str)] = &[
+    (
+        "NSA_MMA",
+        "tensor cores per kernel: 1, 0 or a list of fwd, dq, dkdv",
+    ),
+    ("NSA_CACHE_DIR", "directory of the kernel and token caches"),
+    ("NSA_PROFILE_LOG", "file for CubeCL's per-kernel timings"),
+];
+
+/// An `NSA_*` variable that is not understood.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvironmentError {
+    #[error("environment: {0}")]
+    Value(#[from] switches::SwitchError),
+    #[error("environment: unknown variable {name} (known: {known})")]
+    Unknown { name: String, known: String },
+}
+
+/// Checks every `NSA_*` variable of the environment.
+pub fn check() -> Result<(), EnvironmentError> {
+    check_vars(
+        std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))),
+    )
+}
+
+/// [`check`] of the given variables.
+pub fn check_vars(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), EnvironmentError> {
+    let known = || {
+        switches::FLAGS
+            .iter()
+            .chain(OTHERS)
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>()
+    };
+    for (name, value) in vars {
+        if !name.starts_with("NSA_") {
+            continue;
+        }
+        if !known().contains(&name.as_str()) {
+            return Err(EnvironmentError::Unknown {
+                name,
+                known: known().join(", "),
+            });
+        }
+        switches::check(&name, &value)?;
+    }
+    Ok(())
+}
+
+/// The `NSA_*` variables that are set, as `NAME=value` (for the records of a benchmark).
+pub fn settings() -> Vec<String> {
+    let mut v: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            k.starts_with("NSA_")
+                .then(|| format!("{k}={}", v.to_string_lossy()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn misspelt_names_and_bad_values_are_refused() {
+        assert!(check_vars(vars(&[("NSA_KERNELS", "0"), ("HOME", "/x")])).is_ok());
+        let e = check_vars(vars(&[("NSA_KERNEL", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown variable NSA_KERNEL") && e.contains("NSA_KERNELS"),
+            "{e}"
+        );
+        let e = check_vars(vars(&[("NSA_MMA", "yes please")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NSA_MMA"), "{e}");
+        assert!(check_vars(vars(&[("NSA_MMA", "true"), ("NSA_CACHE_DIR", "/c")])).is_ok());
+    }
+}
