@@ -2,6 +2,11 @@
 //! benchmarks, and conversion to and from the PyTorch reference's checkpoints. The binary
 //! (`nsa-infer`) is a thin CLI over this.
 
+pub mod bench_cli;
+pub mod cli;
+pub mod generate;
+pub mod logits_file;
+pub mod record;
 pub mod reference;
 pub mod run;
 pub mod stream;

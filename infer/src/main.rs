@@ -1,249 +1,35 @@
 //! `nsa-infer`: run a trained NSA model on CUDA, wgpu (Vulkan/Metal/DX12) or the CPU, chosen at
-//! run time. See `nsa-infer --help`.
+//! run time. The command line is in [`nsa_infer::cli`]; see `nsa-infer --help`.
 
 use std::io::{IsTerminal, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
+use nsa_infer::cli::{
+    BenchArgs, Cli, Command, CompareArgs, DeviceArgs, ExportArgs, GenerateArgs, ImportArgs,
+    LogitsArgs, ScoreArgs, MAX_UNKNOWN_CONTEXT,
+};
+use nsa_infer::generate::{GenerateJob, Prompt, Prompts, Stops};
 use nsa_infer::reference::ReferenceArgs;
-use nsa_infer::run::{BenchJob, GenerateJob, ScoreJob};
-use nsa_model::{Sampling, TopK, TransformerConfig};
+use nsa_infer::run::{BenchJob, LogitsJob, ScoreJob};
+use nsa_model::{Sampling, TransformerConfig};
 use nsa_train::backend::{self, BackendKind, DeviceRequest, Precision, Selection};
 use nsa_train::bundle::{self, Bundle};
 use nsa_train::kernel_cache::{self, Workload};
 use nsa_train::tokenizer::Tokenizer;
 
-#[derive(Parser)]
-#[command(
-    name = "nsa-infer",
-    version,
-    about = "Generate with, score and convert NSA language models"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Generate text from a prompt (streamed, KV-cached).
-    Generate(GenerateArgs),
-    /// Mean negative log-likelihood and perplexity of a text file.
-    Score(ScoreArgs),
-    /// Decode speed at batch 1 and time to first token.
-    Bench(BenchArgs),
-    /// Convert a PyTorch reference checkpoint into a model directory.
-    Import(ImportArgs),
-    /// Write a model directory's weights for the PyTorch reference.
-    Export(ExportArgs),
-    /// List the backends and devices this binary can use here.
-    Devices,
-    /// Run the same model and tokens on several backends and compare their logits.
-    Compare(CompareArgs),
-}
-
-#[derive(Args, Clone)]
-struct DeviceArgs {
-    /// auto (CUDA, else wgpu, else CPU), cuda, wgpu or ndarray (= cpu).
-    #[arg(long, default_value = "auto")]
-    backend: BackendKind,
-    /// Device index within the backend.
-    #[arg(long)]
-    device: Option<usize>,
-    /// f32, f16 (CUDA, wgpu) or bf16 (CUDA).
-    #[arg(long, default_value = "f32")]
-    precision: Precision,
-    /// f32-exact matmuls on GPUs (three tensor-core matmuls each instead of one TF32 pass;
-    /// logits then match the CPU to ~1e-5 instead of ~2e-3, decoding is slower).
-    #[arg(long)]
-    exact_matmul: bool,
-}
-
-#[derive(Args)]
-struct GenerateArgs {
-    /// Model directory written by nsa-train (model.json, tokenizer.json, model.safetensors).
-    #[arg(long)]
-    model: PathBuf,
-    /// Prompt text; without it (and without --prompts) the prompt is read from stdin.
-    #[arg(long, conflicts_with = "prompts")]
-    prompt: Option<String>,
-    /// A file with one prompt per line (a batch of prompts).
-    #[arg(long)]
-    prompts: Option<PathBuf>,
-    /// New tokens per prompt.
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
-    #[command(flatten)]
-    sampling: SamplingArgs,
-    /// Seed for sampling (default: random, printed so the output can be repeated).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Do not start the prompt with the document separator the model was trained with.
-    #[arg(long)]
-    raw_prompt: bool,
-    /// Do not print the prompt before the continuation.
-    #[arg(long)]
-    no_echo: bool,
-    #[command(flatten)]
-    device: DeviceArgs,
-}
-
-#[derive(Args)]
-struct SamplingArgs {
-    /// Softmax temperature; 0 = greedy.
-    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
-    temperature: f64,
-    /// Greedy decoding (same as --temperature 0).
-    #[arg(long)]
-    greedy: bool,
-    /// Top-k as the reference's `thres`: keep the top ceil((1 - thres) * vocab) tokens.
-    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
-    top_k_thres: f64,
-    /// Top-k as a count (overrides --top-k-thres).
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// No top-k filter.
-    #[arg(long, conflicts_with_all = ["top_k"])]
-    no_top_k: bool,
-    /// Nucleus sampling: keep the most likely tokens up to this total probability.
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f64>,
-}
-
-impl SamplingArgs {
-    fn sampling(&self) -> Result<Sampling> {
-        let s = Sampling {
-            temperature: if self.greedy { 0.0 } else { self.temperature },
-            top_k: if self.no_top_k {
-                None
-            } else if let Some(k) = self.top_k {
-                Some(TopK::Count(k))
-            } else {
-                Some(TopK::Threshold(self.top_k_thres))
-            },
-            top_p: self.top_p,
-        };
-        s.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(s)
-    }
-}
-
-#[derive(Args)]
-struct ScoreArgs {
-    /// Model directory.
-    #[arg(long)]
-    model: PathBuf,
-    /// Text to score: a file or directory (.txt, .gz, JSON lines, Wikipedia abstract XML).
-    file: PathBuf,
-    /// Tokens of context per window (default: the model's trained context, else 256).
-    #[arg(long)]
-    context: Option<usize>,
-    /// Windows per forward pass.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[command(flatten)]
-    device: DeviceArgs,
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// Model directory; without it, the seed config (vocab 21128, dim 512, depth 6, 8 heads,
-    /// 16/16/16/4) with random weights.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Use dense attention for the random-weight model.
-    #[arg(long)]
-    full: bool,
-    /// Prompt tokens.
-    #[arg(long, default_value_t = 64)]
-    prompt_len: usize,
-    /// New tokens per run.
-    #[arg(long, default_value_t = 256)]
-    new_tokens: usize,
-    /// Warm runs to time after the first.
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    #[command(flatten)]
-    device: DeviceArgs,
-}
-
-#[derive(Args)]
-struct ImportArgs {
-    /// The reference's state_dict: `.pt`/`.pth` (torch.save) or `.safetensors`.
-    #[arg(long)]
-    weights: PathBuf,
-    /// JSON of the reference `Transformer(...)` constructor arguments.
-    #[arg(long)]
-    args: PathBuf,
-    /// Tokenizer (tokenizer.json or BERT vocab.txt); default: bert-base-chinese.
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    /// The context the model was trained for, recorded in model.json.
-    #[arg(long)]
-    max_seq_len: Option<usize>,
-    /// Output model directory.
-    #[arg(long)]
-    out: PathBuf,
-}
-
-#[derive(Args)]
-struct CompareArgs {
-    /// Model directory.
-    #[arg(long)]
-    model: PathBuf,
-    /// Text to run (default: 200 pseudo-random tokens).
-    #[arg(long)]
-    prompt: Option<String>,
-    /// Backends to compare with the first one (default: every available one, CPU first).
-    #[arg(long, value_delimiter = ',')]
-    backends: Vec<BackendKind>,
-    /// Fail (exit 1) when a backend differs from the first by more than this.
-    #[arg(long, default_value_t = 1e-3)]
-    tolerance: f32,
-    /// Keep the GPUs' TF32 tensor-core matmuls (default: f32-exact, see --exact-matmul).
-    #[arg(long)]
-    tf32: bool,
-}
-
-#[derive(Args)]
-struct ExportArgs {
-    /// Model directory.
-    #[arg(long)]
-    model: PathBuf,
-    /// Output safetensors file (the constructor arguments go beside it as `<name>.args.json`).
-    #[arg(long)]
-    out: PathBuf,
-}
-
 fn main() {
     let started = Instant::now();
     nsa_train::failure::install_panic_hook("nsa-infer", nsa_train::failure::INFER_MEMORY_HINT);
     nsa_train::backend::quiet_headless_probe();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
-                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            {
-                let _ = e.print();
-                std::process::exit(if e.use_stderr() { 2 } else { 0 });
-            }
-            // clap's first line names the option and the problem
-            let text = e.to_string();
-            eprintln!(
-                "{}",
-                text.lines().next().unwrap_or("error: invalid arguments")
-            );
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = run(cli, started) {
+    // argument errors: clap's whole message (usage, tips, --help pointer), exit 2
+    let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    let result = nsa_train::environment::check()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| run(cli, started));
+    if let Err(e) = result {
         eprintln!("{}", nsa_train::failure::error_line(e.chain()));
         std::process::exit(1);
     }
@@ -258,6 +44,8 @@ fn select(args: &DeviceArgs) -> Result<Selection> {
         "backend: {} {} ({}), {}",
         selection.kind, selection.index, selection.device_name, selection.reason
     );
+    kernel_cache::configure(Workload::Inference);
+    nsa_model::tensor_util::set_exact_matmul(args.exact_matmul);
     Ok(selection)
 }
 
@@ -265,359 +53,695 @@ fn read_bundle(dir: &Path) -> Result<Bundle> {
     Ok(Bundle::read(dir)?)
 }
 
+/// The text of `path`, or of stdin for `-`.
+fn read_text(path: &Path, what: &str) -> Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .with_context(|| format!("{what}: reading stdin (is it UTF-8?)"))?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("{what} {}", path.display()))
+}
+
 fn run(cli: Cli, started: Instant) -> Result<()> {
     match cli.command {
-        Command::Generate(args) => {
-            if args.max_new_tokens == 0 {
-                bail!("--max-new-tokens must be at least 1");
-            }
-            let sampling = args.sampling.sampling()?;
-            let prompts = match (&args.prompt, &args.prompts) {
-                (Some(p), _) => vec![p.clone()],
-                (None, Some(file)) => {
-                    let text = std::fs::read_to_string(file)
-                        .with_context(|| format!("--prompts {}", file.display()))?;
-                    let lines: Vec<String> = text
-                        .lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty())
-                        .map(String::from)
-                        .collect();
-                    if lines.is_empty() {
-                        bail!("--prompts {}: no prompt in the file", file.display());
-                    }
-                    lines
-                }
-                (None, None) => {
-                    if std::io::stdin().is_terminal() {
-                        bail!("give --prompt TEXT, --prompts FILE, or pipe the prompt on stdin");
-                    }
-                    let mut text = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut text)
-                        .context("reading the prompt from stdin (is it UTF-8?)")?;
-                    vec![text.trim_end_matches('\n').to_string()]
-                }
-            };
-            let bundle = read_bundle(&args.model)?;
-            let seed = args.seed.unwrap_or_else(|| {
-                let seed = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64 % 1_000_000)
-                    .unwrap_or(0);
-                eprintln!("seed: {seed} (pass --seed {seed} to repeat)");
-                seed
-            });
-            kernel_cache::configure(Workload::Inference);
-            let selection = select(&args.device)?;
-            nsa_model::tensor_util::set_exact_matmul(args.device.exact_matmul);
-            let job = GenerateJob {
-                config: bundle.config,
-                weights: bundle.weights,
-                tokenizer: bundle.tokenizer,
-                prompts,
-                raw_prompt: args.raw_prompt,
-                max_new: args.max_new_tokens,
-                sampling,
-                seed,
-                echo_prompt: !args.no_echo,
-                started,
-            };
-            let report = backend::dispatch(&selection, args.device.precision, job)??;
-            if let Some(t) = report.first_token_s {
-                eprintln!(
-                    "{} tokens in {:.2} s ({:.1} tokens/s); first token {:.2} s after start",
-                    report.tokens,
-                    report.generate_s,
-                    report.tokens as f64 / report.generate_s.max(1e-9),
-                    t
-                );
-            }
-        }
-        Command::Score(args) => {
-            if args.batch_size == 0 {
-                bail!("--batch-size must be at least 1");
-            }
-            let bundle = read_bundle(&args.model)?;
-            let context = args.context.or(bundle.config.max_seq_len).unwrap_or(256);
-            if context == 0 {
-                bail!("--context must be at least 1");
-            }
-            let docs = nsa_train::corpus::read_documents(&args.file)?;
-            let sep = bundle.tokenizer.sep_id();
-            let mut tokens = Vec::new();
-            for doc in &docs {
-                if let Some(sep) = sep {
-                    tokens.push(sep);
-                }
-                tokens.extend(bundle.tokenizer.encode(doc)?);
-            }
-            kernel_cache::configure(Workload::Inference);
-            let selection = select(&args.device)?;
-            nsa_model::tensor_util::set_exact_matmul(args.device.exact_matmul);
-            let job = ScoreJob {
-                config: bundle.config,
-                weights: bundle.weights,
-                tokens,
-                context,
-                batch: args.batch_size,
-            };
-            let r = backend::dispatch(&selection, args.device.precision, job)??;
-            println!(
-                "{}: {} tokens, mean NLL {:.4} nats/token, perplexity {:.2} ({:.1} s)",
-                args.file.display(),
-                r.tokens,
-                r.nll,
-                r.perplexity,
-                r.seconds
-            );
-        }
-        Command::Bench(args) => {
-            if args.new_tokens < 2 || args.prompt_len == 0 {
-                bail!("--new-tokens must be at least 2 and --prompt-len at least 1");
-            }
-            let (config, weights) = match &args.model {
-                Some(dir) => {
-                    let b = read_bundle(dir)?;
-                    (b.config, Some(b.weights))
-                }
-                None => {
-                    let mut c = TransformerConfig::new(21128, 512, 6);
-                    if args.full {
-                        c.attention = nsa_model::AttentionKind::Full;
-                    }
-                    (c, None)
-                }
-            };
-            kernel_cache::configure(Workload::Inference);
-            let selection = select(&args.device)?;
-            nsa_model::tensor_util::set_exact_matmul(args.device.exact_matmul);
-            let job = BenchJob {
-                config,
-                weights,
-                prompt_len: args.prompt_len,
-                new_tokens: args.new_tokens,
-                runs: args.runs,
-                sampling: Sampling::default(),
-                started,
-            };
-            let r = backend::dispatch(&selection, args.device.precision, job)??;
-            println!(
-                "{} ({}): first token {:.2} s after start (model ready at {:.2} s); \
-                 decode {:.1} tokens/s cold, {:.1} tokens/s warm (median of {}), prefill {} tokens {:.1} ms",
-                r.device,
-                args.device.precision,
-                r.first_token_s,
-                r.load_s,
-                r.cold_tokens_per_s,
-                r.tokens_per_s,
-                args.runs,
-                r.prompt_len,
-                r.prefill_s * 1e3
-            );
-            let d = &r.breakdown;
-            println!(
-                "per token: step call {:.0} µs, wait for the logits {:.0} µs, sampling {:.0} µs; \
-                 {:.1} tokens/s without a read per token",
-                d.step_us, d.read_us, d.sample_us, d.pipelined_tokens_per_s
-            );
-            if !r.threads.is_empty() {
-                let busy: Vec<String> = r
-                    .threads
-                    .iter()
-                    .map(|(name, us)| format!("{name} {us:.0}"))
-                    .collect();
-                println!(
-                    "host threads, CPU µs per token over the warm runs ({:.0} µs wall): {}",
-                    r.wall_us,
-                    busy.join(", ")
-                );
-            }
-            if let Some(path) = args.json {
-                let json = serde_json::to_string_pretty(&r)?;
-                bundle::atomic_write(&path, json.as_bytes())
-                    .with_context(|| format!("{}", path.display()))?;
-            }
-        }
-        Command::Import(args) => {
-            let ref_args = ReferenceArgs::read(&args.args)?;
-            let mut config = ref_args
-                .to_config()
-                .with_context(|| format!("--args {}", args.args.display()))?;
-            config.max_seq_len = args.max_seq_len;
-            let tokenizer = match &args.tokenizer {
-                Some(p) => Tokenizer::from_file(p)
-                    .with_context(|| format!("--tokenizer {}", p.display()))?,
-                None => nsa_train::tokenizer::bert_base_chinese(),
-            };
-            if tokenizer.vocab_size() > config.num_tokens {
-                bail!(
-                    "the tokenizer has {} tokens but the model only {} (num_tokens); pass the matching --tokenizer",
-                    tokenizer.vocab_size(),
-                    config.num_tokens
-                );
-            }
-            let weights = bundle::read_state_dict(&args.weights)?;
-            let device = Default::default();
-            let model =
-                bundle::build_model::<burn::backend::NdArray<f32>>(&config, weights, &device)
-                    .with_context(|| {
-                        format!(
-                            "{} does not match the arguments in {}",
-                            args.weights.display(),
-                            args.args.display()
-                        )
-                    })?;
-            bundle::write_bundle(&args.out, &model, &tokenizer)?;
-            eprintln!("wrote {}", args.out.display());
-        }
-        Command::Export(args) => {
-            let b = read_bundle(&args.model)?;
-            let device = Default::default();
-            let model = b.model::<burn::backend::NdArray<f32>>(&device)?;
-            bundle::write_weights(&args.out, &model)?;
-            let args_path = args.out.with_extension("args.json");
-            let json = serde_json::to_string_pretty(&ReferenceArgs::from_config(&b.config))?;
-            bundle::atomic_write(&args_path, json.as_bytes())
-                .with_context(|| format!("{}", args_path.display()))?;
-            eprintln!(
-                "wrote {} and {} (Transformer(**json.load(args)).load_state_dict(safetensors.torch.load_file(weights)))",
-                args.out.display(),
-                args_path.display()
-            );
-        }
-        Command::Compare(args) => {
-            let b = read_bundle(&args.model)?;
-            let tokens = match &args.prompt {
-                Some(p) => b.tokenizer.encode(p)?,
-                None => {
-                    let mut rng = nsa_model::SplitMix64(5);
-                    (0..200)
-                        .map(|_| (rng.next_u64() % b.config.num_tokens as u64) as u32)
-                        .collect()
-                }
-            };
-            if tokens.is_empty() {
-                bail!("--prompt gives no tokens");
-            }
-            let kinds = if args.backends.is_empty() {
-                let mut k = vec![BackendKind::cpu()];
-                if backend::probe_cuda().is_ok() {
-                    k.push(BackendKind::Cuda);
-                }
-                if backend::probe_wgpu().is_ok() {
-                    k.push(BackendKind::Wgpu);
-                }
-                k
-            } else {
-                args.backends.clone()
-            };
-            kernel_cache::configure(Workload::Inference);
-            nsa_model::tensor_util::set_exact_matmul(!args.tf32);
-            let mut first: Option<(BackendKind, nsa_infer::run::LogitsReport)> = None;
-            let mut worst = 0.0f32;
-            let mut flips = false;
-            for kind in kinds {
-                let selection = select(&DeviceArgs {
-                    backend: kind,
-                    device: None,
-                    precision: Precision::F32,
-                    exact_matmul: !args.tf32,
-                })?;
-                let job = nsa_infer::run::LogitsJob {
-                    config: b.config.clone(),
-                    weights: b.weights.clone(),
-                    tokens: tokens.clone(),
-                };
-                let t0 = Instant::now();
-                let report = backend::dispatch(&selection, Precision::F32, job)??;
-                let Some((base, reference)) = &first else {
-                    println!(
-                        "{kind}: reference ({} logits, {:.2} s)",
-                        report.logits.len(),
-                        t0.elapsed().as_secs_f64()
-                    );
-                    first = Some((kind, report));
-                    continue;
-                };
-                let d = nsa_infer::run::difference(
-                    reference,
-                    &report,
-                    b.config.num_tokens,
-                    args.tolerance,
-                );
-                worst = worst.max(d.max);
-                let beyond = match d.first_beyond {
-                    Some(p) => format!("; first beyond {} at position {p}", args.tolerance),
-                    None => String::new(),
-                };
-                println!(
-                    "{kind}: max |logits - {base}| = {:.2e} at position {}{beyond} ({:.2} s)",
-                    d.max,
-                    d.at,
-                    t0.elapsed().as_secs_f64()
-                );
-                for (layer, l) in d.layers.iter().enumerate() {
-                    let Some(l) = l else { continue };
-                    let margins: Vec<String> = l
-                        .flipped
-                        .iter()
-                        .take(4)
-                        .map(|(_, m)| format!("{m:.1e}"))
-                        .collect();
-                    let flipped = if l.flipped.is_empty() {
-                        "same blocks in every row".to_string()
-                    } else {
-                        flips = true;
-                        format!(
-                            "{} of {} rows kept other blocks (their top-n margins on {base}: {})",
-                            l.flipped.len(),
-                            l.rows,
-                            margins.join(", ")
-                        )
-                    };
-                    println!(
-                        "  layer {layer}: {flipped}; smallest margin of any row {:.1e}",
-                        l.smallest_margin
-                    );
-                }
-            }
-            if worst > args.tolerance && flips {
-                eprintln!(
-                    "note: some queries kept other key blocks than on the first backend; where \
-                     their top-n margins are at rounding level, that is a near-tie of the \
-                     selection, not a numerical fault (see BENCHMARKS.md)"
-                );
-            }
-            if worst > args.tolerance {
-                bail!(
-                    "backends differ by {worst:.2e}, more than --tolerance {}",
-                    args.tolerance
-                );
-            }
-        }
+        Command::Generate(args) => generate(args, started),
+        Command::Score(args) => score(args),
+        Command::Logits(args) => logits(args),
+        Command::Bench(args) => bench(args, started),
+        Command::Import(args) => import(args),
+        Command::Export(args) => export(args),
+        Command::Compare(args) => compare(args),
         Command::Devices => {
-            match backend::probe_cuda() {
-                Ok(d) => d
-                    .iter()
-                    .enumerate()
-                    .for_each(|(i, n)| println!("cuda {i}: {n}")),
-                Err(e) => println!("cuda: unavailable ({e})"),
-            }
-            match backend::probe_wgpu() {
-                Ok(a) => a.iter().enumerate().for_each(|(i, a)| {
-                    println!(
-                        "wgpu {i}: {}{}",
-                        a.name,
-                        if a.software { " [software]" } else { "" }
-                    )
-                }),
-                Err(e) => println!("wgpu: unavailable ({e})"),
-            }
-            if cfg!(feature = "ndarray") {
-                println!("ndarray 0: CPU");
-            }
+            devices();
+            Ok(())
         }
     }
+}
+
+/// The prompts of `generate`: `-p`, `-f`, `--prompts`, `-i` or stdin.
+fn prompts(args: &GenerateArgs) -> Result<Prompts> {
+    let one = |text: String, origin: &str| {
+        Prompts::Given(vec![Prompt {
+            text,
+            origin: origin.to_string(),
+        }])
+    };
+    if args.interactive {
+        return Ok(Prompts::Interactive);
+    }
+    if let Some(p) = &args.prompt {
+        return Ok(one(p.clone(), "--prompt"));
+    }
+    if let Some(file) = &args.file {
+        let text = read_text(file, "--file")?;
+        let origin = format!("--file {}", file.display());
+        return Ok(one(text.trim_end_matches('\n').to_string(), &origin));
+    }
+    if let Some(file) = &args.prompts {
+        let text = read_text(file, "--prompts")?;
+        let lines: Vec<Prompt> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| Prompt {
+                text: l.trim().to_string(),
+                origin: format!("--prompts {} line {}", file.display(), i + 1),
+            })
+            .collect();
+        if lines.is_empty() {
+            bail!("--prompts {}: no prompt in the file", file.display());
+        }
+        return Ok(Prompts::Given(lines));
+    }
+    if std::io::stdin().is_terminal() {
+        bail!(
+            "give --prompt TEXT, --file FILE, --prompts FILE or --interactive, or pipe the prompt \
+             on stdin"
+        );
+    }
+    let text = read_text(Path::new("-"), "the prompt")?;
+    Ok(one(text.trim_end_matches('\n').to_string(), "stdin"))
+}
+
+fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    if args.stop.iter().any(String::is_empty) {
+        bail!("--stop: an empty stop string would stop at once");
+    }
+    let sampling = args.sampling.sampling()?;
+    let bundle = read_bundle(&args.model)?;
+    let prompts = prompts(&args)?;
+    // every prompt fits, before anything is loaded on a device
+    if let Prompts::Given(list) = &prompts {
+        for p in list {
+            let ids = nsa_infer::run::prompt_ids(&bundle.tokenizer, &p.text, args.raw_prompt)
+                .with_context(|| p.origin.clone())?;
+            nsa_infer::run::check_context(&bundle.config, ids.len())
+                .with_context(|| p.origin.clone())?;
+        }
+    }
+    let selection = select(&args.device)?;
+    let seed = match args.seed {
+        Some(seed) => seed,
+        None => {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64 % 1_000_000)
+                .unwrap_or(0);
+            // greedy decoding draws nothing: no seed to repeat
+            if sampling.temperature > 0.0 {
+                eprintln!("seed: {seed} (pass --seed {seed} to repeat)");
+            }
+            seed
+        }
+    };
+    let stops = Stops {
+        eos: bundle.tokenizer.sep_id().filter(|_| !args.ignore_eos),
+        strings: args.stop.clone(),
+    };
+    let job = GenerateJob {
+        config: bundle.config,
+        weights: bundle.weights,
+        tokenizer: bundle.tokenizer,
+        prompts,
+        raw_prompt: args.raw_prompt,
+        max_new: args.max_new_tokens,
+        stops,
+        sampling,
+        seed,
+        echo_prompt: !args.no_echo,
+        json: args.json,
+        started,
+    };
+    let report = backend::dispatch(&selection, args.device.precision, job)??;
+    if let Some(t) = report.first_token_s {
+        let special = match report.special {
+            0 => String::new(),
+            n => format!(" ({n} special, not printed)"),
+        };
+        let why = match report.stops.as_slice() {
+            [one] => format!("; stopped: {one}"),
+            _ => String::new(),
+        };
+        eprintln!(
+            "{} tokens{special} in {:.2} s ({:.1} tokens/s); first token {:.2} s after start{why}",
+            report.tokens,
+            report.generate_s,
+            report.tokens as f64 / report.generate_s.max(1e-9),
+            t
+        );
+    }
     Ok(())
+}
+
+/// The context of `score` and `logits`: at most the model's, at least 1.
+fn context(asked: Option<usize>, config: &TransformerConfig) -> Result<usize> {
+    let context = asked.or(config.max_seq_len).unwrap_or(256);
+    if context == 0 {
+        bail!("--context must be at least 1");
+    }
+    let limit = config.max_seq_len.unwrap_or(MAX_UNKNOWN_CONTEXT);
+    if context > limit {
+        bail!(
+            "--context {context} is longer than the model's context of {limit} tokens{}",
+            if config.max_seq_len.is_some() {
+                " (max_seq_len in model.json)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(context)
+}
+
+fn score(args: ScoreArgs) -> Result<()> {
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let bundle = read_bundle(&args.model)?;
+    let context = context(args.context, &bundle.config)?;
+    let docs = if args.file == Path::new("-") {
+        nsa_train::corpus::read_documents_from(std::io::stdin().lock(), "stdin")?
+    } else {
+        nsa_train::corpus::read_documents(&args.file)?
+    };
+    let sep = bundle.tokenizer.sep_id();
+    let mut tokens = Vec::new();
+    for doc in &docs {
+        if let Some(sep) = sep {
+            tokens.push(sep);
+        }
+        tokens.extend(bundle.tokenizer.encode(doc)?);
+    }
+    let selection = select(&args.device)?;
+    let job = ScoreJob {
+        config: bundle.config,
+        weights: bundle.weights,
+        tokens: tokens.clone(),
+        context,
+        batch: args.batch_size,
+        per_token: args.per_token,
+    };
+    let r = backend::dispatch(&selection, args.device.precision, job)??;
+    let name = args.file.display().to_string();
+    if args.json {
+        let per_token: Vec<serde_json::Value> = r
+            .logprobs
+            .iter()
+            .enumerate()
+            .map(|(i, lp)| {
+                let id = tokens[i + 1];
+                serde_json::json!({
+                    "position": i + 1,
+                    "id": id,
+                    "token": bundle.tokenizer.id_to_token(id).unwrap_or_default(),
+                    "logprob": lp,
+                })
+            })
+            .collect();
+        let mut out = serde_json::json!({
+            "file": name,
+            "tokens": r.tokens,
+            "nll": r.nll,
+            "perplexity": r.perplexity,
+            "seconds": r.seconds,
+            "context": context,
+        });
+        if args.per_token {
+            out["per_token"] = serde_json::Value::Array(per_token);
+        }
+        println!("{out}");
+        return Ok(());
+    }
+    if args.per_token {
+        println!("position\tid\ttoken\tlogprob");
+        for (i, lp) in r.logprobs.iter().enumerate() {
+            let id = tokens[i + 1];
+            let token = bundle.tokenizer.id_to_token(id).unwrap_or_default();
+            println!("{}\t{id}\t{token}\t{lp:.6}", i + 1);
+        }
+    }
+    println!(
+        "{name}: {} tokens, mean NLL {:.4} nats/token, perplexity {:.2} ({:.1} s)",
+        r.tokens, r.nll, r.perplexity, r.seconds
+    );
+    Ok(())
+}
+
+fn logits(args: LogitsArgs) -> Result<()> {
+    let bundle = read_bundle(&args.model)?;
+    let tokens: Vec<u32> = match (&args.tokens, &args.text) {
+        (Some(path), _) => {
+            let text = read_text(path, "--tokens")?;
+            text.split_whitespace()
+                .enumerate()
+                .map(|(i, t)| {
+                    let id: u32 = t.parse().with_context(|| {
+                        format!("--tokens {}: entry {} `{t}` is not a token id", path.display(), i + 1)
+                    })?;
+                    if id as usize >= bundle.config.num_tokens {
+                        bail!(
+                            "--tokens {}: entry {} is id {id}, outside the model's vocabulary of {}",
+                            path.display(),
+                            i + 1,
+                            bundle.config.num_tokens
+                        );
+                    }
+                    Ok(id)
+                })
+                .collect::<Result<_>>()?
+        }
+        (None, Some(path)) => {
+            let text = read_text(path, "--text")?;
+            nsa_infer::run::prompt_ids(
+                &bundle.tokenizer,
+                text.trim_end_matches('\n'),
+                args.raw_prompt,
+            )?
+        }
+        (None, None) => bail!("give --tokens FILE or --text FILE"),
+    };
+    if tokens.is_empty() {
+        bail!("no tokens to run");
+    }
+    nsa_infer::run::check_context(&bundle.config, tokens.len())?;
+    let out = nsa_infer::logits_file::Output::from_path(&args.out)?;
+    let selection = select(&args.device)?;
+    let job = LogitsJob {
+        config: bundle.config.clone(),
+        weights: bundle.weights,
+        tokens: tokens.clone(),
+        selections: false,
+    };
+    let report = backend::dispatch(&selection, args.device.precision, job)??;
+    let written = out.write(&report.logits, &tokens, bundle.config.num_tokens)?;
+    eprintln!(
+        "wrote {} ({} tokens × {} logits, f32)",
+        written.join(" and "),
+        tokens.len(),
+        bundle.config.num_tokens
+    );
+    Ok(())
+}
+
+fn bench(args: BenchArgs, started: Instant) -> Result<()> {
+    if args.max_new_tokens < 2 || args.prompt_len == 0 {
+        bail!("--max-new-tokens must be at least 2 and --prompt-len at least 1");
+    }
+    let (config, weights) = match &args.model {
+        Some(dir) => {
+            let b = read_bundle(dir)?;
+            (b.config, Some(b.weights))
+        }
+        None => {
+            let mut c = TransformerConfig::new(21128, 512, 6);
+            if args.full {
+                c.attention = nsa_model::AttentionKind::Full;
+            }
+            (c, None)
+        }
+    };
+    let total = args.prompt_len.saturating_add(args.max_new_tokens);
+    let limit = config.max_seq_len.unwrap_or(MAX_UNKNOWN_CONTEXT);
+    if total > limit {
+        bail!(
+            "--prompt-len {} + --max-new-tokens {} = {total} tokens, more than the model's context \
+             of {limit}",
+            args.prompt_len,
+            args.max_new_tokens
+        );
+    }
+    let selection = select(&args.device)?;
+    let job = BenchJob {
+        config,
+        weights,
+        prompt_len: args.prompt_len,
+        new_tokens: args.max_new_tokens,
+        runs: args.runs,
+        sampling: Sampling::default(),
+        started,
+    };
+    let r = backend::dispatch(&selection, args.device.precision, job)??;
+    println!(
+        "{} ({}): first token {:.2} s after start (model ready at {:.2} s); \
+         decode {:.1} tokens/s cold, {:.1} tokens/s warm (median of {}), prefill {} tokens {:.1} ms",
+        r.device,
+        args.device.precision,
+        r.first_token_s,
+        r.load_s,
+        r.cold_tokens_per_s,
+        r.tokens_per_s,
+        args.runs,
+        r.prompt_len,
+        r.prefill_s * 1e3
+    );
+    let d = &r.breakdown;
+    println!(
+        "per token: step call {:.0} µs, wait for the logits {:.0} µs, sampling {:.0} µs; \
+         {:.1} tokens/s without a read per token",
+        d.step_us, d.read_us, d.sample_us, d.pipelined_tokens_per_s
+    );
+    if !r.threads.is_empty() {
+        let busy: Vec<String> = r
+            .threads
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.0}"))
+            .collect();
+        println!(
+            "host threads, CPU µs per token over the warm runs ({:.0} µs wall): {}",
+            r.wall_us,
+            busy.join(", ")
+        );
+    }
+    if let Some(path) = args.json {
+        let record = nsa_infer::record::Record::new(
+            "nsa-infer bench",
+            &selection,
+            serde_json::json!({
+                "precision": args.device.precision.to_string(),
+                "exact_matmul": args.device.exact_matmul,
+                "model": args.model.as_ref().map(|m| m.display().to_string()),
+                "full": args.full,
+                "runs": args.runs,
+            }),
+            serde_json::to_value(&r)?,
+        );
+        record.write(&path)?;
+    }
+    Ok(())
+}
+
+fn import(args: ImportArgs) -> Result<()> {
+    let beside = |name: &str| args.weights.with_file_name(name);
+    let args_path = match &args.args {
+        Some(p) => p.clone(),
+        None if beside("args.json").is_file() => beside("args.json"),
+        None => bail!(
+            "--args: no args.json beside {}; give the reference's constructor arguments with \
+             --args FILE",
+            args.weights.display()
+        ),
+    };
+    let ref_args = ReferenceArgs::read(&args_path)?;
+    let mut config = ref_args
+        .to_config()
+        .with_context(|| format!("--args {}", args_path.display()))?;
+    let weights = bundle::read_state_dict(&args.weights)?;
+    config.max_seq_len = match args.max_seq_len {
+        Some(n) => Some(n),
+        None => {
+            let recorded = bundle::recorded_config(&args.weights)?.and_then(|c| c.max_seq_len);
+            match recorded {
+                Some(n) => eprintln!(
+                    "context: max_seq_len {n}, as recorded in {}",
+                    args.weights.display()
+                ),
+                None => eprintln!(
+                    "context: unknown (no --max-seq-len and none recorded in {}): prompts of any \
+                     length are accepted",
+                    args.weights.display()
+                ),
+            }
+            recorded
+        }
+    };
+    let (tokenizer, which) = match &args.tokenizer {
+        Some(p) => (
+            Tokenizer::from_file(p).with_context(|| format!("--tokenizer {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None if beside("tokenizer.json").is_file() => {
+            let p = beside("tokenizer.json");
+            (
+                Tokenizer::from_file(&p).with_context(|| format!("{}", p.display()))?,
+                p.display().to_string(),
+            )
+        }
+        None => (
+            nsa_train::tokenizer::bert_base_chinese(),
+            "bert-base-chinese (the default: no --tokenizer and no tokenizer.json beside the \
+             weights)"
+                .to_string(),
+        ),
+    };
+    eprintln!("tokenizer: {which}, {} tokens", tokenizer.vocab_size());
+    if tokenizer.vocab_size() > config.num_tokens {
+        bail!(
+            "the tokenizer has {} tokens but the model only {} (num_tokens); pass the matching \
+             --tokenizer",
+            tokenizer.vocab_size(),
+            config.num_tokens
+        );
+    }
+    if tokenizer.vocab_size() < config.num_tokens {
+        eprintln!(
+            "note: the tokenizer has {} tokens and the model {}: ids {}..{} have no text and are \
+             shown as U+FFFD (\u{FFFD}) if generated",
+            tokenizer.vocab_size(),
+            config.num_tokens,
+            tokenizer.vocab_size(),
+            config.num_tokens - 1
+        );
+    }
+    let device = Default::default();
+    let model = bundle::build_model::<burn::backend::NdArray<f32>>(&config, weights, &device)
+        .with_context(|| {
+            format!(
+                "{} does not match the arguments in {}",
+                args.weights.display(),
+                args_path.display()
+            )
+        })?;
+    bundle::write_bundle(&args.out, &model, &tokenizer)?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> Result<()> {
+    if args.out.extension().is_some_and(|e| e == "safetensors") && !args.out.is_dir() {
+        bail!(
+            "--out {}: names a directory (export writes model.safetensors, args.json and \
+             tokenizer.json into it)",
+            args.out.display()
+        );
+    }
+    if args.out.exists() && !args.out.is_dir() {
+        bail!(
+            "--out {}: exists and is not a directory",
+            args.out.display()
+        );
+    }
+    let b = read_bundle(&args.model)?;
+    let device = Default::default();
+    let model = b.model::<burn::backend::NdArray<f32>>(&device)?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
+    let weights = args.out.join("model.safetensors");
+    bundle::write_weights(&weights, &model)?;
+    let args_path = args.out.join("args.json");
+    let json = serde_json::to_string_pretty(&ReferenceArgs::from_config(&b.config))?;
+    bundle::atomic_write(&args_path, json.as_bytes())
+        .with_context(|| format!("{}", args_path.display()))?;
+    let tok_path = args.out.join("tokenizer.json");
+    bundle::atomic_write(&tok_path, b.tokenizer.to_json().as_bytes())
+        .with_context(|| format!("{}", tok_path.display()))?;
+    eprintln!(
+        "wrote {}, {} and {} (in Python: Transformer(**json.load(open(args))).load_state_dict(\
+         safetensors.torch.load_file(weights)))",
+        weights.display(),
+        args_path.display(),
+        tok_path.display()
+    );
+    Ok(())
+}
+
+fn compare(args: CompareArgs) -> Result<()> {
+    let b = read_bundle(&args.model)?;
+    let tokens = match &args.prompt {
+        Some(p) => b.tokenizer.encode(p)?,
+        None => {
+            let mut rng = nsa_model::SplitMix64(5);
+            (0..200)
+                .map(|_| (rng.next_u64() % b.config.num_tokens as u64) as u32)
+                .collect()
+        }
+    };
+    if tokens.is_empty() {
+        bail!("--prompt gives no tokens");
+    }
+    nsa_infer::run::check_context(&b.config, tokens.len())?;
+    let kinds = if args.backends.is_empty() {
+        let mut k = vec![BackendKind::cpu()];
+        if backend::probe_cuda().is_ok() {
+            k.push(BackendKind::Cuda);
+        }
+        if backend::probe_wgpu().is_ok() {
+            k.push(BackendKind::Wgpu);
+        }
+        k
+    } else {
+        args.backends.clone()
+    };
+    let mut first: Option<(BackendKind, nsa_infer::run::LogitsReport)> = None;
+    let mut worst = 0.0f64;
+    let mut flips = false;
+    let mut rows = Vec::new();
+    for kind in kinds {
+        let selection = select(&DeviceArgs {
+            backend: kind,
+            device: None,
+            precision: Precision::F32,
+            exact_matmul: !args.tf32,
+        })?;
+        let job = LogitsJob {
+            config: b.config.clone(),
+            weights: b.weights.clone(),
+            tokens: tokens.clone(),
+            selections: true,
+        };
+        let t0 = Instant::now();
+        let report = backend::dispatch(&selection, Precision::F32, job)??;
+        let Some((base, reference)) = &first else {
+            println!(
+                "{kind}: reference ({} logits, {:.2} s)",
+                report.logits.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            if let Some(i) = report.logits.iter().position(|x| !x.is_finite()) {
+                println!(
+                    "{kind}: non-finite logit {} at position {}",
+                    report.logits[i],
+                    i / b.config.num_tokens.max(1)
+                );
+                worst = f64::INFINITY;
+            }
+            first = Some((kind, report));
+            continue;
+        };
+        let d = nsa_infer::run::difference(reference, &report, b.config.num_tokens, args.tolerance);
+        // `!(x <= worst)` keeps an infinite (NaN) difference as the worst
+        if !(d.max <= worst) {
+            worst = d.max;
+        }
+        if let Some(n) = d.logits.non_finite {
+            println!(
+                "{kind}: non-finite logit {} at position {} ({})",
+                n.value,
+                n.index / b.config.num_tokens.max(1),
+                match n.side {
+                    nsa_model::compare::Side::Ours => kind.to_string(),
+                    nsa_model::compare::Side::Reference => base.to_string(),
+                }
+            );
+        }
+        let beyond = match d.first_beyond {
+            Some(p) => format!("; first beyond {} at position {p}", args.tolerance),
+            None => String::new(),
+        };
+        println!(
+            "{kind}: max |logits - {base}| = {:.2e} at position {}{beyond} ({:.2} s)",
+            d.max,
+            d.at,
+            t0.elapsed().as_secs_f64()
+        );
+        rows.push(serde_json::json!({
+            "backend": kind.to_string(),
+            "device": selection.device_name,
+            "against": base.to_string(),
+            // null when not finite (JSON has no NaN)
+            "max_abs": d.max.is_finite().then_some(d.max),
+            "at_position": d.at,
+            "first_beyond": d.first_beyond,
+            "rows_with_other_blocks": d.layers.iter().flatten().map(|l| l.flipped.len()).sum::<usize>(),
+            "smallest_margin": d.layers.iter().flatten().map(|l| l.smallest_margin as f64).fold(f64::INFINITY, f64::min),
+        }));
+        for (layer, l) in d.layers.iter().enumerate() {
+            let Some(l) = l else { continue };
+            let margins: Vec<String> = l
+                .flipped
+                .iter()
+                .take(4)
+                .map(|(_, m)| format!("{m:.1e}"))
+                .collect();
+            let flipped = if l.flipped.is_empty() {
+                "same blocks in every row".to_string()
+            } else {
+                flips = true;
+                format!(
+                    "{} of {} rows kept other blocks (their top-n margins on {base}: {})",
+                    l.flipped.len(),
+                    l.rows,
+                    margins.join(", ")
+                )
+            };
+            println!(
+                "  layer {layer}: {flipped}; smallest margin of any row {:.1e}",
+                l.smallest_margin
+            );
+        }
+    }
+    let failed = !(worst <= args.tolerance as f64);
+    if let Some(path) = &args.json {
+        let devices: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r["device"].as_str().map(String::from))
+            .collect();
+        nsa_infer::record::Record::on(
+            "nsa-infer compare",
+            "several",
+            &devices.join(", "),
+            serde_json::json!({
+                "model": args.model.display().to_string(),
+                "tokens": tokens.len(),
+                "tf32": args.tf32,
+                "tolerance": args.tolerance,
+            }),
+            serde_json::json!({ "rows": rows, "passed": !failed }),
+        )
+        .write(path)?;
+    }
+    if failed && flips && worst.is_finite() {
+        eprintln!(
+            "note: some queries kept other key blocks than on the first backend; where their \
+             top-n margins are at rounding level, that is a near-tie of the selection, not a \
+             numerical fault (see BENCHMARKS.md)"
+        );
+    }
+    if failed {
+        bail!(
+            "backends differ by {worst:.2e}, more than --tolerance {}",
+            args.tolerance
+        );
+    }
+    Ok(())
+}
+
+fn devices() {
+    match backend::probe_cuda() {
+        Ok(d) => d
+            .iter()
+            .enumerate()
+            .for_each(|(i, n)| println!("cuda {i}: {n}")),
+        Err(e) => println!("cuda: unavailable ({e})"),
+    }
+    match backend::probe_wgpu() {
+        Ok(a) => a.iter().enumerate().for_each(|(i, a)| {
+            println!(
+                "wgpu {i}: {}{}",
+                a.name,
+                if a.software { " [software]" } else { "" }
+            )
+        }),
+        Err(e) => println!("wgpu: unavailable ({e})"),
+    }
+    if cfg!(feature = "flex") {
+        println!("cpu 0: CPU (Burn's flex backend; the default CPU backend)");
+    }
+    if cfg!(feature = "ndarray") {
+        println!("ndarray 0: CPU (Burn's ndarray backend; the reference CPU backend)");
+    }
 }

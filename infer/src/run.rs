@@ -1,8 +1,8 @@
-//! The work `nsa-infer` does on whichever backend was chosen at run time: generation (streamed,
-//! KV-cached), perplexity scoring and the decode benchmark. Each job implements
-//! [`OnBackend`], so it is compiled once per backend and precision.
+//! The work `nsa-infer` does on whichever backend was chosen at run time, besides generation
+//! ([`crate::generate`]): perplexity scoring, the decode benchmark and the logits of a token
+//! sequence. Each job implements [`OnBackend`], so it is compiled once per backend and
+//! precision.
 
-use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -15,11 +15,9 @@ use nsa_train::bundle::build_model;
 use nsa_train::tokenizer::Tokenizer;
 use serde::Serialize;
 
-use crate::stream::Streamer;
-
 /// Builds the model on `device` from host weights, or with random weights when `weights` is
 /// `None` (benchmarks).
-fn model<B: Backend>(
+pub(crate) fn model<B: Backend>(
     config: &TransformerConfig,
     weights: Option<StateDict>,
     device: &B::Device,
@@ -63,93 +61,6 @@ pub fn check_context(config: &TransformerConfig, prompt_len: usize) -> Result<()
     Ok(())
 }
 
-/// Generation of one or more prompts.
-pub struct GenerateJob {
-    /// Model config.
-    pub config: TransformerConfig,
-    /// Weights (reference naming).
-    pub weights: StateDict,
-    /// Tokenizer.
-    pub tokenizer: Tokenizer,
-    /// Prompt texts.
-    pub prompts: Vec<String>,
-    /// Do not prepend the document separator.
-    pub raw_prompt: bool,
-    /// New tokens per prompt.
-    pub max_new: usize,
-    /// Sampling settings.
-    pub sampling: Sampling,
-    /// Seed of the first prompt (prompt `i` uses `seed + i`).
-    pub seed: u64,
-    /// Print the prompt before its continuation.
-    pub echo_prompt: bool,
-    /// Process start, for the time to first token.
-    pub started: Instant,
-}
-
-/// What a generation run measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct GenerateReport {
-    /// Seconds from process start to the first generated token.
-    pub first_token_s: Option<f64>,
-    /// Tokens generated.
-    pub tokens: usize,
-    /// Seconds spent generating (all prompts).
-    pub generate_s: f64,
-}
-
-impl OnBackend for GenerateJob {
-    type Output = Result<GenerateReport>;
-
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<GenerateReport> {
-        let model = model::<B>(&self.config, Some(self.weights), &device)?;
-        let mut first_token_s = None;
-        let mut tokens = 0;
-        let t0 = Instant::now();
-        let mut out = std::io::stdout().lock();
-        for (i, prompt) in self.prompts.iter().enumerate() {
-            let ids = prompt_ids(&self.tokenizer, prompt, self.raw_prompt)?;
-            check_context(&self.config, ids.len())?;
-            if self.prompts.len() > 1 {
-                writeln!(out, "### {}", i + 1)?;
-            }
-            if self.echo_prompt {
-                write!(out, "{prompt}")?;
-                out.flush()?;
-            }
-            let mut streamer = Streamer::new(&self.tokenizer);
-            let mut write_error = None;
-            let new = model.generate(
-                &ids,
-                self.max_new,
-                &self.sampling,
-                self.seed + i as u64,
-                |t| {
-                    first_token_s.get_or_insert_with(|| self.started.elapsed().as_secs_f64());
-                    let piece = streamer.push(t);
-                    match write!(out, "{piece}").and_then(|_| out.flush()) {
-                        Ok(()) => true,
-                        Err(e) => {
-                            write_error = Some(e);
-                            false
-                        }
-                    }
-                },
-            )?;
-            if let Some(e) = write_error {
-                return Err(e).context("writing to stdout");
-            }
-            tokens += new.len();
-            writeln!(out)?;
-        }
-        Ok(GenerateReport {
-            first_token_s,
-            tokens,
-            generate_s: t0.elapsed().as_secs_f64(),
-        })
-    }
-}
-
 /// Perplexity of a token stream.
 pub struct ScoreJob {
     /// Model config.
@@ -162,6 +73,8 @@ pub struct ScoreJob {
     pub context: usize,
     /// Windows per forward pass.
     pub batch: usize,
+    /// Keep every predicted token's log-probability.
+    pub per_token: bool,
 }
 
 /// Result of scoring.
@@ -175,6 +88,10 @@ pub struct ScoreReport {
     pub perplexity: f64,
     /// Seconds.
     pub seconds: f64,
+    /// With `per_token`: the natural log-probability of every predicted token; entry `i` is
+    /// token `i + 1` of the stream (the first token is not predicted).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<f64>,
 }
 
 impl OnBackend for ScoreJob {
@@ -194,6 +111,7 @@ impl OnBackend for ScoreJob {
         let (full, tail): (Vec<usize>, Vec<usize>) = starts.iter().partition(|&&s| s + ctx < n);
         let mut total = 0.0f64;
         let mut count = 0usize;
+        let mut logprobs = vec![0.0f64; if self.per_token { n - 1 } else { 0 }];
         let mut batches: Vec<(Vec<usize>, usize)> = full
             .chunks(self.batch)
             .map(|c| (c.to_vec(), ctx + 1))
@@ -210,7 +128,20 @@ impl OnBackend for ScoreJob {
             let v = self.config.num_tokens;
             let logp = log_softmax(logits.reshape([b * (len - 1), v]), 1);
             let targets = ids.narrow(1, 1, len - 1).reshape([b * (len - 1), 1]);
-            let sum: f64 = logp.gather(1, targets).sum().into_scalar().elem();
+            let picked = logp.gather(1, targets);
+            if self.per_token {
+                let values = picked
+                    .clone()
+                    .into_data()
+                    .convert::<f64>()
+                    .into_vec::<f64>()
+                    .map_err(|e| anyhow::anyhow!("log-probabilities: {e:?}"))?;
+                for (w, &s) in group.iter().enumerate() {
+                    let row = &values[w * (len - 1)..(w + 1) * (len - 1)];
+                    logprobs[s..s + len - 1].copy_from_slice(row);
+                }
+            }
+            let sum: f64 = picked.sum().into_scalar().elem();
             total -= sum;
             count += b * (len - 1);
         }
@@ -220,6 +151,7 @@ impl OnBackend for ScoreJob {
             nll,
             perplexity: nll.exp(),
             seconds: t0.elapsed().as_secs_f64(),
+            logprobs,
         })
     }
 }
@@ -453,6 +385,8 @@ pub struct LogitsJob {
     pub weights: StateDict,
     /// Token ids `[1, n]`.
     pub tokens: Vec<u32>,
+    /// Also record every NSA layer's block selection (a second forward pass).
+    pub selections: bool,
 }
 
 /// What [`LogitsJob`] computed on one backend.
@@ -480,7 +414,11 @@ impl OnBackend for LogitsJob {
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Ok(LogitsReport {
             logits,
-            selections: model.selections(ids),
+            selections: if self.selections {
+                model.selections(ids)
+            } else {
+                Vec::new()
+            },
         })
     }
 }
@@ -488,8 +426,10 @@ impl OnBackend for LogitsJob {
 /// How one backend's [`LogitsReport`] differs from another's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Difference {
-    /// Largest absolute logit difference.
-    pub max: f32,
+    /// The element-wise comparison of the logits (infinite error on a NaN or infinity).
+    pub logits: nsa_model::Comparison,
+    /// Largest absolute logit difference (infinite when a logit is not finite).
+    pub max: f64,
     /// The position (row) where it is.
     pub at: usize,
     /// The first position whose largest difference exceeds the tolerance.
@@ -516,17 +456,27 @@ pub fn difference(
     vocab: usize,
     tolerance: f32,
 ) -> Difference {
-    let (mut max, mut at, mut first_beyond) = (0.0f32, 0, None);
-    for (i, (a, b)) in other.logits.iter().zip(&reference.logits).enumerate() {
-        let d = (a - b).abs();
-        if d > max || d.is_nan() {
-            max = d;
-            at = i / vocab.max(1);
-        }
-        if (d > tolerance || d.is_nan()) && first_beyond.is_none() {
-            first_beyond = Some(i / vocab.max(1));
-        }
-    }
+    let vocab = vocab.max(1);
+    let logits = match nsa_model::Comparison::of(&other.logits, &reference.logits) {
+        Ok(c) => c,
+        // a different number of logits: as far apart as can be, from the first row
+        Err(_) => nsa_model::Comparison {
+            len: 0,
+            max_abs: f64::INFINITY,
+            at: 0,
+            max_reference: 0.0,
+            non_finite: None,
+        },
+    };
+    let first_beyond = other
+        .logits
+        .iter()
+        .zip(&reference.logits)
+        // `!(d <= tolerance)`: a NaN is beyond any tolerance
+        .position(|(a, b)| !((a - b).abs() <= tolerance && a.is_finite() && b.is_finite()))
+        .map(|i| i / vocab)
+        .or((other.logits.len() != reference.logits.len()).then_some(0));
+    let (max, at) = (logits.max_abs, logits.at / vocab);
     let layers = reference
         .selections
         .iter()
@@ -546,6 +496,7 @@ pub fn difference(
         })
         .collect();
     Difference {
+        logits,
         max,
         at,
         first_beyond,

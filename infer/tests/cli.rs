@@ -389,31 +389,224 @@ fn bad_inputs_are_refused_with_one_line() {
         &["fake.txt.gz"],
     );
 
+    // unbounded or empty values
+    n += refused(
+        &[
+            "score",
+            "--model",
+            g,
+            "--context",
+            "18446744073709551615",
+            "-",
+        ],
+        Some("我们".as_bytes()),
+        &["--context", "context of"],
+    );
+    n += refused(
+        &["generate", "--model", g, "--prompt", "我", "--stop", ""],
+        None,
+        &["--stop"],
+    );
+    n += refused(
+        &["generate", "--model", g, "--prompt", "我", "--min-p", "2"],
+        None,
+        &["min-p"],
+    );
+    n += refused(
+        &["generate", "-m", g, "-p", "我", "--repeat-penalty", "0"],
+        None,
+        &["repetition penalty"],
+    );
+    let prompts = d.join("prompts.txt");
+    std::fs::write(&prompts, format!("我们\n{}\n", "我".repeat(40))).unwrap();
+    n += refused(
+        &[
+            "generate",
+            "--model",
+            short_ctx.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+        ],
+        None,
+        &["prompts.txt line 2", "context"],
+    );
+    // the output files
+    n += refused(
+        &[
+            "logits",
+            "-m",
+            g,
+            "--text",
+            "-",
+            "--out",
+            d.join("x.txt").to_str().unwrap(),
+        ],
+        Some("我们".as_bytes()),
+        &[".safetensors or .npy"],
+    );
+    n += refused(
+        &[
+            "export",
+            "-m",
+            g,
+            "--out",
+            d.join("x.safetensors").to_str().unwrap(),
+        ],
+        None,
+        &["directory"],
+    );
+    // a training run's directory instead of its bundle
+    let run = d.join("run");
+    copy_dir(&good, &run.join("best"));
+    n += refused(
+        &["generate", "--model", run.to_str().unwrap(), "-p", "我"],
+        None,
+        &["not a model directory", "did you mean", "best"],
+    );
+    // import without constructor arguments
+    n += refused(
+        &[
+            "import",
+            "--weights",
+            fixtures().join("transformer_nsa.pt").to_str().unwrap(),
+            "--out",
+            d.join("never2").to_str().unwrap(),
+        ],
+        None,
+        &["--args"],
+    );
+
     assert_eq!(snapshot(&good), before, "the model directory was modified");
     eprintln!("{n} bad inputs refused");
-    assert!(n >= 20);
+    assert!(n >= 29);
 }
 
-/// The README's `cargo run -p nsa-infer -- ...` commands (its main command among them) run the
-/// CLI: the package has two binaries, so it needs `default-run` (without it cargo refuses to
-/// choose), or the command must name `--bin`.
+/// Argument errors keep clap's whole message: what is missing or wrong, the usage line, a
+/// similar argument when there is one, and the pointer to --help; exit status 2.
 #[test]
-fn the_readme_commands_run_the_cli() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(root.join("../README.md")).expect("README.md");
-    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("Cargo.toml");
-    let default_run = manifest.contains("default-run = \"nsa-infer\"");
-    let commands: Vec<&str> = readme
-        .lines()
-        .flat_map(|l| l.split("&&"))
-        .filter(|c| c.contains("cargo run") && c.contains("-p nsa-infer"))
-        .collect();
-    assert!(!commands.is_empty(), "the README runs nsa-infer with cargo");
-    for c in commands {
-        assert!(
-            default_run || c.contains("--bin"),
-            "`{}` needs `--bin` or `default-run` in infer/Cargo.toml",
-            c.trim()
-        );
+fn argument_errors_say_everything_clap_knows() {
+    let (code, _, err) = nsa_infer(&["generate", "--prompt", "x"], None);
+    assert_eq!(code, 2, "{err}");
+    for needle in [
+        "required arguments were not provided",
+        "--model <MODEL>",
+        "Usage:",
+        "--help",
+    ] {
+        assert!(err.contains(needle), "`{needle}` missing from:\n{err}");
     }
+    let (code, _, err) = nsa_infer(&["generate", "-m", "x", "--max-new-token", "5"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("tip") && err.contains("--max-new-tokens"),
+        "{err}"
+    );
+    let (code, _, err) = nsa_infer(&["import", "--weights", "x"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--out <OUT>"), "{err}");
+    // help and version exit 0, with examples
+    let (code, out, _) = nsa_infer(&["generate", "--help"], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Examples:") && out.contains("-n, --max-new-tokens"),
+        "{out}"
+    );
+}
+
+/// A misspelt or invalid `NSA_*` switch is refused before anything runs.
+#[test]
+fn environment_switches_are_checked() {
+    for (name, value, needle) in [
+        ("NSA_KERNEL", "0", "unknown variable NSA_KERNEL"),
+        ("NSA_MMA", "fwd,bwd", "NSA_MMA"),
+        ("NSA_KERNELS", "maybe", "NSA_KERNELS"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nsa-infer"))
+            .arg("devices")
+            .env(name, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}={value}: {err}");
+        assert!(err.contains(needle), "{name}={value}: {err}");
+    }
+}
+
+fn nsa_bench(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nsa-bench"))
+        .args(args)
+        .env(
+            "NSA_CACHE_DIR",
+            std::env::temp_dir().join("nsa-bench-cli-test"),
+        )
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `nsa-bench --suite check` exits non-zero when a check did not pass, here because the CPU
+/// has no fused kernels to check (a skipped check is not a passed one); a benchmark row writes
+/// a record that names the commit, the device and every timed run.
+#[test]
+fn nsa_bench_fails_unless_every_check_passed_and_records_its_rows() {
+    let small = [
+        "--backend",
+        "cpu",
+        "--dim",
+        "32",
+        "--heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--dim-head",
+        "16",
+        "--compress-block",
+        "8",
+        "--stride",
+        "8",
+        "--selection-block",
+        "8",
+        "--selected",
+        "2",
+        "--window",
+        "8",
+        "--lengths",
+        "64",
+        "--runs",
+        "2",
+        "--warmup",
+        "0",
+    ];
+    let (code, out, err) = nsa_bench(&[&["--suite", "check"], &small[..]].concat());
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("FAILED") && err.contains("check row"),
+        "{out}{err}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("layer.json");
+    let (code, out, err) = nsa_bench(
+        &[
+            &[
+                "--suite", "layer", "--impls", "nsa", "--passes", "fwd", "--json",
+            ],
+            &[json.to_str().unwrap()][..],
+            &small[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(record["schema"], "nsa-bench-record/1");
+    assert_eq!(record["tool"], "nsa-bench");
+    assert!(record["commit"].as_str().is_some_and(|c| !c.is_empty()));
+    let row = &record["result"]["rows"][0];
+    assert_eq!(row["status"], "ok", "{row}");
+    assert_eq!(row["ms_all"].as_array().unwrap().len(), 2, "{row}");
 }

@@ -47,13 +47,10 @@ fn fixture_io(name: &str) -> (Tensor<B, 2, Int>, HostTensor) {
     )
 }
 
+/// Largest absolute difference: infinite when either side has a NaN or infinity, panics on a
+/// shape mismatch ([`nsa_model::Comparison`]).
 fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
-    assert_eq!(a.shape, b.shape);
-    a.values
-        .iter()
-        .zip(&b.values)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.compare(b).expect("same shape").max_abs as f32
 }
 
 fn import(weights: &Path, args: &Path, out: &Path, vocab: &Path) {
@@ -108,7 +105,7 @@ fn export_writes_the_reference_tensors_back() {
         &dir,
         &vocab,
     );
-    let out = tmp.path().join("exported.safetensors");
+    let out = tmp.path().join("exported");
     let o = bin()
         .args(["export", "--model"])
         .arg(&dir)
@@ -118,13 +115,11 @@ fn export_writes_the_reference_tensors_back() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
-        read_state_dict(&out).unwrap(),
+        read_state_dict(&out.join("model.safetensors")).unwrap(),
         read_state_dict(&original).unwrap()
     );
-    let args: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("exported.args.json")).unwrap(),
-    )
-    .unwrap();
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("args.json")).unwrap()).unwrap();
     let expected: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("transformer_nsa.args.json")).unwrap(),
     )
@@ -193,7 +188,7 @@ fn compare_reports_the_block_selections_of_every_layer() {
     let dir = imported_nsa_fixture(tmp.path());
     // two CPU backends: the same blocks everywhere, logits within the tolerance
     let o = bin()
-        .args(["compare", "--backends", "ndarray,flex", "--model"])
+        .args(["compare", "--backends", "ndarray,cpu", "--model"])
         .arg(&dir)
         .output()
         .unwrap();
@@ -203,7 +198,7 @@ fn compare_reports_the_block_selections_of_every_layer() {
         "{out}{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(out.contains("flex: max |logits - ndarray|"), "{out}");
+    assert!(out.contains("cpu: max |logits - ndarray|"), "{out}");
     // the fixture model has two NSA layers that select blocks
     for layer in [
         "layer 0: same blocks in every row",
@@ -211,4 +206,47 @@ fn compare_reports_the_block_selections_of_every_layer() {
     ] {
         assert!(out.contains(layer), "{out}");
     }
+}
+
+/// A model whose logits overflow on every backend fails the comparison (infinite logits differ
+/// by NaN, which is not a zero difference). Weights that are not finite are refused when
+/// loaded; these are finite but overflow the final norm's output.
+#[test]
+fn compare_fails_on_nan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = imported_nsa_fixture(tmp.path());
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    // the final norm's weight: every logit depends on it
+    let norm = tensors.iter_mut().find(|t| t.0 == "norm.weight").unwrap();
+    for w in norm.2.chunks_exact_mut(4) {
+        w.copy_from_slice(&3e38f32.to_le_bytes());
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, shape, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap();
+            (k.clone(), view)
+        })
+        .collect();
+    let out = safetensors::serialize(views, meta.metadata().clone()).unwrap();
+    std::fs::write(&path, out).unwrap();
+    let o = bin()
+        .args(["compare", "--backends", "ndarray,cpu", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(out.contains("non-finite logit"), "{out}{err}");
 }

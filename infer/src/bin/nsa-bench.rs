@@ -11,9 +11,8 @@
 //! each clock read.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -21,114 +20,14 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 use clap::Parser;
+use nsa_infer::bench_cli::{Cli, LayerArgs};
 use nsa_model::interop::HostTensor;
-use nsa_model::{kernels, FullAttention, NsaConfig, TransformerConfig};
+use nsa_model::{kernels, FullAttention, TransformerConfig};
 use nsa_train::backend::{
     self, BackendKind, DeviceRequest, OnAutodiffBackend, OnBackend, Precision, Selection,
 };
 use nsa_train::kernel_cache::{self, Workload};
 use serde::{Deserialize, Serialize};
-
-#[derive(Parser, Debug, Clone)]
-#[command(
-    name = "nsa-bench",
-    version,
-    about = "Benchmark one NSA layer vs dense attention, and training steps of the seed model"
-)]
-struct Cli {
-    /// auto, cuda, wgpu or cpu.
-    #[arg(long, default_value = "auto")]
-    backend: BackendKind,
-    /// Device index within the backend.
-    #[arg(long)]
-    device: Option<usize>,
-    /// What to run: layer, train, check (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "layer,train")]
-    suite: Vec<String>,
-    /// Sequence lengths of the layer benchmark (k = 1024).
-    #[arg(long, value_delimiter = ',', default_value = "1k,4k,16k,32k,64k,128k")]
-    lengths: Vec<String>,
-    /// Precisions of the layer benchmark (default: f32 and bf16 on CUDA, f32 and f16 on wgpu,
-    /// f32 on the CPU).
-    #[arg(long, value_delimiter = ',')]
-    precisions: Vec<Precision>,
-    /// Layer implementations: nsa (fused kernels where available), nsa-tensor (tensor ops
-    /// only), full (dense attention). The training rows run nsa and/or full from this list.
-    #[arg(long, value_delimiter = ',', default_value = "nsa,nsa-tensor,full")]
-    impls: Vec<String>,
-    /// Passes: fwd, fwd+bwd.
-    #[arg(long, value_delimiter = ',', default_value = "fwd,fwd+bwd")]
-    passes: Vec<String>,
-    /// Training-step shapes as SEQxBATCH.
-    #[arg(long, value_delimiter = ',', default_value = "256x16,4096x1")]
-    train_shapes: Vec<String>,
-    /// Precisions of the training step (f32 is what nsa-train uses).
-    #[arg(long, value_delimiter = ',', default_value = "f32")]
-    train_precisions: Vec<Precision>,
-    /// Warm-up runs (not timed).
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
-    /// Timed runs (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
-    /// Seconds a row may take before it is killed.
-    #[arg(long, default_value_t = 900)]
-    row_timeout: u64,
-    /// Run every row in this process (no isolation; an out-of-memory error ends the run).
-    #[arg(long)]
-    in_process: bool,
-    /// Write the results here as JSON.
-    #[arg(long)]
-    json: Option<PathBuf>,
-    #[command(flatten)]
-    layer: LayerArgs,
-    /// Internal: run one row described by this JSON and print its result.
-    #[arg(long, hide = true)]
-    worker: Option<String>,
-}
-
-/// The benchmark layer (defaults: the issue's H100 reference setting).
-#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
-struct LayerArgs {
-    /// Model width of the layer.
-    #[arg(long, default_value_t = 1024)]
-    dim: usize,
-    #[arg(long, default_value_t = 64)]
-    dim_head: usize,
-    #[arg(long, default_value_t = 16)]
-    heads: usize,
-    #[arg(long, default_value_t = 4)]
-    kv_heads: usize,
-    #[arg(long, default_value_t = 32)]
-    compress_block: usize,
-    #[arg(long, default_value_t = 16)]
-    stride: usize,
-    #[arg(long, default_value_t = 64)]
-    selection_block: usize,
-    #[arg(long, default_value_t = 16)]
-    selected: usize,
-    #[arg(long, default_value_t = 512)]
-    window: usize,
-    /// Batch of the layer benchmark.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-}
-
-impl LayerArgs {
-    fn nsa(&self) -> NsaConfig {
-        NsaConfig::new(
-            self.dim,
-            self.dim_head,
-            self.heads,
-            self.window,
-            self.compress_block,
-            self.stride,
-            self.selection_block,
-            self.selected,
-        )
-        .with_kv_heads(self.kv_heads)
-    }
-}
 
 /// One measured row, as written to JSON (same fields as `bench_reference.py`).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -153,17 +52,23 @@ struct Row {
     /// First (cold) run, not included in the median.
     #[serde(skip_serializing_if = "Option::is_none")]
     ms_first: Option<f64>,
-    /// Bytes the device allocator held after the row (its peak: pools keep pages).
+    /// Bytes the device allocator reserved after the row: its peak, as pools keep their pages
+    /// (compare with PyTorch's `max_memory_reserved`; CubeCL 0.10 keeps no peak of the bytes
+    /// in live tensors, PyTorch's `max_memory_allocated`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    peak_mem_bytes: Option<u64>,
+    reserved_mem_bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens_per_s: Option<f64>,
     /// Seconds from process start to the end of the first step within 10% of the median.
     #[serde(skip_serializing_if = "Option::is_none")]
     startup_s: Option<f64>,
-    /// Lower bound from the FLOP count at 790 TFLOP/s (H100 bf16 dense).
+    /// Lower bound from the FLOP count at `flop_peak_tflops`.
     #[serde(skip_serializing_if = "Option::is_none")]
     flop_floor_ms: Option<f64>,
+    /// The peak the floor assumes: the H100/H200 SXM dense tensor-core rate of the row's
+    /// precision ([`peak_tflops`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flop_peak_tflops: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_abs_err: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,9 +122,19 @@ mod as_string {
 
 const RESULT_TAG: &str = "NSA_BENCH_ROW ";
 
-fn main() -> Result<()> {
+fn main() {
     let started = Instant::now();
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    let result = nsa_train::environment::check()
+        .map_err(anyhow::Error::from)
+        .and_then(|()| run(cli, started));
+    if let Err(e) = result {
+        eprintln!("{}", nsa_train::failure::error_line(e.chain()));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli, started: Instant) -> Result<()> {
     nsa_train::backend::register_kernels();
     if let Some(spec) = &cli.worker {
         let job: Job = serde_json::from_str(spec).context("worker job")?;
@@ -270,7 +185,14 @@ fn main() -> Result<()> {
     if has("check") {
         for &precision in &precisions {
             for &seq in &lengths {
-                let j = job("check", "nsa", precision, seq, cli.layer.batch, "check");
+                let j = job(
+                    "check",
+                    "nsa",
+                    precision,
+                    seq,
+                    cli.layer.batch_size,
+                    "check",
+                );
                 rows.push(execute(&cli, &j));
                 print_row(rows.last().unwrap());
             }
@@ -282,7 +204,7 @@ fn main() -> Result<()> {
                 for &precision in &precisions {
                     let mut failed_at: Option<(usize, String)> = None;
                     for &seq in &lengths {
-                        let j = job("layer", imp, precision, seq, cli.layer.batch, pass);
+                        let j = job("layer", imp, precision, seq, cli.layer.batch_size, pass);
                         let row = match &failed_at {
                             Some((at, why)) => Row {
                                 status: "skipped".into(),
@@ -320,26 +242,33 @@ fn main() -> Result<()> {
     println!();
     print_table(&rows);
     if let Some(path) = &cli.json {
-        let report = serde_json::json!({
-            "tool": "nsa-bench",
-            "version": env!("CARGO_PKG_VERSION"),
-            "backend": selection.kind.to_string(),
-            "device": selection.device_name,
-            "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        let settings = serde_json::json!({
+            "suite": cli.suite,
+            "lengths": cli.lengths,
+            "precisions": precisions.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "impls": cli.impls,
+            "passes": cli.passes,
+            "train_shapes": cli.train_shapes,
             "layer": cli.layer,
             "warmup": cli.warmup,
             "runs": cli.runs,
-            "kernels_env": std::env::var("NSA_KERNELS").ok(),
-            "rows": rows,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
+        let record = nsa_infer::record::Record::new(
+            "nsa-bench",
+            &selection,
+            settings,
+            serde_json::json!({ "rows": rows }),
+        );
+        record.write(path)?;
     }
     eprintln!(
         "nsa-bench: done in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+    if let Some(why) = failures(&rows) {
+        println!("FAILED: {why}");
+        anyhow::bail!("{why}");
+    }
     Ok(())
 }
 
@@ -679,15 +608,27 @@ fn time_row<B: Backend>(job: &Job, device: &B::Device, mut row: Row, run: impl F
     row.ms_median = Some(median);
     row.ms_min = Some(min);
     row.ms_all = times;
-    row.peak_mem_bytes = peak;
+    row.reserved_mem_bytes = peak;
     row.status = "ok".into();
     row
 }
 
-fn flop_floor(job: &Job, backward: bool) -> f64 {
+/// Dense tensor-core peak of an H100/H200 SXM for `precision`, TFLOP/s: bf16 and f16 989.4,
+/// f32 as TF32 494.7 (NVIDIA's H100 SXM figures without sparsity; the H200 has the same
+/// compute).
+fn peak_tflops(precision: Precision) -> f64 {
+    match precision {
+        Precision::F32 => 494.7,
+        _ => 989.4,
+    }
+}
+
+/// The FLOP floor of `job` (ms) and the peak it assumes (TFLOP/s).
+fn flop_floor(job: &Job, backward: bool) -> (f64, f64) {
     let flops = layer_flops(&job.imp, &job.layer, job.seq) * job.batch as f64;
     let flops = if backward { flops * 3.0 } else { flops };
-    flops / 790e12 * 1e3
+    let peak = peak_tflops(job.precision);
+    (flops / (peak * 1e12) * 1e3, peak)
 }
 
 /// Forward only (no autodiff).
@@ -704,7 +645,9 @@ fn layer_fwd_row<B: Backend>(job: &Job, device: &B::Device) -> Row {
         }
     };
     let mut row = time_row::<B>(job, device, row, || drop(layer.forward(x.clone())));
-    row.flop_floor_ms = Some(flop_floor(job, false));
+    let (floor, peak) = flop_floor(job, false);
+    row.flop_floor_ms = Some(floor);
+    row.flop_peak_tflops = Some(peak);
     row
 }
 
@@ -725,7 +668,9 @@ fn layer_bwd_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
         let out = layer.forward(x.clone().require_grad());
         drop(out.mean().backward());
     });
-    row.flop_floor_ms = Some(flop_floor(job, true));
+    let (floor, peak) = flop_floor(job, true);
+    row.flop_floor_ms = Some(floor);
+    row.flop_peak_tflops = Some(peak);
     row
 }
 
@@ -773,7 +718,7 @@ fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Instant
     row.ms_median = Some(median);
     row.ms_min = Some(min);
     row.ms_all = timed.to_vec();
-    row.peak_mem_bytes = peak;
+    row.reserved_mem_bytes = peak;
     row.tokens_per_s = Some((job.seq * job.batch) as f64 / (median / 1e3));
     row.startup_s = times
         .iter()
@@ -806,11 +751,14 @@ fn check_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
     let mut c = l.nsa();
     c.use_diff_topk = true;
     variants.push(("difftopk", c));
+    let mut failed = false;
     for (name, config) in variants {
         let layer = match config.init::<B>(device) {
             Ok(layer) => layer,
             Err(e) => {
+                // a variant that cannot be built is a failed check, not a skipped one
                 notes.push(format!("{name}: {e}"));
+                failed = true;
                 continue;
             }
         };
@@ -849,31 +797,55 @@ fn check_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
             ("grad(x)", &fused.1, &reference.1),
             ("grad(qkv)", &fused.2, &reference.2),
         ] {
-            let abs = a
-                .values
-                .iter()
-                .zip(&r.values)
-                .map(|(a, b)| (a - b).abs() as f64)
-                .fold(0.0, f64::max);
-            let scale = r.values.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
-            let rel = abs / scale.max(1e-30);
+            // the shared rule: a NaN or infinity on either side is an infinite error
+            let c = match a.compare(r) {
+                Ok(c) => c,
+                Err(e) => {
+                    notes.push(format!("{name} {what}: {e}"));
+                    failed = true;
+                    continue;
+                }
+            };
+            let rel = c.relative(CHECK_FLOOR);
             println!(
-                "check {:5} seq {:6} {name:8} {what:9} max abs err {abs:.3e}  rel {rel:.3e}",
+                "check {:5} seq {:6} {name:8} {what:9} {c}  rel {rel:.3e}",
                 job.precision, job.seq
             );
-            worst_abs = worst_abs.max(abs);
-            worst_rel = worst_rel.max(rel);
+            if !c.finite() {
+                notes.push(format!("{name} {what}: {c}"));
+            }
+            // `!(x <= worst)` keeps an infinite error as the worst
+            if !(c.max_abs <= worst_abs) {
+                worst_abs = c.max_abs;
+            }
+            if !(rel <= worst_rel) {
+                worst_rel = rel;
+            }
         }
     }
     row.max_abs_err = Some(worst_abs);
     row.max_rel_err = Some(worst_rel);
-    let tol = match job.precision {
-        Precision::F32 => 1e-3,
-        _ => 5e-2,
-    };
-    row.status = if worst_rel <= tol { "ok" } else { "mismatch" }.into();
+    let tol = check_tolerance(job.precision);
+    row.status = if !failed && worst_rel <= tol {
+        "ok"
+    } else {
+        "mismatch"
+    }
+    .into();
     row.note = notes.join("; ");
     row
+}
+
+/// Floor of the check's per-tensor relative errors (`max_abs / max(max|reference|, floor)`).
+const CHECK_FLOOR: f64 = 1e-6;
+
+/// The check's tolerance on the per-tensor relative error: f32 kernels against f32 tensor ops,
+/// half-precision kernels (bf16/f16 storage, f32 accumulation) against half-precision tensor ops.
+fn check_tolerance(precision: Precision) -> f64 {
+    match precision {
+        Precision::F32 => 1e-3,
+        _ => 5e-2,
+    }
 }
 
 fn gib(bytes: u64) -> String {
@@ -898,7 +870,7 @@ fn print_row(r: &Row) {
         r.pass,
         r.seq,
         r.batch,
-        r.peak_mem_bytes.map(gib).unwrap_or_else(|| "-".into()),
+        r.reserved_mem_bytes.map(gib).unwrap_or_else(|| "-".into()),
         r.note
     );
 }
@@ -921,7 +893,7 @@ fn print_table(rows: &[Row]) {
                     .map(|m| format!("{m:.2}"))
                     .unwrap_or_else(|| r.status.clone()),
                 r.ms_min.map(|m| format!("{m:.2}")).unwrap_or_default(),
-                r.peak_mem_bytes.map(gib).unwrap_or_default(),
+                r.reserved_mem_bytes.map(gib).unwrap_or_default(),
                 r.flop_floor_ms
                     .map(|m| format!("{m:.2}"))
                     .unwrap_or_default(),
@@ -949,7 +921,7 @@ fn print_table(rows: &[Row]) {
                 r.tokens_per_s
                     .map(|t| format!("{t:.0}"))
                     .unwrap_or_default(),
-                r.peak_mem_bytes.map(gib).unwrap_or_default(),
+                r.reserved_mem_bytes.map(gib).unwrap_or_default(),
                 r.startup_s.map(|s| format!("{s:.1}")).unwrap_or_default(),
                 r.note.replace('|', "/"),
             );
@@ -979,10 +951,25 @@ fn print_table(rows: &[Row]) {
         }
         println!();
     }
-    let failed = rows
+}
+
+/// Why the run failed, if it did: a check row that is not `ok` (mismatched, skipped or not
+/// run), or any row that ended in an error. Out-of-memory and time-outs of benchmark rows are
+/// measurements, not failures.
+fn failures(rows: &[Row]) -> Option<String> {
+    let checks = rows
         .iter()
-        .any(|r| r.suite == "check" && r.status == "mismatch");
-    if failed {
-        println!("CHECK FAILED: kernel and tensor paths differ beyond tolerance");
+        .filter(|r| r.suite == "check" && r.status != "ok")
+        .count();
+    let errors = rows
+        .iter()
+        .filter(|r| r.suite != "check" && r.status == "error")
+        .count();
+    match (checks, errors) {
+        (0, 0) => None,
+        (c, e) => Some(format!(
+            "{c} check row(s) not ok (mismatch, skipped or failed) and {e} benchmark row(s) \
+             ended in an error"
+        )),
     }
 }

@@ -1,0 +1,129 @@
+//! The command line of `nsa-bench` (in the library so that the tests can check the commands
+//! of README.md and BENCHMARKS.md against it).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use nsa_model::NsaConfig;
+use nsa_train::backend::{BackendKind, Precision};
+use serde::{Deserialize, Serialize};
+
+const EXAMPLES: &str = "\
+Examples:
+  nsa-bench --backend cuda --suite layer --lengths 4k,64k --precisions bf16 --json layer.json
+  nsa-bench --backend cuda --suite check --lengths 1k --precisions f32,bf16
+  nsa-bench --backend cpu --suite train --train-shapes 256x4 --runs 3
+
+Exit status: 1 when a check row is not ok (mismatch, skipped or failed) or a row ends in an
+error; out-of-memory and time-outs of benchmark rows are measurements, not failures.";
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "nsa-bench",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BUILD_GIT_COMMIT"), ")"),
+    about = "Benchmark one NSA layer vs dense attention, and training steps of the seed model",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    #[arg(long, default_value = "auto", help = nsa_train::backend::BACKEND_HELP)]
+    pub backend: BackendKind,
+    /// Device index within the backend.
+    #[arg(long)]
+    pub device: Option<usize>,
+    /// What to run: layer, train, check (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "layer,train")]
+    pub suite: Vec<String>,
+    /// Sequence lengths of the layer benchmark (k = 1024).
+    #[arg(long, value_delimiter = ',', default_value = "1k,4k,16k,32k,64k,128k")]
+    pub lengths: Vec<String>,
+    /// Precisions of the layer benchmark (default: f32 and bf16 on CUDA, f32 and f16 on wgpu,
+    /// f32 on the CPU).
+    #[arg(long, value_delimiter = ',')]
+    pub precisions: Vec<Precision>,
+    /// Layer implementations: nsa (fused kernels where available), nsa-tensor (tensor ops
+    /// only), full (dense attention). The training rows run nsa and/or full from this list.
+    #[arg(long, value_delimiter = ',', default_value = "nsa,nsa-tensor,full")]
+    pub impls: Vec<String>,
+    /// Passes: fwd, fwd+bwd.
+    #[arg(long, value_delimiter = ',', default_value = "fwd,fwd+bwd")]
+    pub passes: Vec<String>,
+    /// Training-step shapes as SEQxBATCH.
+    #[arg(long, value_delimiter = ',', default_value = "256x16,4096x1")]
+    pub train_shapes: Vec<String>,
+    /// Precisions of the training step (f32 is what nsa-train uses).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    pub train_precisions: Vec<Precision>,
+    /// Warm-up runs (not timed).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Seconds a row may take before it is killed.
+    #[arg(long, default_value_t = 900)]
+    pub row_timeout: u64,
+    /// Run every row in this process (no isolation; an out-of-memory error ends the run).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub layer: LayerArgs,
+    /// Internal: run one row described by this JSON and print its result.
+    #[arg(long, hide = true)]
+    pub worker: Option<String>,
+}
+
+/// The benchmark layer (defaults: the issue's H100 reference setting).
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
+pub struct LayerArgs {
+    /// Model width of the layer.
+    #[arg(long, default_value_t = 1024)]
+    pub dim: usize,
+    /// Width of one attention head.
+    #[arg(long, default_value_t = 64)]
+    pub dim_head: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    /// Key/value heads (GQA groups).
+    #[arg(long, default_value_t = 4)]
+    pub kv_heads: usize,
+    /// Tokens per compression block (the compressed branch).
+    #[arg(long, default_value_t = 32)]
+    pub compress_block: usize,
+    /// Tokens between compression block starts.
+    #[arg(long, default_value_t = 16)]
+    pub stride: usize,
+    /// Tokens per selection block (the selected branch).
+    #[arg(long, default_value_t = 64)]
+    pub selection_block: usize,
+    /// Selection blocks per query.
+    #[arg(long, default_value_t = 16)]
+    pub selected: usize,
+    /// Sliding window (tokens before the query).
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Sequences per layer call.
+    #[arg(long, visible_alias = "batch", default_value_t = 1)]
+    #[serde(rename = "batch")]
+    pub batch_size: usize,
+}
+
+impl LayerArgs {
+    /// The NSA layer of these settings.
+    pub fn nsa(&self) -> NsaConfig {
+        NsaConfig::new(
+            self.dim,
+            self.dim_head,
+            self.heads,
+            self.window,
+            self.compress_block,
+            self.stride,
+            self.selection_block,
+            self.selected,
+        )
+        .with_kv_heads(self.kv_heads)
+    }
+}
