@@ -11,9 +11,10 @@ Training rows: the reference `Transformer` at the seed config (vocab 21128, dim 
 8 heads x 64, sparse 16/16/16/16/4), forward + backward + AdamW step, NSA and dense.
 
 Timing: warm-up excluded, median of --runs, `torch.cuda.synchronize()` before each clock read.
-Memory: `torch.cuda.max_memory_allocated()` over the row (weights, inputs and activations), and
-`max_memory_reserved()` (what the caching allocator held). Out-of-memory rows are recorded as
-`oom` and larger sizes of the same implementation are skipped.
+Memory: `torch.cuda.max_memory_allocated()` over the row (weights, inputs and activations:
+`allocated_mem_bytes`), and `max_memory_reserved()` (what the caching allocator held:
+`reserved_mem_bytes`, what nsa-bench reports of CubeCL's pools). Out-of-memory rows are
+recorded as `oom` and larger sizes of the same implementation are skipped.
 
     python3 -m pip install --no-index --no-deps --target /tmp/site ../shared/reference-wheels/*.whl
     PYTHONPATH=/tmp/site python3 scripts/bench_reference.py --json ref.json
@@ -22,6 +23,7 @@ Memory: `torch.cuda.max_memory_allocated()` over the row (weights, inputs and ac
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -41,6 +43,12 @@ def parse_len(s):
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def peak_tflops(precision):
+    """Dense tensor-core peak of an H100/H200 SXM (NVIDIA's figures without sparsity): bf16 and
+    f16 989.4 TFLOP/s, f32 as TF32 494.7 (the same rule as nsa-bench)."""
+    return 494.7 if precision == "f32" else 989.4
 
 
 def reset_memory():
@@ -184,9 +192,10 @@ def layer_row(args, impl, precision, seq, pass_):
         ms_min=min(times),
         ms_all=times,
         ms_first=first,
-        peak_mem_bytes=peak,
+        allocated_mem_bytes=peak,
         reserved_mem_bytes=reserved,
-        flop_floor_ms=flops / 790e12 * 1e3,
+        flop_floor_ms=flops / (peak_tflops(precision) * 1e12) * 1e3,
+        flop_peak_tflops=peak_tflops(precision),
     )
     return row
 
@@ -240,7 +249,7 @@ def train_row(args, impl, precision, seq, batch):
         ms_min=min(timed),
         ms_all=timed,
         ms_first=times[0],
-        peak_mem_bytes=peak,
+        allocated_mem_bytes=peak,
         reserved_mem_bytes=reserved,
         tokens_per_s=seq * batch / (median / 1e3),
         startup_s=startup,
@@ -266,7 +275,7 @@ def guarded(fn, row_base):
 
 def print_row(r):
     t = f"{r['ms_median']:10.2f} ms" if r.get("ms_median") is not None else f"{r['status']:>13}"
-    mem = r.get("peak_mem_bytes")
+    mem = r.get("reserved_mem_bytes")
     mem = f"{mem / 2**30:8.2f} GiB" if mem else "       - GiB"
     extra = f"{r['tokens_per_s']:10.0f} tok/s" if r.get("tokens_per_s") else ""
     print(f"  {r['suite']:6} {r['impl']:15} {r['precision']:5} {r['pass']:10} seq {r['seq']:6} "
@@ -285,7 +294,8 @@ def main():
     p.add_argument("--train-impls", default="ref-nsa,ref-full")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--json")
+    p.add_argument("--json", help="write a benchmark record (scripts/record.py) here")
+    p.add_argument("--commit", help="the commit of the nsa binaries measured beside (for the record)")
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--dim-head", type=int, default=64)
     p.add_argument("--heads", type=int, default=16)
@@ -340,21 +350,24 @@ def main():
                     print_row(row)
                     rows.append(row)
 
-    report = dict(
-        tool="bench_reference.py",
-        torch=torch.__version__,
-        triton=triton_version,
-        device=device_name,
-        unix_time=int(time.time()),
+    settings = dict(
+        suite=suites,
+        lengths=args.lengths.split(","),
+        impls=args.impls.split(","),
+        passes=args.passes.split(","),
+        train_shapes=args.train_shapes.split(","),
         layer={k: getattr(args, k) for k in ("dim", "dim_head", "heads", "kv_heads", "compress_block",
                                               "stride", "selection_block", "selected", "window", "batch")},
         warmup=args.warmup,
         runs=args.runs,
-        rows=rows,
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from record import write_record
+
+        write_record(args.json, "bench_reference.py", args.commit,
+                     "cuda" if torch.cuda.is_available() else "cpu", device_name, settings,
+                     dict(torch=torch.__version__, triton=triton_version, rows=rows))
         print(f"wrote {args.json}", file=sys.stderr)
     for r in rows:
         if r.get("ms_median") is not None:

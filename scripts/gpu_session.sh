@@ -22,6 +22,9 @@
 #           and the training steps
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
 #           (a cold machine compiles and autotunes for minutes before the first row finishes)
+#   evidence-layer  the published layer table and kernel checks, as benchmark records
+#   evidence-train  the published training-step table, as benchmark records
+#   evidence-decode the published decode table, as benchmark records, and the fixture checks
 # Everything lands in $OUT/all.tgz; the caches come back beside it as cache.tgz.part-* (copy
 # them into .gpu/ for the next call).
 set -uo pipefail
@@ -85,8 +88,56 @@ fixture_checks() {
   done
 }
 
+# The evidence phases write benchmark records (benchmarks/results/ format, see
+# scripts/bench_report) to $OUT/results/<date>-<card>-<what>.json; copy them into
+# benchmarks/results/ and run scripts/bench_report.
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/NVIDIA //; s/ .*//')
+CARD=${CARD:-gpu}
+DAY=$(date -u +%F)
+COMMIT=$(/tmp/bin/nsa-bench --version 2>/dev/null | sed -n 's/.*(\(.*\)).*/\1/p')
+rec() { mkdir -p "$OUT/results"; echo "$OUT/results/$DAY-$CARD-$1.json"; }
+
 for phase in "$@"; do
   case $phase in
+    evidence-layer)
+      # kernels against the tensor ops, then one layer (the issue setting, bf16) beside PyTorch
+      # SDPA and the reference NSA layer in the same call
+      run ev-check 90 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 1k,4k \
+        --precisions bf16,f32 --json "$(rec check)"
+      run ev-layer 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa,full \
+        --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd --runs 5 --warmup 1 \
+        --row-timeout 100 --json "$(rec layer)"
+      run ev-ref-layer 200 python3 scripts/bench_reference.py --suite layer \
+        --impls sdpa,ref-nsa-triton --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd \
+        --runs 5 --warmup 1 --commit "$COMMIT" --json "$(rec reference-layer)"
+      ;;
+    evidence-train)
+      # training steps, ours and the reference's, in the same call
+      run ev-train 200 /tmp/bin/nsa-bench --backend cuda --suite train --impls nsa,full \
+        --train-shapes 256x16,4096x1 --train-precisions f32 --runs 5 --warmup 2 \
+        --json "$(rec train)"
+      run ev-ref-train 200 python3 scripts/bench_reference.py --suite train \
+        --train-shapes 256x16,4096x1 --train-precisions f32 --train-impls ref-nsa,ref-full \
+        --runs 5 --warmup 2 --commit "$COMMIT" --json "$(rec reference-train)"
+      ;;
+    evidence-decode)
+      # decoding at batch 1, ours (three CUDA processes, Vulkan, dense) and the reference's
+      for i in 1 2 3; do
+        run "ev-decode-cuda-$i" 120 /tmp/bin/nsa-infer bench --backend cuda \
+          --json "$(rec "decode-cuda-$i")"
+      done
+      run ev-decode-wgpu 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$(rec decode-wgpu-1)"
+      run ev-decode-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full \
+        --json "$(rec decode-cuda-full)"
+      run ev-ref-decode 150 python3 scripts/reference_decode.py --runs 3 --commit "$COMMIT" \
+        --json "$(rec reference-decode)"
+      fixture_checks
+      # the fixture checkpoint's logits on every backend, f32-exact and with TF32 matmuls
+      run ev-compare 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa \
+        --backends ndarray,cpu,cuda,wgpu --json "$(rec compare-exact)"
+      run ev-compare-tf32 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa \
+        --backends ndarray,cuda,wgpu --tf32 --tolerance 1e-2 --json "$(rec compare-tf32)"
+      ;;
     infer)
       run devices 60 /tmp/bin/nsa-infer devices
       run bench-cuda-1 240 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-1.json"

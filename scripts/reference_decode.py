@@ -18,7 +18,10 @@ def main():
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=256)
+    p.add_argument("--json", help="also write a benchmark record (scripts/record.py) here")
+    p.add_argument("--commit", help="the commit of the nsa binaries measured beside")
     args = p.parse_args()
+    rows = []
     from native_sparse_attention_pytorch.transformer import Transformer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,10 +45,23 @@ def main():
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
         warm = sorted(times[1:])[len(times[1:]) // 2]
-        print(json.dumps(dict(impl="reference", kv_cache=cache, device=device,
-                              prompt=args.prompt, new=args.new, first_s=round(times[0], 3),
-                              median_s=round(warm, 3), tokens_per_s=round(args.new / warm, 1))),
-              flush=True)
+        row = dict(impl="reference", kv_cache=cache, device=device, prompt=args.prompt,
+                   new=args.new, first_s=round(times[0], 3), median_s=round(warm, 3),
+                   tokens_per_s=round(args.new / warm, 1),
+                   tokens_per_s_all=[round(args.new / t, 1) for t in times[1:]])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        import os
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from record import write_record
+
+        name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+        write_record(args.json, "reference_decode.py", args.commit, device, name,
+                     dict(prompt=args.prompt, new=args.new, runs=args.runs),
+                     dict(torch=torch.__version__, rows=rows))
 
 
 if __name__ == "__main__":

@@ -16,3 +16,6 @@ fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
 cargo test --workspace --features "nsa-model/wgpu" "$@"
+
+# the published figures are the committed raw results' (benchmarks/results)
+python3 scripts/bench_report --check
