@@ -18,16 +18,30 @@ fn main() {
         "../.git/index",
         "../.git/refs",
         "../.git/packed-refs",
-        "../model/src",
-        "../train/src",
-        "src",
+        "../Cargo.toml",
+        "../Cargo.lock",
+        "../model",
+        "../train",
+        "../infer",
     ] {
         println!("cargo:rerun-if-changed={path}");
     }
     let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
         Some(hash) => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
-                .is_some_and(|s| !s.is_empty());
+            // the code only: an edited README does not change the binaries
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "../Cargo.toml",
+                "../Cargo.lock",
+                "../model",
+                "../train",
+                "../infer",
+                "../scripts/build_commit.rs",
+            ])
+            .is_some_and(|s| !s.is_empty());
             if dirty {
                 format!("{hash}-dirty")
             } else {

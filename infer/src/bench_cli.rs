@@ -31,7 +31,8 @@ pub struct Cli {
     #[arg(long)]
     pub device: Option<usize>,
     /// What to run: layer, train, check (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "layer,train")]
+    #[arg(long, value_delimiter = ',', default_value = "layer,train",
+          value_parser = ["layer", "train", "check"])]
     pub suite: Vec<String>,
     /// Sequence lengths of the layer benchmark (k = 1024).
     #[arg(long, value_delimiter = ',', default_value = "1k,4k,16k,32k,64k,128k")]
@@ -42,10 +43,12 @@ pub struct Cli {
     pub precisions: Vec<Precision>,
     /// Layer implementations: nsa (fused kernels where available), nsa-tensor (tensor ops
     /// only), full (dense attention). The training rows run nsa and/or full from this list.
-    #[arg(long, value_delimiter = ',', default_value = "nsa,nsa-tensor,full")]
+    #[arg(long, value_delimiter = ',', default_value = "nsa,nsa-tensor,full",
+          value_parser = ["nsa", "nsa-tensor", "full"])]
     pub impls: Vec<String>,
     /// Passes: fwd, fwd+bwd.
-    #[arg(long, value_delimiter = ',', default_value = "fwd,fwd+bwd")]
+    #[arg(long, value_delimiter = ',', default_value = "fwd,fwd+bwd",
+          value_parser = ["fwd", "fwd+bwd"])]
     pub passes: Vec<String>,
     /// Training-step shapes as SEQxBATCH.
     #[arg(long, value_delimiter = ',', default_value = "256x16,4096x1")]

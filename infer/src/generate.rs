@@ -15,7 +15,7 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use burn::prelude::*;
 use nsa_model::interop::StateDict;
 use nsa_model::{Generated, Sampling, Transformer, TransformerConfig};
@@ -23,7 +23,7 @@ use nsa_train::backend::{OnBackend, Selection};
 use nsa_train::tokenizer::Tokenizer;
 use serde::Serialize;
 
-use crate::run::{check_context, model, prompt_ids};
+use crate::run::{generation_room, model, prompt_ids};
 use crate::stream::Streamer;
 
 /// One prompt and where it came from (for errors: `--prompts FILE line 3`).
@@ -138,11 +138,14 @@ struct PromptOut<'a> {
     seed: u64,
 }
 
-/// Decides when to stop and what of the continuation may be printed.
+/// Decides when to stop and what of the continuation may be printed. It looks at the whole
+/// decoded continuation after every token (which may change behind its end: a byte-level
+/// tokenizer shows an incomplete character as U+FFFD until its last byte arrives), keeps what it
+/// has printed, and holds back a trailing U+FFFD and any tail that may become a stop string.
 struct Stopper<'a> {
     stops: &'a Stops,
-    /// Continuation bytes already printed.
-    printed: usize,
+    /// What has been printed of the continuation.
+    emitted: String,
     reason: Option<StopReason>,
 }
 
@@ -150,7 +153,7 @@ impl<'a> Stopper<'a> {
     fn new(stops: &'a Stops) -> Self {
         Self {
             stops,
-            printed: 0,
+            emitted: String::new(),
             reason: None,
         }
     }
@@ -171,12 +174,10 @@ impl<'a> Stopper<'a> {
             .min_by_key(|(at, _)| *at);
         if let Some((at, s)) = found {
             self.reason = Some(StopReason::Stop(s.clone()));
-            let out = text.get(self.printed..at).unwrap_or("").to_string();
-            self.printed = self.printed.max(at);
-            return (out, true);
+            return (self.emit(&text[..at]), true);
         }
-        // hold back a tail that is the start of some stop string
-        let mut safe = text.len();
+        // hold back an incomplete character and a tail that is the start of a stop string
+        let mut safe = text.trim_end_matches('\u{FFFD}').len();
         for s in &self.stops.strings {
             for (i, _) in text.char_indices().rev().take(s.chars().count()) {
                 if s.starts_with(&text[i..]) {
@@ -184,16 +185,30 @@ impl<'a> Stopper<'a> {
                 }
             }
         }
-        let safe = safe.max(self.printed);
-        let out = text[self.printed..safe].to_string();
-        self.printed = safe;
-        (out, false)
+        (self.emit(&text[..safe]), false)
     }
 
     /// Everything not printed yet (at the end of a generation that did not stop on a string).
     fn rest(&mut self, text: &str) -> String {
-        let out = text.get(self.printed..).unwrap_or("").to_string();
-        self.printed = text.len();
+        self.emit(text)
+    }
+
+    /// What to print so that the printed text becomes `upto` (a prefix of the continuation):
+    /// its part after what was printed. Printed text cannot be taken back: where the
+    /// continuation changed behind what was printed, the change is printed after it.
+    fn emit(&mut self, upto: &str) -> String {
+        if self.emitted.starts_with(upto) {
+            return String::new();
+        }
+        // the common prefix (equal characters have equal byte offsets in both)
+        let common = self
+            .emitted
+            .char_indices()
+            .zip(upto.chars())
+            .find(|((_, a), b)| a != b)
+            .map_or(self.emitted.len().min(upto.len()), |((i, _), _)| i);
+        let out = upto[common..].to_string();
+        self.emitted = upto.to_string();
         out
     }
 }
@@ -209,18 +224,7 @@ impl GenerateJob {
         report: &mut GenerateReport,
     ) -> Result<()> {
         let ids = prompt_ids(&self.tokenizer, prompt, self.raw_prompt)?;
-        check_context(&self.config, ids.len())?;
-        let room = match self.config.max_seq_len {
-            Some(ctx) => ctx - ids.len(),
-            None => crate::cli::MAX_UNKNOWN_CONTEXT.saturating_sub(ids.len()),
-        };
-        if room == 0 {
-            bail!(
-                "the prompt fills the model's context of {} tokens: no room to generate",
-                ids.len()
-            );
-        }
-        let max_new = self.max_new.min(room);
+        let max_new = self.max_new.min(generation_room(&self.config, ids.len())?);
         let mut out = std::io::stdout().lock();
         if self.echo_prompt && !self.json {
             write!(out, "{prompt}")?;
@@ -267,7 +271,7 @@ impl GenerateJob {
                 StopReason::Context
             });
         let text = match &reason {
-            StopReason::Stop(_) => streamer.text()[..stopper.printed].to_string(),
+            StopReason::Stop(_) => stopper.emitted.clone(),
             _ => streamer.text().to_string(),
         };
         if json {
@@ -285,6 +289,7 @@ impl GenerateJob {
             writeln!(out, "{rest}")?;
         }
         out.flush()?;
+        eprintln!("stopped: {reason} after {} tokens", new.len());
         report.stops.push(reason);
         Ok(())
     }
@@ -303,8 +308,13 @@ impl OnBackend for GenerateJob {
                     if prompts.len() > 1 && !self.json {
                         println!("### {}", i + 1);
                     }
-                    self.one(&model, &prompt.text, self.seed + i as u64, &mut report)
-                        .with_context(|| prompt.origin.clone())?;
+                    self.one(
+                        &model,
+                        &prompt.text,
+                        self.seed.wrapping_add(i as u64),
+                        &mut report,
+                    )
+                    .with_context(|| prompt.origin.clone())?;
                 }
             }
             Prompts::Interactive => {
@@ -329,12 +339,12 @@ impl OnBackend for GenerateJob {
                     }
                     // a prompt that does not fit is said and skipped, the session goes on
                     let fits = prompt_ids(&self.tokenizer, prompt, self.raw_prompt)
-                        .and_then(|ids| check_context(&self.config, ids.len()));
+                        .and_then(|ids| generation_room(&self.config, ids.len()));
                     if let Err(e) = fits {
                         eprintln!("error: {e}");
                         continue;
                     }
-                    self.one(&model, prompt, self.seed + turn, &mut report)?;
+                    self.one(&model, prompt, self.seed.wrapping_add(turn), &mut report)?;
                     turn += 1;
                 }
             }
@@ -362,6 +372,20 @@ mod tests {
         }
         printed.push_str(&s.rest(&text));
         (printed, s.reason)
+    }
+
+    #[test]
+    fn an_incomplete_character_is_held_back_not_sliced() {
+        // a byte-level tokenizer's decoding: "é" (2 bytes) shows as U+FFFD until complete
+        let stops = Stops::default();
+        let mut s = Stopper::new(&stops);
+        let mut printed = String::new();
+        for text in ["a", "a\u{FFFD}", "aé", "aé\u{FFFD}", "aé😀"] {
+            let (out, stop) = s.push(9, text);
+            assert!(!stop);
+            printed.push_str(&out);
+        }
+        assert_eq!(printed, "aé😀");
     }
 
     #[test]

@@ -26,7 +26,7 @@ fn main() {
     nsa_train::backend::quiet_headless_probe();
     // argument errors: clap's whole message (usage, tips, --help pointer), exit 2
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
-    let result = nsa_train::environment::check()
+    let result = nsa_train::environment::check_vars(std::env::vars_os())
         .map_err(anyhow::Error::from)
         .and_then(|()| run(cli, started));
     if let Err(e) = result {
@@ -141,7 +141,7 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
         for p in list {
             let ids = nsa_infer::run::prompt_ids(&bundle.tokenizer, &p.text, args.raw_prompt)
                 .with_context(|| p.origin.clone())?;
-            nsa_infer::run::check_context(&bundle.config, ids.len())
+            nsa_infer::run::generation_room(&bundle.config, ids.len())
                 .with_context(|| p.origin.clone())?;
         }
     }
@@ -184,12 +184,8 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
             0 => String::new(),
             n => format!(" ({n} special, not printed)"),
         };
-        let why = match report.stops.as_slice() {
-            [one] => format!("; stopped: {one}"),
-            _ => String::new(),
-        };
         eprintln!(
-            "{} tokens{special} in {:.2} s ({:.1} tokens/s); first token {:.2} s after start{why}",
+            "{} tokens{special} in {:.2} s ({:.1} tokens/s); first token {:.2} s after start",
             report.tokens,
             report.generate_s,
             report.tokens as f64 / report.generate_s.max(1e-9),
@@ -350,8 +346,8 @@ fn logits(args: LogitsArgs) -> Result<()> {
 }
 
 fn bench(args: BenchArgs, started: Instant) -> Result<()> {
-    if args.max_new_tokens < 2 || args.prompt_len == 0 {
-        bail!("--max-new-tokens must be at least 2 and --prompt-len at least 1");
+    if args.max_new_tokens < 2 || args.prompt_len == 0 || args.runs == 0 {
+        bail!("--max-new-tokens must be at least 2, --prompt-len and --runs at least 1");
     }
     let (config, weights) = match &args.model {
         Some(dir) => {
@@ -575,7 +571,8 @@ fn compare(args: CompareArgs) -> Result<()> {
     }
     nsa_infer::run::check_context(&b.config, tokens.len())?;
     let kinds = if args.backends.is_empty() {
-        let mut k = vec![BackendKind::cpu()];
+        let mut k = vec![BackendKind::Ndarray, BackendKind::cpu()];
+        k.dedup();
         if backend::probe_cuda().is_ok() {
             k.push(BackendKind::Cuda);
         }
@@ -586,6 +583,12 @@ fn compare(args: CompareArgs) -> Result<()> {
     } else {
         args.backends.clone()
     };
+    if kinds.len() < 2 {
+        bail!(
+            "--backends: {} backend(s) to compare; give at least two (e.g. --backends ndarray,cpu)",
+            kinds.len()
+        );
+    }
     let mut first: Option<(BackendKind, nsa_infer::run::LogitsReport)> = None;
     let mut worst = 0.0f64;
     let mut flips = false;

@@ -68,7 +68,7 @@ impl Record {
             backend: backend.to_string(),
             device: device.to_string(),
             host_cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            env: nsa_train::environment::settings(),
+            env: nsa_train::environment::settings(std::env::vars_os()),
             settings,
             result,
         }

@@ -48,9 +48,26 @@ pub fn prompt_ids(tokenizer: &Tokenizer, text: &str, raw: bool) -> Result<Vec<u3
     Ok(ids)
 }
 
+/// The most tokens a generation after a prompt of `prompt_len` tokens may add: the rest of
+/// the model's context (`max_seq_len`; [`crate::cli::MAX_UNKNOWN_CONTEXT`] when the model
+/// does not say), at least 1, or an error when the prompt fills it.
+pub fn generation_room(config: &TransformerConfig, prompt_len: usize) -> Result<usize> {
+    check_context(config, prompt_len)?;
+    let ctx = config
+        .max_seq_len
+        .unwrap_or(crate::cli::MAX_UNKNOWN_CONTEXT);
+    if prompt_len >= ctx {
+        bail!(
+            "the prompt has {prompt_len} tokens and fills the model's context of {ctx}: no room \
+             to generate; shorten the prompt"
+        );
+    }
+    Ok(ctx - prompt_len)
+}
+
 /// Checks a prompt against the model's trained context.
 pub fn check_context(config: &TransformerConfig, prompt_len: usize) -> Result<()> {
-    if let Some(ctx) = config.max_seq_len {
+    if let Some(ctx) = config.max_seq_len.or(Some(crate::cli::MAX_UNKNOWN_CONTEXT)) {
         if prompt_len > ctx {
             bail!(
                 "the prompt has {prompt_len} tokens, more than the model's context of {ctx} \
@@ -189,6 +206,10 @@ pub struct BenchReport {
     pub prefill_s: f64,
     /// Median over the warm runs: decode tokens per second (excluding the prefill).
     pub tokens_per_s: f64,
+    /// Every warm run's decode tokens per second.
+    pub tokens_per_s_all: Vec<f64>,
+    /// Every warm run's prefill seconds.
+    pub prefill_s_all: Vec<f64>,
     /// Prompt tokens.
     pub prompt_len: usize,
     /// New tokens per run.
@@ -358,7 +379,12 @@ impl OnBackend for BenchJob {
         let threads = busy_threads(&before, &thread_times(), tokens, wall_us);
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
         };
         let breakdown = step_breakdown(&model, &prompt, self.new_tokens, &self.sampling, &device)?;
         Ok(BenchReport {
@@ -366,8 +392,10 @@ impl OnBackend for BenchJob {
             load_s,
             first_token_s,
             cold_tokens_per_s: cold,
-            prefill_s: median(prefills),
-            tokens_per_s: median(rates),
+            prefill_s: median(prefills.clone()),
+            tokens_per_s: median(rates.clone()),
+            tokens_per_s_all: rates,
+            prefill_s_all: prefills,
             prompt_len: self.prompt_len,
             new_tokens: self.new_tokens,
             breakdown,

@@ -30,7 +30,10 @@ fn stale_tables_fail_the_check() {
     }
     let results = d.join("benchmarks/results");
     std::fs::create_dir_all(&results).unwrap();
-    for e in std::fs::read_dir(root().join("benchmarks/results")).unwrap() {
+    for e in std::fs::read_dir(root().join("benchmarks/results"))
+        .into_iter()
+        .flatten()
+    {
         let e = e.unwrap();
         std::fs::copy(e.path(), results.join(e.file_name())).unwrap();
     }

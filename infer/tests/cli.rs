@@ -455,6 +455,12 @@ fn bad_inputs_are_refused_with_one_line() {
         None,
         &["directory"],
     );
+    // nothing to compare with
+    n += refused(
+        &["compare", "-m", g, "--backends", "cpu"],
+        None,
+        &["--backends", "at least two"],
+    );
     // a training run's directory instead of its bundle
     let run = d.join("run");
     copy_dir(&good, &run.join("best"));
@@ -478,7 +484,7 @@ fn bad_inputs_are_refused_with_one_line() {
 
     assert_eq!(snapshot(&good), before, "the model directory was modified");
     eprintln!("{n} bad inputs refused");
-    assert!(n >= 29);
+    assert!(n >= 30);
 }
 
 /// Argument errors keep clap's whole message: what is missing or wrong, the usage line, a

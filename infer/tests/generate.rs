@@ -170,8 +170,9 @@ fn generation_stops_where_it_says() {
 fn interactive_mode_answers_every_line() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path(), 64);
-    let long = "我".repeat(80);
-    let input = format!("我们\n\n{long}\n你\n");
+    // 80 tokens: longer than the context; 63 (+ [SEP]): the whole context, no room to generate
+    let (long, full) = ("我".repeat(80), "我".repeat(63));
+    let input = format!("我们\n\n{long}\n{full}\n你\n");
     let (out, err) = ok(
         &[
             "generate",
@@ -194,8 +195,9 @@ fn interactive_mode_answers_every_line() {
     );
     assert_eq!(lines[0]["prompt"], "我们");
     assert_eq!(lines[1]["prompt"], "你");
-    // the over-long line is refused and the session goes on
-    assert!(err.contains("error: ") && err.contains("context"), "{err}");
+    // the over-long lines are refused and the session goes on
+    assert!(err.contains("more than the model's context"), "{err}");
+    assert!(err.contains("no room to generate"), "{err}");
     // the same answers as one-shot generation
     let (one, _) = ok(
         &[
@@ -360,7 +362,10 @@ fn raw_logits_equal_the_reference() {
     let raw = std::fs::read(&npy).unwrap();
     let header = u16::from_le_bytes([raw[8], raw[9]]) as usize;
     let want: Vec<u8> = got.iter().flat_map(|x| x.to_le_bytes()).collect();
-    assert!(raw[10 + header..] == want[..], "the .npy holds other logits");
+    assert!(
+        raw[10 + header..] == want[..],
+        "the .npy holds other logits"
+    );
     assert!(tmp.path().join("logits.ids.npy").is_file());
 }
 

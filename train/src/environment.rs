@@ -1,6 +1,7 @@
 //! The `NSA_*` environment variables the binaries read, checked at start-up: an invalid switch
 //! value or a misspelt name is an error naming the variable, not a silent default (a typo such
 //! as `NSA_KERNEL=0` would otherwise measure the kernels while meaning to measure without).
+//! The binaries pass their environment in (`std::env::vars_os()`).
 
 use nsa_model::kernels::switches;
 
@@ -21,14 +22,6 @@ pub enum EnvironmentError {
     Value(#[from] switches::SwitchError),
     #[error("environment: unknown variable {name} (known: {known})")]
     Unknown { name: String, known: String },
-}
-
-/// Checks every `NSA_*` variable of the environment.
-pub fn check() -> Result<(), EnvironmentError> {
-    check_vars(
-        std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))),
-    )
 }
 
 /// [`check`] of the given variables.
@@ -57,9 +50,12 @@ pub fn check_vars(
     Ok(())
 }
 
-/// The `NSA_*` variables that are set, as `NAME=value` (for the records of a benchmark).
-pub fn settings() -> Vec<String> {
-    let mut v: Vec<String> = std::env::vars_os()
+/// The `NSA_*` variables of `vars`, as `NAME=value` (for the records of a benchmark).
+pub fn settings(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<String> {
+    let mut v: Vec<String> = vars
+        .into_iter()
         .filter_map(|(k, v)| {
             let k = k.into_string().ok()?;
             k.starts_with("NSA_")

@@ -154,7 +154,7 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    if let Err(e) = nsa_train::environment::check() {
+    if let Err(e) = nsa_train::environment::check_vars(std::env::vars_os()) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }

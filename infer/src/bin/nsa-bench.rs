@@ -73,6 +73,10 @@ struct Row {
     max_abs_err: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_rel_err: Option<f64>,
+    /// Whether every compared value was finite (JSON has no NaN or infinity: a non-finite
+    /// error is written as null beside `finite: false`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finite: Option<bool>,
     /// Fused kernels were registered for the backend of the row.
     #[serde(skip_serializing_if = "Option::is_none")]
     kernels: Option<bool>,
@@ -125,7 +129,7 @@ const RESULT_TAG: &str = "NSA_BENCH_ROW ";
 fn main() {
     let started = Instant::now();
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
-    let result = nsa_train::environment::check()
+    let result = nsa_train::environment::check_vars(std::env::vars_os())
         .map_err(anyhow::Error::from)
         .and_then(|()| run(cli, started));
     if let Err(e) = result {
@@ -825,6 +829,7 @@ fn check_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
     }
     row.max_abs_err = Some(worst_abs);
     row.max_rel_err = Some(worst_rel);
+    row.finite = Some(worst_abs.is_finite());
     let tol = check_tolerance(job.precision);
     row.status = if !failed && worst_rel <= tol {
         "ok"
