@@ -21,13 +21,22 @@ pub enum EnvironmentError {
     #[error("environment: {0}")]
     Value(#[from] switches::SwitchError),
     #[error("environment: unknown variable {name} (known: {known})")]
-    Unknown { name: String, known: String },
+    Unknown {
+        /// The variable.
+        name: String,
+        /// The variables there are.
+        known: String,
+    },
 }
 
-/// [`check`] of the given variables.
+/// Checks every `NSA_*` variable of `vars` (the binaries pass `std::env::vars_os()`; the
+/// library reads no environment here).
 pub fn check_vars(
-    vars: impl IntoIterator<Item = (String, String)>,
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
 ) -> Result<(), EnvironmentError> {
+    let vars = vars
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())));
     let known = || {
         switches::FLAGS
             .iter()
@@ -70,10 +79,8 @@ pub fn settings(
 mod tests {
     use super::*;
 
-    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+    fn vars(v: &[(&str, &str)]) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        v.iter().map(|(a, b)| (a.into(), b.into())).collect()
     }
 
     #[test]
