@@ -10,7 +10,7 @@
 //! Timing: warm-up runs excluded, then the median of `--runs` runs; the device is synced before
 //! each clock read.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -340,23 +340,25 @@ fn run_child(job: &Job, timeout: Duration) -> Result<Row> {
         }
         result
     });
-    // keep the tail of stderr (to recognise out-of-memory errors) and echo it
+    // keep the tail of stderr (to recognise out-of-memory errors) and the first panic, and
+    // echo it
     let err_thread = std::thread::spawn(move || {
         let mut tail = String::new();
-        let mut reader = BufReader::new(stderr);
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let text = String::from_utf8_lossy(&buf[..n]);
-            let _ = std::io::stderr().write_all(text.as_bytes());
-            tail.push_str(&text);
+        let mut panic = PanicWatch::default();
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            eprintln!("{line}");
+            panic.see(&line);
+            tail.push_str(&line);
+            tail.push('\n');
             if tail.len() > 16384 {
-                tail = tail.split_off(tail.len() - 8192);
+                let mut cut = tail.len() - 8192;
+                while !tail.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                tail = tail.split_off(cut);
             }
         }
-        tail
+        (tail, panic.message())
     });
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -371,9 +373,26 @@ fn run_child(job: &Job, timeout: Duration) -> Result<Row> {
         std::thread::sleep(Duration::from_millis(200));
     };
     let result = out_thread.join().unwrap_or(None);
-    let tail = err_thread.join().unwrap_or_default();
+    // a panic on a device thread (an allocation the device refused, say) leaves the main
+    // thread timing nothing: the row is an error, whatever it measured
+    let (tail, panic) = err_thread.join().unwrap_or_default();
     if let Some(json) = result {
-        return Ok(serde_json::from_str(&json)?);
+        let row: Row = serde_json::from_str(&json)?;
+        return Ok(match panic {
+            Some(why) if row.status == "ok" => Row {
+                status: if why.to_ascii_lowercase().contains("allocate") {
+                    "oom".into()
+                } else {
+                    "error".into()
+                },
+                note: format!("a device thread panicked during the row: {why}"),
+                ms_median: None,
+                ms_min: None,
+                ms_all: Vec::new(),
+                ..row
+            },
+            _ => row,
+        });
     }
     let lower = tail.to_ascii_lowercase();
     let oom = [
@@ -405,6 +424,36 @@ fn run_child(job: &Job, timeout: Duration) -> Result<Row> {
         },
         ..row_of(job)
     })
+}
+
+/// The first panic in a worker's stderr: Rust prints `thread '...' panicked at FILE:LINE:`
+/// and the message on the next line.
+#[derive(Default)]
+struct PanicWatch {
+    seen: bool,
+    message: Option<String>,
+}
+
+impl PanicWatch {
+    fn see(&mut self, line: &str) {
+        if self.message.is_some() {
+            return;
+        }
+        if self.seen {
+            self.message = Some(line.chars().take(300).collect());
+        } else if line.contains("panicked at") {
+            self.seen = true;
+        }
+    }
+
+    /// The message, if a panic was seen (empty when its message line never came).
+    fn message(&self) -> Option<String> {
+        match (&self.message, self.seen) {
+            (Some(m), _) => Some(m.clone()),
+            (None, true) => Some(String::new()),
+            (None, false) => None,
+        }
+    }
 }
 
 /// Runs one row in this process.
@@ -976,5 +1025,26 @@ fn failures(rows: &[Row]) -> Option<String> {
             "{c} check row(s) not ok (mismatch, skipped or failed) and {e} benchmark row(s) \
              ended in an error"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_thread_panic_is_seen() {
+        let mut w = PanicWatch::default();
+        for line in [
+            "  layer  full  bf16  fwd  seq 65536",
+            "thread 'DSD-0-0' (762) panicked at cubecl-cuda/src/compute/server.rs:124:46:",
+            "called `Result::unwrap()` on an `Err` value: can't allocate buffer of size: 137438953472",
+            "thread 'DSD-0-0' (762) panicked at cubecl-cuda/src/compute/stream.rs:101:14:",
+            "Memory page 0 doesn't exist",
+        ] {
+            w.see(line);
+        }
+        assert!(w.message().unwrap().contains("can't allocate"));
+        assert!(PanicWatch::default().message().is_none());
     }
 }
