@@ -104,6 +104,11 @@ for phase in "$@"; do
       # SDPA and the reference NSA layer in the same call
       run ev-check 90 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 1k,4k \
         --precisions bf16,f32 --json "$(rec check)"
+      # each variant on its own at 4k (a crash there takes down the whole row)
+      for v in bench noshare difftopk; do
+        run "ev-check-$v" 60 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 4k \
+          --precisions f32 --check-variants "$v" --json "$(rec "check-4k-$v")"
+      done
       run ev-layer 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa,full \
         --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd --runs 5 --warmup 1 \
         --row-timeout 100 --json "$(rec layer)"

@@ -73,6 +73,11 @@ pub struct Cli {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub layer: LayerArgs,
+    /// The variants of the check suite: the benchmark layer (`bench`), a selection per query
+    /// head (`noshare`) and straight-through top-k (`difftopk`).
+    #[arg(long, value_delimiter = ',', default_value = "bench,noshare,difftopk",
+          value_parser = ["bench", "noshare", "difftopk"])]
+    pub check_variants: Vec<String>,
     /// Internal: run one row described by this JSON and print its result.
     #[arg(long, hide = true)]
     pub worker: Option<String>,

@@ -100,6 +100,9 @@ struct Job {
     #[serde(with = "as_string")]
     backend: BackendKind,
     device: Option<usize>,
+    /// The check suite's variants.
+    #[serde(default)]
+    variants: Vec<String>,
 }
 
 /// Serde through `Display` / `FromStr`.
@@ -183,6 +186,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         layer: cli.layer.clone(),
         backend: selection.kind,
         device: Some(selection.index),
+        variants: cli.check_variants.clone(),
     };
     let has = |s: &str| cli.suite.iter().any(|x| x == s);
 
@@ -804,6 +808,11 @@ fn check_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
     let mut c = l.nsa();
     c.use_diff_topk = true;
     variants.push(("difftopk", c));
+    variants.retain(|(name, _)| job.variants.is_empty() || job.variants.iter().any(|v| v == name));
+    if variants.len() < 3 {
+        let names: Vec<&str> = variants.iter().map(|(n, _)| *n).collect();
+        notes.push(format!("variants {}", names.join(",")));
+    }
     let mut failed = false;
     for (name, config) in variants {
         let layer = match config.init::<B>(device) {
