@@ -15,15 +15,20 @@ use std::fmt;
 /// Which side of a comparison held a non-finite value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
+    /// The values under test.
     Ours,
+    /// The values they are compared with.
     Reference,
 }
 
 /// The first non-finite value found: its index, side and value.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NonFinite {
+    /// Its element index.
     pub index: usize,
+    /// Which side holds it.
     pub side: Side,
+    /// The value (NaN or an infinity).
     pub value: f64,
 }
 
@@ -45,13 +50,22 @@ pub struct Comparison {
 /// Two tensors that cannot be compared.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CompareError {
+    /// The shapes differ.
     #[error("shapes differ: {ours:?} against the reference's {reference:?}")]
     Shape {
+        /// Ours.
         ours: Vec<usize>,
+        /// The reference's.
         reference: Vec<usize>,
     },
+    /// The numbers of values differ.
     #[error("{ours} values against the reference's {reference}")]
-    Length { ours: usize, reference: usize },
+    Length {
+        /// Ours.
+        ours: usize,
+        /// The reference's.
+        reference: usize,
+    },
 }
 
 impl Comparison {
