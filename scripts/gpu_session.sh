@@ -68,6 +68,11 @@ run() { # name, timeout, command...
   local rc=$?
   log "[$(since)] $name: exit $rc in $(python3 -c "import time; print(round(time.time() - $s, 1))") s"
   tail -n 12 "$OUT/$name.out" "$OUT/$name.err" | tee -a "$OUT/session.log"
+  # the records and the log so far come back even if the device call runs out of time
+  if ls "$OUT"/results/*.json >/dev/null 2>&1; then
+    mkdir -p "$FINAL/results" && cp -f "$OUT"/results/*.json "$FINAL/results/"
+  fi
+  cp -f "$OUT/session.log" "$FINAL/"
 }
 
 # The reference fixture checkpoint on the three backends: logits compared with `compare`, then
@@ -102,17 +107,17 @@ for phase in "$@"; do
     evidence-layer)
       # kernels against the tensor ops, then one layer (the issue setting, bf16) beside PyTorch
       # SDPA and the reference NSA layer in the same call
-      run ev-check 90 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 1k,4k \
+      run ev-check 75 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 1k,4k \
         --precisions bf16,f32 --json "$(rec check)"
       # each variant on its own at 4k (a crash there takes down the whole row)
       for v in bench noshare difftopk; do
-        run "ev-check-$v" 60 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 4k \
+        run "ev-check-$v" 40 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 4k \
           --precisions f32 --check-variants "$v" --json "$(rec "check-4k-$v")"
       done
-      run ev-layer 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa,full \
+      run ev-layer 210 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa,full \
         --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd --runs 5 --warmup 1 \
         --row-timeout 100 --json "$(rec layer)"
-      run ev-ref-layer 200 python3 scripts/bench_reference.py --suite layer \
+      run ev-ref-layer 170 python3 scripts/bench_reference.py --suite layer \
         --impls sdpa,ref-nsa-triton --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd \
         --runs 5 --warmup 1 --commit "$COMMIT" --json "$(rec reference-layer)"
       ;;
