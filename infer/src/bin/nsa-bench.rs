@@ -260,6 +260,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
             "layer": cli.layer,
             "warmup": cli.warmup,
             "runs": cli.runs,
+            "check_variants": cli.check_variants,
         });
         let record = nsa_infer::record::Record::new(
             "nsa-bench",
@@ -408,14 +409,30 @@ fn run_child(job: &Job, timeout: Duration) -> Result<Row> {
     ]
     .iter()
     .any(|p| lower.contains(p));
-    let last_line = tail
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .chars()
-        .take(300)
-        .collect::<String>();
+    // what the worker said last: its first panic's message, else its last line that is not
+    // Rust's backtrace boilerplate
+    let boilerplate = |l: &str| {
+        let l = l.trim();
+        l.is_empty()
+            || l.starts_with("note: ")
+            || l.starts_with("stack backtrace")
+            || l.starts_with("No backtrace available")
+    };
+    let last_line = match panic.filter(|m| !m.is_empty()) {
+        Some(message) => format!("panicked: {message}"),
+        None => tail
+            .lines()
+            .rev()
+            .find(|l| !boilerplate(l))
+            .unwrap_or("")
+            .chars()
+            .take(300)
+            .collect::<String>(),
+    };
+    let last_line = match (job.suite == "check", job.variants.is_empty()) {
+        (true, false) => format!("variants {}: {last_line}", job.variants.join(",")),
+        _ => last_line,
+    };
     Ok(Row {
         status: match status {
             None => "timeout".into(),
