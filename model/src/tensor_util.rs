@@ -288,11 +288,18 @@ mod tests {
             let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
             let exact = cdf + v * pdf;
             assert!(ours[i].is_finite(), "x = {v}: {}", ours[i]);
-            assert!((ours[i] - exact).abs() < 1e-6, "x = {v}: {} vs {exact}", ours[i]);
+            assert!(
+                (ours[i] - exact).abs() < 1e-6,
+                "x = {v}: {} vs {exact}",
+                ours[i]
+            );
             burn_worst = burn_worst.max((burns[i] - exact).abs());
         }
         // the reason for our own: Burn's derivative is the tanh approximation's
-        assert!(burn_worst > 1e-4, "Burn's gelu gradient is exact now ({burn_worst:.1e})");
+        assert!(
+            burn_worst > 1e-4,
+            "Burn's gelu gradient is exact now ({burn_worst:.1e})"
+        );
     }
 
     /// The split matmul equals the plain one (on the CPU both are f32), and the split is exact.
