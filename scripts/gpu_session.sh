@@ -23,6 +23,7 @@
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
 #           (a cold machine compiles and autotunes for minutes before the first row finishes)
 #   evidence-layer  the published layer table and kernel checks, as benchmark records
+#   evidence-check  the kernel checks (1k and 4k, bf16 and f32), one record per variant
 #   evidence-train  the published training-step table, as benchmark records
 #   evidence-decode the published decode table, as benchmark records, and the fixture checks
 # Everything lands in $OUT/all.tgz; the caches come back beside it as cache.tgz.part-* (copy
@@ -120,6 +121,14 @@ for phase in "$@"; do
       run ev-ref-layer 170 python3 scripts/bench_reference.py --suite layer \
         --impls sdpa,ref-nsa-triton --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd \
         --runs 5 --warmup 1 --commit "$COMMIT" --json "$(rec reference-layer)"
+      ;;
+    evidence-check)
+      # the kernels against the tensor ops, one process (and record) per variant, so that a
+      # variant that crashes or hangs leaves the others' rows
+      for v in bench noshare difftopk; do
+        run "ev-check-$v" 150 /tmp/bin/nsa-bench --backend cuda --suite check --lengths 1k,4k \
+          --precisions bf16,f32 --check-variants "$v" --row-timeout 60 --json "$(rec "check-$v")"
+      done
       ;;
     evidence-train)
       # training steps, ours and the reference's, in the same call
