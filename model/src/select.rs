@@ -154,6 +154,26 @@ pub fn fine_attention<B: Backend>(
             return out;
         }
     }
+    fine_attention_tensor_ops(q, k, v, selection, config, scale, GATHER_LIMIT)
+}
+
+/// The most values the tensor-op fine attention gathers at once (per keys and per values):
+/// 2^28, 1 GiB of f32. The gathered keys hold `(n + 1) × selection_block × dim_head` values
+/// per query and selection head: unchunked, the benchmark layer (16 heads selecting 16 blocks
+/// of 64) passes 2^32 values near 4k tokens, where CubeCL's u32 indexing fails.
+const GATHER_LIMIT: usize = 1 << 28;
+
+/// [`fine_attention`] with tensor ops, in chunks of query positions whose gathered keys hold
+/// at most `limit` values (rows are independent: any chunking gives the same result).
+fn fine_attention_tensor_ops<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    selection: Option<Selection<B>>,
+    config: &NsaConfig,
+    scale: f64,
+    limit: usize,
+) -> Tensor<B, 4> {
     let [b, h, n, d] = q.dims();
     let kvh = k.dims()[1];
     let g = h / kvh;
@@ -220,28 +240,47 @@ pub fn fine_attention<B: Backend>(
     let kv_of_head: Vec<i64> = (0..b)
         .flat_map(|bi| (0..hs).map(move |hi| (bi * kvh + if share { hi } else { hi / g }) as i64))
         .collect();
-    let base = int_tensor::<B, 4>(kv_of_head, [b, hs, 1, 1], &device)
-        .mul_scalar(nb as i64)
-        .expand([b, hs, padded, blocks]);
-    let flat = (indices + base).reshape([b * hs * padded * blocks]);
-    let gather = |x: Tensor<B, 4>| {
-        x.reshape([b * kvh * nb, sel * d])
-            .select(0, flat.clone())
-            .reshape([b, hs, padded, blocks, sel * d])
-    };
-    let mut fk = gather(k);
-    let fv = gather(v);
-    if let Some(gates) = gates {
-        fk = fk * gates.unsqueeze_dim::<5>(4);
-    }
-    let keys = blocks * sel;
-    let fk = fk.reshape([b, hs, padded, keys, d]);
-    let fv = fv.reshape([b, hs, padded, keys, d]);
-
+    let base = int_tensor::<B, 4>(kv_of_head, [b, hs, 1, 1], &device).mul_scalar(nb as i64);
+    let (k, v) = (
+        k.reshape([b * kvh * nb, sel * d]),
+        v.reshape([b * kvh * nb, sel * d]),
+    );
     // queries of one selection group become the rows of one attention problem
     let fq = q.reshape([b, hs, gq, padded, d]).swap_dims(2, 3);
-    let blocked = blocked.unsqueeze_dim::<5>(3);
-    let out = attend(fq, fk, fv, Some(blocked), scale).out;
+    let keys = blocks * sel;
+    let rows = (limit / (b * hs * keys * d).max(1)).clamp(1, padded);
+    let part = |start: usize, len: usize| {
+        let rows_of = if len == padded {
+            indices.clone()
+        } else {
+            indices.clone().narrow(2, start, len)
+        };
+        let flat =
+            (rows_of + base.clone().expand([b, hs, len, blocks])).reshape([b * hs * len * blocks]);
+        let gather = |x: Tensor<B, 2>| {
+            x.select(0, flat.clone())
+                .reshape([b, hs, len, blocks, sel * d])
+        };
+        let mut fk = gather(k.clone());
+        let fv = gather(v.clone());
+        if let Some(gates) = &gates {
+            fk = fk * gates.clone().narrow(2, start, len).unsqueeze_dim::<5>(4);
+        }
+        let fk = fk.reshape([b, hs, len, keys, d]);
+        let fv = fv.reshape([b, hs, len, keys, d]);
+        let fq = fq.clone().narrow(2, start, len);
+        let blocked = blocked.clone().narrow(2, start, len).unsqueeze_dim::<5>(3);
+        attend(fq, fk, fv, Some(blocked), scale).out
+    };
+    let parts: Vec<_> = (0..padded)
+        .step_by(rows)
+        .map(|start| part(start, rows.min(padded - start)))
+        .collect();
+    let out = if parts.len() == 1 {
+        parts.into_iter().next().expect("one part")
+    } else {
+        Tensor::cat(parts, 2)
+    };
     out.swap_dims(2, 3)
         .reshape([b, h, padded, d])
         .narrow(2, 0, n)
@@ -351,6 +390,59 @@ pub fn fine_attention_step<B: Backend>(
 mod tests {
     use super::*;
     use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    /// The tensor-op fine attention in chunks of query rows equals it in one piece, with and
+    /// without per-head selection and with straight-through gates.
+    #[test]
+    fn chunked_gathers_give_the_unchunked_result() {
+        type B = NdArray;
+        let device = Default::default();
+        for (share, diff) in [(true, false), (false, false), (true, true)] {
+            let (b, h, kvh, n, d) = (2, 4, 2, 45, 8);
+            let mut config = NsaConfig::new(h * d, d, h, 4, 4, 4, 8, 2).with_kv_heads(kvh);
+            config.query_heads_share_selected_kv = share;
+            config.use_diff_topk = diff;
+            let rand = |dims: [usize; 4]| {
+                Tensor::<B, 4>::random(dims, Distribution::Normal(0.0, 1.0), &device)
+            };
+            let (q, k, v) = (
+                rand([b, h, n, d]),
+                rand([b, kvh, n, d]),
+                rand([b, kvh, n, d]),
+            );
+            let hs = if share { kvh } else { h };
+            let logits = rand([b, hs, n, n / 8]);
+            let probs = softmax(logits, 3);
+            let selection = || select_top(probs.clone(), &config).expect("blocks to select");
+            let whole = fine_attention_tensor_ops(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                Some(selection()),
+                &config,
+                0.3,
+                usize::MAX,
+            );
+            // 7 query rows per chunk (48 padded rows: six chunks of 7 and one of 6)
+            let rows = b * hs * 3 * 8 * d * 7;
+            let chunked = fine_attention_tensor_ops(q, k, v, Some(selection()), &config, 0.3, rows);
+            let whole: Vec<f32> = whole.into_data().to_vec().unwrap();
+            let chunked: Vec<f32> = chunked.into_data().to_vec().unwrap();
+            let worst = whole
+                .iter()
+                .zip(&chunked)
+                .map(|(a, b)| {
+                    if a.is_finite() && b.is_finite() {
+                        (a - b).abs()
+                    } else {
+                        f32::INFINITY
+                    }
+                })
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-6, "share {share} diff {diff}: {worst}");
+        }
+    }
 
     /// Exact ties in rows longer than 20 (where Burn's unstable host sort stops being an
     /// insertion sort and returned tied indices in any order): the lower index first.
