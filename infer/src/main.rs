@@ -626,8 +626,8 @@ fn compare(args: CompareArgs) -> Result<()> {
             continue;
         };
         let d = nsa_infer::run::difference(reference, &report, b.config.num_tokens, args.tolerance);
-        // `!(x <= worst)` keeps an infinite (NaN) difference as the worst
-        if !(d.max <= worst) {
+        // a NaN (or infinite) difference stays the worst
+        if d.max.is_nan() || d.max > worst {
             worst = d.max;
         }
         if let Some(n) = d.logits.non_finite {
@@ -687,7 +687,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             );
         }
     }
-    let failed = !(worst <= args.tolerance as f64);
+    let failed = worst.is_nan() || worst > args.tolerance as f64;
     if let Some(path) = &args.json {
         let devices: Vec<String> = rows
             .iter()

@@ -119,7 +119,7 @@ fn commands(file: &str) -> Vec<(String, String, Vec<String>, bool)> {
                 || text.contains('|') && !text.contains("| nsa-")
                 || args.iter().any(|a| {
                     a.contains("...")
-                        || a.len() > 0
+                        || !a.is_empty()
                             && a.chars()
                                 .all(|c| c.is_ascii_uppercase() || c == '_' || c == ',')
                 })

@@ -893,11 +893,11 @@ fn check_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
             if !c.finite() {
                 notes.push(format!("{name} {what}: {c}"));
             }
-            // `!(x <= worst)` keeps an infinite error as the worst
-            if !(c.max_abs <= worst_abs) {
+            // a NaN (or infinite) error stays the worst
+            if c.max_abs.is_nan() || c.max_abs > worst_abs {
                 worst_abs = c.max_abs;
             }
-            if !(rel <= worst_rel) {
+            if rel.is_nan() || rel > worst_rel {
                 worst_rel = rel;
             }
         }
