@@ -36,8 +36,9 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     let mut worst = 0.0f32;
     for (a, b) in a.iter().zip(b) {
         let c = nsa_model::Comparison::of(a, b).expect("same length");
-        if !(c.max_abs as f32 <= worst) {
-            worst = c.max_abs as f32;
+        let d = c.max_abs as f32;
+        if d.is_nan() || d > worst {
+            worst = d;
         }
     }
     worst

@@ -429,8 +429,8 @@ fn compressed_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
                     assert_eq!(ia, ir, "{name}: selected blocks of row {row}");
                     for (x, y) in a.iter().zip(r) {
                         let d = (x.1 - y.1).abs();
-                        // `!(d <= worst)` keeps a NaN as the worst
-                        if !(d <= worst) {
+                        // a NaN stays the worst
+                        if d.is_nan() || d > worst {
                             worst = d;
                         }
                     }

@@ -227,8 +227,8 @@ pub fn compare_grads(name: &str, ours: &StateDict, reference: &StateDict) -> (f6
             None => panic!("{name}: no gradient for {key}"),
         };
         let err = rel_err(o, r);
-        // `!(err <= worst)` keeps a NaN as the worst
-        if !(err <= worst.0) {
+        // a NaN stays the worst
+        if err.is_nan() || err > worst.0 {
             worst = (err, key.clone());
         }
     }
