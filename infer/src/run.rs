@@ -48,14 +48,23 @@ pub fn prompt_ids(tokenizer: &Tokenizer, text: &str, raw: bool) -> Result<Vec<u3
     Ok(ids)
 }
 
+/// The context a prompt must fit, and where it comes from: the model's `max_seq_len`, or
+/// [`crate::cli::MAX_UNKNOWN_CONTEXT`] when the model records none.
+fn context_limit(config: &TransformerConfig) -> (usize, &'static str) {
+    match config.max_seq_len {
+        Some(ctx) => (ctx, "max_seq_len in model.json"),
+        None => (
+            crate::cli::MAX_UNKNOWN_CONTEXT,
+            "the limit for a model that records no max_seq_len",
+        ),
+    }
+}
+
 /// The most tokens a generation after a prompt of `prompt_len` tokens may add: the rest of
-/// the model's context (`max_seq_len`; [`crate::cli::MAX_UNKNOWN_CONTEXT`] when the model
-/// does not say), at least 1, or an error when the prompt fills it.
+/// the context ([`context_limit`]), at least 1, or an error when the prompt fills it.
 pub fn generation_room(config: &TransformerConfig, prompt_len: usize) -> Result<usize> {
     check_context(config, prompt_len)?;
-    let ctx = config
-        .max_seq_len
-        .unwrap_or(crate::cli::MAX_UNKNOWN_CONTEXT);
+    let (ctx, _) = context_limit(config);
     if prompt_len >= ctx {
         bail!(
             "the prompt has {prompt_len} tokens and fills the model's context of {ctx}: no room \
@@ -65,15 +74,14 @@ pub fn generation_room(config: &TransformerConfig, prompt_len: usize) -> Result<
     Ok(ctx - prompt_len)
 }
 
-/// Checks a prompt against the model's trained context.
+/// Checks a prompt against the model's context ([`context_limit`]).
 pub fn check_context(config: &TransformerConfig, prompt_len: usize) -> Result<()> {
-    if let Some(ctx) = config.max_seq_len.or(Some(crate::cli::MAX_UNKNOWN_CONTEXT)) {
-        if prompt_len > ctx {
-            bail!(
-                "the prompt has {prompt_len} tokens, more than the model's context of {ctx} \
-                 (max_seq_len in model.json); shorten the prompt"
-            );
-        }
+    let (ctx, what) = context_limit(config);
+    if prompt_len > ctx {
+        bail!(
+            "the prompt has {prompt_len} tokens, more than the model's context of {ctx} \
+             ({what}); shorten the prompt"
+        );
     }
     Ok(())
 }

@@ -250,13 +250,9 @@ fn fine_attention_tensor_ops<B: Backend>(
     let keys = blocks * sel;
     let rows = (limit / (b * hs * keys * d).max(1)).clamp(1, padded);
     let part = |start: usize, len: usize| {
-        let rows_of = if len == padded {
-            indices.clone()
-        } else {
-            indices.clone().narrow(2, start, len)
-        };
+        let picked = indices.clone().narrow(2, start, len);
         let flat =
-            (rows_of + base.clone().expand([b, hs, len, blocks])).reshape([b * hs * len * blocks]);
+            (picked + base.clone().expand([b, hs, len, blocks])).reshape([b * hs * len * blocks]);
         let gather = |x: Tensor<B, 2>| {
             x.select(0, flat.clone())
                 .reshape([b, hs, len, blocks, sel * d])
