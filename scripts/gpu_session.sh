@@ -182,8 +182,6 @@ for phase in "$@"; do
       run bench-cuda-2 90 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-2.json"
       run bench-cuda-ops 90 env NSA_DECODE_BLOCK=0 /tmp/bin/nsa-infer bench --backend cuda \
         --json "$OUT/bench-cuda-ops.json"
-      run bench-cuda-fresh 90 env NSA_FRESH_DUMMIES=1 /tmp/bin/nsa-infer bench --backend cuda \
-        --json "$OUT/bench-cuda-fresh.json"
       run bench-cuda-3 90 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-3.json"
       run decode-profile 90 env NSA_PROFILE_LOG="$OUT/decode-profile.log" /tmp/bin/nsa-infer bench \
         --backend cuda --new-tokens 64 --runs 1

@@ -18,6 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use burn::prelude::*;
 use nsa_model::interop::StateDict;
+use nsa_model::kernels::KernelOptions;
 use nsa_model::{Generated, Sampling, Transformer, TransformerConfig};
 use nsa_train::backend::{OnBackend, Selection};
 use nsa_train::tokenizer::Tokenizer;
@@ -82,6 +83,8 @@ pub struct GenerateJob {
     pub config: TransformerConfig,
     /// Weights (reference naming).
     pub weights: StateDict,
+    /// How the model runs (fused kernels, exact products).
+    pub options: KernelOptions,
     /// Tokenizer.
     pub tokenizer: Tokenizer,
     /// The prompts.
@@ -299,7 +302,12 @@ impl OnBackend for GenerateJob {
     type Output = Result<GenerateReport>;
 
     fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<GenerateReport> {
-        let model = model::<B>(&self.config, Some(self.weights.clone()), &device)?;
+        let model = model::<B>(
+            &self.config,
+            Some(self.weights.clone()),
+            self.options,
+            &device,
+        )?;
         let mut report = GenerateReport::default();
         let t0 = Instant::now();
         match &self.prompts {

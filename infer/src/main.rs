@@ -14,6 +14,7 @@ use nsa_infer::cli::{
 use nsa_infer::generate::{GenerateJob, Prompt, Prompts, Stops};
 use nsa_infer::reference::ReferenceArgs;
 use nsa_infer::run::{BenchJob, LogitsJob, ScoreJob};
+use nsa_model::kernels::KernelOptions;
 use nsa_model::{Sampling, TransformerConfig};
 use nsa_train::backend::{self, BackendKind, DeviceRequest, Precision, Selection};
 use nsa_train::bundle::{self, Bundle};
@@ -35,7 +36,9 @@ fn main() {
     }
 }
 
-fn select(args: &DeviceArgs) -> Result<Selection> {
+/// The backend `args` ask for, and the kernel options of the run (the `NSA_*` switches of the
+/// environment and `--exact-matmul`).
+fn select(args: &DeviceArgs) -> Result<(Selection, KernelOptions)> {
     let selection = backend::select(DeviceRequest {
         kind: args.backend,
         index: args.device,
@@ -45,8 +48,12 @@ fn select(args: &DeviceArgs) -> Result<Selection> {
         selection.kind, selection.index, selection.device_name, selection.reason
     );
     kernel_cache::configure(Workload::Inference);
-    nsa_model::tensor_util::set_exact_matmul(args.exact_matmul);
-    Ok(selection)
+    let options = nsa_train::environment::kernel_options(std::env::vars_os())?;
+    let options = KernelOptions {
+        exact_matmul: args.exact_matmul,
+        ..options
+    };
+    Ok((selection, options))
 }
 
 fn read_bundle(dir: &Path) -> Result<Bundle> {
@@ -145,7 +152,7 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
                 .with_context(|| p.origin.clone())?;
         }
     }
-    let selection = select(&args.device)?;
+    let (selection, options) = select(&args.device)?;
     let seed = match args.seed {
         Some(seed) => seed,
         None => {
@@ -167,6 +174,7 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
     let job = GenerateJob {
         config: bundle.config,
         weights: bundle.weights,
+        options,
         tokenizer: bundle.tokenizer,
         prompts,
         raw_prompt: args.raw_prompt,
@@ -234,10 +242,11 @@ fn score(args: ScoreArgs) -> Result<()> {
         }
         tokens.extend(bundle.tokenizer.encode(doc)?);
     }
-    let selection = select(&args.device)?;
+    let (selection, options) = select(&args.device)?;
     let job = ScoreJob {
         config: bundle.config,
         weights: bundle.weights,
+        options,
         tokens: tokens.clone(),
         context,
         batch: args.batch_size,
@@ -327,10 +336,11 @@ fn logits(args: LogitsArgs) -> Result<()> {
     }
     nsa_infer::run::check_context(&bundle.config, tokens.len())?;
     let out = nsa_infer::logits_file::Output::from_path(&args.out)?;
-    let selection = select(&args.device)?;
+    let (selection, options) = select(&args.device)?;
     let job = LogitsJob {
         config: bundle.config.clone(),
         weights: bundle.weights,
+        options,
         tokens: tokens.clone(),
         selections: false,
     };
@@ -372,10 +382,11 @@ fn bench(args: BenchArgs, started: Instant) -> Result<()> {
             args.max_new_tokens
         );
     }
-    let selection = select(&args.device)?;
+    let (selection, options) = select(&args.device)?;
     let job = BenchJob {
         config,
         weights,
+        options,
         prompt_len: args.prompt_len,
         new_tokens: args.max_new_tokens,
         runs: args.runs,
@@ -594,7 +605,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     let mut flips = false;
     let mut rows = Vec::new();
     for kind in kinds {
-        let selection = select(&DeviceArgs {
+        let (selection, options) = select(&DeviceArgs {
             backend: kind,
             device: None,
             precision: Precision::F32,
@@ -603,6 +614,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         let job = LogitsJob {
             config: b.config.clone(),
             weights: b.weights.clone(),
+            options,
             tokens: tokens.clone(),
             selections: true,
         };

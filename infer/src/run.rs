@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use nsa_model::interop::StateDict;
+use nsa_model::kernels::KernelOptions;
 use nsa_model::{LayerSelection, Sampling, SplitMix64, Transformer, TransformerConfig};
 use nsa_train::backend::{OnBackend, Selection};
 use nsa_train::bundle::build_model;
@@ -20,14 +21,16 @@ use serde::Serialize;
 pub(crate) fn model<B: Backend>(
     config: &TransformerConfig,
     weights: Option<StateDict>,
+    options: KernelOptions,
     device: &B::Device,
 ) -> Result<Transformer<B>> {
-    Ok(match weights {
+    let model = match weights {
         Some(w) => {
             build_model::<B>(config, w, device).context("the weights do not match model.json")?
         }
         None => config.init::<B>(device)?,
-    })
+    };
+    Ok(model.with_kernel_options(options))
 }
 
 /// Token ids of a prompt: the document separator first (what the model saw at the start of
@@ -92,6 +95,8 @@ pub struct ScoreJob {
     pub config: TransformerConfig,
     /// Weights.
     pub weights: StateDict,
+    /// How the model runs (fused kernels, exact products).
+    pub options: KernelOptions,
     /// The token stream (documents joined by the separator).
     pub tokens: Vec<u32>,
     /// Window length (tokens of context per prediction window).
@@ -124,7 +129,7 @@ impl OnBackend for ScoreJob {
 
     fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<ScoreReport> {
         let t0 = Instant::now();
-        let model = model::<B>(&self.config, Some(self.weights), &device)?;
+        let model = model::<B>(&self.config, Some(self.weights), self.options, &device)?;
         let n = self.tokens.len();
         if n < 2 {
             bail!("the text has {n} token(s); scoring needs at least 2");
@@ -187,6 +192,8 @@ pub struct BenchJob {
     pub config: TransformerConfig,
     /// Weights, or random ones.
     pub weights: Option<StateDict>,
+    /// How the model runs (fused kernels, exact products).
+    pub options: KernelOptions,
     /// Prompt tokens.
     pub prompt_len: usize,
     /// New tokens per timed run.
@@ -346,7 +353,7 @@ impl OnBackend for BenchJob {
     type Output = Result<BenchReport>;
 
     fn run<B: Backend>(self, device: B::Device, sel: &Selection) -> Result<BenchReport> {
-        let model = model::<B>(&self.config, self.weights, &device)?;
+        let model = model::<B>(&self.config, self.weights, self.options, &device)?;
         let _ = B::sync(&device);
         let load_s = self.started.elapsed().as_secs_f64();
         let mut rng = SplitMix64(1234);
@@ -419,6 +426,8 @@ pub struct LogitsJob {
     pub config: TransformerConfig,
     /// Weights.
     pub weights: StateDict,
+    /// How the model runs (fused kernels, exact products).
+    pub options: KernelOptions,
     /// Token ids `[1, n]`.
     pub tokens: Vec<u32>,
     /// Also record every NSA layer's block selection (a second forward pass).
@@ -438,7 +447,7 @@ impl OnBackend for LogitsJob {
     type Output = Result<LogitsReport>;
 
     fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<LogitsReport> {
-        let model = model::<B>(&self.config, Some(self.weights), &device)?;
+        let model = model::<B>(&self.config, Some(self.weights), self.options, &device)?;
         let n = self.tokens.len();
         let ids: Vec<i64> = self.tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);

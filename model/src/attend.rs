@@ -6,6 +6,7 @@
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use crate::kernels::Kernels;
 use crate::tensor_util::matmul;
 
 /// Fill value for blocked logits: the reference's `-finfo.max / 10` (finite, so a mean over
@@ -28,20 +29,21 @@ pub struct Attended<B: Backend> {
 /// - `blocked`: optional mask broadcastable to `[b, a, x, i, j]`, `true` = may not attend.
 ///   Every row must keep at least one key.
 pub fn attend<B: Backend>(
+    kernels: &Kernels<B>,
     q: Tensor<B, 5>,
     k: Tensor<B, 5>,
     v: Tensor<B, 5>,
     blocked: Option<Tensor<B, 5, Bool>>,
     scale: f64,
 ) -> Attended<B> {
-    let mut sim = matmul(q, k.swap_dims(3, 4)).mul_scalar(scale);
+    let mut sim = matmul(kernels, q, k.swap_dims(3, 4)).mul_scalar(scale);
     if let Some(mask) = blocked {
         let shape = sim.shape();
         sim = sim.mask_fill(mask.expand(shape), MASK_VALUE);
     }
     let attn = softmax(sim.clone(), 4);
     Attended {
-        out: matmul(attn, v),
+        out: matmul(kernels, attn, v),
         sim,
     }
 }

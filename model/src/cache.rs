@@ -2,12 +2,13 @@
 //! costs work independent of `t` for the sliding-window and selection branches (the compressed
 //! branch grows as `t / stride`, full attention as `t`).
 //!
-//! Buffers are preallocated with spare capacity and written in place ([`write_rows`]: `slice_assign` on a
-//! uniquely owned tensor), doubling when full, so appending is amortised O(1).
+//! Buffers are preallocated with spare capacity and written in place
+//! ([`Kernels::write_rows`]: `slice_assign` on a uniquely owned tensor), doubling when full, so
+//! appending is amortised O(1).
 
 use burn::prelude::*;
 
-use crate::kernels::write_rows;
+use crate::kernels::{CachedKv, Kernels};
 use crate::rope::RopeTable;
 
 /// Keys and values along the sequence axis, `[batch, kv_heads, capacity, dim_head]`, of which
@@ -103,32 +104,49 @@ impl<B: Backend> KvBuffer<B> {
     }
 
     /// Appends `k`, `v` `[batch, kv_heads, n, dim_head]`.
-    pub fn push(self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+    pub fn push(self, kernels: &Kernels<B>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
         let n = k.dims()[2];
-        self.append_with(n, |buf_k, buf_v, at| {
-            (write_rows(buf_k, at, k), write_rows(buf_v, at, v))
-        })
+        let (buffer, ()) = self.append_with(n, |buf_k, buf_v, at| {
+            let written = (
+                kernels.write_rows(buf_k, at, k),
+                kernels.write_rows(buf_v, at, v),
+            );
+            (written, ())
+        });
+        buffer
     }
 
     /// Appends `n` rows that `write` puts in: it gets the key and value buffers (grown if they
-    /// had no room) and the first row to write, and returns the buffers.
-    pub fn append_with(
+    /// had no room) and the first row to write, and returns the buffers with whatever else it
+    /// made, which comes back beside the new buffer.
+    #[allow(clippy::type_complexity)]
+    pub fn append_with<R>(
         self,
         n: usize,
-        write: impl FnOnce(Tensor<B, 4>, Tensor<B, 4>, usize) -> (Tensor<B, 4>, Tensor<B, 4>),
-    ) -> Self {
+        write: impl FnOnce(Tensor<B, 4>, Tensor<B, 4>, usize) -> ((Tensor<B, 4>, Tensor<B, 4>), R),
+    ) -> (Self, R) {
         let cap = self.k.dims()[2];
         let extra = if self.len + n > cap {
             (self.len + n).max(2 * cap).div_ceil(self.align) * self.align - cap
         } else {
             0
         };
-        let (k, v) = write(grow(self.k, extra), grow(self.v, extra), self.len);
-        Self {
+        let ((k, v), made) = write(grow(self.k, extra), grow(self.v, extra), self.len);
+        let buffer = Self {
             k,
             v,
             len: self.len + n,
             align: self.align,
+        };
+        (buffer, made)
+    }
+
+    /// The buffers and valid rows as the fused kernels take them.
+    pub fn cached(&self) -> CachedKv<'_, B> {
+        CachedKv {
+            k: &self.k,
+            v: &self.v,
+            len: self.len,
         }
     }
 

@@ -14,6 +14,7 @@ use burn::tensor::activation::relu;
 
 use crate::attend::{attend, Attended};
 use crate::config::NsaConfig;
+use crate::kernels::Kernels;
 use crate::select::{importance, select_top, Selection};
 use crate::tensor_util::{greater_mask, linear, pad_zeros, windows};
 
@@ -35,8 +36,8 @@ impl<B: Backend> CompressMlp<B> {
     }
 
     /// `[..., block * dim_head]` → `[..., dim_head]`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(&self.fc2, relu(linear(&self.fc1, x)))
+    pub fn forward<const D: usize>(&self, kernels: &Kernels<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(kernels, &self.fc2, relu(linear(kernels, &self.fc1, x)))
     }
 }
 
@@ -100,6 +101,7 @@ impl<B: Backend> Compressor<B> {
     /// `[batch, kv_heads, seq / stride, dim_head]` each; `None` if no block is complete.
     pub fn compress(
         &self,
+        kernels: &Kernels<B>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
@@ -113,7 +115,7 @@ impl<B: Backend> Compressor<B> {
             let x = pad_zeros(x.narrow(2, 0, count * self.stride), 2, overlap, 0);
             let pos = pos.unsqueeze_dim::<4>(1).unsqueeze::<5>();
             let blocks = windows(x, self.block, self.stride, count) + pos;
-            mlp.forward(blocks.reshape([b, kvh, count, self.block * d]))
+            mlp.forward(kernels, blocks.reshape([b, kvh, count, self.block * d]))
         };
         Some((
             pool(k, self.k_intrablock_positions.val(), &self.k_compress),
@@ -122,10 +124,15 @@ impl<B: Backend> Compressor<B> {
     }
 
     /// Pools one block `[batch, kv_heads, block, dim_head]` (the decode path).
-    pub fn compress_one(&self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    pub fn compress_one(
+        &self,
+        kernels: &Kernels<B>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [b, kvh, l, d] = k.dims();
         let pool = |x: Tensor<B, 4>, pos: Tensor<B, 3>, mlp: &CompressMlp<B>| {
-            mlp.forward((x + pos.unsqueeze()).reshape([b, kvh, 1, l * d]))
+            mlp.forward(kernels, (x + pos.unsqueeze()).reshape([b, kvh, 1, l * d]))
         };
         (
             pool(k, self.k_intrablock_positions.val(), &self.k_compress),
@@ -158,24 +165,25 @@ impl<B: Backend> Compressor<B> {
     /// `[seq, blocks]` importance logits.
     pub fn attend_and_select(
         &self,
+        kernels: &Kernels<B>,
         q: Tensor<B, 4>,
         ck: Tensor<B, 4>,
         cv: Tensor<B, 4>,
         config: &NsaConfig,
         scale: f64,
     ) -> (Tensor<B, 4>, Option<Selection<B>>) {
-        if let Some(kernels) = crate::kernels::get::<B>() {
-            let fused =
-                kernels.compressed_and_selection(&q, &ck, &cv, self.num_mem(), config, scale);
-            if let Some(fused) = fused {
-                return fused;
+        if let Some(fused) = kernels.fused() {
+            let sizes = config.sizes();
+            let done = fused.compressed_and_selection(&q, &ck, &cv, self.num_mem(), &sizes, scale);
+            if let Some(done) = done {
+                return done;
             }
         }
-        let comp = self.attend(q, ck, cv, 0, scale);
+        let comp = self.attend(kernels, q, ck, cv, 0, scale);
         let selection = comp
             .importance
             .and_then(|logits| importance(logits, config, 0))
-            .and_then(|probs| select_top(probs, config));
+            .and_then(|probs| select_top(kernels, probs, config));
         (comp.out, selection)
     }
 
@@ -185,6 +193,7 @@ impl<B: Backend> Compressor<B> {
     /// `(j + 1) * stride - 1`) is visible to queries strictly after its end.
     pub fn attend(
         &self,
+        kernels: &Kernels<B>,
         q: Tensor<B, 4>,
         ck: Tensor<B, 4>,
         cv: Tensor<B, 4>,
@@ -208,6 +217,7 @@ impl<B: Backend> Compressor<B> {
             greater_mask::<B>(rows, cols, &q.device()).reshape([1, 1, 1, n, slots])
         });
         let Attended { out, sim } = attend(
+            kernels,
             q.reshape([b, kvh, g, n, d]),
             ck.unsqueeze_dim(2),
             cv.unsqueeze_dim(2),

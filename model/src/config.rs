@@ -189,6 +189,22 @@ impl NsaConfig {
         self.heads / self.kv_heads()
     }
 
+    /// The sizes the kernels and the shared rules take ([`crate::rules`]).
+    pub fn sizes(&self) -> crate::rules::SparseSizes {
+        crate::rules::SparseSizes {
+            heads: self.heads,
+            kv_heads: self.kv_heads(),
+            dim_head: self.dim_head,
+            compress_block: self.compress_block_size,
+            stride: self.compress_block_sliding_stride,
+            selection_block: self.selection_block_size,
+            num_selected: self.num_selected_blocks,
+            window: self.sliding_window_size,
+            share_selection: self.query_heads_share_selected_kv,
+            diff_topk: self.use_diff_topk,
+        }
+    }
+
     /// Hidden width of the compression MLP (`int(factor * block * dim_head)` as in the reference).
     pub fn compress_hidden(&self) -> usize {
         (self.compress_mlp_expand_factor * (self.compress_block_size * self.dim_head) as f64)

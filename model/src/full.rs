@@ -10,6 +10,7 @@ use burn::prelude::*;
 
 use crate::attend::attend;
 use crate::cache::{FullCache, KvBuffer};
+use crate::kernels::{KernelOptions, Kernels};
 use crate::norm::RmsNorm;
 use crate::rope::Rotation;
 use crate::tensor_util::{greater_mask, linear};
@@ -33,6 +34,10 @@ pub struct FullAttention<B: Backend> {
     pub kv_heads: usize,
     /// Width of one head.
     pub dim_head: usize,
+    /// How the layer runs when called on its own (inside a [`crate::Transformer`], the model's
+    /// options are handed down). Not saved.
+    #[module(skip)]
+    pub kernel_options: KernelOptions,
 }
 
 impl<B: Backend> FullAttention<B> {
@@ -54,17 +59,23 @@ impl<B: Backend> FullAttention<B> {
             heads,
             kv_heads,
             dim_head,
+            kernel_options: KernelOptions::default(),
         }
     }
 
     /// Projects a normed input `[batch, seq, dim]` to `[batch, heads | kv_heads, seq, dim_head]`.
-    pub(crate) fn project(&self, x: Tensor<B, 3>, rotation: &Rotation<B>) -> [Tensor<B, 4>; 3] {
+    pub(crate) fn project(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+    ) -> [Tensor<B, 4>; 3] {
         let [b, n, _] = x.dims();
         let d = self.dim_head;
         let split = |t: Tensor<B, 3>, heads: usize| t.reshape([b, n, heads, d]).swap_dims(1, 2);
-        let q = rotation.apply(split(linear(&self.to_q, x.clone()), self.heads));
-        let k = rotation.apply(split(linear(&self.to_k, x.clone()), self.kv_heads));
-        let v = split(linear(&self.to_v, x), self.kv_heads);
+        let q = rotation.apply(split(linear(kernels, &self.to_q, x.clone()), self.heads));
+        let k = rotation.apply(split(linear(kernels, &self.to_k, x.clone()), self.kv_heads));
+        let v = split(linear(kernels, &self.to_v, x), self.kv_heads);
         [q, k, v]
     }
 
@@ -73,6 +84,7 @@ impl<B: Backend> FullAttention<B> {
     /// output projection: → `[batch, n, dim]`.
     pub(crate) fn attend_keys(
         &self,
+        kernels: &Kernels<B>,
         q: Tensor<B, 4>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
@@ -93,26 +105,58 @@ impl<B: Backend> FullAttention<B> {
             .swap_dims(1, 2)
             .reshape([b, self.kv_heads, 1, g * n, d]);
         let scale = (d as f64).powf(-0.5);
-        let out = attend(q, k.unsqueeze_dim(2), v.unsqueeze_dim(2), blocked, scale).out;
+        let out = attend(
+            kernels,
+            q,
+            k.unsqueeze_dim(2),
+            v.unsqueeze_dim(2),
+            blocked,
+            scale,
+        )
+        .out;
         let out = out
             .reshape([b, self.kv_heads, g, n, d])
             .swap_dims(1, 2)
             .reshape([b, h, n, d]);
-        linear(&self.to_out, out.swap_dims(1, 2).reshape([b, n, h * d]))
+        linear(
+            kernels,
+            &self.to_out,
+            out.swap_dims(1, 2).reshape([b, n, h * d]),
+        )
+    }
+
+    /// The kernels of this layer's own options.
+    pub fn kernels(&self) -> Kernels<B> {
+        Kernels::new(&self.kernel_options)
     }
 
     /// Causal forward: `[batch, seq, dim]` → `[batch, seq, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_with(&self.kernels(), x)
+    }
+
+    /// [`Self::forward`] through `kernels`.
+    pub fn forward_with(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let rotation = Rotation::new(self.dim_head, 0, x.dims()[1], &x.device());
-        let [q, k, v] = self.project(self.norm.forward(x), &rotation);
-        self.attend_keys(q, k, v, 0)
+        let [q, k, v] = self.project(kernels, self.norm.forward(x), &rotation);
+        self.attend_keys(kernels, q, k, v, 0)
     }
 
     /// Forward over a prompt that also returns the decode cache, with room for `extra` tokens.
     pub fn prefill(&self, x: Tensor<B, 3>, extra: usize) -> (Tensor<B, 3>, FullCache<B>) {
+        self.prefill_with(&self.kernels(), x, extra)
+    }
+
+    /// [`Self::prefill`] through `kernels`.
+    pub fn prefill_with(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        extra: usize,
+    ) -> (Tensor<B, 3>, FullCache<B>) {
         let rotation = Rotation::new(self.dim_head, 0, x.dims()[1], &x.device());
-        let [q, k, v] = self.project(self.norm.forward(x), &rotation);
-        let out = self.attend_keys(q, k.clone(), v.clone(), 0);
+        let [q, k, v] = self.project(kernels, self.norm.forward(x), &rotation);
+        let out = self.attend_keys(kernels, q, k.clone(), v.clone(), 0);
         (
             out,
             FullCache {
@@ -124,14 +168,15 @@ impl<B: Backend> FullAttention<B> {
     /// Decodes one token `[batch, 1, dim]` at position `cache.kv.len()`, rotated by `rotation`.
     pub fn step(
         &self,
+        kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         cache: FullCache<B>,
         rotation: &Rotation<B>,
     ) -> (Tensor<B, 3>, FullCache<B>) {
         let pos = cache.kv.len();
-        let [q, k, v] = self.project(self.norm.forward(x), rotation);
-        let kv = cache.kv.push(k, v);
+        let [q, k, v] = self.project(kernels, self.norm.forward(x), rotation);
+        let kv = cache.kv.push(kernels, k, v);
         let (k, v) = kv.all();
-        (self.attend_keys(q, k, v, pos), FullCache { kv })
+        (self.attend_keys(kernels, q, k, v, pos), FullCache { kv })
     }
 }

@@ -7,6 +7,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 
+use crate::kernels::Kernels;
 use crate::tensor_util::linear;
 
 /// Gate projection `dim → 3 * heads`, output column `3 * head + branch`.
@@ -33,14 +34,19 @@ impl<B: Backend> BranchGates<B> {
 
     /// Gate logits (before the sigmoid) of the (normed) layer input `x` `[batch, seq, dim]` →
     /// `[batch, seq, 3 * heads]`, column `3 * head + branch`.
-    pub fn logits(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        linear(&self.proj, x)
+    pub fn logits(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        linear(kernels, &self.proj, x)
     }
 
     /// Mixes `[compressed, selected, sliding]` outputs `[batch, heads, seq, dim_head]` by the gates
     /// computed from the (normed) layer input `x` `[batch, seq, dim]`.
-    pub fn combine(&self, x: Tensor<B, 3>, branches: [Tensor<B, 4>; 3]) -> Tensor<B, 4> {
-        self.mix(self.logits(x), branches)
+    pub fn combine(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        branches: [Tensor<B, 4>; 3],
+    ) -> Tensor<B, 4> {
+        self.mix(self.logits(kernels, x), branches)
     }
 
     /// Mixes the branches by the gates of `logits` `[batch, seq, 3 * heads]` ([`Self::logits`]).

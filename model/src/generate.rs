@@ -91,7 +91,9 @@ impl<B: Backend> Transformer<B> {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
         let (logits, mut cache) = self.prefill(ids, max_new);
         let mut last = logits.narrow(1, n - 1, 1).reshape([1, vocab]);
-        let on_device = crate::kernels::get::<B>()
+        let kernels = self.kernels();
+        let on_device = kernels
+            .fused()
             .zip(sampling.device_rule(vocab))
             .filter(|_| !logprobs);
         if let Some((kernels, rule)) = on_device {

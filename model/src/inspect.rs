@@ -79,14 +79,15 @@ impl<B: Backend> SparseAttention<B> {
         if c.num_selected_blocks == 0 {
             return None;
         }
+        let kernels = self.kernels();
         let x = self.normed(x);
-        let Qkv { q, k, v } = self.qkv(x);
+        let Qkv { q, k, v } = self.qkv(&kernels, x);
         let b = q.dims()[0];
-        let compressed = self.compress.compress(k, v);
+        let compressed = self.compress.compress(&kernels, k, v);
         let (ck, cv) = self.compress.with_memory(b, compressed);
         let logits = self
             .compress
-            .attend(q, ck, cv, 0, self.scale())
+            .attend(&kernels, q, ck, cv, 0, self.scale())
             .importance?;
         let probs = importance(logits, c, 0)?;
         let [b, hs, n, fine] = probs.dims();
@@ -104,6 +105,7 @@ impl<B: Backend> Transformer<B> {
     /// The block selection of every NSA layer for `ids` `[batch, seq]` (`None` for dense layers
     /// and layers that select nothing), computed on this backend.
     pub fn selections(&self, ids: Tensor<B, 2, Int>) -> Vec<Option<LayerSelection>> {
+        let kernels = self.kernels();
         let mut x = self.token_emb.forward(ids);
         let mut out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -111,8 +113,8 @@ impl<B: Backend> Transformer<B> {
                 Attention::Nsa(a) => a.selections(x.clone()),
                 Attention::Full(_) => None,
             });
-            x = layer.attn.forward(x.clone()) + x;
-            x = layer.ff.forward(x.clone()) + x;
+            x = layer.attn.forward(&kernels, x.clone()) + x;
+            x = layer.ff.forward(&kernels, x.clone()) + x;
         }
         out
     }

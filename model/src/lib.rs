@@ -18,7 +18,6 @@ pub mod gates;
 pub mod generate;
 pub mod inspect;
 pub mod interop;
-pub mod kernels;
 pub mod norm;
 pub mod nsa;
 pub mod rope;
@@ -27,6 +26,11 @@ pub mod select;
 pub mod sliding;
 pub mod tensor_util;
 pub mod transformer;
+
+/// The fused kernels and the interface the model calls them through (the `nsa-kernels` crate).
+pub use nsa_kernels as kernels;
+/// The NSA rules every implementation shares.
+pub use nsa_kernels::rules;
 
 pub use cache::Cache;
 pub use compare::{CompareError, Comparison};

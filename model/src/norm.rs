@@ -33,4 +33,12 @@ impl<B: Backend> RmsNorm<B> {
         let w = self.weight.val().unsqueeze::<D>();
         x.div(rms).mul(w)
     }
+
+    /// The scale and epsilon as the fused kernels take them.
+    pub fn row_norm(&self) -> crate::kernels::RowNorm<B> {
+        crate::kernels::RowNorm {
+            weight: self.weight.val(),
+            eps: self.eps,
+        }
+    }
 }

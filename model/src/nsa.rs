@@ -6,6 +6,12 @@
 //! x ─ norm ─ qkv ─ selected:   q_rot · top-n blocks of k_rot/v + own ──┼─ gates ─ out
 //!              └─ sliding:    q_rot · last `window` k_rot/v ──────────┘
 //! ```
+//!
+//! Legend: `b` batch, `n` positions, `h` query heads, `kvh` key/value heads, `d` features per
+//! head, `l` compression block, `s` its stride, `l'` selection block, `w` window.
+//!
+//! Every branch asks the [`Kernels`] handle for a fused kernel first (built from the layer's
+//! [`KernelOptions`], or handed down by the model) and falls back to tensor ops.
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -15,9 +21,10 @@ use crate::cache::{GatherTables, KvBuffer, NsaCache};
 use crate::compress::Compressor;
 use crate::config::{ConfigError, NsaConfig};
 use crate::gates::BranchGates;
-use crate::kernels::{write_rows, BlockStep, DecodeInputs};
+use crate::kernels::{BlockStep, DecodeInputs, KernelOptions, Kernels, Projection};
 use crate::norm::RmsNorm;
 use crate::rope::Rotation;
+use crate::rules;
 use crate::select::{fine_attention, fine_attention_step, importance, select_top};
 use crate::sliding::sliding_attention;
 use crate::tensor_util::{linear, norm_linear, pad_zeros};
@@ -38,6 +45,10 @@ pub struct SparseAttention<B: Backend> {
     pub combine_heads: Linear<B>,
     /// The settings this layer was built with.
     pub config: NsaConfig,
+    /// How the layer runs when called on its own (inside a [`crate::Transformer`], the model's
+    /// options are handed down). Not saved.
+    #[module(skip)]
+    pub kernel_options: KernelOptions,
 }
 
 /// Queries, keys and values of a layer input, `[batch, heads | kv_heads, seq, dim_head]`.
@@ -63,6 +74,7 @@ impl NsaConfig {
                 .with_bias(false)
                 .init(device),
             config: self.clone(),
+            kernel_options: KernelOptions::default(),
         })
     }
 }
@@ -80,12 +92,17 @@ impl<B: Backend> SparseAttention<B> {
         }
     }
 
+    /// The kernels of this layer's own options.
+    pub fn kernels(&self) -> Kernels<B> {
+        Kernels::new(&self.kernel_options)
+    }
+
     /// Splits the projection of `x` `[batch, seq, dim]` into heads.
-    pub(crate) fn qkv(&self, x: Tensor<B, 3>) -> Qkv<B> {
+    pub(crate) fn qkv(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Qkv<B> {
         let [b, n, _] = x.dims();
         let c = &self.config;
         let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
-        let qkv = linear(&self.to_qkv, x);
+        let qkv = linear(kernels, &self.to_qkv, x);
         let heads = |start: usize, count: usize| {
             qkv.clone()
                 .narrow(2, start * d, count * d)
@@ -101,11 +118,17 @@ impl<B: Backend> SparseAttention<B> {
 
     /// Gates, merges heads and projects out: branches `[batch, heads, seq, dim_head]` →
     /// `[batch, seq, dim]`.
-    pub(crate) fn mix(&self, normed: Tensor<B, 3>, branches: [Tensor<B, 4>; 3]) -> Tensor<B, 3> {
+    pub(crate) fn mix(
+        &self,
+        kernels: &Kernels<B>,
+        normed: Tensor<B, 3>,
+        branches: [Tensor<B, 4>; 3],
+    ) -> Tensor<B, 3> {
         let [b, n, _] = normed.dims();
-        let out = self.gates.combine(normed, branches);
+        let out = self.gates.combine(kernels, normed, branches);
         let inner = self.config.heads * self.config.dim_head;
         linear(
+            kernels,
             &self.combine_heads,
             out.swap_dims(1, 2).reshape([b, n, inner]),
         )
@@ -113,33 +136,49 @@ impl<B: Backend> SparseAttention<B> {
 
     /// Causal forward over a whole sequence: `x` `[batch, seq, dim]` → `[batch, seq, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.forward_inner(x, None).0
+        self.forward_with(&self.kernels(), x)
+    }
+
+    /// [`Self::forward`] through `kernels`.
+    pub fn forward_with(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.forward_inner(kernels, x, None).0
     }
 
     /// Forward over a prompt that also returns the decode cache, with room for `extra` tokens.
     pub fn prefill(&self, x: Tensor<B, 3>, extra: usize) -> (Tensor<B, 3>, NsaCache<B>) {
-        let (out, cache) = self.forward_inner(x, Some(extra));
+        self.prefill_with(&self.kernels(), x, extra)
+    }
+
+    /// [`Self::prefill`] through `kernels`.
+    pub fn prefill_with(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        extra: usize,
+    ) -> (Tensor<B, 3>, NsaCache<B>) {
+        let (out, cache) = self.forward_inner(kernels, x, Some(extra));
         (out, cache.expect("cache requested"))
     }
 
     fn forward_inner(
         &self,
+        kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         cache_extra: Option<usize>,
     ) -> (Tensor<B, 3>, Option<NsaCache<B>>) {
         let x = self.normed(x);
-        let Qkv { q, k, v } = self.qkv(x.clone());
+        let Qkv { q, k, v } = self.qkv(kernels, x.clone());
         let [b, _, n, d] = q.dims();
         let scale = self.scale();
         let c = &self.config;
 
         // 1. compressed
-        let compressed = self.compress.compress(k.clone(), v.clone());
+        let compressed = self.compress.compress(kernels, k.clone(), v.clone());
         let (ck, cv) = self.compress.with_memory(b, compressed);
         // (with the block selection it drives: one fused kernel where registered)
         let (comp, selection) =
             self.compress
-                .attend_and_select(q.clone(), ck.clone(), cv.clone(), c, scale);
+                .attend_and_select(kernels, q.clone(), ck.clone(), cv.clone(), c, scale);
 
         // 2. selected (rotary on queries and keys from here on)
         let rotation = Rotation::new(d, 0, n, &q.device());
@@ -164,12 +203,20 @@ impl<B: Backend> SparseAttention<B> {
             }
         });
         let k = k_rot;
-        let fine = fine_attention(q.clone(), k.clone(), v.clone(), selection, c, scale);
+        let fine = fine_attention(
+            kernels,
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            selection,
+            c,
+            scale,
+        );
 
         // 3. sliding window
-        let sliding = sliding_attention(q, k, v, c.sliding_window_size, scale);
+        let sliding = sliding_attention(kernels, q, k, v, c.sliding_window_size, scale);
 
-        (self.mix(x, [comp, fine, sliding]), cache)
+        (self.mix(kernels, x, [comp, fine, sliding]), cache)
     }
 
     /// Decodes one token: `x` `[batch, 1, dim]` at position `cache.kv.len()`, rotated by
@@ -177,13 +224,25 @@ impl<B: Backend> SparseAttention<B> {
     /// (the block's feed-forward), the whole residual block instead: `h + ff(h)` with `h = x +
     /// attention(x)`.
     ///
-    /// Where the backend registered kernels for it, a block is one operation
-    /// ([`crate::kernels::NsaKernels::decode_block`]); else the attention is four: the normed
-    /// projection with the gate logits, the cache writes, the three branches with their mix
-    /// ([`crate::kernels::NsaKernels::decode_attention`]) and the output projection with the
-    /// residual; every one falls back to tensor ops on its own.
+    /// Two paths: where the backend has the kernel and the options allow it, the whole block
+    /// is one operation ([`crate::kernels::NsaKernels::decode_block`]); else the step is four
+    /// operations — the normed projection with the gate logits, the cache writes, the three
+    /// branches with their mix ([`crate::kernels::NsaKernels::decode_attention`]) and the
+    /// output projection with the residual — each of which falls back to tensor ops on its own.
     pub fn step(
         &self,
+        x: Tensor<B, 3>,
+        cache: NsaCache<B>,
+        rotation: &Rotation<B>,
+        block: Option<&FeedForward<B>>,
+    ) -> (Tensor<B, 3>, NsaCache<B>) {
+        self.step_with(&self.kernels(), x, cache, rotation, block)
+    }
+
+    /// [`Self::step`] through `kernels`.
+    pub fn step_with(
+        &self,
+        kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         cache: NsaCache<B>,
         rotation: &Rotation<B>,
@@ -197,99 +256,47 @@ impl<B: Backend> SparseAttention<B> {
             mut gather,
         } = cache;
         let pos = kv.len();
-        let scale = self.scale();
         let c = &self.config;
-        let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
-        let norm = self.norm.as_ref();
-        let kernels = crate::kernels::get::<B>();
-
         // the position's key (rotated) and value join the cache, its un-rotated key and value
         // the compression ring (position `p` in row `p % l`)
         let l = c.compress_block_size;
         let slot = pos % l;
-        let (cos, sin) = rotation.parts();
-        let mut ring = None;
-        let mut whole_block = None;
-        let mut projected = None;
-        let kv = kv.append_with(1, |kb, vb, at| {
-            let mut buffers = [kb, vb, tail_k, tail_v];
-            // 1. the whole block in one operation
-            let whole = block.filter(|_| crate::kernels::block_enabled());
-            if let (Some(k), Some(ff)) = (&kernels, whole) {
-                let step = BlockStep {
-                    x: &x,
-                    norm,
-                    to_qkv: &self.to_qkv,
-                    gates: &self.gates.proj,
-                    combine: &self.combine_heads,
-                    ff: Some(ff),
-                    cos,
-                    sin,
-                    compressed: &compressed,
-                    num_mem: self.compress.num_mem(),
-                    config: c,
-                    scale,
-                    pos: at,
-                    slot,
-                };
-                match k.decode_block(&step, buffers) {
-                    Ok((out, [kb, vb, tk, tv])) => {
-                        whole_block = Some(out);
-                        ring = Some((tk, tv));
-                        return (kb, vb);
-                    }
-                    Err(back) => buffers = back,
+        let (kv, (written, ring)) = kv.append_with(1, |kb, vb, at| {
+            let buffers = [kb, vb, tail_k, tail_v];
+            let whole = block.filter(|_| kernels.options().decode_block);
+            let written = match whole {
+                Some(ff) => {
+                    self.whole_block(kernels, &x, ff, rotation, &compressed, at, slot, buffers)
                 }
-            }
-            // 2. operation by operation: the projection and the gate logits read the same
-            // normed row (one operation where a backend has it), then the writes
-            let paired = kernels
-                .as_ref()
-                .and_then(|k| k.row_linear_pair(&x, norm, &self.to_qkv, &self.gates.proj));
-            let (qkv, gates) = match paired {
-                Some((qkv, gates)) => (qkv, Some(gates)),
-                None => (
-                    norm_linear(norm, &self.to_qkv, x.clone(), false, None),
-                    None,
-                ),
-            };
-            let written = match &kernels {
-                Some(k) => k.decode_write(&qkv, cos, sin, buffers, h, at, slot),
                 None => Err(buffers),
             };
-            let [kb, vb, tk, tv] = written.unwrap_or_else(|[kb, vb, tk, tv]| {
-                let (k, v) = (heads_of(&qkv, h, kvh, d), heads_of(&qkv, h + kvh, kvh, d));
-                [
-                    write_rows(kb, at, rotation.apply(k.clone())),
-                    write_rows(vb, at, v.clone()),
-                    write_rows(tk, slot, k),
-                    write_rows(tv, slot, v),
-                ]
-            });
-            ring = Some((tk, tv));
-            projected = Some((qkv, gates));
-            (kb, vb)
+            let (written, [kb, vb, tk, tv]) = match written {
+                Ok((out, buffers)) => (Written::Block(out), buffers),
+                Err(buffers) => {
+                    let (qkv, gates, buffers) =
+                        self.project_and_write(kernels, &x, rotation, buffers, at, slot);
+                    (Written::Projected(qkv, gates), buffers)
+                }
+            };
+            ((kb, vb), (written, (tk, tv)))
         });
-        let (tail_k, tail_v) = ring.expect("written with the cache");
-        let out = match (whole_block, projected) {
-            (Some(out), _) => out,
-            (None, Some((qkv, gates))) => {
-                let out = self.attend_step(
-                    &x,
-                    &qkv,
+        let (tail_k, tail_v) = ring;
+        let out = match written {
+            Written::Block(out) => out,
+            Written::Projected(qkv, gates) => {
+                let parts = StepParts {
+                    qkv: &qkv,
                     gates,
-                    &compressed,
-                    &kv,
+                    compressed: &compressed,
+                    kv: &kv,
                     rotation,
-                    &mut gather,
-                    block.is_some(),
-                );
+                };
+                let out = self.attend_step(kernels, &x, parts, &mut gather, block.is_some());
                 match block {
-                    Some(ff) => ff.step(out),
+                    Some(ff) => ff.step(kernels, out),
                     None => out,
                 }
             }
-            (None, None) => unreachable!("the cache write runs one of the two paths"),
         };
 
         // a block ending at `pos` is pooled now and seen from `pos + 1` on
@@ -298,8 +305,8 @@ impl<B: Backend> SparseAttention<B> {
             let ordered = |ring: &Tensor<B, 4>| ring.clone().roll_dim((pos + 1) % l, 2);
             let (nk, nv) = self
                 .compress
-                .compress_one(ordered(&tail_k), ordered(&tail_v));
-            compressed = compressed.push(nk, nv);
+                .compress_one(kernels, ordered(&tail_k), ordered(&tail_v));
+            compressed = compressed.push(kernels, nk, nv);
         }
         (
             out,
@@ -313,44 +320,135 @@ impl<B: Backend> SparseAttention<B> {
         )
     }
 
-    /// The attention of a decode step after the cache writes: `qkv` the position's projection
-    /// row, `gates` its gate logits when already computed, `kv` with the position written →
-    /// `[batch, 1, dim]` (plus `x` when `residual`).
-    #[allow(clippy::too_many_arguments)]
+    /// The whole decode step of the block (attention and `ff`) as one fused operation writing
+    /// `buffers` (`[k cache, v cache, k ring, v ring]`) → the block's output and the written
+    /// buffers; the buffers back unchanged as `Err` where no kernel covers it.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn whole_block(
+        &self,
+        kernels: &Kernels<B>,
+        x: &Tensor<B, 3>,
+        ff: &FeedForward<B>,
+        rotation: &Rotation<B>,
+        compressed: &KvBuffer<B>,
+        pos: usize,
+        slot: usize,
+        buffers: [Tensor<B, 4>; 4],
+    ) -> Result<(Tensor<B, 3>, [Tensor<B, 4>; 4]), [Tensor<B, 4>; 4]> {
+        let Some(fused) = kernels.fused() else {
+            return Err(buffers);
+        };
+        let (cos, sin) = rotation.parts();
+        let norm = self.norm.as_ref().map(RmsNorm::row_norm);
+        let ff = ff.params();
+        let step = BlockStep {
+            x,
+            norm: norm.as_ref(),
+            to_qkv: &Projection::of(&self.to_qkv),
+            gates: &Projection::of(&self.gates.proj),
+            combine: &Projection::of(&self.combine_heads),
+            ff: Some(&ff),
+            cos,
+            sin,
+            compressed: compressed.cached(),
+            num_mem: self.compress.num_mem(),
+            sizes: &self.config.sizes(),
+            scale: self.scale(),
+            pos,
+            slot,
+        };
+        fused.decode_block(&step, buffers)
+    }
+
+    /// The normed projection of the decode row `x` (with the gate logits where one operation
+    /// computes both) and the writes of its key and value into `buffers` at rows `pos` (cache)
+    /// and `slot` (ring) → the projection row `[batch, 1, (h + 2 kvh) d]`, the gate logits if
+    /// computed, and the written buffers.
+    #[allow(clippy::type_complexity)]
+    fn project_and_write(
+        &self,
+        kernels: &Kernels<B>,
+        x: &Tensor<B, 3>,
+        rotation: &Rotation<B>,
+        buffers: [Tensor<B, 4>; 4],
+        pos: usize,
+        slot: usize,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 3>>, [Tensor<B, 4>; 4]) {
+        let c = &self.config;
+        let (h, kvh, d) = (c.heads, c.kv_heads(), c.dim_head);
+        let norm = self.norm.as_ref();
+        let (cos, sin) = rotation.parts();
+        let paired = kernels.fused().and_then(|k| {
+            let row_norm = norm.map(RmsNorm::row_norm);
+            let (to_qkv, gates) = (
+                Projection::of(&self.to_qkv),
+                Projection::of(&self.gates.proj),
+            );
+            k.row_linear_pair(x, row_norm.as_ref(), &to_qkv, &gates)
+        });
+        let (qkv, gates) = match paired {
+            Some((qkv, gates)) => (qkv, Some(gates)),
+            None => (
+                norm_linear(kernels, norm, &self.to_qkv, x.clone(), false, None),
+                None,
+            ),
+        };
+        let written = match kernels.fused() {
+            Some(k) => k.decode_write(&qkv, cos, sin, buffers, h, pos, slot),
+            None => Err(buffers),
+        };
+        let buffers = written.unwrap_or_else(|[kb, vb, tk, tv]| {
+            let (k, v) = (heads_of(&qkv, h, kvh, d), heads_of(&qkv, h + kvh, kvh, d));
+            [
+                kernels.write_rows(kb, pos, rotation.apply(k.clone())),
+                kernels.write_rows(vb, pos, v.clone()),
+                kernels.write_rows(tk, slot, k),
+                kernels.write_rows(tv, slot, v),
+            ]
+        });
+        (qkv, gates, buffers)
+    }
+
+    /// The attention of a decode step after the cache writes (`parts`, with `kv` holding the
+    /// position) → `[batch, 1, dim]` (plus `x` when `residual`).
     fn attend_step(
         &self,
+        kernels: &Kernels<B>,
         x: &Tensor<B, 3>,
-        qkv: &Tensor<B, 3>,
-        gates: Option<Tensor<B, 3>>,
-        compressed: &KvBuffer<B>,
-        kv: &KvBuffer<B>,
-        rotation: &Rotation<B>,
+        parts: StepParts<'_, B>,
         gather: &mut Option<GatherTables<B>>,
         residual: bool,
     ) -> Tensor<B, 3> {
+        let StepParts {
+            qkv,
+            gates,
+            compressed,
+            kv,
+            rotation,
+        } = parts;
         let pos = kv.len() - 1;
         let scale = self.scale();
         let c = &self.config;
         let [b, _, _] = x.dims();
         let (h, d) = (c.heads, c.dim_head);
         let norm = self.norm.as_ref();
-        let kernels = crate::kernels::get::<B>();
         let (cos, sin) = rotation.parts();
         let heads = |start: usize, count: usize| heads_of(qkv, start, count, d);
         let gate_logits = || match &gates {
             Some(g) => g.clone(),
-            None => norm_linear(norm, &self.gates.proj, x.clone(), false, None),
+            None => norm_linear(kernels, norm, &self.gates.proj, x.clone(), false, None),
         };
-        let fused = kernels.as_ref().and_then(|kernels| {
-            kernels.decode_attention(&DecodeInputs {
+        let sizes = c.sizes();
+        let fused = kernels.fused().and_then(|fused| {
+            fused.decode_attention(&DecodeInputs {
                 qkv,
                 cos,
                 sin,
-                compressed,
+                compressed: compressed.cached(),
                 num_mem: self.compress.num_mem(),
-                kv,
+                kv: kv.cached(),
                 gate_logits: &gate_logits,
-                config: c,
+                sizes: &sizes,
                 scale,
             })
         });
@@ -358,23 +456,24 @@ impl<B: Backend> SparseAttention<B> {
             let q = heads(0, h);
             // 1. compressed: memory + every block that ended before `pos`
             let (ck, cv) = compressed.all();
-            let comp = self.compress.attend(q.clone(), ck, cv, pos, scale);
+            let comp = self.compress.attend(kernels, q.clone(), ck, cv, pos, scale);
             // 2. selected
             let q = rotation.apply(q);
             let selection = comp
                 .importance
                 .and_then(|logits| importance(logits, c, pos))
-                .and_then(|probs| select_top(probs, c));
-            let fine = fine_attention_step(q.clone(), kv, selection, c, scale, gather);
+                .and_then(|probs| select_top(kernels, probs, c));
+            let fine = fine_attention_step(kernels, q.clone(), kv, selection, c, scale, gather);
             // 3. sliding window: the last `window + 1` keys
-            let start = pos.saturating_sub(c.sliding_window_size);
+            let start = rules::window_start(pos, c.sliding_window_size);
             let (sk, sv) = kv.rows(start, pos + 1 - start);
-            let sliding = attend_one(q, sk, sv, scale);
+            let sliding = attend_one(kernels, q, sk, sv, scale);
             self.gates
                 .mix(gate_logits(), [comp.out, fine, sliding])
                 .reshape([b, 1, h * d])
         });
         norm_linear(
+            kernels,
             None,
             &self.combine_heads,
             mixed,
@@ -382,6 +481,27 @@ impl<B: Backend> SparseAttention<B> {
             residual.then(|| x.clone()),
         )
     }
+}
+
+/// What the cache write of a decode step produced: the whole block's output, or the projection
+/// row (and the gate logits, where computed with it) for the attention to follow.
+enum Written<B: Backend> {
+    Block(Tensor<B, 3>),
+    Projected(Tensor<B, 3>, Option<Tensor<B, 3>>),
+}
+
+/// The inputs of a decode step's attention after its cache writes.
+struct StepParts<'a, B: Backend> {
+    /// The position's projection row `[batch, 1, (h + 2 kvh) d]`.
+    qkv: &'a Tensor<B, 3>,
+    /// Its gate logits, when computed with the projection.
+    gates: Option<Tensor<B, 3>>,
+    /// Memory and compressed keys/values of the blocks that ended before the position.
+    compressed: &'a KvBuffer<B>,
+    /// Rotated keys/values up to and including the position.
+    kv: &'a KvBuffer<B>,
+    /// The position's rotation.
+    rotation: &'a Rotation<B>,
 }
 
 /// Heads `start..start + count` of a decode step's projection row `[b, 1, width]` as `[b,
@@ -396,6 +516,7 @@ fn heads_of<B: Backend>(qkv: &Tensor<B, 3>, start: usize, count: usize, d: usize
 /// Attention of one query per head `[batch, heads, 1, dim_head]` over keys and values
 /// `[batch, kv_heads, n, dim_head]` (query head `i` uses kv head `i / group`), no mask.
 pub(crate) fn attend_one<B: Backend>(
+    kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -404,7 +525,14 @@ pub(crate) fn attend_one<B: Backend>(
     let [b, h, _, d] = q.dims();
     let kvh = k.dims()[1];
     let q = q.reshape([b, kvh, 1, h / kvh, d]);
-    attend(q, k.unsqueeze_dim(2), v.unsqueeze_dim(2), None, scale)
-        .out
-        .reshape([b, h, 1, d])
+    attend(
+        kernels,
+        q,
+        k.unsqueeze_dim(2),
+        v.unsqueeze_dim(2),
+        None,
+        scale,
+    )
+    .out
+    .reshape([b, h, 1, d])
 }

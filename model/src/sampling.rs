@@ -264,15 +264,7 @@ impl Sampling {
 }
 
 /// [`Sampling`] as the device kernel takes it (no top-p).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DeviceSampling {
-    /// Arg-max only (temperature 0).
-    pub greedy: bool,
-    /// The top-k filter's count (the vocabulary when off).
-    pub kept: usize,
-    /// `1 / temperature`.
-    pub inv_temp: f32,
-}
+pub use crate::kernels::DeviceSampling;
 
 /// Murmur3's 32-bit finaliser.
 fn mix32(mut h: u32) -> u32 {

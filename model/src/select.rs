@@ -3,10 +3,10 @@
 //! The compressed branch's logits rank the key blocks of `selection_block_size` tokens: logits
 //! of the compression blocks that make up a selection block are averaged (when the stride is
 //! smaller than the selection block), the query's own block is excluded, the scores go through a
-//! softmax that includes a constant `-1000` slot (as in the reference), and the top
-//! `num_selected_blocks` blocks are picked. Each query then attends, with rotated keys, to its
-//! selected blocks plus the causal part of its own block. Blocks whose probability is ≤ 1e-10
-//! (i.e. not yet visible) are masked out. With `query_heads_share_selected_kv` the importance is
+//! softmax that includes a constant sink slot ([`rules::SINK_LOGIT`], as in the reference), and
+//! the top `num_selected_blocks` blocks are picked. Each query then attends, with rotated keys,
+//! to its selected blocks plus the causal part of its own block. Blocks whose probability is
+//! not above [`rules::VALID_PROBABILITY`] (i.e. not yet visible) are masked out. With `query_heads_share_selected_kv` the importance is
 //! averaged over the query heads of a GQA group so the group loads one set of blocks.
 
 use burn::prelude::*;
@@ -15,17 +15,10 @@ use burn::tensor::activation::softmax;
 use crate::attend::attend;
 use crate::cache::{GatherTables, KvBuffer};
 use crate::config::NsaConfig;
+use crate::kernels::Kernels;
+pub use crate::kernels::Selection;
+use crate::rules;
 use crate::tensor_util::{bool_tensor, equal_mask, greater_mask, int_tensor, pad_zeros, round_up};
-
-/// The blocks chosen for each query.
-pub struct Selection<B: Backend> {
-    /// Selected block indices `[batch, sel_heads, seq, n]`.
-    pub indices: Tensor<B, 4, Int>,
-    /// Their probabilities `[batch, sel_heads, seq, n]` (straight-through gates with diff-topk).
-    pub scores: Tensor<B, 4>,
-    /// Whether each selected block may be attended (`score > 1e-10`).
-    pub valid: Tensor<B, 4, Bool>,
-}
 
 /// Block importance as probabilities over complete selection blocks,
 /// `[batch, sel_heads, seq, fine_blocks]`, from the compressed logits
@@ -47,10 +40,10 @@ pub fn importance<B: Backend>(
         logits
     };
     let hs = scores.dims()[1];
-    let per_fine = config.selection_block_size / config.compress_block_sliding_stride;
-    let mut fine = blocks;
+    let sizes = config.sizes();
+    let per_fine = sizes.per_selection();
+    let fine = sizes.selection_blocks(blocks);
     if per_fine > 1 {
-        fine = blocks / per_fine;
         if fine == 0 {
             return None;
         }
@@ -62,15 +55,17 @@ pub fn importance<B: Backend>(
         // the query's own selection block is handled by the causal part of the fine branch
         // (when decoding, complete blocks all lie before the query's own block: nothing to mask)
         let sel = config.selection_block_size;
-        if offset / sel < fine {
-            let rows = (0..n).map(|i| ((offset + i) / sel) as i64).collect();
+        if rules::own_block(offset, sel) < fine {
+            let rows = (0..n)
+                .map(|i| rules::own_block(offset + i, sel) as i64)
+                .collect();
             let own = equal_mask::<B>(rows, (0..fine as i64).collect(), &scores.device())
                 .reshape([1, 1, n, fine]);
             scores = scores.mask_fill(own.expand([b, hs, n, fine]), f32::MIN);
         }
     }
     let device = scores.device();
-    let sink = Tensor::<B, 4>::full([b, hs, n, 1], -1e3, &device);
+    let sink = Tensor::<B, 4>::full([b, hs, n, 1], rules::SINK_LOGIT, &device);
     let probs = softmax(Tensor::cat(vec![sink, scores], 3), 3).narrow(3, 1, fine);
     Some(probs)
 }
@@ -86,17 +81,21 @@ pub fn importance<B: Backend>(
 /// ties unspecified; on the CPU it keeps whichever tied blocks its partial sort lands on, often
 /// not the lowest indices, so a config with exact ties (e.g. compression and selection blocks
 /// of one token over repeated tokens) may select other blocks than the reference does.
-pub fn select_top<B: Backend>(probs: Tensor<B, 4>, config: &NsaConfig) -> Option<Selection<B>> {
+pub fn select_top<B: Backend>(
+    kernels: &Kernels<B>,
+    probs: Tensor<B, 4>,
+    config: &NsaConfig,
+) -> Option<Selection<B>> {
     let fine = probs.dims()[3];
-    let n = config.num_selected_blocks.min(fine);
+    let n = rules::selected_count(config.num_selected_blocks, fine);
     if n == 0 {
         return None;
     }
     // on GPUs a kernel (Burn's default top-k sorts on the host: a device sync per layer and
     // decode step); the kernel has no backward, so tracked (training) tensors take the host's
-    let fused = crate::kernels::get::<B>().and_then(|k| k.top_k(&probs, n));
+    let fused = kernels.fused().and_then(|k| k.top_k(&probs, n));
     let (values, indices) = fused.unwrap_or_else(|| top_blocks(probs, n));
-    let valid = values.clone().greater_elem(1e-10);
+    let valid = values.clone().greater_elem(rules::VALID_PROBABILITY);
     let scores = if config.use_diff_topk {
         // straight-through: forward value 1, gradient of the probability
         values.clone() + (values.ones_like() - values).detach()
@@ -128,6 +127,7 @@ pub fn top_blocks<B: Backend>(x: Tensor<B, 4>, n: usize) -> (Tensor<B, 4>, Tenso
     for row in host.chunks_exact(len.max(1)) {
         order.clear();
         order.extend(0..len);
+        // [`rules::ranks_before`] as a total order (f64 holds every float type exactly)
         order.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
         indices.extend(order[..n].iter().map(|&i| i as i64));
     }
@@ -141,6 +141,7 @@ pub fn top_blocks<B: Backend>(x: Tensor<B, 4>, n: usize) -> (Tensor<B, 4>, Tenso
 /// each query sees its selected blocks and the causal part of its own block.
 /// Returns `[batch, heads, seq, dim_head]`.
 pub fn fine_attention<B: Backend>(
+    kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -148,13 +149,14 @@ pub fn fine_attention<B: Backend>(
     config: &NsaConfig,
     scale: f64,
 ) -> Tensor<B, 4> {
-    if let Some(kernels) = crate::kernels::get::<B>() {
-        let fused = kernels.selected_attention(&q, &k, &v, selection.as_ref(), config, scale);
-        if let Some(out) = fused {
+    if let Some(fused) = kernels.fused() {
+        let sizes = config.sizes();
+        let out = fused.selected_attention(&q, &k, &v, selection.as_ref(), &sizes, scale);
+        if let Some(out) = out {
             return out;
         }
     }
-    fine_attention_tensor_ops(q, k, v, selection, config, scale, GATHER_LIMIT)
+    fine_attention_tensor_ops(kernels, q, k, v, selection, config, scale, GATHER_LIMIT)
 }
 
 /// The most values the tensor-op fine attention gathers at once (per keys and per values):
@@ -165,7 +167,9 @@ const GATHER_LIMIT: usize = 1 << 28;
 
 /// [`fine_attention`] with tensor ops, in chunks of query positions whose gathered keys hold
 /// at most `limit` values (rows are independent: any chunking gives the same result).
+#[allow(clippy::too_many_arguments)]
 fn fine_attention_tensor_ops<B: Backend>(
+    kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -190,8 +194,10 @@ fn fine_attention_tensor_ops<B: Backend>(
     let hs = if share { kvh } else { h };
     let gq = h / hs;
 
-    // own block: index i / sel, causal inside the block
-    let own_idx: Vec<i64> = (0..padded).map(|i| (i / sel) as i64).collect();
+    // own block, causal inside the block
+    let own_idx: Vec<i64> = (0..padded)
+        .map(|i| rules::own_block(i, sel) as i64)
+        .collect();
     let own_idx =
         int_tensor::<B, 4>(own_idx, [1, 1, padded, 1], &device).expand([b, hs, padded, 1]);
     let rows = (0..padded).map(|i| (i % sel) as i64).collect();
@@ -266,7 +272,7 @@ fn fine_attention_tensor_ops<B: Backend>(
         let fv = fv.reshape([b, hs, len, keys, d]);
         let fq = fq.clone().narrow(2, start, len);
         let blocked = blocked.clone().narrow(2, start, len).unsqueeze_dim::<5>(3);
-        attend(fq, fk, fv, Some(blocked), scale).out
+        attend(kernels, fq, fk, fv, Some(blocked), scale).out
     };
     let parts: Vec<_> = (0..padded)
         .step_by(rows)
@@ -288,6 +294,7 @@ fn fine_attention_tensor_ops<B: Backend>(
 /// the own block are one gather from the cache viewed as blocks (no copy of the cache).
 /// `tables` keeps the step's index and mask tensors on the device between calls.
 pub fn fine_attention_step<B: Backend>(
+    kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     kv: &KvBuffer<B>,
     selection: Option<Selection<B>>,
@@ -300,11 +307,11 @@ pub fn fine_attention_step<B: Backend>(
         // a cache not aligned to the selection block (not one `prefill` made): align a copy
         let (k, v) = kv.all();
         let aligned = KvBuffer::aligned(k, v, 0, sel);
-        return fine_attention_step(q, &aligned, selection, config, scale, &mut None);
+        return fine_attention_step(kernels, q, &aligned, selection, config, scale, &mut None);
     };
     let [b, h, _, d] = q.dims();
     let pos = kv.len() - 1;
-    let own = pos / sel;
+    let own = rules::own_block(pos, sel);
     let kvh = kv.heads();
     let g = h / kvh;
     let share = config.query_heads_share_selected_kv;
@@ -377,7 +384,7 @@ pub fn fine_attention_step<B: Backend>(
         .reshape([b, hs, 1, 1, total * sel])
         .bool_or(beyond);
     let fq = q.reshape([b, hs, gq, 1, d]).swap_dims(2, 3);
-    attend(fq, keys, values, Some(blocked), scale)
+    attend(kernels, fq, keys, values, Some(blocked), scale)
         .out
         .reshape([b, h, 1, d])
 }
@@ -410,8 +417,11 @@ mod tests {
             let hs = if share { kvh } else { h };
             let logits = rand([b, hs, n, n / 8]);
             let probs = softmax(logits, 3);
-            let selection = || select_top(probs.clone(), &config).expect("blocks to select");
+            let kernels = Kernels::tensor_ops();
+            let selection =
+                || select_top(&kernels, probs.clone(), &config).expect("blocks to select");
             let whole = fine_attention_tensor_ops(
+                &kernels,
                 q.clone(),
                 k.clone(),
                 v.clone(),
@@ -422,7 +432,8 @@ mod tests {
             );
             // 7 query rows per chunk (48 padded rows: six chunks of 7 and one of 6)
             let rows = b * hs * 3 * 8 * d * 7;
-            let chunked = fine_attention_tensor_ops(q, k, v, Some(selection()), &config, 0.3, rows);
+            let chunked =
+                fine_attention_tensor_ops(&kernels, q, k, v, Some(selection()), &config, 0.3, rows);
             let whole: Vec<f32> = whole.into_data().to_vec().unwrap();
             let chunked: Vec<f32> = chunked.into_data().to_vec().unwrap();
             let worst = whole
@@ -450,7 +461,7 @@ mod tests {
         let row: Vec<f32> = (0..len).map(|i| [0.5, 0.1, 0.2, 0.9, 0.3][i % 5]).collect();
         let x = Tensor::<NdArray, 4>::from_data(TensorData::new(row, [1, 1, 1, len]), &device);
         let config = NsaConfig::new(16, 4, 1, 4, 4, 4, 4, 11);
-        let s = select_top(x, &config).expect("blocks to select");
+        let s = select_top(&Kernels::tensor_ops(), x, &config).expect("blocks to select");
         let indices: Vec<i64> = s.indices.into_data().convert::<i64>().to_vec().unwrap();
         assert_eq!(indices, vec![3, 8, 13, 18, 23, 28, 33, 38, 0, 5, 10]);
         let values: Vec<f32> = s.scores.into_data().to_vec().unwrap();

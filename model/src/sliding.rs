@@ -8,19 +8,22 @@
 use burn::prelude::*;
 
 use crate::attend::attend;
+use crate::kernels::Kernels;
+use crate::rules::in_window;
 use crate::tensor_util::{bool_tensor, pad_zeros, round_up, windows};
 
 /// `q` `[batch, heads, seq, dim_head]`, `k`, `v` `[batch, kv_heads, seq, dim_head]` (rotated,
 /// same positions) → `[batch, heads, seq, dim_head]`.
 pub fn sliding_attention<B: Backend>(
+    kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     window: usize,
     scale: f64,
 ) -> Tensor<B, 4> {
-    if let Some(kernels) = crate::kernels::get::<B>() {
-        if let Some(out) = kernels.sliding_attention(&q, &k, &v, window, scale) {
+    if let Some(fused) = kernels.fused() {
+        if let Some(out) = fused.sliding_attention(&q, &k, &v, window, scale) {
             return out;
         }
     }
@@ -46,7 +49,7 @@ pub fn sliding_attention<B: Backend>(
                 let qp = (x * w + t) as i64;
                 for j in 0..2 * w {
                     let kp = (x * w + j) as i64 - w as i64;
-                    m.push(kp < 0 || kp > qp || qp - kp > w as i64);
+                    m.push(kp < 0 || !in_window(kp as usize, qp as usize, w));
                 }
             }
         }
@@ -67,7 +70,7 @@ pub fn sliding_attention<B: Backend>(
         .reshape([b, kvh, g, buckets, w, d])
         .permute([0, 1, 3, 2, 4, 5])
         .reshape([b, kvh, buckets, g * w, d]);
-    let out = attend(q, k, v, Some(blocked), scale).out;
+    let out = attend(kernels, q, k, v, Some(blocked), scale).out;
     out.reshape([b, kvh, buckets, g, w, d])
         .permute([0, 1, 3, 2, 4, 5])
         .reshape([b, h, padded, d])

@@ -1,30 +1,10 @@
 //! Small tensor helpers shared by the branches (host-built masks and indices, padding, windows).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use burn::nn::Linear;
 use burn::prelude::*;
 
-use crate::kernels::RowLinear;
+use crate::kernels::{Kernels, Projection, RowLinear};
 use crate::norm::RmsNorm;
-
-static EXACT_MATMUL: AtomicBool = AtomicBool::new(false);
-
-/// Makes every matmul of the model (projections, feed-forward, output matrix, attention
-/// scores) f32-exact on tensor-core backends, at three matmuls' cost. Burn's CUDA matmul (and
-/// wgpu's on GPUs with cooperative matrices) stages f32 operands as TF32 (10-bit mantissa),
-/// which moves the seed model's logits by ~2e-3 against the CPU; with this on, each operand is
-/// split into an 11-bit head that TF32 holds exactly and a tail (Veltkamp), and
-/// `a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi` restores f32 accuracy. Off by default (as
-/// PyTorch's `allow_tf32`); `nsa-infer compare` and `--exact-matmul` turn it on. Process-wide.
-pub fn set_exact_matmul(on: bool) {
-    EXACT_MATMUL.store(on, Ordering::Relaxed);
-}
-
-/// Whether [`set_exact_matmul`] is on.
-pub fn exact_matmul() -> bool {
-    EXACT_MATMUL.load(Ordering::Relaxed)
-}
 
 /// `x = hi + lo` with `hi` holding the leading 11 significant bits of `x` (exact in TF32) and
 /// `lo` the rest, both exact in f32 (Veltkamp's split with the constant 2^13 + 1).
@@ -39,9 +19,18 @@ fn split_tf32<B: Backend, const D: usize>(x: Tensor<B, D>) -> (Tensor<B, D>, Ten
     (hi, lo)
 }
 
-/// `a.matmul(b)`, f32-exact when [`set_exact_matmul`] is on.
-pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
-    if !exact_matmul() {
+/// `a.matmul(b)`, f32-exact when the options ask for it (`exact_matmul`): Burn's CUDA matmul
+/// (and wgpu's on GPUs with cooperative matrices) stages f32 operands as TF32 (10-bit
+/// mantissa), which moves the seed model's logits by ~2e-3 against the CPU; exact, each
+/// operand is split into an 11-bit head that TF32 holds exactly and a tail (Veltkamp), and
+/// `a·b ≈ a_hi·b_hi + a_hi·b_lo + a_lo·b_hi` restores f32 accuracy at three matmuls' cost. Off
+/// by default (as PyTorch's `allow_tf32`); `nsa-infer compare` and `--exact-matmul` turn it on.
+pub fn matmul<B: Backend, const D: usize>(
+    kernels: &Kernels<B>,
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Tensor<B, D> {
+    if !kernels.options().exact_matmul {
         return a.matmul(b);
     }
     let (a_hi, a_lo) = split_tf32(a);
@@ -53,14 +42,18 @@ pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> T
 /// decode step) goes to the backend's [`NsaKernels::linear_row`] where one is registered.
 ///
 /// [`NsaKernels::linear_row`]: crate::kernels::NsaKernels::linear_row
-pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+pub fn linear<B: Backend, const D: usize>(
+    kernels: &Kernels<B>,
+    layer: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
     let dims = x.dims();
-    let exact = exact_matmul();
+    let exact = kernels.options().exact_matmul;
     if !exact && dims[..D - 1].iter().all(|&n| n == 1) {
-        if let Some(kernels) = crate::kernels::get::<B>().filter(|k| k.has_linear_row()) {
+        if let Some(fused) = kernels.fused().filter(|k| k.has_linear_row()) {
             let row = x.clone().reshape([1, dims[D - 1]]);
             let bias = layer.bias.as_ref().map(|b| b.val());
-            if let Some(y) = kernels.linear_row(&layer.weight.val(), bias.as_ref(), &row) {
+            if let Some(y) = fused.linear_row(&layer.weight.val(), bias.as_ref(), &row) {
                 let mut out = dims;
                 out[D - 1] = y.dims()[1];
                 return y.reshape(out);
@@ -70,7 +63,7 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
     if !exact {
         return layer.forward(x);
     }
-    let out = matmul(x, layer.weight.val().unsqueeze());
+    let out = matmul(kernels, x, layer.weight.val().unsqueeze());
     match &layer.bias {
         Some(bias) => out + bias.val().unsqueeze(),
         None => out,
@@ -81,20 +74,22 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
 /// for the few rows of a decode step ([`crate::kernels::NsaKernels::row_linear`]), else
 /// [`RmsNorm::forward`], [`linear`], GELU and an add.
 pub fn norm_linear<B: Backend>(
+    kernels: &Kernels<B>,
     norm: Option<&RmsNorm<B>>,
     layer: &Linear<B>,
     x: Tensor<B, 3>,
     gelu: bool,
     residual: Option<Tensor<B, 3>>,
 ) -> Tensor<B, 3> {
-    if let Some(kernels) = crate::kernels::get::<B>() {
+    if let Some(fused) = kernels.fused() {
+        let row_norm = norm.map(RmsNorm::row_norm);
         let spec = RowLinear {
-            norm,
-            layer,
+            norm: row_norm.as_ref(),
+            layer: &Projection::of(layer),
             gelu,
             residual: residual.as_ref(),
         };
-        if let Some(y) = kernels.row_linear(&x, &spec) {
+        if let Some(y) = fused.row_linear(&x, &spec) {
             return y;
         }
     }
@@ -102,7 +97,7 @@ pub fn norm_linear<B: Backend>(
         Some(norm) => norm.forward(x),
         None => x,
     };
-    let mut y = linear(layer, x);
+    let mut y = linear(kernels, layer, x);
     if gelu {
         y = self::gelu(y);
     }
@@ -323,9 +318,11 @@ mod tests {
             assert_eq!(v.to_bits() & 0x1fff, 0, "{v}");
         }
         let plain = a.clone().matmul(b.clone());
-        set_exact_matmul(true);
-        let exact = matmul(a, b);
-        set_exact_matmul(false);
+        let options = crate::kernels::KernelOptions {
+            exact_matmul: true,
+            ..Default::default()
+        };
+        let exact = matmul(&Kernels::new(&options), a, b);
         let diff = (exact - plain).abs().max().into_scalar();
         assert!(diff < 1e-5, "{diff}");
     }

@@ -9,6 +9,7 @@ use burn::tensor::activation::log_softmax;
 use crate::cache::{Cache, LayerCache};
 use crate::config::{AttentionKind, ConfigError, TransformerConfig};
 use crate::full::FullAttention;
+use crate::kernels::{FeedForwardParams, KernelOptions, Kernels, Projection};
 use crate::norm::RmsNorm;
 use crate::nsa::SparseAttention;
 use crate::rope::{RopeTable, Rotation};
@@ -26,24 +27,37 @@ pub enum Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// `[batch, seq, dim]` → `[batch, seq, dim]` (causal).
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub fn forward(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match self {
-            Self::Nsa(a) => a.forward(x),
-            Self::Full(a) => a.forward(x),
+            Self::Nsa(a) => a.forward_with(kernels, x),
+            Self::Full(a) => a.forward_with(kernels, x),
         }
     }
 
     /// Forward that also returns this layer's decode cache.
-    pub fn prefill(&self, x: Tensor<B, 3>, extra: usize) -> (Tensor<B, 3>, LayerCache<B>) {
+    pub fn prefill(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        extra: usize,
+    ) -> (Tensor<B, 3>, LayerCache<B>) {
         match self {
             Self::Nsa(a) => {
-                let (out, cache) = a.prefill(x, extra);
+                let (out, cache) = a.prefill_with(kernels, x, extra);
                 (out, LayerCache::Nsa(cache))
             }
             Self::Full(a) => {
-                let (out, cache) = a.prefill(x, extra);
+                let (out, cache) = a.prefill_with(kernels, x, extra);
                 (out, LayerCache::Full(cache))
             }
+        }
+    }
+
+    /// The layer's own options (used when it is called on its own).
+    fn set_kernel_options(&mut self, options: KernelOptions) {
+        match self {
+            Self::Nsa(a) => a.kernel_options = options,
+            Self::Full(a) => a.kernel_options = options,
         }
     }
 
@@ -52,6 +66,7 @@ impl<B: Backend> Attention<B> {
     /// operation for an NSA block where the backend has it).
     pub fn step(
         &self,
+        kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         cache: LayerCache<B>,
         rotation: &Rotation<B>,
@@ -59,12 +74,12 @@ impl<B: Backend> Attention<B> {
     ) -> (Tensor<B, 3>, LayerCache<B>) {
         match (self, cache) {
             (Self::Nsa(a), LayerCache::Nsa(c)) => {
-                let (out, cache) = a.step(x, c, rotation, Some(ff));
+                let (out, cache) = a.step_with(kernels, x, c, rotation, Some(ff));
                 (out, LayerCache::Nsa(cache))
             }
             (Self::Full(a), LayerCache::Full(c)) => {
-                let (out, cache) = a.step(x.clone(), c, rotation);
-                (ff.step(out + x), LayerCache::Full(cache))
+                let (out, cache) = a.step(kernels, x.clone(), c, rotation);
+                (ff.step(kernels, out + x), LayerCache::Full(cache))
             }
             _ => panic!("layer cache of the wrong attention kind"),
         }
@@ -93,18 +108,25 @@ impl<B: Backend> FeedForward<B> {
     }
 
     /// `[..., dim]` → `[..., dim]`.
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(
-            &self.fc2,
-            crate::tensor_util::gelu(linear(&self.fc1, self.norm.forward(x))),
-        )
+    pub fn forward<const D: usize>(&self, kernels: &Kernels<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+        let hidden = linear(kernels, &self.fc1, self.norm.forward(x));
+        linear(kernels, &self.fc2, crate::tensor_util::gelu(hidden))
     }
 
     /// `x + forward(x)` for the rows of a decode step `[batch, 1, dim]`: two operations where
     /// the backend registered row kernels.
-    pub fn step(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let hidden = norm_linear(Some(&self.norm), &self.fc1, x.clone(), true, None);
-        norm_linear(None, &self.fc2, hidden, false, Some(x))
+    pub fn step(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let hidden = norm_linear(kernels, Some(&self.norm), &self.fc1, x.clone(), true, None);
+        norm_linear(kernels, None, &self.fc2, hidden, false, Some(x))
+    }
+
+    /// The parameters as the fused kernels take them.
+    pub fn params(&self) -> FeedForwardParams<B> {
+        FeedForwardParams {
+            norm: self.norm.row_norm(),
+            fc1: Projection::of(&self.fc1),
+            fc2: Projection::of(&self.fc2),
+        }
     }
 }
 
@@ -130,6 +152,10 @@ pub struct Transformer<B: Backend> {
     pub to_logits: Linear<B>,
     /// The config this model was built from.
     pub config: TransformerConfig,
+    /// How the model runs (fused kernels, tensor cores, exact products); set by the binaries
+    /// with [`Transformer::with_kernel_options`], not saved.
+    #[module(skip)]
+    pub kernel_options: KernelOptions,
 }
 
 impl TransformerConfig {
@@ -162,17 +188,36 @@ impl TransformerConfig {
                 .with_bias(false)
                 .init(device),
             config: self.clone(),
+            kernel_options: KernelOptions::default(),
         })
     }
 }
 
 impl<B: Backend> Transformer<B> {
+    /// The model with `options` (every layer too).
+    pub fn with_kernel_options(mut self, options: KernelOptions) -> Self {
+        self.kernel_options = options;
+        for layer in &mut self.layers {
+            layer.attn.set_kernel_options(options);
+        }
+        self
+    }
+
+    /// The kernels of the model's options.
+    pub fn kernels(&self) -> Kernels<B> {
+        Kernels::new(&self.kernel_options)
+    }
+
     /// Final hidden states before the logits: ids `[batch, seq]` → `[batch, seq, dim]`.
     pub fn hidden(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.hidden_with(&self.kernels(), ids)
+    }
+
+    fn hidden_with(&self, kernels: &Kernels<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let mut x = self.token_emb.forward(ids);
         for layer in &self.layers {
-            x = layer.attn.forward(x.clone()) + x;
-            x = layer.ff.forward(x.clone()) + x;
+            x = layer.attn.forward(kernels, x.clone()) + x;
+            x = layer.ff.forward(kernels, x.clone()) + x;
         }
         self.norm.forward(x)
     }
@@ -180,16 +225,17 @@ impl<B: Backend> Transformer<B> {
     /// Logits of a prompt `[batch, seq]` → `[batch, seq, num_tokens]`, and the decode cache with
     /// room for `extra` more tokens (it grows beyond that if needed).
     pub fn prefill(&self, ids: Tensor<B, 2, Int>, extra: usize) -> (Tensor<B, 3>, Cache<B>) {
+        let kernels = self.kernels();
         let len = ids.dims()[1];
         let mut x = self.token_emb.forward(ids);
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (a, cache) = layer.attn.prefill(x.clone(), extra);
+            let (a, cache) = layer.attn.prefill(&kernels, x.clone(), extra);
             layers.push(cache);
             x = a + x;
-            x = layer.ff.forward(x.clone()) + x;
+            x = layer.ff.forward(&kernels, x.clone()) + x;
         }
-        let logits = linear(&self.to_logits, self.norm.forward(x));
+        let logits = linear(&kernels, &self.to_logits, self.norm.forward(x));
         let rope = RopeTable::new(self.config.dim_head, len, extra.max(1), &logits.device());
         (logits, Cache { layers, len, rope })
     }
@@ -198,6 +244,7 @@ impl<B: Backend> Transformer<B> {
     /// position `cache.len`; updates the cache. Work per token is independent of the context for
     /// the window and selection branches.
     pub fn step(&self, ids: Tensor<B, 1, Int>, cache: Cache<B>) -> (Tensor<B, 2>, Cache<B>) {
+        let kernels = self.kernels();
         let [b] = ids.dims();
         let pos = cache.len;
         let mut rope = cache.rope;
@@ -209,12 +256,13 @@ impl<B: Backend> Transformer<B> {
         let mut x = self.token_emb.forward(ids.reshape([b, 1]));
         let mut layers = Vec::with_capacity(self.layers.len());
         for (layer, c) in self.layers.iter().zip(cache.layers) {
-            let (out, c) = layer.attn.step(x, c, &rotation, &layer.ff);
+            let (out, c) = layer.attn.step(&kernels, x, c, &rotation, &layer.ff);
             layers.push(c);
             x = out;
         }
         let v = self.config.num_tokens;
-        let logits = norm_linear(Some(&self.norm), &self.to_logits, x, false, None).reshape([b, v]);
+        let logits = norm_linear(&kernels, Some(&self.norm), &self.to_logits, x, false, None);
+        let logits = logits.reshape([b, v]);
         (
             logits,
             Cache {
@@ -227,7 +275,8 @@ impl<B: Backend> Transformer<B> {
 
     /// Logits `[batch, seq, num_tokens]` for ids `[batch, seq]`.
     pub fn forward(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        linear(&self.to_logits, self.hidden(ids))
+        let kernels = self.kernels();
+        linear(&kernels, &self.to_logits, self.hidden_with(&kernels, ids))
     }
 
     /// Mean next-token cross-entropy of `ids` `[batch, seq + 1]` (inputs `ids[:, :-1]`, targets

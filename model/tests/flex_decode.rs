@@ -92,7 +92,7 @@ const EXACT_TIES: &str = "exact ties";
 #[test]
 fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
     use nsa_model::cache::LayerCache;
-    use nsa_model::kernels::{DecodeInputs, RowLinear};
+    use nsa_model::kernels::{DecodeInputs, KernelOptions, Kernels, Projection, RowLinear};
     use nsa_model::transformer::Attention;
 
     let device = Default::default();
@@ -111,9 +111,9 @@ fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
             prompt.fill(7);
             steps.fill(7);
         }
-        kernels::set_enabled(false);
+        let model = model.with_kernel_options(KernelOptions::tensor_ops());
         let plain = decode(&model, &prompt, &steps);
-        kernels::set_enabled(true);
+        let model = model.with_kernel_options(KernelOptions::default());
         let fast = decode(&model, &prompt, &steps);
         let d = max_diff(&plain, &fast);
         assert!(d < 1e-5, "{name}: max logit difference {d}");
@@ -122,7 +122,8 @@ fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
         assert_eq!(plain[0], fast[0], "{name}");
 
         // each kernel answers for the first layer of a prefilled cache
-        let k = kernels::get::<B>().expect("registered");
+        let handle = Kernels::<B>::new(&KernelOptions::default());
+        let k = handle.fused().expect("registered");
         let n = prompt.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(prompt.clone(), [1, n]), &device);
         let (_, cache) = model.prefill(ids, 4);
@@ -138,9 +139,10 @@ fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
             Tensor::<B, 3>::random([1, 1, width], burn::tensor::Distribution::Default, &device);
         let rotation = cache.rope.rotation(n, 1);
         let (cos, sin) = rotation.parts();
+        let norm = attn.norm.as_ref().map(|n| n.row_norm());
         let spec = RowLinear {
-            norm: attn.norm.as_ref(),
-            layer: &attn.to_qkv,
+            norm: norm.as_ref(),
+            layer: &Projection::of(&attn.to_qkv),
             gelu: false,
             residual: None,
         };
@@ -149,11 +151,11 @@ fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
             qkv: &qkv,
             cos,
             sin,
-            compressed: &layer.compressed,
+            compressed: layer.compressed.cached(),
             num_mem: attn.compress.num_mem(),
-            kv: &layer.kv,
-            gate_logits: &|| attn.gates.logits(x.clone()),
-            config: &attn.config,
+            kv: layer.kv.cached(),
+            gate_logits: &|| attn.gates.logits(&handle, x.clone()),
+            sizes: &attn.config.sizes(),
             scale: attn.scale(),
         };
         assert!(

@@ -14,6 +14,7 @@ use burn::tensor::backend::AutodiffBackend;
 use common::*;
 use nsa_model::compress::Compressor;
 use nsa_model::interop::HostTensor;
+use nsa_model::kernels::{KernelOptions, Kernels, Projection};
 use nsa_model::select::{fine_attention, Selection};
 use nsa_model::sliding::sliding_attention;
 use nsa_model::{kernels, NsaConfig};
@@ -22,7 +23,7 @@ use nsa_model::{kernels, NsaConfig};
 /// (as in the binaries and the workspace test build), the plain `CubeBackend` otherwise.
 type Gpu = Autodiff<Wgpu>;
 /// The plain `CubeBackend` (no fusion), checked too when `Gpu` is the fused one.
-type Plain = Autodiff<burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>>;
+type Plain = Autodiff<burn::backend::wgpu::CubeBackend<WgpuRuntime, f32, i32, u32>>;
 type Cpu = Autodiff<NdArray>;
 
 fn register() {
@@ -37,7 +38,7 @@ fn expect_kernels<B: Backend>() -> bool {
         || std::any::type_name::<B>().contains("CubeBackend");
     if gpu {
         assert!(
-            kernels::registered::<B>() && kernels::enabled(),
+            kernels::registered::<B>(),
             "no kernels registered for {}",
             std::any::type_name::<B>()
         );
@@ -144,7 +145,9 @@ fn run_selected<B: AutodiffBackend>(
     selection: Option<&HostSelection>,
     config: &NsaConfig,
     scale: f64,
+    opts: &KernelOptions,
 ) -> Grads {
+    let handle = Kernels::<B>::new(opts);
     let q = to_tensor::<B, 4>(q, device).require_grad();
     let k = to_tensor::<B, 4>(k, device).require_grad();
     let v = to_tensor::<B, 4>(v, device).require_grad();
@@ -156,17 +159,17 @@ fn run_selected<B: AutodiffBackend>(
     });
     if expect_kernels::<B>() {
         // the fused path really runs for this case
-        let fused = kernels::get::<B>().unwrap().selected_attention(
+        let fused = handle.fused().unwrap().selected_attention(
             &q,
             &k,
             &v,
             sel.as_ref(),
-            config,
+            &config.sizes(),
             scale,
         );
         assert!(fused.is_some(), "the selected-attention kernel declined");
     }
-    let out = fine_attention(q.clone(), k.clone(), v.clone(), sel, config, scale);
+    let out = fine_attention(&handle, q.clone(), k.clone(), v.clone(), sel, config, scale);
     let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
     let grads = loss.backward();
     Grads {
@@ -190,7 +193,7 @@ fn check(name: &str, what: &str, ours: &HostTensor, reference: &HostTensor, tol:
 
 #[test]
 fn selected_attention_kernel_matches_tensor_ops() {
-    selected_cases::<Gpu>();
+    selected_cases::<Gpu>(&KernelOptions::default());
 }
 
 /// With Burn's `fusion` on, every kernel also on the plain backend (the other registration).
@@ -202,12 +205,12 @@ fn kernels_without_fusion_match_tensor_ops() {
         std::any::TypeId::of::<Plain>(),
         "Wgpu is the fused backend here"
     );
-    selected_cases::<Plain>();
-    sliding_cases::<Plain>();
-    compressed_cases::<Plain>();
+    selected_cases::<Plain>(&KernelOptions::default());
+    sliding_cases::<Plain>(&KernelOptions::default());
+    compressed_cases::<Plain>(&KernelOptions::default());
 }
 
-fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
+fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>(opts: &KernelOptions) {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
@@ -235,9 +238,28 @@ fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
         let selection = (count > 0).then(|| random_selection(&mut rng, b, hs, n, sel, count));
         let scale = (d as f64).powf(-0.5);
         let name = format!("selected h{h} kv{kvh} n{n} d{d} sel{sel} c{count} s{share} g{diff}");
-        let ours = run_selected::<G>(&gpu, &q, &k, &v, &w, selection.as_ref(), &config, scale);
-        let reference =
-            run_selected::<Cpu>(&cpu, &q, &k, &v, &w, selection.as_ref(), &config, scale);
+        let ours = run_selected::<G>(
+            &gpu,
+            &q,
+            &k,
+            &v,
+            &w,
+            selection.as_ref(),
+            &config,
+            scale,
+            opts,
+        );
+        let reference = run_selected::<Cpu>(
+            &cpu,
+            &q,
+            &k,
+            &v,
+            &w,
+            selection.as_ref(),
+            &config,
+            scale,
+            opts,
+        );
         check(&name, "out", &ours.out, &reference.out, 1e-4);
         check(&name, "dq", &ours.dq, &reference.dq, 1e-4);
         check(&name, "dk", &ours.dk, &reference.dk, 1e-4);
@@ -256,17 +278,20 @@ fn run_sliding<B: AutodiffBackend>(
     w: &HostTensor,
     window: usize,
     scale: f64,
+    opts: &KernelOptions,
 ) -> Grads {
+    let handle = Kernels::<B>::new(opts);
     let q = to_tensor::<B, 4>(q, device).require_grad();
     let k = to_tensor::<B, 4>(k, device).require_grad();
     let v = to_tensor::<B, 4>(v, device).require_grad();
     if expect_kernels::<B>() {
-        let fused = kernels::get::<B>()
+        let fused = handle
+            .fused()
             .unwrap()
             .sliding_attention(&q, &k, &v, window, scale);
         assert!(fused.is_some(), "the sliding-window kernel declined");
     }
-    let out = sliding_attention(q.clone(), k.clone(), v.clone(), window, scale);
+    let out = sliding_attention(&handle, q.clone(), k.clone(), v.clone(), window, scale);
     let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
     let grads = loss.backward();
     Grads {
@@ -280,10 +305,10 @@ fn run_sliding<B: AutodiffBackend>(
 
 #[test]
 fn sliding_attention_kernel_matches_tensor_ops() {
-    sliding_cases::<Gpu>();
+    sliding_cases::<Gpu>(&KernelOptions::default());
 }
 
-fn sliding_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
+fn sliding_cases<G: AutodiffBackend<Device = WgpuDevice>>(opts: &KernelOptions) {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
@@ -302,8 +327,8 @@ fn sliding_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
         let w = rng.host(&[b, h, n, d]);
         let scale = (d as f64).powf(-0.5);
         let name = format!("sliding h{h} kv{kvh} n{n} d{d} w{window}");
-        let ours = run_sliding::<G>(&gpu, &q, &k, &v, &w, window, scale);
-        let reference = run_sliding::<Cpu>(&cpu, &q, &k, &v, &w, window, scale);
+        let ours = run_sliding::<G>(&gpu, &q, &k, &v, &w, window, scale, opts);
+        let reference = run_sliding::<Cpu>(&cpu, &q, &k, &v, &w, window, scale, opts);
         check(&name, "out", &ours.out, &reference.out, 1e-4);
         check(&name, "dq", &ours.dq, &reference.dq, 1e-4);
         check(&name, "dk", &ours.dk, &reference.dk, 1e-4);
@@ -325,25 +350,27 @@ fn run_compressed<B: AutodiffBackend>(
     tensors: [&HostTensor; 4],
     config: &NsaConfig,
     scale: f64,
+    opts: &KernelOptions,
 ) -> CompressedRun {
+    let handle = Kernels::<B>::new(opts);
     let [q, ck, cv, w] = tensors;
     let q = to_tensor::<B, 4>(q, device).require_grad();
     let ck = to_tensor::<B, 4>(ck, device).require_grad();
     let cv = to_tensor::<B, 4>(cv, device).require_grad();
     let compressor = Compressor::<B>::new(config, device);
     if expect_kernels::<B>() {
-        let fused = kernels::get::<B>().unwrap().compressed_and_selection(
+        let fused = handle.fused().unwrap().compressed_and_selection(
             &q,
             &ck,
             &cv,
             compressor.num_mem(),
-            config,
+            &config.sizes(),
             scale,
         );
         assert!(fused.is_some(), "the compressed kernel declined");
     }
     let (out, selection) =
-        compressor.attend_and_select(q.clone(), ck.clone(), cv.clone(), config, scale);
+        compressor.attend_and_select(&handle, q.clone(), ck.clone(), cv.clone(), config, scale);
     let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
     let grads = loss.backward();
     let selection = selection.map(|s| {
@@ -373,7 +400,7 @@ fn run_compressed<B: AutodiffBackend>(
 
 #[test]
 fn compressed_attention_and_selection_kernel_match_tensor_ops() {
-    compressed_cases::<Gpu>();
+    compressed_cases::<Gpu>(&KernelOptions::default());
 }
 
 /// The dk/dv kernel with every key chunk's queries split over 3 cubes (partial sums), which
@@ -381,13 +408,15 @@ fn compressed_attention_and_selection_kernel_match_tensor_ops() {
 /// other tests of this binary stay valid whichever setting they see.
 #[test]
 fn dkdv_kernel_with_split_query_lists_matches_tensor_ops() {
-    kernels::force_dkdv_splits(3);
-    selected_cases::<Gpu>();
-    compressed_cases::<Gpu>();
-    kernels::force_dkdv_splits(0);
+    let split = KernelOptions {
+        dkdv_splits: 3,
+        ..Default::default()
+    };
+    selected_cases::<Gpu>(&split);
+    compressed_cases::<Gpu>(&split);
 }
 
-fn compressed_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
+fn compressed_cases<G: AutodiffBackend<Device = WgpuDevice>>(opts: &KernelOptions) {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
@@ -412,8 +441,8 @@ fn compressed_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
         let w = rng.host(&[b, h, n, d]);
         let scale = (d as f64).powf(-0.5);
         let name = format!("compressed h{h} kv{kvh} n{n} d{d} s{stride} sel{sel} m{mem} c{count}");
-        let ours = run_compressed::<G>(&gpu, [&q, &ck, &cv, &w], &config, scale);
-        let reference = run_compressed::<Cpu>(&cpu, [&q, &ck, &cv, &w], &config, scale);
+        let ours = run_compressed::<G>(&gpu, [&q, &ck, &cv, &w], &config, scale, opts);
+        let reference = run_compressed::<Cpu>(&cpu, [&q, &ck, &cv, &w], &config, scale, opts);
         check(&name, "out", &ours.out, &reference.out, 1e-4);
         check(&name, "dq", &ours.dq, &reference.dq, 1e-4);
         check(&name, "dck", &ours.dck, &reference.dck, 1e-4);
@@ -446,7 +475,7 @@ fn compressed_cases<G: AutodiffBackend<Device = WgpuDevice>>() {
 #[test]
 fn layer_fixtures_match_the_reference_with_kernels() {
     register();
-    assert!(kernels::registered::<Gpu>() && kernels::enabled());
+    assert!(kernels::registered::<Gpu>());
     let device = WgpuDevice::default();
     // every layer fixture: GQA 1/2/4, overlapping blocks, no/many selected blocks, memory
     // slots, differentiable top-k, lengths that are not multiples of the blocks
@@ -465,7 +494,10 @@ fn layer_fixtures_match_the_reference_with_kernels() {
 fn top_k_kernel_matches_burn_topk() {
     register();
     let device = WgpuDevice::default();
-    let kernels = kernels::get::<Wgpu>().expect("registered for the inference backend");
+    let handle = Kernels::<Wgpu>::new(&KernelOptions::default());
+    let kernels = handle
+        .fused()
+        .expect("registered for the inference backend");
     let mut rng = Rng(11);
     for (shape, k) in [([2, 3, 5, 37], 4), ([1, 2, 3, 16], 16), ([1, 1, 2, 9], 1)] {
         let host = rng.host(&shape);
@@ -699,18 +731,20 @@ fn decode_kernel_matches_the_tensor_op_step() {
         let x = Tensor::<Wgpu, 3>::zeros([b, 1, dim], &gpu);
         let rotation = gpu_cache.rope.rotation(prompt, 1);
         let (cos, sin) = rotation.parts();
+        let handle = Kernels::<Wgpu>::new(&KernelOptions::default());
+        let kernels = handle.fused().expect("registered");
+        let sizes = attn.config.sizes();
         let inputs = DecodeInputs {
             qkv: &qkv,
             cos,
             sin,
-            compressed: &layer.compressed,
+            compressed: layer.compressed.cached(),
             num_mem: attn.compress.num_mem(),
-            kv: &layer.kv,
-            gate_logits: &|| attn.gates.logits(x.clone()),
-            config: &attn.config,
+            kv: layer.kv.cached(),
+            gate_logits: &|| attn.gates.logits(&handle, x.clone()),
+            sizes: &sizes,
             scale: attn.scale(),
         };
-        let kernels = kernels::get::<Wgpu>().expect("registered");
         assert!(
             kernels.decode_attention(&inputs).is_some(),
             "{name}: the decode kernel declined"
@@ -732,18 +766,20 @@ fn decode_kernel_matches_the_tensor_op_step() {
         // equals the block done operation by operation (attention, residual, feed-forward)
         let x = Tensor::<Wgpu, 3>::random([b, 1, dim], burn::tensor::Distribution::Default, &gpu);
         let ff = &gpu_model.layers[0].ff;
+        let norm = attn.norm.as_ref().map(|n| n.row_norm());
+        let ff_params = ff.params();
         let step = nsa_model::kernels::BlockStep {
             x: &x,
-            norm: attn.norm.as_ref(),
-            to_qkv: &attn.to_qkv,
-            gates: &attn.gates.proj,
-            combine: &attn.combine_heads,
-            ff: Some(ff),
+            norm: norm.as_ref(),
+            to_qkv: &Projection::of(&attn.to_qkv),
+            gates: &Projection::of(&attn.gates.proj),
+            combine: &Projection::of(&attn.combine_heads),
+            ff: Some(&ff_params),
             cos,
             sin,
-            compressed: &layer.compressed,
+            compressed: layer.compressed.cached(),
             num_mem: attn.compress.num_mem(),
-            config: &attn.config,
+            sizes: &sizes,
             scale: attn.scale(),
             pos: prompt,
             slot: prompt % c.sparse.compress_block_size,
@@ -767,7 +803,9 @@ fn decode_kernel_matches_the_tensor_op_step() {
         let cpu_x = to_tensor::<NdArray, 3>(&HostTensor::from_tensor(x.clone()), &cpu);
         let cpu_rotation = cpu_cache.rope.rotation(prompt, 1);
         let (a, _) = cpu_attn.step(cpu_x.clone(), cpu_layer.clone(), &cpu_rotation, None);
-        let apart = cpu_model.layers[0].ff.step(a + cpu_x);
+        let apart = cpu_model.layers[0]
+            .ff
+            .step(&Kernels::tensor_ops(), a + cpu_x);
         let err = max_abs_diff(
             &HostTensor::from_tensor(whole),
             &HostTensor::from_tensor(apart),
@@ -814,7 +852,8 @@ fn row_linear_kernel_matches_tensor_ops() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
-    let kernels = kernels::get::<Wgpu>().expect("registered");
+    let handle = Kernels::<Wgpu>::new(&KernelOptions::default());
+    let kernels = handle.fused().expect("registered");
     let mut rng = Rng(23);
     for (rows, din, dout) in [(1, 48, 40), (3, 96, 33)] {
         for (use_norm, bias, gelu, residual) in [
@@ -865,9 +904,11 @@ fn row_linear_kernel_matches_tensor_ops() {
             let gpu_layer = layer_on(&gpu);
             let gx: Tensor<Wgpu, 3> = to_tensor(&x, &gpu);
             let gres: Tensor<Wgpu, 3> = to_tensor(&res, &gpu);
+            let gpu_row_norm = gpu_norm.row_norm();
+            let gpu_projection = Projection::of(&gpu_layer);
             let spec = RowLinear {
-                norm: use_norm.then_some(&gpu_norm),
-                layer: &gpu_layer,
+                norm: use_norm.then_some(&gpu_row_norm),
+                layer: &gpu_projection,
                 gelu,
                 residual: residual.then_some(&gres),
             };
@@ -875,6 +916,7 @@ fn row_linear_kernel_matches_tensor_ops() {
                 .row_linear(&gx, &spec)
                 .unwrap_or_else(|| panic!("{case}: the row kernel declined"));
             let want = norm_linear(
+                &Kernels::tensor_ops(),
                 use_norm.then_some(&cpu_norm),
                 &cpu_layer,
                 to_tensor(&x, &cpu),
@@ -954,7 +996,8 @@ fn sample_rounds(rows: usize, v: usize) {
     use nsa_model::Sampling;
 
     let gpu = WgpuDevice::default();
-    let kernels = kernels::get::<Wgpu>().expect("registered");
+    let handle = Kernels::<Wgpu>::new(&KernelOptions::default());
+    let kernels = handle.fused().expect("registered");
     let mut rng = Rng(21);
     let rules = [
         ("greedy", Sampling::greedy()),
@@ -1053,7 +1096,8 @@ fn row_linear_pair_matches_two_projections() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
-    let kernels = kernels::get::<Wgpu>().expect("registered");
+    let handle = Kernels::<Wgpu>::new(&KernelOptions::default());
+    let kernels = handle.fused().expect("registered");
     let mut rng = Rng(29);
     for (rows, din, d1, d2, use_norm, b1, b2) in [
         (1, 48, 40, 12, true, false, true),
@@ -1098,12 +1142,19 @@ fn row_linear_pair_matches_two_projections() {
         );
         let (gn, cn) = (norm_on::<Wgpu>(&nw, &gpu), norm_on::<NdArray>(&nw, &cpu));
         let gx: Tensor<Wgpu, 3> = to_tensor(&x, &gpu);
+        let gn = gn.row_norm();
         let (a, b) = kernels
-            .row_linear_pair(&gx, use_norm.then_some(&gn), &g1, &g2)
+            .row_linear_pair(
+                &gx,
+                use_norm.then_some(&gn),
+                &Projection::of(&g1),
+                &Projection::of(&g2),
+            )
             .unwrap_or_else(|| panic!("{case}: the pair kernel declined"));
         let cx: Tensor<NdArray, 3> = to_tensor(&x, &cpu);
-        let want_a = norm_linear(use_norm.then_some(&cn), &c1, cx.clone(), false, None);
-        let want_b = norm_linear(use_norm.then_some(&cn), &c2, cx, false, None);
+        let ops = Kernels::tensor_ops();
+        let want_a = norm_linear(&ops, use_norm.then_some(&cn), &c1, cx.clone(), false, None);
+        let want_b = norm_linear(&ops, use_norm.then_some(&cn), &c2, cx, false, None);
         assert_eq!(
             (a.dims(), b.dims()),
             ([rows, 1, d1], [rows, 1, d2]),
@@ -1127,12 +1178,13 @@ fn row_kernel_reads_padded_rows() {
     use burn::nn::LinearConfig;
     use nsa_model::kernels::RowLinear;
     use nsa_model::tensor_util::norm_linear;
-    type P = burn_cubecl::CubeBackend<WgpuRuntime, f32, i32, u32>;
+    type P = burn::backend::wgpu::CubeBackend<WgpuRuntime, f32, i32, u32>;
 
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
-    let kernels = kernels::get::<P>().expect("registered");
+    let handle = Kernels::<P>::new(&KernelOptions::default());
+    let kernels = handle.fused().expect("registered");
     let mut rng = Rng(31);
     let (din, dout) = (40, 24);
     let (x, w) = (rng.host(&[1, 1, din]), rng.host(&[din, dout]));
@@ -1144,9 +1196,10 @@ fn row_kernel_reads_padded_rows() {
         1,
     );
     layer.weight = burn::module::Param::from_tensor(wide.narrow(1, 0, dout));
+    let projection = Projection::of(&layer);
     let spec = RowLinear {
         norm: None,
-        layer: &layer,
+        layer: &projection,
         gelu: false,
         residual: None,
     };
@@ -1157,7 +1210,14 @@ fn row_kernel_reads_padded_rows() {
         .with_bias(false)
         .init::<NdArray>(&cpu);
     cpu_layer.weight = burn::module::Param::from_tensor(to_tensor(&w, &cpu));
-    let want = norm_linear(None, &cpu_layer, to_tensor(&x, &cpu), false, None);
+    let want = norm_linear(
+        &Kernels::tensor_ops(),
+        None,
+        &cpu_layer,
+        to_tensor(&x, &cpu),
+        false,
+        None,
+    );
     let err = max_abs_diff(
         &HostTensor::from_tensor(got),
         &HostTensor::from_tensor(want),

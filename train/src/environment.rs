@@ -59,6 +59,19 @@ pub fn check_vars(
     Ok(())
 }
 
+/// The kernel options of the run: the defaults with the switches among `vars` applied
+/// (`NSA_KERNELS`, `NSA_DECODE_BLOCK`, `NSA_MMA`); an invalid value is an error.
+pub fn kernel_options(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<nsa_model::kernels::KernelOptions, EnvironmentError> {
+    let vars: Vec<(String, String)> = vars
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+        .collect();
+    let pairs = vars.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    Ok(nsa_model::kernels::KernelOptions::default().with_switches(pairs)?)
+}
+
 /// The `NSA_*` variables of `vars`, as `NAME=value` (for the records of a benchmark).
 pub fn settings(
     vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,

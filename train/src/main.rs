@@ -110,6 +110,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         stop_at: cli.stop_at,
         cache_dir: cli.cache_dir,
         interrupter: Default::default(),
+        kernels: nsa_train::environment::kernel_options(std::env::vars_os())?,
     };
     let interrupter = options.interrupter.clone();
     let signals = Arc::new(AtomicUsize::new(0));

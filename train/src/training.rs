@@ -167,6 +167,8 @@ pub struct RunOptions {
     pub cache_dir: Option<PathBuf>,
     /// Stops the training (Ctrl-C handler, tests).
     pub interrupter: Interrupter,
+    /// How the model runs (fused kernels, tensor cores); the binary maps the `NSA_*` switches.
+    pub kernels: nsa_model::kernels::KernelOptions,
 }
 
 impl RunOptions {
@@ -181,6 +183,7 @@ impl RunOptions {
             stop_at: None,
             cache_dir: None,
             interrupter: Interrupter::new(),
+            kernels: Default::default(),
         }
     }
 }
@@ -225,6 +228,7 @@ struct Prepared {
     reporter: Arc<Reporter>,
     stop_at: Option<u64>,
     interrupter: Interrupter,
+    kernels: nsa_model::kernels::KernelOptions,
     dashboard: bool,
     slow_hint: String,
 }
@@ -555,6 +559,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
         reporter: Arc::new(reporter),
         stop_at: options.stop_at,
         interrupter: options.interrupter.clone(),
+        kernels: options.kernels,
         dashboard,
         slow_hint,
         config: TrainConfig {
@@ -663,6 +668,7 @@ impl OnAutodiffBackend for TrainWork {
                     flag: None,
                     message: e.to_string(),
                 })?
+                .with_kernel_options(p.kernels)
         };
         let model = LanguageModel::new(transformer, config.optim.grad_clip);
         let o = &config.optim;

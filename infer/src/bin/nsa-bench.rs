@@ -22,6 +22,7 @@ use burn::tensor::Distribution;
 use clap::Parser;
 use nsa_infer::bench_cli::{Cli, LayerArgs};
 use nsa_model::interop::HostTensor;
+use nsa_model::kernels::{KernelOptions, Kernels};
 use nsa_model::{kernels, FullAttention, TransformerConfig};
 use nsa_train::backend::{
     self, BackendKind, DeviceRequest, OnAutodiffBackend, OnBackend, Precision, Selection,
@@ -103,6 +104,9 @@ struct Job {
     /// The check suite's variants.
     #[serde(default)]
     variants: Vec<String>,
+    /// How the worker's model runs (from its environment and the implementation; not sent).
+    #[serde(skip)]
+    options: KernelOptions,
 }
 
 /// Serde through `Display` / `FromStr`.
@@ -187,6 +191,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         backend: selection.kind,
         device: Some(selection.index),
         variants: cli.check_variants.clone(),
+        options: KernelOptions::default(),
     };
     let has = |s: &str| cli.suite.iter().any(|x| x == s);
 
@@ -493,9 +498,23 @@ fn run_job(job: &Job, started: Instant) -> Row {
         }
     };
     kernel_cache::configure(Workload::Training);
-    if job.imp == "nsa-tensor" {
-        kernels::set_enabled(false);
-    }
+    let options = match nsa_train::environment::kernel_options(std::env::vars_os()) {
+        Ok(o) => o,
+        Err(e) => {
+            return Row {
+                status: "error".into(),
+                note: e.to_string(),
+                ..row_of(job)
+            }
+        }
+    };
+    let job = &Job {
+        options: KernelOptions {
+            fused: options.fused && job.imp != "nsa-tensor",
+            ..options
+        },
+        ..job.clone()
+    };
     let result = if job.suite == "train" && job.precision == Precision::F32 {
         backend::dispatch_autodiff(
             &selection,
@@ -648,18 +667,20 @@ fn layer_setup<B: Backend>(job: &Job, device: &B::Device) -> Result<(Layer<B>, T
         device,
     );
     let layer = if job.imp == "full" {
-        Layer::Full(FullAttention::new(
-            l.dim, l.dim_head, l.heads, l.kv_heads, device,
-        ))
+        let mut full = FullAttention::new(l.dim, l.dim_head, l.heads, l.kv_heads, device);
+        full.kernel_options = job.options;
+        Layer::Full(full)
     } else {
-        Layer::Nsa(l.nsa().init::<B>(device)?)
+        let mut nsa = l.nsa().init::<B>(device)?;
+        nsa.kernel_options = job.options;
+        Layer::Nsa(nsa)
     };
     Ok((layer, x))
 }
 
 /// Times `run` (warm-up excluded) and fills the timing and memory fields of `row`.
 fn time_row<B: Backend>(job: &Job, device: &B::Device, mut row: Row, run: impl Fn()) -> Row {
-    row.kernels = Some(kernels::registered::<B>() && kernels::enabled());
+    row.kernels = Some(kernels::registered::<B>() && job.options.fused);
     sync::<B>(device);
     let mut times = Vec::new();
     let mut peak = memory_usage(device).map(|m| m.0);
@@ -750,14 +771,14 @@ fn layer_bwd_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
 
 fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Instant) -> Row {
     let mut row = row_of(job);
-    row.kernels = Some(kernels::registered::<B>() && kernels::enabled());
+    row.kernels = Some(kernels::registered::<B>() && job.options.fused);
     B::seed(device, 42);
     let mut config = TransformerConfig::new(21128, 512, 6);
     if job.imp == "full" {
         config.attention = nsa_model::AttentionKind::Full;
     }
     let mut model = match config.init::<B>(device) {
-        Ok(m) => m,
+        Ok(m) => m.with_kernel_options(job.options),
         Err(e) => {
             row.status = "error".into();
             row.note = e.to_string();
@@ -852,9 +873,12 @@ fn check_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
             device,
         );
         let run = |fused: bool| {
-            kernels::set_enabled(fused);
+            let path = Kernels::new(&KernelOptions {
+                fused,
+                ..job.options
+            });
             let x = x.clone().require_grad();
-            let out = layer.forward(x.clone());
+            let out = layer.forward_with(&path, x.clone());
             let grads = (out.clone() * w.clone()).sum().backward();
             let gx = x.grad(&grads).expect("input gradient");
             let gw = layer
@@ -870,7 +894,6 @@ fn check_row<B: AutodiffBackend>(job: &Job, device: &B::Device) -> Row {
         };
         let fused = run(true);
         let reference = run(false);
-        kernels::set_enabled(true);
         for (what, a, r) in [
             ("out", &fused.0, &reference.0),
             ("grad(x)", &fused.1, &reference.1),

@@ -24,7 +24,8 @@ use super::launch::{
     self, BlockProblem, BlockTensors, DecodeProblem, Problem, RowProblem, SampleProblem,
     WriteProblem,
 };
-use super::{int_dtype, KernelBackend, KernelForward, KernelGrads};
+use super::problems::int_dtype;
+use super::{KernelBackend, KernelForward, KernelGrads};
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 type Ft<R> = FusionTensor<FusionCubeRuntime<R>>;

@@ -30,8 +30,10 @@ use super::reduce::{cube_argmax, cube_max, cube_sum};
 
 /// Marks a selected slot whose block may not be attended (probability ≤ 1e-10).
 const INVALID: u32 = 0xFFFF_FFFF;
-/// The constant slot of the selection softmax (as in the reference).
-const SINK: f32 = -1000.0;
+/// The constant slot of the selection softmax ([`crate::rules::SINK_LOGIT`]).
+const SINK: f32 = crate::rules::SINK_LOGIT;
+/// [`crate::rules::VALID_PROBABILITY`].
+const VALID: f32 = crate::rules::VALID_PROBABILITY;
 /// Below every score (start of an arg-max).
 const LOWEST: f32 = -3.0e38;
 /// The gate of a key slot that is not attended.
@@ -527,7 +529,7 @@ pub fn nsa_decode<F: Float>(
     finish_branch(&mut os, &gs, &mut m_s, &mut l_s, &mut acc, 0usize, t);
 
     // top-n blocks by importance (ties: the lower index); probability from a softmax that
-    // includes a constant -1000 slot, blocks at ≤ 1e-10 are not attended
+    // includes the constant sink slot, blocks at or below the validity threshold are not attended
     let mut mx = NEG.runtime();
     let mut j = tid;
     while j < fine {
@@ -561,7 +563,7 @@ pub fn nsa_decode<F: Float>(
         if tid == 0 {
             let prob = (best - m).exp() / z;
             let mut blk = at;
-            if prob <= 1.0e-10 {
+            if prob <= VALID {
                 blk = INVALID;
             }
             chosen[slot] = blk;

@@ -1,7 +1,7 @@
 //! Host side of the attention kernels: tiling choice, buffers, launches.
 
 use std::any::{Any, TypeId};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::thread::ThreadId;
 
 use burn::tensor::{DType, Shape};
@@ -12,6 +12,7 @@ use burn_cubecl::CubeRuntime;
 use cubecl::prelude::*;
 
 use super::attn::{self, Tiling, COMPRESSED, SELECTED, SLIDING};
+use crate::options::{KernelOptions, TensorCores};
 
 /// One attention problem (all three branches are instances).
 #[derive(Clone, Debug)]
@@ -40,6 +41,29 @@ pub struct Problem {
     pub scale: f64,
     /// Compressed mode: rank the selection blocks too.
     pub select: Option<SelectSpec>,
+    /// How the launches may run (tensor cores per pass, exact products, dk/dv split).
+    pub run: RunChoices,
+}
+
+/// The parts of [`KernelOptions`] that reach the attention launches.
+#[derive(Clone, Copy, Debug)]
+pub struct RunChoices {
+    /// The passes that may use tensor cores.
+    pub tensor_cores: TensorCores,
+    /// f32 products stay f32 (no TF32 fragments).
+    pub exact: bool,
+    /// Forced dk/dv split (`0`: from the shape).
+    pub dkdv_splits: usize,
+}
+
+impl From<&KernelOptions> for RunChoices {
+    fn from(o: &KernelOptions) -> Self {
+        Self {
+            tensor_cores: o.tensor_cores,
+            exact: o.exact_matmul,
+            dkdv_splits: o.dkdv_splits,
+        }
+    }
 }
 
 /// Block selection fused into the compressed forward.
@@ -87,17 +111,18 @@ enum Pass {
 }
 
 /// The tensor-core tile element for storage `dtype` on this device and its size in bytes:
-/// bf16 / f16 itself (16 × 16 × 16 fragments), tf32 for f32 (16 × 16 × 8, unless
-/// [`crate::tensor_util::exact_matmul`] is on), where CubeCL lists the fragment for the device
-/// (CUDA's WMMA; checked on an H200); `None` elsewhere (WGSL has none).
+/// bf16 / f16 itself (16 × 16 × 16 fragments), tf32 for f32 (16 × 16 × 8, unless `exact`
+/// products are asked for), where CubeCL lists the fragment for the device (CUDA's WMMA;
+/// checked on an H200); `None` elsewhere (WGSL has none).
 fn mma_elem<R: CubeRuntime>(
     client: &ComputeClient<R>,
     dtype: DType,
+    exact: bool,
 ) -> Option<(StorageType, usize)> {
     let (elem, bytes, k): (StorageType, usize, u32) = match dtype {
         DType::BF16 | DType::F16 => (dtype.into(), 2, 16),
         // f32-exact products asked for (`--exact-matmul`): no TF32 operands here either
-        DType::F32 if crate::tensor_util::exact_matmul() => return None,
+        DType::F32 if exact => return None,
         DType::F32 => (
             cubecl::ir::ElemType::Float(cubecl::ir::FloatKind::TF32).into(),
             4,
@@ -122,28 +147,20 @@ fn mma_elem<R: CubeRuntime>(
         .then_some((elem, bytes))
 }
 
-/// The kernels that may use tensor cores: `NSA_MMA` unset or on: all; off: none; else a
-/// comma-separated subset of `fwd`, `dq`, `dkdv` (to compare and to isolate them;
-/// [`crate::kernels::switches::parse_mma`]; an invalid value, refused by the binaries, leaves
-/// all on).
-fn mma_wanted(pass: Pass) -> bool {
-    static PASSES: OnceLock<[bool; 3]> = OnceLock::new();
-    let passes = PASSES.get_or_init(|| {
-        std::env::var("NSA_MMA")
-            .ok()
-            .and_then(|v| crate::kernels::switches::parse_mma(&v).ok())
-            .unwrap_or([true; 3])
-    });
-    passes[pass as usize]
-}
-
-/// [`mma_elem`] for `pass`, where [`mma_wanted`].
+/// [`mma_elem`] for `pass`, where `p`'s options let that pass use tensor cores.
 fn mma_for<R: CubeRuntime>(
     client: &ComputeClient<R>,
     dtype: DType,
     pass: Pass,
+    p: &Problem,
 ) -> Option<(StorageType, usize)> {
-    mma_elem(client, dtype).filter(|_| mma_wanted(pass))
+    let cores = p.run.tensor_cores;
+    let wanted = match pass {
+        Pass::Fwd => cores.fwd,
+        Pass::Dq => cores.dq,
+        Pass::Dkdv => cores.dkdv,
+    };
+    mma_elem(client, dtype, p.run.exact).filter(|_| wanted)
 }
 
 /// The largest tiles that fit the shared-memory budget; `mma`: the bytes of the tensor-core
@@ -301,17 +318,8 @@ fn dummy<R: CubeRuntime>(like: &CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
     // about 20 absent operands, and every allocation is a message to the runtime's server
     // thread. Kernels never touch an absent operand (comptime flags), so sharing is safe; the
     // thread in the key keeps a dummy on the stream of the thread that launches.
-    // (`NSA_FRESH_DUMMIES=1`: a new one every time, to measure the difference)
     type Entry = (TypeId, ThreadId, DType, Box<dyn Any + Send>);
     static DUMMIES: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    static FRESH: OnceLock<bool> = OnceLock::new();
-    if *FRESH.get_or_init(|| {
-        std::env::var("NSA_FRESH_DUMMIES").is_ok_and(|v| {
-            crate::kernels::switches::parse_flag("NSA_FRESH_DUMMIES", &v) == Ok(true)
-        })
-    }) {
-        return empty(like, vec![1], dtype);
-    }
     let (runtime, thread) = (TypeId::of::<R>(), std::thread::current().id());
     let mut dummies = DUMMIES.lock().unwrap_or_else(|e| e.into_inner());
     let found = dummies.iter().find_map(|(r, t, d, held)| {
@@ -352,7 +360,7 @@ pub fn forward<R: CubeRuntime>(
 ) -> Forward<R> {
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let dtype = q.dtype;
-    let mma = mma_for(&q.client, dtype, Pass::Fwd);
+    let mma = mma_for(&q.client, dtype, Pass::Fwd, p);
     let budget = shared_budget(&q.client);
     let t = tiling(p, Pass::Fwd, budget, mma.map(|m| m.1)).expect("checked by `supported`");
     let tile_elem = mma.map_or(dtype.into(), |m| m.0);
@@ -460,7 +468,7 @@ pub fn backward<R: CubeRuntime>(
     }
 
     // dq (and dgates)
-    let mma = mma_for(&client, dtype, Pass::Dq);
+    let mma = mma_for(&client, dtype, Pass::Dq, p);
     let t = tiling(p, Pass::Dq, budget, mma.map(|m| m.1)).expect("checked by `supported`");
     let tile_elem = mma.map_or(dtype.into(), |m| m.0);
     let dq = empty(&q, vec![p.b, p.h, p.n, p.d], dtype);
@@ -499,7 +507,7 @@ pub fn backward<R: CubeRuntime>(
     }
 
     // the queries of every key block (selected mode)
-    let mma = mma_for(&client, dtype, Pass::Dkdv);
+    let mma = mma_for(&client, dtype, Pass::Dkdv, p);
     let t = tiling(p, Pass::Dkdv, budget, mma.map(|m| m.1)).expect("checked by `supported`");
     let tile_elem = mma.map_or(dtype.into(), |m| m.0);
     let nb = p.nk.div_ceil(p.sel.max(1));
@@ -568,21 +576,14 @@ pub fn backward<R: CubeRuntime>(
     (dq, dk, dv, gated.then_some(dgates))
 }
 
-static FORCED_SPLITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Forces the number of cubes that share a key chunk's queries in the dk/dv kernel (`0`:
-/// chosen from the shape). For tests: small problems never split on their own.
-pub fn force_dkdv_splits(splits: usize) {
-    FORCED_SPLITS.store(splits, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// How many cubes share the queries of one key chunk in the dk/dv kernel. Early key chunks
 /// of the compressed branch are seen by almost every query (one cube walked 64k queries while
 /// the grid had one wave of cubes), and early selection blocks are chosen far more often than
 /// late ones; splitting their query lists evens the work. Partial sums cost `splits × len`
-/// f32 values per output, capped at 256 MiB each.
+/// f32 values per output, capped at 256 MiB each. The options may force a split (tests: small
+/// problems never split on their own).
 fn dkdv_splits(p: &Problem, tq: usize, len: usize) -> usize {
-    let forced = FORCED_SPLITS.load(std::sync::atomic::Ordering::Relaxed);
+    let forced = p.run.dkdv_splits;
     if forced > 0 {
         return forced;
     }
@@ -705,7 +706,7 @@ fn _modes() -> [u32; 3] {
 }
 
 /// One decode step of a layer's attention ([`super::decode::nsa_decode`]).
-pub use crate::kernels::DecodeShape as DecodeProblem;
+pub use crate::api::DecodeShape as DecodeProblem;
 
 /// The decode kernel's tiling for `p` within the shared-memory budget, if any.
 fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<super::decode::DecodeTiling> {
@@ -1041,7 +1042,7 @@ pub fn decode_write<R: CubeRuntime>(
 pub struct SampleProblem {
     pub m: usize,
     pub v: usize,
-    pub rule: crate::sampling::DeviceSampling,
+    pub rule: crate::api::DeviceSampling,
     pub key: u64,
 }
 

@@ -8,10 +8,9 @@
 //! the selected branch (chosen blocks and the causal part of the own block) and the sliding
 //! window (rotated queries), mixed by the sigmoid gates. Layouts as in [`DecodeShape`].
 
-use super::DecodeShape;
+use crate::api::DecodeShape;
 
-/// The constant slot of the selection softmax (as in the reference).
-const SINK: f32 = -1000.0;
+use crate::rules::{block_is_valid, window_start, SINK_LOGIT as SINK};
 
 /// The tensors of one decode step, as contiguous f32 slices.
 pub struct DecodeData<'a> {
@@ -126,7 +125,7 @@ pub fn decode_attention(p: &DecodeShape, t: &DecodeData<'_>) -> Vec<f32> {
                 }
                 let prob = (score[at] - m).exp() / z;
                 score[at] = f32::NEG_INFINITY;
-                if prob > 1e-10 {
+                if block_is_valid(prob) {
                     // the straight-through gate's forward value, as the tensor ops form it
                     let gate = if p.gated { prob + (1.0 - prob) } else { 1.0 };
                     keys.extend((at * p.sel..(at + 1) * p.sel).map(|row| (khead + row, gate)));
@@ -139,7 +138,7 @@ pub fn decode_attention(p: &DecodeShape, t: &DecodeData<'_>) -> Vec<f32> {
             let (selected, _) = attend(&qr, gq, d, t.k, t.v, &keys);
 
             // 3. sliding window
-            let lo = p.pos.saturating_sub(p.window);
+            let lo = window_start(p.pos, p.window);
             let window: Vec<(usize, f32)> = (lo..=p.pos).map(|row| (khead + row, 1.0)).collect();
             let (sliding, _) = attend(&qr, gq, d, t.k, t.v, &window);
 

@@ -1,61 +1,99 @@
-//! Fused kernels for the sparse branches, looked up at run time per backend.
+//! The interface between the model and the fused kernels: tensors and sizes only (no model
+//! type), so that the kernels are a crate of their own beneath the model.
 //!
 //! The model code is generic over `B: Backend` and computes every branch with tensor ops (the
-//! portable path, and the test oracle). A backend that has faster kernels registers an
-//! [`NsaKernels`] implementation for its type; the branch functions ask [`get`] first and fall
-//! back to tensor ops when nothing is registered or a method answers `None` (an unsupported
-//! case). Nothing else in the model changes, and no `Backend` bound gains a requirement.
+//! portable path, and the test oracle). A backend with faster kernels has an [`NsaKernels`]
+//! implementation; every method may answer `None` for a case it does not handle, and the model
+//! then uses its tensor ops. Arguments and results are exactly those of the tensor-op function
+//! each method replaces.
 //!
-//! With the cargo feature `kernels`, [`register_cube`] registers the CubeCL kernels of
-//! `cube` for `CubeBackend<R, F, I, BT>` (CUDA and wgpu share the sources) and for
-//! `Autodiff<CubeBackend<..>>` (forward through the same kernels, backward through fused
-//! backward kernels). With the feature `fusion` it also registers them for Burn's
-//! `Fusion<CubeBackend<..>>` (what the `Cuda<F>` and `Wgpu<F>` aliases are when Burn's `fusion`
-//! feature is on, as in the binaries) and its autodiff: each launch is then a custom operation
-//! of the fusion stream, and the tensor ops around it still fuse.
-//!
-//! With the feature `flex`, [`register_flex`] registers a multi-threaded matrix-vector product
-//! for Burn's `flex` CPU backend (the projections of a decode step).
-//!
-//! [`set_enabled`] (or `NSA_KERNELS=0` in the environment) turns every registered kernel off, so
-//! one binary can time and check both paths.
-
-use std::any::{Any, TypeId};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
-
-use burn::prelude::*;
+//! Legend: `b` batch, `h` query heads, `kvh` key/value heads, `hs` selection heads, `n` query
+//! positions, `d` features per head, `mem` memory slots, `nc` valid compressed rows.
 
 use burn::nn::Linear;
+use burn::prelude::*;
 use burn::tensor::DType;
 
-use crate::cache::KvBuffer;
-use crate::config::NsaConfig;
-use crate::norm::RmsNorm;
-use crate::select::Selection;
+use crate::rules::SparseSizes;
 
-#[cfg(feature = "kernels")]
-pub mod cube;
+/// The blocks chosen for each query.
+#[derive(Clone, Debug)]
+pub struct Selection<B: Backend> {
+    /// Selected block indices `[batch, sel_heads, seq, n]`.
+    pub indices: Tensor<B, 4, Int>,
+    /// Their probabilities `[batch, sel_heads, seq, n]` (straight-through gates with diff-topk).
+    pub scores: Tensor<B, 4>,
+    /// Whether each selected block may be attended ([`crate::rules::block_is_valid`]).
+    pub valid: Tensor<B, 4, Bool>,
+}
 
-#[cfg(feature = "kernels")]
-pub use cube::{force_dkdv_splits, register_cube};
+/// A linear layer's parameters: `weight` `[d_in, d_out]` (Burn's layout), `bias` `[d_out]`.
+#[derive(Clone, Debug)]
+pub struct Projection<B: Backend> {
+    /// `[d_in, d_out]`.
+    pub weight: Tensor<B, 2>,
+    /// `[d_out]`.
+    pub bias: Option<Tensor<B, 1>>,
+}
 
-pub mod switches;
+impl<B: Backend> Projection<B> {
+    /// The parameters of `layer`.
+    pub fn of(layer: &Linear<B>) -> Self {
+        Self {
+            weight: layer.weight.val(),
+            bias: layer.bias.as_ref().map(|b| b.val()),
+        }
+    }
+}
 
-#[cfg(feature = "flex")]
-pub mod flex;
-#[cfg(feature = "flex")]
-mod flex_decode;
+/// An RMSNorm's scale `[dim]` and the epsilon added to the mean square.
+#[derive(Clone, Debug)]
+pub struct RowNorm<B: Backend> {
+    /// `[dim]`.
+    pub weight: Tensor<B, 1>,
+    /// Added to the mean square.
+    pub eps: f64,
+}
 
-#[cfg(feature = "flex")]
-pub use flex::register_flex;
+/// A pre-norm feed-forward `x + fc2(gelu(fc1(norm(x))))`.
+#[derive(Clone, Debug)]
+pub struct FeedForwardParams<B: Backend> {
+    /// The pre-norm.
+    pub norm: RowNorm<B>,
+    /// `dim → hidden`.
+    pub fc1: Projection<B>,
+    /// `hidden → dim`.
+    pub fc2: Projection<B>,
+}
+
+/// Cached keys and values: buffers `[batch, kv_heads, capacity, dim_head]` whose first `len`
+/// rows are valid.
+#[derive(Clone, Copy, Debug)]
+pub struct CachedKv<'a, B: Backend> {
+    /// Keys.
+    pub k: &'a Tensor<B, 4>,
+    /// Values.
+    pub v: &'a Tensor<B, 4>,
+    /// Valid rows.
+    pub len: usize,
+}
+
+/// A sampling rule as the device kernel takes it (no top-p).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceSampling {
+    /// Arg-max only (temperature 0).
+    pub greedy: bool,
+    /// The top-k filter's count (the vocabulary when off).
+    pub kept: usize,
+    /// `1 / temperature`.
+    pub inv_temp: f32,
+}
 
 /// Fused implementations of the sparse branches for one backend. Every method may answer
 /// `None` for a case it does not handle; the caller then uses the tensor-op path. Arguments and
 /// results are exactly those of the tensor-op function each method replaces.
 pub trait NsaKernels<B: Backend>: Send + Sync {
-    /// [`crate::select::fine_attention`]: rotated `q` `[batch, heads, seq, dim_head]`, rotated
+    /// The selected branch (`nsa_model::select::fine_attention`): rotated `q` `[batch, heads, seq, dim_head]`, rotated
     /// `k` and `v` `[batch, kv_heads, seq, dim_head]`, the selected blocks → `[batch, heads, seq,
     /// dim_head]`.
     fn selected_attention(
@@ -64,13 +102,13 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         _k: &Tensor<B, 4>,
         _v: &Tensor<B, 4>,
         _selection: Option<&Selection<B>>,
-        _config: &NsaConfig,
+        _sizes: &SparseSizes,
         _scale: f64,
     ) -> Option<Tensor<B, 4>> {
         None
     }
 
-    /// [`crate::sliding::sliding_attention`].
+    /// The sliding branch (`nsa_model::sliding::sliding_attention`).
     fn sliding_attention(
         &self,
         _q: &Tensor<B, 4>,
@@ -91,8 +129,8 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
     /// The compressed branch and the block selection it drives, for a whole sequence (queries
     /// at positions `0..seq`): `q` `[batch, heads, seq, dim_head]` (not rotated), memory +
     /// compressed keys/values `ck`, `cv` `[batch, kv_heads, mem + blocks, dim_head]` → the
-    /// branch output (as [`crate::compress::Compressor::attend`]) and the selection (as
-    /// [`crate::select::importance`] then [`crate::select::select_top`]), without
+    /// branch output (as the model's `Compressor::attend`) and the selection (as its
+    /// `select::importance` then `select::select_top`), without
     /// materialising the `[seq, blocks]` importance logits.
     fn compressed_and_selection(
         &self,
@@ -100,7 +138,7 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         _ck: &Tensor<B, 4>,
         _cv: &Tensor<B, 4>,
         _num_mem: usize,
-        _config: &NsaConfig,
+        _sizes: &SparseSizes,
         _scale: f64,
     ) -> Option<(Tensor<B, 4>, Option<Selection<B>>)> {
         None
@@ -110,7 +148,7 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
     /// `[batch, heads, n, dim]` (the decode cache's writes). The default is Burn's
     /// `slice_assign`; a backend whose `slice_assign` copies the whole buffer may write in place.
     fn write_rows(&self, buffer: Tensor<B, 4>, start: usize, rows: Tensor<B, 4>) -> Tensor<B, 4> {
-        write_rows_with_slice_assign(buffer, start, rows)
+        crate::dispatch::write_rows_with_slice_assign(buffer, start, rows)
     }
 
     /// Whether [`NsaKernels::linear_row`] can answer at all (checked before the row is
@@ -151,9 +189,9 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
     fn row_linear_pair(
         &self,
         _x: &Tensor<B, 3>,
-        _norm: Option<&RmsNorm<B>>,
-        _first: &Linear<B>,
-        _second: &Linear<B>,
+        _norm: Option<&RowNorm<B>>,
+        _first: &Projection<B>,
+        _second: &Projection<B>,
     ) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
         None
     }
@@ -193,13 +231,13 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
     }
 
     /// The next token of each row of `logits` `[rows, vocab]` under `rule`, on the device:
-    /// [`crate::sampling::Sampling::sample`]'s choice for the same logits and noise key (row `r`:
+    /// the model's `Sampling::sample` choice for the same logits and noise key (row `r`:
     /// `r` added to the key's low 32 bits, wrapping) → token ids `[rows]`. Lets a decode loop feed the token to the next step
     /// without reading the logits back.
     fn sample_tokens(
         &self,
         _logits: &Tensor<B, 2>,
-        _rule: &crate::sampling::DeviceSampling,
+        _rule: &DeviceSampling,
         _key: u64,
     ) -> Option<Tensor<B, 1, Int>> {
         None
@@ -209,9 +247,9 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
 /// One projection of [`NsaKernels::row_linear`]: `act(norm(x) · W + bias) + residual`.
 pub struct RowLinear<'a, B: Backend> {
     /// RMSNorm of the input first.
-    pub norm: Option<&'a RmsNorm<B>>,
+    pub norm: Option<&'a RowNorm<B>>,
     /// The projection (its bias, if any, included).
-    pub layer: &'a Linear<B>,
+    pub layer: &'a Projection<B>,
     /// GELU after the bias.
     pub gelu: bool,
     /// Added last, `[batch, seq, d_out]`.
@@ -245,7 +283,7 @@ pub struct DecodeShape {
     pub sel: usize,
     /// Sliding window.
     pub window: usize,
-    /// Blocks selected at this position (`min(nsel, complete blocks)`), and at most.
+    /// Blocks selected at this position ([`crate::rules::selected_count`]), and at most.
     pub topn: usize,
     pub nsel: usize,
     /// Keys of selected blocks gated by their probability (`use_diff_topk`).
@@ -256,19 +294,19 @@ pub struct DecodeShape {
 impl DecodeShape {
     /// The sizes of `s`, or `None` when its tensors do not fit together (or are not floats).
     pub fn of<B: Backend>(s: &DecodeInputs<'_, B>) -> Option<Self> {
-        let (ck, cv) = s.compressed.buffers();
-        let (k, v) = s.kv.buffers();
-        if s.kv.is_empty() {
+        let (ck, cv) = (s.compressed.k, s.compressed.v);
+        let (k, v) = (s.kv.k, s.kv.v);
+        if s.kv.len == 0 {
             return None;
         }
         Self::new(
-            s.config,
+            s.sizes,
             s.qkv.dims(),
             s.qkv.dtype(),
             [ck, cv, k, v, s.cos, s.sin],
-            s.kv.len(),
+            s.kv.len,
             s.num_mem,
-            s.compressed.len(),
+            s.compressed.len,
             s.scale,
         )
     }
@@ -279,7 +317,7 @@ impl DecodeShape {
     /// valid compressed rows.
     #[allow(clippy::too_many_arguments)]
     pub fn new<B: Backend>(
-        c: &NsaConfig,
+        c: &SparseSizes,
         [b, one, width]: [usize; 3],
         dtype: DType,
         [ck, cv, k, v, cos, sin]: [&Tensor<B, 4>; 6],
@@ -313,18 +351,14 @@ impl DecodeShape {
             return None;
         }
         let g = h / kvh;
-        let pf = (c.selection_block_size / c.compress_block_sliding_stride).max(1);
+        let pf = c.per_selection();
         let fine = (nc - num_mem) / pf;
         Some(Self {
             b,
             h,
             kvh,
             d,
-            gq: if c.query_heads_share_selected_kv {
-                g
-            } else {
-                1
-            },
+            gq: if c.share_selection { g } else { 1 },
             width,
             pos: kv_len - 1,
             nc,
@@ -332,11 +366,11 @@ impl DecodeShape {
             cap,
             mem: num_mem,
             pf,
-            sel: c.selection_block_size,
-            window: c.sliding_window_size,
-            topn: c.num_selected_blocks.min(fine),
-            nsel: c.num_selected_blocks,
-            gated: c.use_diff_topk,
+            sel: c.selection_block,
+            window: c.window,
+            topn: c.selected(fine),
+            nsel: c.num_selected,
+            gated: c.diff_topk,
             scale,
         })
     }
@@ -353,25 +387,25 @@ pub struct BlockStep<'a, B: Backend> {
     /// The block's input `[batch, 1, dim]` (the attention's residual).
     pub x: &'a Tensor<B, 3>,
     /// The attention's pre-norm.
-    pub norm: Option<&'a RmsNorm<B>>,
+    pub norm: Option<&'a RowNorm<B>>,
     /// `dim → (heads + 2 kv_heads) * dim_head`.
-    pub to_qkv: &'a Linear<B>,
+    pub to_qkv: &'a Projection<B>,
     /// The gate projection `dim → 3 * heads`.
-    pub gates: &'a Linear<B>,
+    pub gates: &'a Projection<B>,
     /// `heads * dim_head → dim`.
-    pub combine: &'a Linear<B>,
+    pub combine: &'a Projection<B>,
     /// The block's feed-forward, applied (with its residual) after the attention when given.
-    pub ff: Option<&'a crate::transformer::FeedForward<B>>,
+    pub ff: Option<&'a FeedForwardParams<B>>,
     /// The position's rotation (as [`DecodeInputs`]).
     pub cos: &'a Tensor<B, 4>,
     /// See `cos`.
     pub sin: &'a Tensor<B, 4>,
     /// Memory and compressed keys/values of every block that ended before the position.
-    pub compressed: &'a KvBuffer<B>,
+    pub compressed: CachedKv<'a, B>,
     /// Memory slots at the front of `compressed`.
     pub num_mem: usize,
-    /// The layer's settings.
-    pub config: &'a NsaConfig,
+    /// The layer's sizes.
+    pub sizes: &'a SparseSizes,
     /// Softmax scale.
     pub scale: f64,
     /// The position (its row in the key/value cache).
@@ -386,139 +420,21 @@ pub struct DecodeInputs<'a, B: Backend> {
     /// dim_head]`: un-rotated queries, then keys and values.
     pub qkv: &'a Tensor<B, 3>,
     /// The position's rotation: cosines and signed sines `[1, 1, 1, dim_head]`
-    /// ([`crate::rope::Rotation`]).
+    /// (the model's `rope::Rotation`).
     pub cos: &'a Tensor<B, 4>,
     /// See `cos`.
     pub sin: &'a Tensor<B, 4>,
     /// Memory and compressed keys/values of every block that ended before the position.
-    pub compressed: &'a KvBuffer<B>,
+    pub compressed: CachedKv<'a, B>,
     /// Memory slots at the front of `compressed`.
     pub num_mem: usize,
     /// Rotated keys and values of every position up to and including this one.
-    pub kv: &'a KvBuffer<B>,
+    pub kv: CachedKv<'a, B>,
     /// The gate logits `[batch, 1, 3 * heads]` (column `3 * head + branch`), computed only
     /// when the kernel runs.
     pub gate_logits: &'a dyn Fn() -> Tensor<B, 3>,
-    /// The layer's settings.
-    pub config: &'a NsaConfig,
+    /// The layer's sizes.
+    pub sizes: &'a SparseSizes,
     /// Softmax scale.
     pub scale: f64,
-}
-
-/// [`NsaKernels::write_rows`] through `slice_assign`.
-pub fn write_rows_with_slice_assign<B: Backend>(
-    buffer: Tensor<B, 4>,
-    start: usize,
-    rows: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let [b, h, n, d] = rows.dims();
-    buffer.slice_assign([0..b, 0..h, start..start + n, 0..d], rows)
-}
-
-/// [`NsaKernels::write_rows`] of the kernels registered for `B`, else `slice_assign`.
-pub fn write_rows<B: Backend>(
-    buffer: Tensor<B, 4>,
-    start: usize,
-    rows: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    match get::<B>() {
-        Some(k) => k.write_rows(buffer, start, rows),
-        None => write_rows_with_slice_assign(buffer, start, rows),
-    }
-}
-
-type Registry = RwLock<HashMap<TypeId, Box<dyn Any + Send + Sync>>>;
-
-fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
-// 0 = not decided yet (read NSA_KERNELS), 1 = on, 2 = off
-static ENABLED: AtomicU8 = AtomicU8::new(0);
-
-/// Turns the registered kernels on or off for the whole process (default: on, unless the
-/// environment has `NSA_KERNELS=0`, `off` or `false`).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-}
-
-/// Whether registered kernels are used.
-pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            // an invalid value (refused by the binaries at start-up) leaves the default
-            let on = std::env::var("NSA_KERNELS")
-                .ok()
-                .and_then(|v| switches::parse_flag("NSA_KERNELS", &v).ok())
-                .unwrap_or(true);
-            set_enabled(on);
-            on
-        }
-    }
-}
-
-/// Whether a decode step may run a whole NSA block as one operation
-/// ([`NsaKernels::decode_block`]); `NSA_DECODE_BLOCK=0` keeps the operation-by-operation step
-/// (for comparing the two in one binary).
-pub fn block_enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("NSA_DECODE_BLOCK")
-            .ok()
-            .and_then(|v| switches::parse_flag("NSA_DECODE_BLOCK", &v).ok())
-            .unwrap_or(true)
-    })
-}
-
-/// Registers `kernels` for backend `B` (replacing an earlier registration).
-pub fn register<B: Backend>(kernels: Arc<dyn NsaKernels<B>>) {
-    registry()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(TypeId::of::<B>(), Box::new(kernels));
-}
-
-/// Whether kernels are registered for `B` (regardless of [`enabled`]).
-pub fn registered<B: Backend>() -> bool {
-    registry()
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains_key(&TypeId::of::<B>())
-}
-
-/// The kernels registered for `B`, if any and if [`enabled`].
-pub fn get<B: Backend>() -> Option<Arc<dyn NsaKernels<B>>> {
-    if !enabled() {
-        return None;
-    }
-    registry()
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&TypeId::of::<B>())?
-        .downcast_ref::<Arc<dyn NsaKernels<B>>>()
-        .cloned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::backend::NdArray;
-
-    struct Nothing;
-    impl NsaKernels<NdArray> for Nothing {}
-
-    #[test]
-    fn registry_round_trip() {
-        assert!(get::<NdArray<f64>>().is_none());
-        register::<NdArray>(Arc::new(Nothing));
-        assert!(registered::<NdArray>());
-        assert!(!registered::<NdArray<f64>>());
-        let k = get::<NdArray>().expect("registered");
-        let device = Default::default();
-        let q = Tensor::<NdArray, 4>::zeros([1, 1, 1, 2], &device);
-        assert!(k.sliding_attention(&q, &q, &q, 4, 1.0).is_none());
-    }
 }

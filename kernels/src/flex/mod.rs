@@ -17,8 +17,12 @@ use burn::tensor::{DType, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::flex_decode::{decode_attention, DecodeData};
-use super::{DecodeInputs, DecodeShape, NsaKernels, RowLinear};
+use self::decode::{decode_attention, DecodeData};
+use crate::api::{DecodeInputs, DecodeShape, NsaKernels, RowLinear};
+use crate::dispatch::write_rows_with_slice_assign;
+use crate::options::KernelOptions;
+
+mod decode;
 
 /// The `flex` implementation of [`NsaKernels`]: the decode step's projections
 /// ([`NsaKernels::linear_row`], [`NsaKernels::row_linear`]), cache writes
@@ -26,9 +30,13 @@ use super::{DecodeInputs, DecodeShape, NsaKernels, RowLinear};
 /// ([`NsaKernels::decode_attention`]).
 pub struct FlexKernels;
 
+fn flex_kernels(_: &KernelOptions) -> Arc<dyn NsaKernels<Flex>> {
+    Arc::new(FlexKernels)
+}
+
 /// Registers [`FlexKernels`] for `Flex` (f32). Idempotent.
 pub fn register_flex() {
-    super::register::<Flex>(Arc::new(FlexKernels));
+    crate::dispatch::register::<Flex>(flex_kernels);
 }
 
 /// Below this many weights a product runs on the calling thread (a Rayon dispatch costs
@@ -65,7 +73,7 @@ impl NsaKernels<Flex> for FlexKernels {
         let src = contiguous(rows.clone().into_primitive().tensor());
         match write_in_place(buffer.into_primitive().tensor(), start, &src) {
             Ok(t) => Tensor::from_primitive(TensorPrimitive::Float(t)),
-            Err(t) => super::write_rows_with_slice_assign(
+            Err(t) => write_rows_with_slice_assign(
                 Tensor::from_primitive(TensorPrimitive::Float(t)),
                 start,
                 rows,
@@ -107,7 +115,7 @@ impl NsaKernels<Flex> for FlexKernels {
         spec: &RowLinear<'_, Flex>,
     ) -> Option<Tensor<Flex, 3>> {
         let [b, n, d_in] = x.dims();
-        let w = float(spec.layer.weight.val());
+        let w = float(spec.layer.weight.clone());
         let [w_in, d_out] = w.layout().shape().dims::<2>();
         if b * n != 1 || w_in != d_in || x.dtype() != DType::F32 {
             return None;
@@ -116,13 +124,13 @@ impl NsaKernels<Flex> for FlexKernels {
         let mut row = xs.as_slice::<f32>()?.to_vec();
         if let Some(norm) = spec.norm {
             // x / sqrt(mean(x²) + eps) * weight, as `norm::RmsNorm`
-            let nw = float(norm.weight.val());
+            let nw = float(norm.weight.clone());
             let nw = nw.as_slice::<f32>()?;
             let mean = row.iter().map(|v| v * v).sum::<f32>() / d_in as f32;
             let rms = (mean + norm.eps as f32).sqrt();
             row.iter_mut().zip(nw).for_each(|(v, w)| *v = *v / rms * w);
         }
-        let bias = spec.layer.bias.as_ref().map(|b| float(b.val()));
+        let bias = spec.layer.bias.clone().map(float);
         let bias = match &bias {
             Some(b) => Some(b.as_slice::<f32>()?),
             None => None,
@@ -189,7 +197,7 @@ impl NsaKernels<Flex> for FlexKernels {
             let written = write_in_place(buf, starts[i], &rows[i]).unwrap_or_else(|buf| {
                 let buf = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(buf));
                 let r = Tensor::from_primitive(TensorPrimitive::Float(rows[i].clone()));
-                super::write_rows_with_slice_assign(buf, starts[i], r)
+                write_rows_with_slice_assign(buf, starts[i], r)
                     .into_primitive()
                     .tensor()
             });
@@ -203,8 +211,8 @@ impl NsaKernels<Flex> for FlexKernels {
         if s.qkv.dtype() != DType::F32 {
             return None;
         }
-        let (ck, cv) = s.compressed.buffers();
-        let (k, v) = s.kv.buffers();
+        let (ck, cv) = (s.compressed.k, s.compressed.v);
+        let (k, v) = (s.kv.k, s.kv.v);
         let gates = (s.gate_logits)();
         let tensors = [
             float(s.qkv.clone()),
@@ -340,9 +348,17 @@ mod tests {
     }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::SplitMix64(seed);
+        // a small LCG: the values only need to be varied
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
-            .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) % 2001) as f32 / 1000.0 - 1.0
+            })
             .collect()
     }
 
@@ -374,7 +390,7 @@ mod tests {
             TensorData::new(values(2 * 3 * 2 * 4, 8), [2, 3, 2, 4]),
             &device,
         );
-        let want = super::super::write_rows_with_slice_assign(buffer.clone(), 2, rows.clone());
+        let want = super::write_rows_with_slice_assign(buffer.clone(), 2, rows.clone());
         // shared: the other owner keeps its values
         let kept = buffer.clone();
         let got = FlexKernels.write_rows(buffer, 2, rows.clone());

@@ -1,10 +1,10 @@
 //! The next token chosen on the device, so that a decode loop need not read the logits back
-//! every token ([`crate::sampling`] is the same rule on the host):
+//! every token (the model's `sampling` module is the same rule on the host):
 //!
 //! - greedy: the first index of the largest logit;
 //! - otherwise the `kept` largest logits (ties at the boundary: the lower indices, as the host's
 //!   selection), scaled by `1 / temperature`, plus Gumbel noise that is a hash of `(key, index)`
-//!   ([`crate::sampling::gumbel_noise`]); the arg-max wins (ties: the lower index).
+//!   (the model's `sampling::gumbel_noise`); the arg-max wins (ties: the lower index).
 //!
 //! One cube per row of `logits` `[m, v]`. The `kept`-th largest logit is found by a bisection
 //! over the logits' order-preserving `u32` keys (32 counting passes, over keys held in registers

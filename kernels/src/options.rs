@@ -1,0 +1,201 @@
+//! How the kernels run: [`KernelOptions`], an explicit value the binaries build (from their
+//! flags and the `NSA_*` switches) and hand to the model; nothing here reads the environment.
+//! The switch values have one parser each ([`parse_flag`], [`parse_mma`]), which the binaries
+//! use to refuse an invalid value at start-up with a clear error instead of reading it as
+//! something else.
+
+/// Which attention passes may use tensor cores (CUDA's matrix units) where the device has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorCores {
+    /// The forward kernel.
+    pub fwd: bool,
+    /// The backward's query-gradient kernel.
+    pub dq: bool,
+    /// The backward's key/value-gradient kernel.
+    pub dkdv: bool,
+}
+
+impl TensorCores {
+    /// Every pass on (`true`) or off.
+    pub fn all(on: bool) -> Self {
+        Self {
+            fwd: on,
+            dq: on,
+            dkdv: on,
+        }
+    }
+}
+
+impl Default for TensorCores {
+    fn default() -> Self {
+        Self::all(true)
+    }
+}
+
+/// The choices of how a model's attention runs, passed explicitly (never read from the
+/// environment or kept in a static). The default is what the binaries run without flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOptions {
+    /// Use the fused kernels registered for the backend (else the tensor-op path).
+    pub fused: bool,
+    /// A decode step may run a whole NSA block as one operation.
+    pub decode_block: bool,
+    /// The attention passes that may use tensor cores.
+    pub tensor_cores: TensorCores,
+    /// Every product f32-exact on tensor-core backends (no TF32 operands): the tensor-op
+    /// matmuls split their operands, the kernels keep scalar f32 products.
+    pub exact_matmul: bool,
+    /// Cubes sharing a key chunk's queries in the dk/dv kernel (`0`: chosen from the shape;
+    /// tests force a split that small problems never make on their own).
+    pub dkdv_splits: usize,
+}
+
+impl Default for KernelOptions {
+    fn default() -> Self {
+        Self {
+            fused: true,
+            decode_block: true,
+            tensor_cores: TensorCores::default(),
+            exact_matmul: false,
+            dkdv_splits: 0,
+        }
+    }
+}
+
+impl KernelOptions {
+    /// The tensor-op path only (the portable reference of every fused kernel).
+    pub fn tensor_ops() -> Self {
+        Self {
+            fused: false,
+            ..Self::default()
+        }
+    }
+
+    /// These options with the `NSA_*` switches among `vars` applied (`NSA_KERNELS`,
+    /// `NSA_DECODE_BLOCK`, `NSA_MMA`); other variables are ignored, an invalid value is an
+    /// error. The binaries pass their environment.
+    pub fn with_switches<'a>(
+        mut self,
+        vars: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, SwitchError> {
+        for (name, value) in vars {
+            match name {
+                "NSA_KERNELS" => self.fused = parse_flag(name, value)?,
+                "NSA_DECODE_BLOCK" => self.decode_block = parse_flag(name, value)?,
+                "NSA_MMA" => {
+                    let [fwd, dq, dkdv] = parse_mma(value)?;
+                    self.tensor_cores = TensorCores { fwd, dq, dkdv };
+                }
+                _ => {}
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// A switch's value that means nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name}={value:?}: {expected}")]
+pub struct SwitchError {
+    /// The variable.
+    pub name: String,
+    /// Its value.
+    pub value: String,
+    /// What it may be.
+    pub expected: &'static str,
+}
+
+/// The on/off switches and what they do.
+pub const FLAGS: &[(&str, &str)] = &[
+    ("NSA_KERNELS", "the fused kernels (default on)"),
+    (
+        "NSA_DECODE_BLOCK",
+        "a decode step's NSA block as one operation (default on)",
+    ),
+];
+
+const FLAG_VALUES: &str = "expected 1, 0, on, off, true, false, yes or no";
+const MMA_VALUES: &str =
+    "expected 1 (all), 0 (none), or a comma-separated list of fwd, dq and dkdv";
+
+/// An on/off switch: `1`, `on`, `true`, `yes` → on; `0`, `off`, `false`, `no` → off (any case).
+pub fn parse_flag(name: &str, value: &str) -> Result<bool, SwitchError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "on" | "true" | "yes" => Ok(true),
+        "0" | "off" | "false" | "no" => Ok(false),
+        _ => Err(SwitchError {
+            name: name.into(),
+            value: value.into(),
+            expected: FLAG_VALUES,
+        }),
+    }
+}
+
+/// The kernels that may use tensor cores, `[fwd, dq, dkdv]`, from `NSA_MMA`: an on/off value
+/// for all of them, or a comma-separated subset of `fwd`, `dq`, `dkdv`.
+pub fn parse_mma(value: &str) -> Result<[bool; 3], SwitchError> {
+    if let Ok(all) = parse_flag("NSA_MMA", value) {
+        return Ok([all; 3]);
+    }
+    let names = ["fwd", "dq", "dkdv"];
+    let parts: Vec<&str> = value.split(',').map(str::trim).collect();
+    if parts.iter().any(|p| !names.contains(p)) {
+        return Err(SwitchError {
+            name: "NSA_MMA".into(),
+            value: value.into(),
+            expected: MMA_VALUES,
+        });
+    }
+    Ok(names.map(|n| parts.contains(&n)))
+}
+
+/// Checks the value of switch `name` (a flag or `NSA_MMA`); `Ok` for a variable that is not a
+/// switch.
+pub fn check(name: &str, value: &str) -> Result<(), SwitchError> {
+    if name == "NSA_MMA" {
+        return parse_mma(value).map(drop);
+    }
+    if FLAGS.iter().any(|(n, _)| *n == name) {
+        return parse_flag(name, value).map(drop);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_mean_one_thing_or_are_refused() {
+        assert_eq!(parse_flag("NSA_KERNELS", "Off"), Ok(false));
+        assert_eq!(parse_flag("NSA_KERNELS", "1"), Ok(true));
+        assert!(parse_flag("NSA_KERNELS", "2").is_err());
+        // `true` used to be read as a list of kernels naming none: every tensor core off
+        assert_eq!(parse_mma("true"), Ok([true; 3]));
+        assert_eq!(parse_mma("0"), Ok([false; 3]));
+        assert_eq!(parse_mma("fwd, dkdv"), Ok([true, false, true]));
+        let e = parse_mma("fwd,bwd").unwrap_err();
+        assert!(e.to_string().contains("NSA_MMA=\"fwd,bwd\""), "{e}");
+        assert!(check("NSA_DECODE_BLOCK", "maybe").is_err());
+        assert!(check("NSA_CACHE_DIR", "/tmp").is_ok());
+    }
+
+    #[test]
+    fn switches_map_onto_options() {
+        let o = KernelOptions::default()
+            .with_switches([("NSA_KERNELS", "0"), ("NSA_MMA", "dq"), ("HOME", "/x")])
+            .unwrap();
+        assert!(!o.fused && o.decode_block);
+        assert_eq!(
+            o.tensor_cores,
+            TensorCores {
+                fwd: false,
+                dq: true,
+                dkdv: false
+            }
+        );
+        assert!(KernelOptions::default()
+            .with_switches([("NSA_DECODE_BLOCK", "sometimes")])
+            .is_err());
+    }
+}
