@@ -5,7 +5,7 @@
 //! backend over either, where the forward runs the same kernels and a custom backward step runs
 //! the fused backward kernels.
 
-mod attn;
+mod attention;
 mod decode;
 #[cfg(feature = "fusion")]
 mod fusion;
@@ -29,6 +29,7 @@ use burn::tensor::{DType, Element, TensorPrimitive};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::ComputeClient;
 
+use self::attention as attn;
 use self::attn::{COMPRESSED, SELECTED, SLIDING};
 pub use self::launch::force_dkdv_splits;
 use self::launch::{
