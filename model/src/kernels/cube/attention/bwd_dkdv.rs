@@ -5,7 +5,7 @@
 use cubecl::prelude::*;
 
 use super::super::mma::{acc_stride, depth, mma_tiles, tile_stride};
-use super::shared::{add_tiles, grad_pair, load_kv, put, score_tile, visible, Keys};
+use super::shared::{add_tiles, grad_pair, load_kv, put, score_tile, unit_tile, visible, Keys};
 use super::tiling::Tiling;
 use super::{SELECTED, SLIDING};
 
@@ -30,7 +30,7 @@ struct RowStats {
 ///    / `entries` (see [`super::csr_count`]), `bwd_rows / gq` entries of `gq` heads each; then
 ///    the queries by position: own block (selected), window (sliding), later queries
 ///    (compressed), `tq` positions × `gk` heads each. Per batch: the rows' statistics, their
-///    queries and output gradients, then [`accumulate_batch`] or [`accumulate_batch_mma`].
+///    queries and output gradients, then [`accumulate_batch`].
 /// 3. Write this split's partial `dk`, `dv` (`[splits, b, kvh, nk, d]`, f32).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -219,60 +219,45 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
             e += nt;
         }
         sync_cube();
-        if t.mma {
-            accumulate_batch_mma::<H>(
-                &k_h,
-                &v_h,
-                &q_h,
-                &do_h,
-                &mut p_h,
-                &mut ds_h,
-                &mut buf,
-                &st,
-                &mut dk_acc,
-                &mut dv_acc,
-                kstart,
-                left,
-                &ks,
-                by_position,
-                t,
-            );
-        } else {
-            accumulate_batch(
-                &k_s,
-                &v_s,
-                &q_s,
-                &do_s,
-                &mut p_s,
-                &mut ds_s,
-                &st,
-                &mut dk_acc,
-                &mut dv_acc,
-                kstart,
-                left,
-                &ks,
-                by_position,
-                t,
-            );
-        }
+        accumulate_batch::<H>(
+            &k_s,
+            &v_s,
+            &q_s,
+            &do_s,
+            &mut p_s,
+            &mut ds_s,
+            &k_h,
+            &v_h,
+            &q_h,
+            &do_h,
+            &mut p_h,
+            &mut ds_h,
+            &mut buf,
+            &st,
+            &mut dk_acc,
+            &mut dv_acc,
+            kstart,
+            left,
+            &ks,
+            by_position,
+            t,
+        );
     }
 
     // 3. this split's dk, dv
     #[unroll]
     for it in 0..aper {
-        let g = tid + it * nt;
-        if g < atiles {
-            let kg = g / dgroups;
-            let dg = g % dgroups;
+        let tile = unit_tile(it, atiles, t);
+        if tile.live {
             #[unroll]
             for i in 0..pr {
-                let j = kg * pr + i;
+                let j = tile.x0 + i;
                 let p = kstart + j;
                 if p < nk && j < left {
                     #[unroll]
                     for u in 0..pd {
-                        let off = sp * len + (bkv * nk + p) * d + dg + dgroups * u;
-                        let a = it * pr * pd + i * pd + u;
+                        let off = sp * len + (bkv * nk + p) * d + tile.dg + dgroups * u;
+                        let a = tile.base + i * pd + u;
                         dk[off] = dk_acc[a];
                         dv[off] = dv_acc[a];
                     }
@@ -355,111 +340,22 @@ fn key_ok(
     ok
 }
 
-/// One batch of rows against the cube's key chunk: probabilities and score gradients into
-/// shared memory (`qr × qk` register tiles), then `dk += ds · q`, `dv += p · dout` for the
-/// `pr × pd` (keys × dims) tiles this unit owns.
+/// One batch of rows against the cube's key chunk, `by_position` (own-block, window or
+/// compressed rows, masked by position) or not (selected-block rows, every key of the block
+/// visible). Scalar path: probabilities and score gradients into shared memory (`qr × qk`
+/// register tiles), then `dk += ds · q`, `dv += p · dout` for the `pr × pd` (keys × dims)
+/// tiles this unit owns. Tensor-core path: scores and `dO Vᵀ` into `buf`, probabilities and
+/// score gradients as `H`, then `Pᵀ dO` and `dSᵀ Q` (the transposed operands read from the
+/// `[rows, kc]` tiles) through `buf` into the unit's accumulators.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn accumulate_batch(
+fn accumulate_batch<H: Float>(
     k_s: &SharedMemory<f32>,
     v_s: &SharedMemory<f32>,
     q_s: &SharedMemory<f32>,
     do_s: &SharedMemory<f32>,
     p_s: &mut SharedMemory<f32>,
     ds_s: &mut SharedMemory<f32>,
-    st: &RowStats,
-    dk_acc: &mut Array<f32>,
-    dv_acc: &mut Array<f32>,
-    kstart: usize,
-    left: usize,
-    ks: &Keys,
-    by_position: bool,
-    #[comptime] t: Tiling,
-) {
-    let rows = comptime!(t.bwd_rows());
-    let nt = t.threads;
-    let ds = comptime!(t.d + 1);
-    let ps = comptime!(t.kc + 1);
-    let qr = t.qr;
-    let qk = t.qk;
-    let pr = t.pr;
-    let pd = t.pd;
-    let sn = comptime!(t.qr * t.qk);
-    let kgroups = comptime!(t.kc / t.qk);
-    let dgroups = comptime!(t.d / t.pd);
-    let stiles = comptime!(t.bwd_score_tiles());
-    let atiles = comptime!(t.bwd_acc_tiles());
-    let aper = comptime!(t.bwd_acc_tiles().div_ceil(t.threads));
-    let tid = UNIT_POS as usize;
-
-    // scores and score gradients: unit tile `g` = rows `rg * qr ..`, keys `kg + kgroups * jj`
-    let mut g = tid;
-    while g < stiles {
-        let rg = g / kgroups;
-        let kg = g % kgroups;
-        let mut dot = Array::<f32>::new(sn);
-        let mut dp = Array::<f32>::new(sn);
-        score_tile(q_s, do_s, k_s, v_s, rg, kg, &mut dot, &mut dp, true, t);
-        #[unroll]
-        for i in 0..qr {
-            let r = rg * qr + i;
-            let tt = st.pos[r] as usize;
-            let gate = st.gate[r];
-            let lse = st.lse[r];
-            let dl = st.dl[r];
-            let live = st.live[r] == 1;
-            #[unroll]
-            for jj in 0..qk {
-                let j = kg + kgroups * jj;
-                let ok = key_ok(live, tt, j, kstart, left, ks, by_position, t);
-                let (prob, dsv) =
-                    grad_pair(dot[i * qk + jj], dp[i * qk + jj], gate, lse, dl, ok, true);
-                p_s[r * ps + j] = prob;
-                ds_s[r * ps + j] = dsv;
-            }
-        }
-        g += nt;
-    }
-    sync_cube();
-
-    // accumulators: unit tile = keys `kg * pr ..`, dims `dg + dgroups * u`
-    #[unroll]
-    for it in 0..aper {
-        let g = tid + it * nt;
-        if g < atiles {
-            let kg = g / dgroups;
-            let dg = g % dgroups;
-            let base = it * pr * pd;
-            for r in 0..rows {
-                let mut qreg = Array::<f32>::new(pd);
-                let mut oreg = Array::<f32>::new(pd);
-                #[unroll]
-                for u in 0..pd {
-                    qreg[u] = q_s[r * ds + dg + dgroups * u];
-                    oreg[u] = do_s[r * ds + dg + dgroups * u];
-                }
-                #[unroll]
-                for i in 0..pr {
-                    let j = kg * pr + i;
-                    let dsv = ds_s[r * ps + j];
-                    let pv = p_s[r * ps + j];
-                    #[unroll]
-                    for u in 0..pd {
-                        dk_acc[base + i * pd + u] += dsv * qreg[u];
-                        dv_acc[base + i * pd + u] += pv * oreg[u];
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// [`accumulate_batch`] on tensor cores: scores and `dO Vᵀ` into `buf`, probabilities and
-/// score gradients as `H`, then `Pᵀ dO` and `dSᵀ Q` (the transposed operands read
-/// from the `[rows, kc]` tiles) through `buf` into the unit's accumulators.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn accumulate_batch_mma<H: Float>(
     k_h: &SharedMemory<H>,
     v_h: &SharedMemory<H>,
     q_h: &SharedMemory<H>,
@@ -476,53 +372,129 @@ fn accumulate_batch_mma<H: Float>(
     by_position: bool,
     #[comptime] t: Tiling,
 ) {
-    let rows = comptime!(t.bwd_rows());
-    let kc = t.kc;
-    let d = t.d;
-    let nt = t.threads;
-    let hst = comptime!(tile_stride(t.d));
-    let kf = comptime!(depth(t.hb));
-    let hp = comptime!(tile_stride(t.kc));
-    let as_ = comptime!(acc_stride(t.kc));
-    let os = comptime!(acc_stride(t.d));
-    let dpo = comptime!(t.bwd_rows() * acc_stride(t.kc));
-    let tid = UNIT_POS as usize;
+    if t.mma {
+        let rows = comptime!(t.bwd_rows());
+        let kc = t.kc;
+        let d = t.d;
+        let nt = t.threads;
+        let hst = comptime!(tile_stride(t.d));
+        let kf = comptime!(depth(t.hb));
+        let hp = comptime!(tile_stride(t.kc));
+        let as_ = comptime!(acc_stride(t.kc));
+        let os = comptime!(acc_stride(t.d));
+        let dpo = comptime!(t.bwd_rows() * acc_stride(t.kc));
+        let tid = UNIT_POS as usize;
 
-    mma_tiles::<H>(
-        q_h, k_h, buf, rows, kc, d, hst, hst, as_, 0usize, false, true, kf,
-    );
-    mma_tiles::<H>(
-        do_h, v_h, buf, rows, kc, d, hst, hst, as_, dpo, false, true, kf,
-    );
-    sync_cube();
-    let mut e = tid;
-    while e < rows * kc {
-        let r = e / kc;
-        let j = e % kc;
-        let tt = st.pos[r] as usize;
-        let ok = key_ok(st.live[r] == 1, tt, j, kstart, left, ks, by_position, t);
-        let dot = buf[r * as_ + j];
-        let dp = buf[dpo + r * as_ + j];
-        let (prob, dsv) = grad_pair(dot, dp, st.gate[r], st.lse[r], st.dl[r], ok, true);
-        p_h[r * hp + j] = H::cast_from(prob);
-        ds_h[r * hp + j] = H::cast_from(dsv);
-        e += nt;
+        mma_tiles::<H>(
+            q_h, k_h, buf, rows, kc, d, hst, hst, as_, 0usize, false, true, kf,
+        );
+        mma_tiles::<H>(
+            do_h, v_h, buf, rows, kc, d, hst, hst, as_, dpo, false, true, kf,
+        );
+        sync_cube();
+        let mut e = tid;
+        while e < rows * kc {
+            let r = e / kc;
+            let j = e % kc;
+            let tt = st.pos[r] as usize;
+            let ok = key_ok(st.live[r] == 1, tt, j, kstart, left, ks, by_position, t);
+            let dot = buf[r * as_ + j];
+            let dp = buf[dpo + r * as_ + j];
+            let (prob, dsv) = grad_pair(dot, dp, st.gate[r], st.lse[r], st.dl[r], ok, true);
+            p_h[r * hp + j] = H::cast_from(prob);
+            ds_h[r * hp + j] = H::cast_from(dsv);
+            e += nt;
+        }
+        sync_cube();
+        // dv += Pᵀ dO, then dk += dSᵀ Q, each `[kc, d]` through `buf`
+        let atiles = comptime!(t.bwd_acc_tiles());
+        mma_tiles::<H>(
+            p_h, do_h, buf, kc, d, rows, hp, hst, os, 0usize, true, false, kf,
+        );
+        sync_cube();
+        add_tiles(buf, dv_acc, &st.lse, atiles, false, t);
+        sync_cube();
+        mma_tiles::<H>(
+            ds_h, q_h, buf, kc, d, rows, hp, hst, os, 0usize, true, false, kf,
+        );
+        sync_cube();
+        add_tiles(buf, dk_acc, &st.lse, atiles, false, t);
+        sync_cube();
+    } else {
+        let rows = comptime!(t.bwd_rows());
+        let nt = t.threads;
+        let ds = comptime!(t.d + 1);
+        let ps = comptime!(t.kc + 1);
+        let qr = t.qr;
+        let qk = t.qk;
+        let pr = t.pr;
+        let pd = t.pd;
+        let sn = comptime!(t.qr * t.qk);
+        let kgroups = comptime!(t.kc / t.qk);
+        let dgroups = comptime!(t.d / t.pd);
+        let stiles = comptime!(t.bwd_score_tiles());
+        let atiles = comptime!(t.bwd_acc_tiles());
+        let aper = comptime!(t.bwd_acc_tiles().div_ceil(t.threads));
+        let tid = UNIT_POS as usize;
+
+        // scores and score gradients: unit tile `g` = rows `rg * qr ..`, keys `kg + kgroups * jj`
+        let mut g = tid;
+        while g < stiles {
+            let rg = g / kgroups;
+            let kg = g % kgroups;
+            let mut dot = Array::<f32>::new(sn);
+            let mut dp = Array::<f32>::new(sn);
+            score_tile(q_s, do_s, k_s, v_s, rg, kg, &mut dot, &mut dp, true, t);
+            #[unroll]
+            for i in 0..qr {
+                let r = rg * qr + i;
+                let tt = st.pos[r] as usize;
+                let gate = st.gate[r];
+                let lse = st.lse[r];
+                let dl = st.dl[r];
+                let live = st.live[r] == 1;
+                #[unroll]
+                for jj in 0..qk {
+                    let j = kg + kgroups * jj;
+                    let ok = key_ok(live, tt, j, kstart, left, ks, by_position, t);
+                    let (prob, dsv) =
+                        grad_pair(dot[i * qk + jj], dp[i * qk + jj], gate, lse, dl, ok, true);
+                    p_s[r * ps + j] = prob;
+                    ds_s[r * ps + j] = dsv;
+                }
+            }
+            g += nt;
+        }
+        sync_cube();
+
+        // accumulators: unit tile = keys `kg * pr ..`, dims `dg + dgroups * u`
+        #[unroll]
+        for it in 0..aper {
+            let tile = unit_tile(it, atiles, t);
+            if tile.live {
+                for r in 0..rows {
+                    let mut qreg = Array::<f32>::new(pd);
+                    let mut oreg = Array::<f32>::new(pd);
+                    #[unroll]
+                    for u in 0..pd {
+                        qreg[u] = q_s[r * ds + tile.dg + dgroups * u];
+                        oreg[u] = do_s[r * ds + tile.dg + dgroups * u];
+                    }
+                    #[unroll]
+                    for i in 0..pr {
+                        let j = tile.x0 + i;
+                        let dsv = ds_s[r * ps + j];
+                        let pv = p_s[r * ps + j];
+                        #[unroll]
+                        for u in 0..pd {
+                            dk_acc[tile.base + i * pd + u] += dsv * qreg[u];
+                            dv_acc[tile.base + i * pd + u] += pv * oreg[u];
+                        }
+                    }
+                }
+            }
+        }
     }
-    sync_cube();
-    // dv += Pᵀ dO, then dk += dSᵀ Q, each `[kc, d]` through `buf`
-    let atiles = comptime!(t.bwd_acc_tiles());
-    mma_tiles::<H>(
-        p_h, do_h, buf, kc, d, rows, hp, hst, os, 0usize, true, false, kf,
-    );
-    sync_cube();
-    add_tiles(buf, dv_acc, &st.lse, atiles, false, t);
-    sync_cube();
-    mma_tiles::<H>(
-        ds_h, q_h, buf, kc, d, rows, hp, hst, os, 0usize, true, false, kf,
-    );
-    sync_cube();
-    add_tiles(buf, dk_acc, &st.lse, atiles, false, t);
-    sync_cube();
 }
 
 /// `out[i] = sum over s of part[s * len + i]`, cast to the storage type: the dk/dv partial

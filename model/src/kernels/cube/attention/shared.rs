@@ -401,6 +401,33 @@ pub fn grad_pair(
     (prob, ds)
 }
 
+/// The unit's `it`-th register tile of a `[x, d]` product tiled `pr × pd` ([`unit_tile`]).
+#[derive(CubeType, Clone, Copy)]
+pub struct UnitTile {
+    /// The tile exists (`tiles` tiles strided over the units).
+    pub live: bool,
+    /// Its first row: rows `x0 ..= x0 + pr - 1`.
+    pub x0: usize,
+    /// Its first dim: dims `dg + dgroups * u`, `dgroups = d / pd`.
+    pub dg: usize,
+    /// Its first accumulator: values `base + i * pd + u`.
+    pub base: usize,
+}
+
+/// The unit's `it`-th of `tiles` register tiles: tile `g = unit + it * threads` holds rows
+/// `(g / dgroups) * pr ..` and dims `g % dgroups + dgroups * u`.
+#[cube]
+pub fn unit_tile(it: usize, #[comptime] tiles: usize, #[comptime] t: Tiling) -> UnitTile {
+    let g = UNIT_POS as usize + it * t.threads;
+    let dgroups = comptime!(t.d / t.pd);
+    UnitTile {
+        live: g < tiles,
+        x0: (g / dgroups) * t.pr,
+        dg: g % dgroups,
+        base: it * t.pr * t.pd,
+    }
+}
+
 /// `acc += A · B` for the unit's `pr × pd` output tiles of a query-centric cube (scalar path):
 /// `A` `[rows, kc]` (row stride `kc + 1`), `B` `[kc, d]` (row stride `d + 1`), `B` times `gate`
 /// with `gated`. Tile `g` holds rows `(g / dgroups) * pr ..` and dims `g % dgroups + dgroups * u`.
@@ -413,38 +440,32 @@ pub fn add_product(
     #[comptime] gated: bool,
     #[comptime] t: Tiling,
 ) {
-    let nt = t.threads;
     let ds = comptime!(t.d + 1);
     let ps = comptime!(t.kc + 1);
     let pr = t.pr;
     let pd = t.pd;
     let dgroups = comptime!(t.d / t.pd);
-    let otiles = comptime!(t.out_tiles());
-    let oper = comptime!(t.out_tiles().div_ceil(t.threads));
-    let tid = UNIT_POS as usize;
     #[unroll]
-    for it in 0..oper {
-        let g = tid + it * nt;
-        if g < otiles {
-            let rg = g / dgroups;
-            let dg = g % dgroups;
-            let base = it * pr * pd;
+    for it in 0..comptime!(t.out_tiles().div_ceil(t.threads)) {
+        let tile = unit_tile(it, comptime!(t.out_tiles()), t);
+        if tile.live {
             for j in 0..t.kc {
                 let mut breg = Array::<f32>::new(pd);
                 #[unroll]
                 for u in 0..pd {
+                    let at = j * ds + tile.dg + dgroups * u;
                     if gated {
-                        breg[u] = b_s[j * ds + dg + dgroups * u] * gate;
+                        breg[u] = b_s[at] * gate;
                     } else {
-                        breg[u] = b_s[j * ds + dg + dgroups * u];
+                        breg[u] = b_s[at];
                     }
                 }
                 #[unroll]
                 for i in 0..pr {
-                    let av = a_s[(rg * pr + i) * ps + j];
+                    let av = a_s[(tile.x0 + i) * ps + j];
                     #[unroll]
                     for u in 0..pd {
-                        acc[base + i * pd + u] += av * breg[u];
+                        acc[tile.base + i * pd + u] += av * breg[u];
                     }
                 }
             }
@@ -466,36 +487,29 @@ pub fn add_tiles(
     #[comptime] rescale: bool,
     #[comptime] t: Tiling,
 ) {
-    let nt = t.threads;
     let os = comptime!(acc_stride(t.d));
-    let pr = t.pr;
-    let pd = t.pd;
     let dgroups = comptime!(t.d / t.pd);
-    let per = comptime!(tiles.div_ceil(t.threads));
-    let tid = UNIT_POS as usize;
     #[unroll]
-    for it in 0..per {
-        let g = tid + it * nt;
-        if g < tiles {
-            let x = g / dgroups;
-            let dg = g % dgroups;
-            let base = it * pr * pd;
+    for it in 0..comptime!(tiles.div_ceil(t.threads)) {
+        let tile = unit_tile(it, tiles, t);
+        if tile.live {
             #[unroll]
-            for i in 0..pr {
+            for i in 0..t.pr {
                 let mut a = 1.0f32;
                 if rescale {
-                    a = a_s[x * pr + i];
+                    a = a_s[tile.x0 + i];
                 }
                 #[unroll]
-                for u in 0..pd {
+                for u in 0..t.pd {
+                    let at = tile.base + i * t.pd + u;
                     let mut add = 0.0f32;
                     if t.mma {
-                        add = buf[(x * pr + i) * os + dg + dgroups * u];
+                        add = buf[(tile.x0 + i) * os + tile.dg + dgroups * u];
                     }
                     if rescale {
-                        acc[base + i * pd + u] = acc[base + i * pd + u] * a + add;
+                        acc[at] = acc[at] * a + add;
                     } else {
-                        acc[base + i * pd + u] += add;
+                        acc[at] += add;
                     }
                 }
             }
@@ -521,22 +535,15 @@ pub fn store_rows<F: Float>(
 ) {
     let d = t.d;
     let gq = t.gq;
-    let nt = t.threads;
-    let pr = t.pr;
     let pd = t.pd;
     let dgroups = comptime!(t.d / t.pd);
-    let otiles = comptime!(t.out_tiles());
-    let oper = comptime!(t.out_tiles().div_ceil(t.threads));
-    let tid = UNIT_POS as usize;
     #[unroll]
-    for it in 0..oper {
-        let g = tid + it * nt;
-        if g < otiles {
-            let rg = g / dgroups;
-            let dg = g % dgroups;
+    for it in 0..comptime!(t.out_tiles().div_ceil(t.threads)) {
+        let tile = unit_tile(it, comptime!(t.out_tiles()), t);
+        if tile.live {
             #[unroll]
-            for i in 0..pr {
-                let r = rg * pr + i;
+            for i in 0..t.pr {
+                let r = tile.x0 + i;
                 let tt = t0 + r / gq;
                 if tt < n {
                     let mut f = scale;
@@ -545,9 +552,8 @@ pub fn store_rows<F: Float>(
                     }
                     #[unroll]
                     for u in 0..pd {
-                        let a = it * pr * pd + i * pd + u;
-                        out[((bh0 + r % gq) * n + tt) * d + dg + dgroups * u] =
-                            F::cast_from(acc[a] * f);
+                        let at = ((bh0 + r % gq) * n + tt) * d + tile.dg + dgroups * u;
+                        out[at] = F::cast_from(acc[tile.base + i * pd + u] * f);
                     }
                 }
             }
