@@ -11,6 +11,7 @@
 use burn::prelude::*;
 
 use crate::nsa::{Qkv, SparseAttention};
+use crate::rules;
 use crate::select::importance;
 use crate::transformer::{Attention, Transformer};
 
@@ -36,9 +37,9 @@ impl LayerSelection {
     }
 
     /// Ranks `probs` `[rows, fine]` (host values, row-major) as [`crate::select::select_top`]
-    /// does: the `count` largest (ties: the lower block first), valid above `1e-10`.
+    /// does: the `count` largest ([`rules::ranks_before`]), valid per [`rules::block_is_valid`].
     pub fn from_probs(probs: &[f32], rows: usize, fine: usize, count: usize) -> Self {
-        let count = count.min(fine);
+        let count = rules::selected_count(count, fine);
         let mut blocks = Vec::with_capacity(rows * count);
         let mut margin = Vec::with_capacity(rows);
         let mut order: Vec<usize> = Vec::with_capacity(fine);
@@ -49,13 +50,13 @@ impl LayerSelection {
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
             let mut kept: Vec<i64> = order[..count]
                 .iter()
-                .filter(|&&j| p[j] > 1e-10)
+                .filter(|&&j| rules::block_is_valid(p[j]))
                 .map(|&j| j as i64)
                 .collect();
             kept.sort_unstable();
             kept.resize(count, -1);
             blocks.extend(kept);
-            let decides = count > 0 && count < fine && p[order[count]] > 1e-10;
+            let decides = count > 0 && count < fine && rules::block_is_valid(p[order[count]]);
             margin.push(if decides {
                 p[order[count - 1]] - p[order[count]]
             } else {

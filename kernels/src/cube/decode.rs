@@ -25,10 +25,10 @@
 
 use cubecl::prelude::*;
 
-use super::attn::{NEG, NEG_HALF};
+use super::attention::{NEG, NEG_HALF};
 use super::reduce::{cube_argmax, cube_max, cube_sum};
 
-/// Marks a selected slot whose block may not be attended (probability ≤ 1e-10).
+/// Marks a selected slot whose block may not be attended ([`crate::rules::block_is_valid`]).
 const INVALID: u32 = 0xFFFF_FFFF;
 /// The constant slot of the selection softmax ([`crate::rules::SINK_LOGIT`]).
 const SINK: f32 = crate::rules::SINK_LOGIT;

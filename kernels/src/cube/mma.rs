@@ -4,7 +4,7 @@
 //! precision of the tensor-op path's matmuls on CUDA).
 //!
 //! The attention kernels call [`mma_tiles`] for their products (scores `Q Kᵀ`, outputs `P V`,
-//! the gradients' `dO Vᵀ`, `dS K`, `Pᵀ dO`, `dSᵀ Q`) when [`super::attn::Tiling::mma`] is set,
+//! the gradients' `dO Vᵀ`, `dS K`, `Pᵀ dO`, `dSᵀ Q`) when [`super::attention::Tiling::mma`] is set,
 //! which the host does only where CubeCL lists the fragment for the device
 //! (`features.matmul.cmma`: CUDA's WMMA, checked on an H200; WGSL has none). The scalar
 //! products stay the path of every other device.

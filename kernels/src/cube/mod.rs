@@ -5,7 +5,7 @@
 //! backend over either, where the forward runs the same kernels and a custom backward step runs
 //! the fused backward kernels.
 
-mod attn;
+mod attention;
 mod decode;
 #[cfg(feature = "fusion")]
 mod fusion;

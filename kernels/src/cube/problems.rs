@@ -5,7 +5,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, Element};
 use burn_cubecl::IntElement;
 
-use super::attn::{COMPRESSED, SELECTED, SLIDING};
+use super::attention::{COMPRESSED, SELECTED, SLIDING};
 use super::launch::{
     self, BlockProblem, DecodeProblem, Problem, RowProblem, RunChoices, SelectSpec, WriteProblem,
 };

@@ -10,7 +10,7 @@
 
 use crate::api::DecodeShape;
 
-use crate::rules::{block_is_valid, window_start, SINK_LOGIT as SINK};
+use crate::rules::{block_is_valid, ranks_before, window_start, SINK_LOGIT as SINK};
 
 /// The tensors of one decode step, as contiguous f32 slices.
 pub struct DecodeData<'a> {
@@ -111,7 +111,7 @@ pub fn decode_attention(p: &DecodeShape, t: &DecodeData<'_>) -> Vec<f32> {
                 })
                 .collect();
 
-            // top-n by importance (ties: the lower index); blocks at probability ≤ 1e-10 are
+            // top-n by importance (ties: the lower index); blocks not valid are
             // not attended
             let m = score.iter().fold(SINK, |m, &x| m.max(x));
             let z = (SINK - m).exp() + score.iter().map(|&x| (x - m).exp()).sum::<f32>();
@@ -119,7 +119,7 @@ pub fn decode_attention(p: &DecodeShape, t: &DecodeData<'_>) -> Vec<f32> {
             for _ in 0..p.topn {
                 let mut at = 0;
                 for (j, &s) in score.iter().enumerate() {
-                    if s > score[at] {
+                    if ranks_before(s, j, score[at], at) {
                         at = j;
                     }
                 }

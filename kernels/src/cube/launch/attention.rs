@@ -4,7 +4,7 @@
 
 use super::*;
 
-use crate::cube::attn::{self, Tiling, COMPRESSED, SELECTED, SLIDING};
+use crate::cube::attention::{self as attn, Tiling, COMPRESSED, SELECTED, SLIDING};
 use crate::options::{KernelOptions, TensorCores};
 
 /// One attention problem (all three branches are instances).

@@ -52,7 +52,7 @@ fn zeros_u32<R: CubeRuntime>(like: &CubeTensor<R>, len: usize) -> CubeTensor<R> 
     let cubes = len.div_ceil(256).max(1) as u32;
     // SAFETY: one unit per element, guarded by `len`.
     unsafe {
-        crate::cube::attn::fill_zero::launch_unchecked::<R>(
+        crate::cube::attention::fill_zero::launch_unchecked::<R>(
             &buf.client,
             CubeCount::Static(cubes, 1, 1),
             cube_dim,
