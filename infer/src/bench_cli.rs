@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use nsa_model::NsaConfig;
-use nsa_train::backend::{BackendKind, Precision};
+use nsa_runtime::backend::{BackendKind, Precision};
 use serde::{Deserialize, Serialize};
 
 const EXAMPLES: &str = "\
@@ -25,7 +25,7 @@ error; out-of-memory and time-outs of benchmark rows are measurements, not failu
     after_help = EXAMPLES
 )]
 pub struct Cli {
-    #[arg(long, default_value = "auto", help = nsa_train::backend::BACKEND_HELP)]
+    #[arg(long, default_value = "auto", help = nsa_runtime::backend::BACKEND_HELP)]
     pub backend: BackendKind,
     /// Device index within the backend.
     #[arg(long)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use nsa_model::{Repetition, Sampling, SamplingError, TopK};
-use nsa_train::backend::{BackendKind, Precision};
+use nsa_runtime::backend::{BackendKind, Precision};
 
 /// The most tokens one generation may ask for when the model does not say its context
 /// (`max_seq_len`): the KV cache is sized for the whole sequence up front.
@@ -114,7 +114,7 @@ Examples:
 /// Where and how a command runs.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    #[arg(long, default_value = "auto", help = nsa_train::backend::BACKEND_HELP)]
+    #[arg(long, default_value = "auto", help = nsa_runtime::backend::BACKEND_HELP)]
     pub backend: BackendKind,
     /// Device index within the backend.
     #[arg(long)]

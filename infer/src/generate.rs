@@ -19,8 +19,8 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use nsa_model::interop::StateDict;
 use nsa_model::{Generated, Sampling, Transformer, TransformerConfig};
-use nsa_train::backend::{OnBackend, Selection};
-use nsa_train::tokenizer::Tokenizer;
+use nsa_runtime::backend::{OnBackend, Selection};
+use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 use crate::run::{generation_room, model, prompt_ids};

@@ -15,22 +15,22 @@ use nsa_infer::generate::{GenerateJob, Prompt, Prompts, Stops};
 use nsa_infer::reference::ReferenceArgs;
 use nsa_infer::run::{BenchJob, LogitsJob, ScoreJob};
 use nsa_model::{Sampling, TransformerConfig};
-use nsa_train::backend::{self, BackendKind, DeviceRequest, Precision, Selection};
-use nsa_train::bundle::{self, Bundle};
-use nsa_train::kernel_cache::{self, Workload};
-use nsa_train::tokenizer::Tokenizer;
+use nsa_runtime::backend::{self, BackendKind, DeviceRequest, Precision, Selection};
+use nsa_runtime::bundle::{self, Bundle};
+use nsa_runtime::kernel_cache::{self, Workload};
+use nsa_runtime::tokenizer::Tokenizer;
 
 fn main() {
     let started = Instant::now();
-    nsa_train::failure::install_panic_hook("nsa-infer", nsa_train::failure::INFER_MEMORY_HINT);
-    nsa_train::backend::quiet_headless_probe();
+    nsa_runtime::failure::install_panic_hook("nsa-infer", nsa_runtime::failure::INFER_MEMORY_HINT);
+    nsa_runtime::backend::quiet_headless_probe();
     // argument errors: clap's whole message (usage, tips, --help pointer), exit 2
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
-    let result = nsa_train::environment::check_vars(std::env::vars_os())
+    let result = nsa_runtime::environment::check_vars(std::env::vars_os())
         .map_err(anyhow::Error::from)
         .and_then(|()| run(cli, started));
     if let Err(e) = result {
-        eprintln!("{}", nsa_train::failure::error_line(e.chain()));
+        eprintln!("{}", nsa_runtime::failure::error_line(e.chain()));
         std::process::exit(1);
     }
 }
@@ -222,9 +222,9 @@ fn score(args: ScoreArgs) -> Result<()> {
     let bundle = read_bundle(&args.model)?;
     let context = context(args.context, &bundle.config)?;
     let docs = if args.file == Path::new("-") {
-        nsa_train::corpus::read_documents_from(std::io::stdin().lock(), "stdin")?
+        nsa_runtime::documents::read_documents_from(std::io::stdin().lock(), "stdin")?
     } else {
-        nsa_train::corpus::read_documents(&args.file)?
+        nsa_runtime::documents::read_documents(&args.file)?
     };
     let sep = bundle.tokenizer.sep_id();
     let mut tokens = Vec::new();
@@ -479,7 +479,7 @@ fn import(args: ImportArgs) -> Result<()> {
             )
         }
         None => (
-            nsa_train::tokenizer::bert_base_chinese(),
+            nsa_runtime::tokenizer::bert_base_chinese(),
             "bert-base-chinese (the default: no --tokenizer and no tokenizer.json beside the \
              weights)"
                 .to_string(),

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use nsa_train::backend::Selection;
+use nsa_runtime::backend::Selection;
 use serde::Serialize;
 
 /// The format version of [`Record`]; `scripts/bench_report` refuses others.
@@ -68,7 +68,7 @@ impl Record {
             backend: backend.to_string(),
             device: device.to_string(),
             host_cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            env: nsa_train::environment::settings(std::env::vars_os()),
+            env: nsa_runtime::environment::settings(std::env::vars_os()),
             settings,
             result,
         }
@@ -77,7 +77,7 @@ impl Record {
     /// Writes the record as pretty JSON (atomically).
     pub fn write(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self)?;
-        nsa_train::bundle::atomic_write(path, json.as_bytes())
+        nsa_runtime::bundle::atomic_write(path, json.as_bytes())
             .with_context(|| format!("{}", path.display()))?;
         eprintln!("wrote {}", path.display());
         Ok(())

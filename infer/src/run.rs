@@ -10,9 +10,9 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use nsa_model::interop::StateDict;
 use nsa_model::{LayerSelection, Sampling, SplitMix64, Transformer, TransformerConfig};
-use nsa_train::backend::{OnBackend, Selection};
-use nsa_train::bundle::build_model;
-use nsa_train::tokenizer::Tokenizer;
+use nsa_runtime::backend::{OnBackend, Selection};
+use nsa_runtime::bundle::build_model;
+use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 /// Builds the model on `device` from host weights, or with random weights when `weights` is

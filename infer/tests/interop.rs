@@ -12,7 +12,7 @@ use burn::backend::NdArray;
 use burn::prelude::*;
 use common::{fixtures, small_vocab};
 use nsa_model::interop::HostTensor;
-use nsa_train::bundle::{read_state_dict, Bundle};
+use nsa_runtime::bundle::{read_state_dict, Bundle};
 use safetensors::SafeTensors;
 
 type B = NdArray<f32>;

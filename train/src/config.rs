@@ -187,7 +187,7 @@ impl Default for TokenizerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Corpus files or directories (see `corpus::read_documents`); empty = the embedded
+    /// Corpus files or directories (see `nsa_runtime::documents::read_documents`); empty = the embedded
     /// corpus.
     #[serde(default)]
     pub paths: Vec<PathBuf>,

@@ -23,12 +23,12 @@ use burn::train::renderer::{
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
 
-use crate::backend::Selection;
 use crate::checkpoint::TrainState;
 use crate::config::{Preset, TrainConfig};
 use crate::schedule::WarmupCosine;
 use crate::strategy::{EndReason, Sample};
 use crate::training::DataInfo;
+use nsa_runtime::backend::Selection;
 
 /// Writes run messages to `<run>/train.log` and, in plain mode, to stdout.
 pub struct Reporter {
@@ -218,10 +218,16 @@ impl RunSummary {
         let o = &self.out;
         let mut files = vec![format!("metrics {}", o.join("metrics.csv").display())];
         files.push(format!("loss curve {}", o.join("loss.png").display()));
-        if o.join("best").join(crate::bundle::WEIGHTS_FILE).is_file() {
+        if o.join("best")
+            .join(nsa_runtime::bundle::WEIGHTS_FILE)
+            .is_file()
+        {
             files.push(format!("best model {}", o.join("best").display()));
         }
-        if o.join("last").join(crate::bundle::WEIGHTS_FILE).is_file() {
+        if o.join("last")
+            .join(nsa_runtime::bundle::WEIGHTS_FILE)
+            .is_file()
+        {
             files.push(format!("last model {}", o.join("last").display()));
         }
         out.push(files.join(" | "));

@@ -37,7 +37,6 @@ use burn::train::{
 };
 use nsa_model::Sampling;
 
-use crate::bundle::{atomic_write, write_bundle};
 use crate::checkpoint::{
     complete_steps, record_path, state_path, CheckpointError, CheckpointPlan, SaveTracker,
     TrainState, RECORDS,
@@ -49,8 +48,9 @@ use crate::lm::LanguageModel;
 use crate::metrics::{CsvLog, CsvRow};
 use crate::parallel::{DataParallel, ShardPlan};
 use crate::report::{duration, thousands, Reporter};
-use crate::tokenizer::Tokenizer;
 use crate::training::Components;
+use nsa_runtime::bundle::{atomic_write, write_bundle};
+use nsa_runtime::tokenizer::Tokenizer;
 
 /// How the training loop ended.
 #[derive(Debug, Clone, PartialEq)]

@@ -46,11 +46,6 @@ use burn::train::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{
-    dispatch_autodiff, select, select_devices, BackendError, DeviceList, DeviceRequest,
-    OnAutodiffBackend, Selection,
-};
-use crate::bundle::{atomic_write, BundleError};
 use crate::checkpoint::{
     checkpoint_dir, latest, record_path, AtomicRecorder, CheckpointError, CheckpointPlan,
     PlannedCheckpointing, SaveTracker, TrainState,
@@ -66,7 +61,12 @@ pub use crate::report::RunSummary;
 use crate::report::{start_notes, thousands, NoMetricFiles, QuietRenderer, Reporter};
 use crate::schedule::WarmupCosine;
 use crate::strategy::{is_run_dir, EndReason, FitContext, FitOutcome, NsaStrategy};
-use crate::tokenizer::{bert_base_chinese, Tokenizer, TokenizerError};
+use nsa_runtime::backend::{
+    dispatch_autodiff, select, select_devices, BackendError, DeviceList, DeviceRequest,
+    OnAutodiffBackend, Selection,
+};
+use nsa_runtime::bundle::{atomic_write, BundleError};
+use nsa_runtime::tokenizer::{bert_base_chinese, Tokenizer, TokenizerError};
 
 /// The optimizer of the Learner.
 pub type Optim<B> = OptimizerAdaptor<AdamW, LanguageModel<B>, B>;
@@ -390,7 +390,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
     let cache_dir = options
         .cache_dir
         .clone()
-        .or_else(|| crate::kernel_cache::cache_root().map(|d| d.join("tokens")))
+        .or_else(|| nsa_runtime::kernel_cache::cache_root().map(|d| d.join("tokens")))
         .unwrap_or_else(|| out.join("cache"));
     let (cache, outcome) = TokenCache::load_or_build(&source, &tokenizer, &cache_dir)?;
     match &outcome {

@@ -23,10 +23,10 @@ use clap::Parser;
 use nsa_infer::bench_cli::{Cli, LayerArgs};
 use nsa_model::interop::HostTensor;
 use nsa_model::{kernels, FullAttention, TransformerConfig};
-use nsa_train::backend::{
+use nsa_runtime::backend::{
     self, BackendKind, DeviceRequest, OnAutodiffBackend, OnBackend, Precision, Selection,
 };
-use nsa_train::kernel_cache::{self, Workload};
+use nsa_runtime::kernel_cache::{self, Workload};
 use serde::{Deserialize, Serialize};
 
 /// One measured row, as written to JSON (same fields as `bench_reference.py`).
@@ -132,17 +132,17 @@ const RESULT_TAG: &str = "NSA_BENCH_ROW ";
 fn main() {
     let started = Instant::now();
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
-    let result = nsa_train::environment::check_vars(std::env::vars_os())
+    let result = nsa_runtime::environment::check_vars(std::env::vars_os())
         .map_err(anyhow::Error::from)
         .and_then(|()| run(cli, started));
     if let Err(e) = result {
-        eprintln!("{}", nsa_train::failure::error_line(e.chain()));
+        eprintln!("{}", nsa_runtime::failure::error_line(e.chain()));
         std::process::exit(1);
     }
 }
 
 fn run(cli: Cli, started: Instant) -> Result<()> {
-    nsa_train::backend::register_kernels();
+    nsa_runtime::backend::register_kernels();
     if let Some(spec) = &cli.worker {
         let job: Job = serde_json::from_str(spec).context("worker job")?;
         let row = run_job(&job, started);

@@ -18,6 +18,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::prelude::Backend;
+#[cfg(feature = "autodiff")]
 use burn::tensor::backend::AutodiffBackend;
 
 /// The backend names every help text lists, in this order.
@@ -596,7 +597,8 @@ pub trait OnBackend {
     fn run<B: Backend>(self, device: B::Device, selection: &Selection) -> Self::Output;
 }
 
-/// Work that runs on any training (autodiff) backend.
+/// Work that runs on any training (autodiff) backend (feature `autodiff`).
+#[cfg(feature = "autodiff")]
 pub trait OnAutodiffBackend {
     /// Result of the work.
     type Output;
@@ -708,7 +710,8 @@ pub fn dispatch<W: OnBackend>(
     }
 }
 
-/// Runs training `work` on the selected backend (f32) and devices.
+/// Runs training `work` on the selected backend (f32) and devices (feature `autodiff`).
+#[cfg(feature = "autodiff")]
 pub fn dispatch_autodiff<W: OnAutodiffBackend>(
     selection: &Selection,
     work: W,
