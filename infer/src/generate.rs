@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use nsa_model::interop::StateDict;
 use nsa_model::{Generated, Sampling, Transformer, TransformerConfig};
-use nsa_runtime::backend::{OnBackend, Selection};
+use nsa_runtime::backend::{BackendChoice, OnBackend};
 use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
@@ -298,7 +298,7 @@ impl GenerateJob {
 impl OnBackend for GenerateJob {
     type Output = Result<GenerateReport>;
 
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<GenerateReport> {
+    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Result<GenerateReport> {
         let model = model::<B>(&self.config, Some(self.weights.clone()), &device)?;
         let mut report = GenerateReport::default();
         let t0 = Instant::now();

@@ -15,7 +15,7 @@ use nsa_infer::generate::{GenerateJob, Prompt, Prompts, Stops};
 use nsa_infer::reference::ReferenceArgs;
 use nsa_infer::run::{BenchJob, LogitsJob, ScoreJob};
 use nsa_model::{Sampling, TransformerConfig};
-use nsa_runtime::backend::{self, BackendKind, DeviceRequest, Precision, Selection};
+use nsa_runtime::backend::{self, BackendChoice, BackendKind, DeviceRequest, Precision};
 use nsa_runtime::bundle::{self, Bundle};
 use nsa_runtime::kernel_cache::{self, Workload};
 use nsa_runtime::tokenizer::Tokenizer;
@@ -35,18 +35,18 @@ fn main() {
     }
 }
 
-fn select(args: &DeviceArgs) -> Result<Selection> {
-    let selection = backend::select(DeviceRequest {
+fn select(args: &DeviceArgs) -> Result<BackendChoice> {
+    let choice = backend::select(DeviceRequest {
         kind: args.backend,
         index: args.device,
     })?;
     eprintln!(
         "backend: {} {} ({}), {}",
-        selection.kind, selection.index, selection.device_name, selection.reason
+        choice.kind, choice.index, choice.device_name, choice.reason
     );
     kernel_cache::configure(Workload::Inference);
     nsa_model::tensor_util::set_exact_matmul(args.exact_matmul);
-    Ok(selection)
+    Ok(choice)
 }
 
 fn read_bundle(dir: &Path) -> Result<Bundle> {
@@ -145,7 +145,7 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
                 .with_context(|| p.origin.clone())?;
         }
     }
-    let selection = select(&args.device)?;
+    let choice = select(&args.device)?;
     let seed = match args.seed {
         Some(seed) => seed,
         None => {
@@ -178,7 +178,7 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
         json: args.json,
         started,
     };
-    let report = backend::dispatch(&selection, args.device.precision, job)??;
+    let report = backend::dispatch(&choice, args.device.precision, job)??;
     if let Some(t) = report.first_token_s {
         let special = match report.special {
             0 => String::new(),
@@ -234,7 +234,7 @@ fn score(args: ScoreArgs) -> Result<()> {
         }
         tokens.extend(bundle.tokenizer.encode(doc)?);
     }
-    let selection = select(&args.device)?;
+    let choice = select(&args.device)?;
     let job = ScoreJob {
         config: bundle.config,
         weights: bundle.weights,
@@ -243,7 +243,7 @@ fn score(args: ScoreArgs) -> Result<()> {
         batch: args.batch_size,
         per_token: args.per_token,
     };
-    let r = backend::dispatch(&selection, args.device.precision, job)??;
+    let r = backend::dispatch(&choice, args.device.precision, job)??;
     let name = args.file.display().to_string();
     if args.json {
         let per_token: Vec<serde_json::Value> = r
@@ -327,14 +327,14 @@ fn logits(args: LogitsArgs) -> Result<()> {
     }
     nsa_infer::run::check_context(&bundle.config, tokens.len())?;
     let out = nsa_infer::logits_file::Output::from_path(&args.out)?;
-    let selection = select(&args.device)?;
+    let choice = select(&args.device)?;
     let job = LogitsJob {
         config: bundle.config.clone(),
         weights: bundle.weights,
         tokens: tokens.clone(),
         selections: false,
     };
-    let report = backend::dispatch(&selection, args.device.precision, job)??;
+    let report = backend::dispatch(&choice, args.device.precision, job)??;
     let written = out.write(&report.logits, &tokens, bundle.config.num_tokens)?;
     eprintln!(
         "wrote {} ({} tokens × {} logits, f32)",
@@ -372,7 +372,7 @@ fn bench(args: BenchArgs, started: Instant) -> Result<()> {
             args.max_new_tokens
         );
     }
-    let selection = select(&args.device)?;
+    let choice = select(&args.device)?;
     let job = BenchJob {
         config,
         weights,
@@ -382,7 +382,7 @@ fn bench(args: BenchArgs, started: Instant) -> Result<()> {
         sampling: Sampling::default(),
         started,
     };
-    let r = backend::dispatch(&selection, args.device.precision, job)??;
+    let r = backend::dispatch(&choice, args.device.precision, job)??;
     println!(
         "{} ({}): first token {:.2} s after start (model ready at {:.2} s); \
          decode {:.1} tokens/s cold, {:.1} tokens/s warm (median of {}), prefill {} tokens {:.1} ms",
@@ -417,7 +417,7 @@ fn bench(args: BenchArgs, started: Instant) -> Result<()> {
     if let Some(path) = args.json {
         let record = nsa_infer::record::Record::new(
             "nsa-infer bench",
-            &selection,
+            &choice,
             serde_json::json!({
                 "precision": args.device.precision.to_string(),
                 "exact_matmul": args.device.exact_matmul,
@@ -594,7 +594,7 @@ fn compare(args: CompareArgs) -> Result<()> {
     let mut flips = false;
     let mut rows = Vec::new();
     for kind in kinds {
-        let selection = select(&DeviceArgs {
+        let choice = select(&DeviceArgs {
             backend: kind,
             device: None,
             precision: Precision::F32,
@@ -607,7 +607,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             selections: true,
         };
         let t0 = Instant::now();
-        let report = backend::dispatch(&selection, Precision::F32, job)??;
+        let report = backend::dispatch(&choice, Precision::F32, job)??;
         let Some((base, reference)) = &first else {
             println!(
                 "{kind}: reference ({} logits, {:.2} s)",
@@ -653,7 +653,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         );
         rows.push(serde_json::json!({
             "backend": kind.to_string(),
-            "device": selection.device_name,
+            "device": choice.device_name,
             "against": base.to_string(),
             // null when not finite (JSON has no NaN)
             "max_abs": d.max.is_finite().then_some(d.max),

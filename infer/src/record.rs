@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use nsa_runtime::backend::Selection;
+use nsa_runtime::backend::BackendChoice;
 use serde::Serialize;
 
 /// The format version of [`Record`]; `scripts/bench_report` refuses others.
@@ -36,17 +36,17 @@ pub struct Record {
 }
 
 impl Record {
-    /// A record of `result`, measured now on `selection`.
+    /// A record of `result`, measured now on `choice`.
     pub fn new(
         tool: &str,
-        selection: &Selection,
+        choice: &BackendChoice,
         settings: serde_json::Value,
         result: serde_json::Value,
     ) -> Self {
         Self::on(
             tool,
-            &selection.kind.to_string(),
-            &selection.device_name,
+            &choice.kind.to_string(),
+            &choice.device_name,
             settings,
             result,
         )

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use nsa_model::interop::StateDict;
 use nsa_model::{LayerSelection, Sampling, SplitMix64, Transformer, TransformerConfig};
-use nsa_runtime::backend::{OnBackend, Selection};
+use nsa_runtime::backend::{BackendChoice, OnBackend};
 use nsa_runtime::bundle::build_model;
 use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -122,7 +122,7 @@ pub struct ScoreReport {
 impl OnBackend for ScoreJob {
     type Output = Result<ScoreReport>;
 
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<ScoreReport> {
+    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Result<ScoreReport> {
         let t0 = Instant::now();
         let model = model::<B>(&self.config, Some(self.weights), &device)?;
         let n = self.tokens.len();
@@ -345,7 +345,7 @@ fn step_breakdown<B: Backend>(
 impl OnBackend for BenchJob {
     type Output = Result<BenchReport>;
 
-    fn run<B: Backend>(self, device: B::Device, sel: &Selection) -> Result<BenchReport> {
+    fn run<B: Backend>(self, device: B::Device, sel: &BackendChoice) -> Result<BenchReport> {
         let model = model::<B>(&self.config, self.weights, &device)?;
         let _ = B::sync(&device);
         let load_s = self.started.elapsed().as_secs_f64();
@@ -437,7 +437,7 @@ pub struct LogitsReport {
 impl OnBackend for LogitsJob {
     type Output = Result<LogitsReport>;
 
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<LogitsReport> {
+    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Result<LogitsReport> {
         let model = model::<B>(&self.config, Some(self.weights), &device)?;
         let n = self.tokens.len();
         let ids: Vec<i64> = self.tokens.iter().map(|&t| t as i64).collect();

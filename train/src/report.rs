@@ -28,7 +28,7 @@ use crate::config::{Preset, TrainConfig};
 use crate::schedule::WarmupCosine;
 use crate::strategy::{EndReason, Sample};
 use crate::training::DataInfo;
-use nsa_runtime::backend::Selection;
+use nsa_runtime::backend::BackendChoice;
 
 /// Writes run messages to `<run>/train.log` and, in plain mode, to stdout.
 pub struct Reporter {
@@ -129,8 +129,8 @@ pub struct RunSummary {
     pub out: PathBuf,
     /// The configuration used.
     pub config: TrainConfig,
-    /// The backend selection.
-    pub selection: Selection,
+    /// The backend choice.
+    pub choice: BackendChoice,
     /// The step the session started from.
     pub start_step: u64,
     /// The step reached.

@@ -62,8 +62,8 @@ use crate::report::{start_notes, thousands, NoMetricFiles, QuietRenderer, Report
 use crate::schedule::WarmupCosine;
 use crate::strategy::{is_run_dir, EndReason, FitContext, FitOutcome, NsaStrategy};
 use nsa_runtime::backend::{
-    dispatch_autodiff, select, select_devices, BackendError, DeviceList, DeviceRequest,
-    OnAutodiffBackend, Selection,
+    dispatch_autodiff, select, select_devices, BackendChoice, BackendError, DeviceList,
+    DeviceRequest, OnAutodiffBackend,
 };
 use nsa_runtime::bundle::{atomic_write, BundleError};
 use nsa_runtime::tokenizer::{bert_base_chinese, Tokenizer, TokenizerError};
@@ -312,15 +312,15 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
     }
 
     // the backend first: an unavailable one is refused before any work
-    let selection = match &options.devices {
+    let choice = match &options.devices {
         Some(list) => select_devices(options.device.kind, list)?,
         None => select(options.device)?,
     };
-    if selection.devices.len() > 1 {
+    if choice.devices.len() > 1 {
         ShardPlan::new(
             config.train.batch_size,
             config.train.grad_accum,
-            selection.devices.len(),
+            choice.devices.len(),
         )
         .map_err(|message| ConfigError::Invalid {
             key: "train.grad_accum",
@@ -474,7 +474,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
 
     reporter.line(format!(
         "backend: {} on {} ({})",
-        selection.kind, selection.device_name, selection.reason
+        choice.kind, choice.device_name, choice.reason
     ));
     let m = &model_config;
     reporter.line(format!(
@@ -524,7 +524,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
             String::new()
         }
     ));
-    let (notes, slow_hint) = start_notes(&config, state.step, selection.kind.is_cpu());
+    let (notes, slow_hint) = start_notes(&config, state.step, choice.kind.is_cpu());
     for note in &notes {
         reporter.line(note);
         if dashboard {
@@ -569,7 +569,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
         ));
         None
     } else {
-        Some(dispatch_autodiff(&selection, TrainWork(prepared))??)
+        Some(dispatch_autodiff(&choice, TrainWork(prepared))??)
     };
 
     let rows = read_csv(&out.join("metrics.csv")).unwrap_or_default();
@@ -618,7 +618,7 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
     let summary = RunSummary {
         out,
         config,
-        selection,
+        choice,
         start_step,
         end_step: state.step,
         end: end.clone(),
@@ -647,7 +647,7 @@ struct TrainWork(Prepared);
 impl OnAutodiffBackend for TrainWork {
     type Output = Result<FitOutcome, TrainError>;
 
-    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &Selection) -> Self::Output {
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &BackendChoice) -> Self::Output {
         let p = self.0;
         let device = devices[0].clone();
         let config = &p.config;

@@ -123,7 +123,7 @@ fn resumed_training_equals_uninterrupted_training() {
     o.devices = Some(DeviceList::Indices(vec![0, 0]));
     let s = run(o).unwrap();
     assert_eq!(s.end, EndReason::Finished);
-    assert_eq!(s.selection.devices, vec![0, 0]);
+    assert_eq!(s.choice.devices, vec![0, 0]);
     let losses = train_losses(&parallel);
     assert_eq!(losses.len(), 8);
     for ((step, a), (_, b)) in reference.iter().zip(&losses) {

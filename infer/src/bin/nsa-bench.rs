@@ -24,7 +24,7 @@ use nsa_infer::bench_cli::{Cli, LayerArgs};
 use nsa_model::interop::HostTensor;
 use nsa_model::{kernels, FullAttention, TransformerConfig};
 use nsa_runtime::backend::{
-    self, BackendKind, DeviceRequest, OnAutodiffBackend, OnBackend, Precision, Selection,
+    self, BackendChoice, BackendKind, DeviceRequest, OnAutodiffBackend, OnBackend, Precision,
 };
 use nsa_runtime::kernel_cache::{self, Workload};
 use serde::{Deserialize, Serialize};
@@ -150,16 +150,16 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         return Ok(());
     }
     kernel_cache::configure(Workload::Training);
-    let selection = backend::select(DeviceRequest {
+    let choice = backend::select(DeviceRequest {
         kind: cli.backend,
         index: cli.device,
     })?;
     eprintln!(
         "nsa-bench: {} on {} ({})",
-        selection.kind, selection.device_name, selection.reason
+        choice.kind, choice.device_name, choice.reason
     );
     let precisions = if cli.precisions.is_empty() {
-        match selection.kind {
+        match choice.kind {
             BackendKind::Cuda => vec![Precision::F32, Precision::Bf16],
             BackendKind::Wgpu => vec![Precision::F32, Precision::F16],
             _ => vec![Precision::F32],
@@ -184,8 +184,8 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         warmup: cli.warmup,
         runs: cli.runs,
         layer: cli.layer.clone(),
-        backend: selection.kind,
-        device: Some(selection.index),
+        backend: choice.kind,
+        device: Some(choice.index),
         variants: cli.check_variants.clone(),
     };
     let has = |s: &str| cli.suite.iter().any(|x| x == s);
@@ -264,7 +264,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         });
         let record = nsa_infer::record::Record::new(
             "nsa-bench",
-            &selection,
+            &choice,
             settings,
             serde_json::json!({ "rows": rows }),
         );
@@ -479,7 +479,7 @@ impl PanicWatch {
 
 /// Runs one row in this process.
 fn run_job(job: &Job, started: Instant) -> Row {
-    let selection = match backend::select(DeviceRequest {
+    let choice = match backend::select(DeviceRequest {
         kind: job.backend,
         index: job.device,
     }) {
@@ -498,7 +498,7 @@ fn run_job(job: &Job, started: Instant) -> Row {
     }
     let result = if job.suite == "train" && job.precision == Precision::F32 {
         backend::dispatch_autodiff(
-            &selection,
+            &choice,
             TrainWork {
                 job: job.clone(),
                 started,
@@ -506,7 +506,7 @@ fn run_job(job: &Job, started: Instant) -> Row {
         )
     } else {
         backend::dispatch(
-            &selection,
+            &choice,
             job.precision,
             Work {
                 job: job.clone(),
@@ -531,7 +531,7 @@ struct Work {
 
 impl OnBackend for Work {
     type Output = Row;
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Row {
+    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Row {
         match self.job.suite.as_str() {
             "layer" if self.job.pass == "fwd" => layer_fwd_row::<B>(&self.job, &device),
             "layer" => layer_bwd_row::<burn::backend::Autodiff<B>>(&self.job, &device),
@@ -553,7 +553,7 @@ struct TrainWork {
 
 impl OnAutodiffBackend for TrainWork {
     type Output = Row;
-    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &Selection) -> Row {
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &BackendChoice) -> Row {
         train_row::<B>(&self.job, &devices[0], self.started)
     }
 }

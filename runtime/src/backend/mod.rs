@@ -193,7 +193,7 @@ pub enum BackendError {
 
 /// Where the work runs, as chosen by [`select`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct Selection {
+pub struct BackendChoice {
     /// The backend.
     pub kind: BackendKind,
     /// Device index within the backend.
@@ -218,14 +218,14 @@ pub struct DeviceRequest {
 }
 
 /// Finds an available backend for `request` without running anything on it.
-pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
+pub fn select(request: DeviceRequest) -> Result<BackendChoice, BackendError> {
     let index = request.index.unwrap_or(0);
     match request.kind {
         BackendKind::Auto => {
             let mut skipped = Vec::new();
             match probe_cuda() {
                 Ok(devices) if index < devices.len() => {
-                    return Ok(Selection {
+                    return Ok(BackendChoice {
                         kind: BackendKind::Cuda,
                         index,
                         device_name: devices[index].clone(),
@@ -242,7 +242,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                 Ok(adapters) => {
                     let hardware: Vec<&Adapter> = adapters.iter().filter(|a| !a.software).collect();
                     if let Some(a) = hardware.get(index) {
-                        return Ok(Selection {
+                        return Ok(BackendChoice {
                             kind: BackendKind::Wgpu,
                             index,
                             device_name: a.name.clone(),
@@ -266,7 +266,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
             }
             let cpu = BackendKind::cpu();
             if cpu.compiled() {
-                Ok(Selection {
+                Ok(BackendChoice {
                     kind: cpu,
                     index: 0,
                     device_name: "CPU".into(),
@@ -290,7 +290,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                 index,
                 count: devices.len(),
             })?;
-            Ok(Selection {
+            Ok(BackendChoice {
                 kind: BackendKind::Cuda,
                 index,
                 device_name: name.clone(),
@@ -308,7 +308,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                 index,
                 count: adapters.len(),
             })?;
-            Ok(Selection {
+            Ok(BackendChoice {
                 kind: BackendKind::Wgpu,
                 index,
                 device_name: a.name.clone(),
@@ -327,7 +327,7 @@ pub fn select(request: DeviceRequest) -> Result<Selection, BackendError> {
                     count: 1,
                 });
             }
-            Ok(Selection {
+            Ok(BackendChoice {
                 kind,
                 index: 0,
                 device_name: "CPU".into(),
@@ -367,7 +367,7 @@ impl FromStr for DeviceList {
 
 /// Selects `kind` with the devices of `list` for data-parallel training: every index must
 /// exist (and appear once, except on the CPU, where repeats are replicas on the one device).
-pub fn select_devices(kind: BackendKind, list: &DeviceList) -> Result<Selection, BackendError> {
+pub fn select_devices(kind: BackendKind, list: &DeviceList) -> Result<BackendChoice, BackendError> {
     let count_of = |kind: BackendKind| -> Result<usize, BackendError> {
         match kind {
             BackendKind::Cuda => probe_cuda()
@@ -385,19 +385,19 @@ pub fn select_devices(kind: BackendKind, list: &DeviceList) -> Result<Selection,
             .first()
             .ok_or(BackendError::BadDeviceList("the list is empty".into()))?,
     };
-    let mut selection = select(DeviceRequest {
+    let mut choice = select(DeviceRequest {
         kind,
         index: Some(first),
     })?;
-    let cpu = selection.kind.is_cpu();
-    let count = count_of(selection.kind)?;
+    let cpu = choice.kind.is_cpu();
+    let count = count_of(choice.kind)?;
     let devices = match list {
         DeviceList::All => (0..count).collect(),
         DeviceList::Indices(v) => {
             for &i in v {
                 if i >= count && !(cpu && i == 0) {
                     return Err(BackendError::NoSuchDevice {
-                        kind: selection.kind,
+                        kind: choice.kind,
                         index: i,
                         count,
                     });
@@ -415,18 +415,18 @@ pub fn select_devices(kind: BackendKind, list: &DeviceList) -> Result<Selection,
         }
     };
     if devices.len() > 1 {
-        selection.reason = if cpu {
+        choice.reason = if cpu {
             format!(
                 "{}; {} replicas on the one CPU device (data-parallel path, no speed-up)",
-                selection.reason,
+                choice.reason,
                 devices.len()
             )
         } else {
-            format!("{}; data parallel on devices {devices:?}", selection.reason)
+            format!("{}; data parallel on devices {devices:?}", choice.reason)
         };
     }
-    selection.devices = devices;
-    Ok(selection)
+    choice.devices = devices;
+    Ok(choice)
 }
 
 /// Names of the CUDA devices, or why CUDA cannot be used. Loads the driver library itself (no
@@ -594,7 +594,7 @@ pub trait OnBackend {
     /// Result of the work.
     type Output;
     /// Runs on backend `B` and `device`.
-    fn run<B: Backend>(self, device: B::Device, selection: &Selection) -> Self::Output;
+    fn run<B: Backend>(self, device: B::Device, choice: &BackendChoice) -> Self::Output;
 }
 
 /// Work that runs on any training (autodiff) backend (feature `autodiff`).
@@ -602,17 +602,17 @@ pub trait OnBackend {
 pub trait OnAutodiffBackend {
     /// Result of the work.
     type Output;
-    /// Runs on backend `B` and `devices` (the selection's devices, main device first).
+    /// Runs on backend `B` and `devices` (the choice's devices, main device first).
     fn run<B: AutodiffBackend>(
         self,
         devices: Vec<B::Device>,
-        selection: &Selection,
+        choice: &BackendChoice,
     ) -> Self::Output;
 }
 
 #[cfg(feature = "wgpu")]
-fn wgpu_device(selection: &Selection) -> burn::backend::wgpu::WgpuDevice {
-    wgpu_device_at(selection.index)
+fn wgpu_device(choice: &BackendChoice) -> burn::backend::wgpu::WgpuDevice {
+    wgpu_device_at(choice.index)
 }
 
 #[cfg(feature = "wgpu")]
@@ -660,30 +660,30 @@ pub fn register_kernels() {
 
 /// Runs `work` on the selected backend in `precision`.
 pub fn dispatch<W: OnBackend>(
-    selection: &Selection,
+    choice: &BackendChoice,
     precision: Precision,
     work: W,
 ) -> Result<W::Output, BackendError> {
     register_kernels();
-    let kind = selection.kind;
+    let kind = choice.kind;
     match (kind, precision) {
         #[cfg(feature = "cuda")]
         (BackendKind::Cuda, p) => {
             use burn::backend::cuda::{Cuda, CudaDevice};
-            let device = CudaDevice::new(selection.index);
+            let device = CudaDevice::new(choice.index);
             Ok(match p {
-                Precision::F32 => work.run::<Cuda<f32>>(device, selection),
-                Precision::F16 => work.run::<Cuda<burn::tensor::f16>>(device, selection),
-                Precision::Bf16 => work.run::<Cuda<burn::tensor::bf16>>(device, selection),
+                Precision::F32 => work.run::<Cuda<f32>>(device, choice),
+                Precision::F16 => work.run::<Cuda<burn::tensor::f16>>(device, choice),
+                Precision::Bf16 => work.run::<Cuda<burn::tensor::bf16>>(device, choice),
             })
         }
         #[cfg(feature = "wgpu")]
         (BackendKind::Wgpu, p) => {
             use burn::backend::wgpu::Wgpu;
-            let device = wgpu_device(selection);
+            let device = wgpu_device(choice);
             match p {
-                Precision::F32 => Ok(work.run::<Wgpu<f32>>(device, selection)),
-                Precision::F16 => Ok(work.run::<Wgpu<burn::tensor::f16>>(device, selection)),
+                Precision::F32 => Ok(work.run::<Wgpu<f32>>(device, choice)),
+                Precision::F16 => Ok(work.run::<Wgpu<burn::tensor::f16>>(device, choice)),
                 Precision::Bf16 => Err(BackendError::Precision {
                     kind,
                     precision: p,
@@ -694,12 +694,12 @@ pub fn dispatch<W: OnBackend>(
         #[cfg(feature = "ndarray")]
         (BackendKind::Ndarray, Precision::F32) => {
             use burn::backend::NdArray;
-            Ok(work.run::<NdArray<f32>>(Default::default(), selection))
+            Ok(work.run::<NdArray<f32>>(Default::default(), choice))
         }
         #[cfg(feature = "flex")]
         (BackendKind::Flex, Precision::F32) => {
             use burn::backend::Flex;
-            Ok(work.run::<Flex>(Default::default(), selection))
+            Ok(work.run::<Flex>(Default::default(), choice))
         }
         (BackendKind::Ndarray | BackendKind::Flex, p) => Err(BackendError::Precision {
             kind,
@@ -713,40 +713,40 @@ pub fn dispatch<W: OnBackend>(
 /// Runs training `work` on the selected backend (f32) and devices (feature `autodiff`).
 #[cfg(feature = "autodiff")]
 pub fn dispatch_autodiff<W: OnAutodiffBackend>(
-    selection: &Selection,
+    choice: &BackendChoice,
     work: W,
 ) -> Result<W::Output, BackendError> {
     use burn::backend::Autodiff;
     register_kernels();
-    let indices = if selection.devices.is_empty() {
-        vec![selection.index]
+    let indices = if choice.devices.is_empty() {
+        vec![choice.index]
     } else {
-        selection.devices.clone()
+        choice.devices.clone()
     };
-    match selection.kind {
+    match choice.kind {
         #[cfg(feature = "cuda")]
         BackendKind::Cuda => {
             use burn::backend::cuda::{Cuda, CudaDevice};
             let devices = indices.iter().map(|&i| CudaDevice::new(i)).collect();
-            Ok(work.run::<Autodiff<Cuda<f32>>>(devices, selection))
+            Ok(work.run::<Autodiff<Cuda<f32>>>(devices, choice))
         }
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             use burn::backend::wgpu::Wgpu;
             let devices = indices.iter().map(|&i| wgpu_device_at(i)).collect();
-            Ok(work.run::<Autodiff<Wgpu<f32>>>(devices, selection))
+            Ok(work.run::<Autodiff<Wgpu<f32>>>(devices, choice))
         }
         #[cfg(feature = "ndarray")]
         BackendKind::Ndarray => {
             use burn::backend::NdArray;
             let devices = indices.iter().map(|_| Default::default()).collect();
-            Ok(work.run::<Autodiff<NdArray<f32>>>(devices, selection))
+            Ok(work.run::<Autodiff<NdArray<f32>>>(devices, choice))
         }
         #[cfg(feature = "flex")]
         BackendKind::Flex => {
             use burn::backend::Flex;
             let devices = indices.iter().map(|_| Default::default()).collect();
-            Ok(work.run::<Autodiff<Flex>>(devices, selection))
+            Ok(work.run::<Autodiff<Flex>>(devices, choice))
         }
         kind => Err(BackendError::NotCompiled(kind)),
     }
