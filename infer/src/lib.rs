@@ -7,6 +7,5 @@ pub mod cli;
 pub mod generate;
 pub mod logits_file;
 pub mod record;
-pub mod reference;
 pub mod run;
 pub mod stream;

@@ -12,12 +12,12 @@ use nsa_infer::cli::{
     LogitsArgs, ScoreArgs, MAX_UNKNOWN_CONTEXT,
 };
 use nsa_infer::generate::{GenerateJob, Prompt, Prompts, Stops};
-use nsa_infer::reference::ReferenceArgs;
 use nsa_infer::run::{BenchJob, LogitsJob, ScoreJob};
 use nsa_model::{Sampling, TransformerConfig};
 use nsa_runtime::backend::{self, BackendChoice, BackendKind, DeviceRequest, Precision};
 use nsa_runtime::bundle::{self, Bundle};
 use nsa_runtime::kernel_cache::{self, Workload};
+use nsa_runtime::reference::{self, ReferenceArgs, ARGS_FILE};
 use nsa_runtime::tokenizer::Tokenizer;
 
 fn main() {
@@ -436,7 +436,7 @@ fn import(args: ImportArgs) -> Result<()> {
     let beside = |name: &str| args.weights.with_file_name(name);
     let args_path = match &args.args {
         Some(p) => p.clone(),
-        None if beside("args.json").is_file() => beside("args.json"),
+        None if beside(ARGS_FILE).is_file() => beside(ARGS_FILE),
         None => bail!(
             "--args: no args.json beside {}; give the reference's constructor arguments with \
              --args FILE",
@@ -447,11 +447,11 @@ fn import(args: ImportArgs) -> Result<()> {
     let mut config = ref_args
         .to_config()
         .with_context(|| format!("--args {}", args_path.display()))?;
-    let weights = bundle::read_state_dict(&args.weights)?;
+    let weights = reference::read_state_dict(&args.weights)?;
     config.max_seq_len = match args.max_seq_len {
         Some(n) => Some(n),
         None => {
-            let recorded = bundle::recorded_config(&args.weights)?.and_then(|c| c.max_seq_len);
+            let recorded = reference::recorded_config(&args.weights)?.and_then(|c| c.max_seq_len);
             match recorded {
                 Some(n) => eprintln!(
                     "context: max_seq_len {n}, as recorded in {}",
@@ -536,21 +536,13 @@ fn export(args: ExportArgs) -> Result<()> {
     let device = Default::default();
     let model = b.model::<burn::backend::NdArray<f32>>(&device)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
-    let weights = args.out.join("model.safetensors");
-    bundle::write_weights(&weights, &model)?;
-    let args_path = args.out.join("args.json");
-    let json = serde_json::to_string_pretty(&ReferenceArgs::from_config(&b.config))?;
-    bundle::atomic_write(&args_path, json.as_bytes())
-        .with_context(|| format!("{}", args_path.display()))?;
-    let tok_path = args.out.join("tokenizer.json");
-    bundle::atomic_write(&tok_path, b.tokenizer.to_json().as_bytes())
-        .with_context(|| format!("{}", tok_path.display()))?;
+    let files = reference::export(&args.out, &model, &b.tokenizer)?;
     eprintln!(
         "wrote {}, {} and {} (in Python: Transformer(**json.load(open(args))).load_state_dict(\
          safetensors.torch.load_file(weights)))",
-        weights.display(),
-        args_path.display(),
-        tok_path.display()
+        files.weights.display(),
+        files.args.display(),
+        files.tokenizer.display()
     );
     Ok(())
 }

@@ -14,4 +14,5 @@ pub mod documents;
 pub mod environment;
 pub mod failure;
 pub mod kernel_cache;
+pub mod reference;
 pub mod tokenizer;

@@ -7,7 +7,8 @@ mod common;
 use std::path::Path;
 
 use nsa_runtime::backend::{BackendKind, DeviceList};
-use nsa_runtime::bundle::{read_state_dict, WEIGHTS_FILE};
+use nsa_runtime::bundle::WEIGHTS_FILE;
+use nsa_runtime::reference::read_state_dict;
 use nsa_train::checkpoint::{checkpoint_dir, complete_steps, latest};
 use nsa_train::config::{Overrides, TrainConfig};
 use nsa_train::metrics::{read_csv, CsvRow};
