@@ -1,0 +1,196 @@
+//! `nsa-bench`: speed and memory of one attention layer (NSA with the fused kernels, NSA with
+//! tensor ops, dense attention) and of a training step of the seed model, on the backend chosen
+//! at run time. Prints tables and writes JSON in the format `scripts/bench_reference.py` also
+//! writes, so the two can be compared row by row.
+//!
+//! Each measured row runs in a child process (the same binary, `--worker`): an out-of-memory
+//! crash costs that row only, every row starts from an empty memory pool (so the pool's reserved
+//! bytes after the row are its peak), and the child measures its own start-up time.
+//!
+//! Timing: warm-up runs excluded, then the median of `--runs` runs; the device is synced before
+//! each clock read.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use nsa_infer::bench_cli::Cli;
+use nsa_runtime::backend::{self, BackendKind, DeviceRequest, Precision};
+use nsa_runtime::kernel_cache::{self, Workload};
+
+mod check;
+mod child;
+mod layer;
+mod measure;
+mod rows;
+mod train;
+
+use child::{execute, run_job, RESULT_TAG};
+use rows::{failures, print_row, print_table, row_of, Job, Row};
+
+fn main() {
+    let started = Instant::now();
+    let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    let result = nsa_runtime::environment::check_vars(std::env::vars_os())
+        .map_err(anyhow::Error::from)
+        .and_then(|()| run(cli, started));
+    if let Err(e) = result {
+        eprintln!("{}", nsa_runtime::failure::error_line(e.chain()));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli, started: Instant) -> Result<()> {
+    nsa_runtime::backend::register_kernels();
+    if let Some(spec) = &cli.worker {
+        let job: Job = serde_json::from_str(spec).context("worker job")?;
+        let row = run_job(&job, started);
+        println!("{RESULT_TAG}{}", serde_json::to_string(&row)?);
+        return Ok(());
+    }
+    kernel_cache::configure(Workload::Training);
+    let choice = backend::select(DeviceRequest {
+        kind: cli.backend,
+        index: cli.device,
+    })?;
+    eprintln!(
+        "nsa-bench: {} on {} ({})",
+        choice.kind, choice.device_name, choice.reason
+    );
+    let precisions = if cli.precisions.is_empty() {
+        match choice.kind {
+            BackendKind::Cuda => vec![Precision::F32, Precision::Bf16],
+            BackendKind::Wgpu => vec![Precision::F32, Precision::F16],
+            _ => vec![Precision::F32],
+        }
+    } else {
+        cli.precisions.clone()
+    };
+    let lengths = cli
+        .lengths
+        .iter()
+        .map(|s| parse_len(s))
+        .collect::<Result<Vec<_>>>()?;
+
+    let mut rows = Vec::new();
+    let job = |suite: &str, imp: &str, precision: Precision, seq, batch, pass: &str| Job {
+        suite: suite.into(),
+        imp: imp.into(),
+        precision,
+        seq,
+        batch,
+        pass: pass.into(),
+        warmup: cli.warmup,
+        runs: cli.runs,
+        layer: cli.layer.clone(),
+        backend: choice.kind,
+        device: Some(choice.index),
+        variants: cli.check_variants.clone(),
+    };
+    let has = |s: &str| cli.suite.iter().any(|x| x == s);
+
+    if has("check") {
+        for &precision in &precisions {
+            for &seq in &lengths {
+                let j = job(
+                    "check",
+                    "nsa",
+                    precision,
+                    seq,
+                    cli.layer.batch_size,
+                    "check",
+                );
+                rows.push(execute(&cli, &j));
+                print_row(rows.last().unwrap());
+            }
+        }
+    }
+    if has("layer") {
+        for pass in &cli.passes {
+            for imp in &cli.impls {
+                for &precision in &precisions {
+                    let mut failed_at: Option<(usize, String)> = None;
+                    for &seq in &lengths {
+                        let j = job("layer", imp, precision, seq, cli.layer.batch_size, pass);
+                        let row = match &failed_at {
+                            Some((at, why)) => Row {
+                                status: "skipped".into(),
+                                note: format!("{why} at {at} tokens"),
+                                ..row_of(&j)
+                            },
+                            None => execute(&cli, &j),
+                        };
+                        if matches!(row.status.as_str(), "oom" | "timeout") {
+                            failed_at = Some((seq, row.status.clone()));
+                        }
+                        print_row(&row);
+                        rows.push(row);
+                    }
+                }
+            }
+        }
+    }
+    if has("train") {
+        for shape in &cli.train_shapes {
+            let (seq, batch) = parse_shape(shape)?;
+            for &precision in &cli.train_precisions {
+                // `--impls` picks the attention of the training rows too
+                let wanted = |imp: &&str| cli.impls.iter().any(|i| i == imp);
+                for imp in ["nsa", "full"].into_iter().filter(wanted) {
+                    let j = job("train", imp, precision, seq, batch, "train-step");
+                    let row = execute(&cli, &j);
+                    print_row(&row);
+                    rows.push(row);
+                }
+            }
+        }
+    }
+
+    println!();
+    print_table(&rows);
+    if let Some(path) = &cli.json {
+        let settings = serde_json::json!({
+            "suite": cli.suite,
+            "lengths": cli.lengths,
+            "precisions": precisions.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            "impls": cli.impls,
+            "passes": cli.passes,
+            "train_shapes": cli.train_shapes,
+            "layer": cli.layer,
+            "warmup": cli.warmup,
+            "runs": cli.runs,
+            "check_variants": cli.check_variants,
+        });
+        let record = nsa_infer::record::Record::new(
+            "nsa-bench",
+            &choice,
+            settings,
+            serde_json::json!({ "rows": rows }),
+        );
+        record.write(path)?;
+    }
+    eprintln!(
+        "nsa-bench: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(why) = failures(&rows) {
+        println!("FAILED: {why}");
+        anyhow::bail!("{why}");
+    }
+    Ok(())
+}
+
+fn parse_len(s: &str) -> Result<usize> {
+    let s = s.trim().to_ascii_lowercase();
+    Ok(match s.strip_suffix('k') {
+        Some(k) => k.parse::<usize>()? * 1024,
+        None => s.parse()?,
+    })
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = s
+        .split_once(['x', 'X'])
+        .with_context(|| format!("shape `{s}`: expected SEQxBATCH"))?;
+    Ok((parse_len(a)?, b.trim().parse()?))
+}
