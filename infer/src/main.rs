@@ -8,12 +8,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use nsa_infer::cli::{
-    BenchArgs, Cli, Command, CompareArgs, DeviceArgs, ExportArgs, GenerateArgs, ImportArgs,
-    LogitsArgs, ScoreArgs, MAX_UNKNOWN_CONTEXT,
+    Cli, Command, CompareArgs, DeviceArgs, ExportArgs, GenerateArgs, ImportArgs, LogitsArgs,
+    ScoreArgs, MAX_UNKNOWN_CONTEXT,
 };
 use nsa_infer::generate::{GenerateJob, Prompt, Prompts, Stops};
-use nsa_infer::run::{BenchJob, LogitsJob, ScoreJob};
-use nsa_model::{Sampling, TransformerConfig};
+use nsa_infer::run::{LogitsJob, ScoreJob};
+use nsa_model::TransformerConfig;
 use nsa_runtime::backend::{self, BackendChoice, BackendKind, DeviceRequest, Precision};
 use nsa_runtime::bundle::{self, Bundle};
 use nsa_runtime::kernel_cache::{self, Workload};
@@ -70,7 +70,6 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         Command::Generate(args) => generate(args, started),
         Command::Score(args) => score(args),
         Command::Logits(args) => logits(args),
-        Command::Bench(args) => bench(args, started),
         Command::Import(args) => import(args),
         Command::Export(args) => export(args),
         Command::Compare(args) => compare(args),
@@ -342,93 +341,6 @@ fn logits(args: LogitsArgs) -> Result<()> {
         tokens.len(),
         bundle.config.num_tokens
     );
-    Ok(())
-}
-
-fn bench(args: BenchArgs, started: Instant) -> Result<()> {
-    if args.max_new_tokens < 2 || args.prompt_len == 0 || args.runs == 0 {
-        bail!("--max-new-tokens must be at least 2, --prompt-len and --runs at least 1");
-    }
-    let (config, weights) = match &args.model {
-        Some(dir) => {
-            let b = read_bundle(dir)?;
-            (b.config, Some(b.weights))
-        }
-        None => {
-            let mut c = TransformerConfig::new(21128, 512, 6);
-            if args.full {
-                c.attention = nsa_model::AttentionKind::Full;
-            }
-            (c, None)
-        }
-    };
-    let total = args.prompt_len.saturating_add(args.max_new_tokens);
-    let limit = config.max_seq_len.unwrap_or(MAX_UNKNOWN_CONTEXT);
-    if total > limit {
-        bail!(
-            "--prompt-len {} + --max-new-tokens {} = {total} tokens, more than the model's context \
-             of {limit}",
-            args.prompt_len,
-            args.max_new_tokens
-        );
-    }
-    let choice = select(&args.device)?;
-    let job = BenchJob {
-        config,
-        weights,
-        prompt_len: args.prompt_len,
-        new_tokens: args.max_new_tokens,
-        runs: args.runs,
-        sampling: Sampling::default(),
-        started,
-    };
-    let r = backend::dispatch(&choice, args.device.precision, job)??;
-    println!(
-        "{} ({}): first token {:.2} s after start (model ready at {:.2} s); \
-         decode {:.1} tokens/s cold, {:.1} tokens/s warm (median of {}), prefill {} tokens {:.1} ms",
-        r.device,
-        args.device.precision,
-        r.first_token_s,
-        r.load_s,
-        r.cold_tokens_per_s,
-        r.tokens_per_s,
-        args.runs,
-        r.prompt_len,
-        r.prefill_s * 1e3
-    );
-    let d = &r.breakdown;
-    println!(
-        "per token: step call {:.0} µs, wait for the logits {:.0} µs, sampling {:.0} µs; \
-         {:.1} tokens/s without a read per token",
-        d.step_us, d.read_us, d.sample_us, d.pipelined_tokens_per_s
-    );
-    if !r.threads.is_empty() {
-        let busy: Vec<String> = r
-            .threads
-            .iter()
-            .map(|(name, us)| format!("{name} {us:.0}"))
-            .collect();
-        println!(
-            "host threads, CPU µs per token over the warm runs ({:.0} µs wall): {}",
-            r.wall_us,
-            busy.join(", ")
-        );
-    }
-    if let Some(path) = args.json {
-        let record = nsa_infer::record::Record::new(
-            "nsa-infer bench",
-            &choice,
-            serde_json::json!({
-                "precision": args.device.precision.to_string(),
-                "exact_matmul": args.device.exact_matmul,
-                "model": args.model.as_ref().map(|m| m.display().to_string()),
-                "full": args.full,
-                "runs": args.runs,
-            }),
-            serde_json::to_value(&r)?,
-        );
-        record.write(&path)?;
-    }
     Ok(())
 }
 

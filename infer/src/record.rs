@@ -15,7 +15,7 @@ pub const SCHEMA: &str = "nsa-bench-record/1";
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
     pub schema: &'static str,
-    /// `nsa-infer bench`, `nsa-bench`, ...
+    /// `nsa-bench`, `nsa-bench decode`, `nsa-infer compare`, ...
     pub tool: String,
     /// The commit the binary was built from (`-dirty` when it had uncommitted changes).
     pub commit: &'static str,

@@ -616,3 +616,43 @@ fn nsa_bench_fails_unless_every_check_passed_and_records_its_rows() {
     assert_eq!(row["status"], "ok", "{row}");
     assert_eq!(row["ms_all"].as_array().unwrap().len(), 2, "{row}");
 }
+
+/// `nsa-bench --suite decode` (decoding at batch 1 and the first token) prints its figures and
+/// writes one record of the decode format; it runs alone.
+#[test]
+fn nsa_bench_decode_writes_its_record_and_runs_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("decode.json");
+    let (code, out, err) = nsa_bench(&[
+        "--suite",
+        "decode",
+        "--backend",
+        "cpu",
+        "--prompt-len",
+        "4",
+        "-n",
+        "2",
+        "--runs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("tokens/s warm (median of 1)"), "{out}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(record["schema"], "nsa-bench-record/1");
+    assert_eq!(record["tool"], "nsa-bench decode");
+    assert_eq!(record["settings"]["precision"], "f32");
+    assert_eq!(record["settings"]["runs"], 1);
+    assert_eq!(record["result"]["prompt_len"], 4);
+    assert_eq!(record["result"]["new_tokens"], 2);
+    assert!(
+        record["result"]["tokens_per_s"].as_f64().is_some(),
+        "{record}"
+    );
+
+    let (code, out, err) = nsa_bench(&["--suite", "decode,layer"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("runs alone"), "{err}");
+}

@@ -1,7 +1,8 @@
 //! `nsa-bench`: speed and memory of one attention layer (NSA with the fused kernels, NSA with
 //! tensor ops, dense attention) and of a training step of the seed model, on the backend chosen
 //! at run time. Prints tables and writes JSON in the format `scripts/bench_reference.py` also
-//! writes, so the two can be compared row by row.
+//! writes, so the two can be compared row by row. The decode suite ([`decode`]) measures
+//! decoding at batch 1 instead, in this process.
 //!
 //! Each measured row runs in a child process (the same binary, `--worker`): an out-of-memory
 //! crash costs that row only, every row starts from an empty memory pool (so the pool's reserved
@@ -20,6 +21,7 @@ use nsa_runtime::kernel_cache::{self, Workload};
 
 mod check;
 mod child;
+mod decode;
 mod layer;
 mod measure;
 mod rows;
@@ -31,6 +33,15 @@ use rows::{failures, print_row, print_table, row_of, Job, Row};
 fn main() {
     let started = Instant::now();
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    let decode = cli.suite.iter().any(|s| s == "decode");
+    if decode {
+        // the decode suite runs in this process: a panic is one error line, as in nsa-infer
+        nsa_runtime::failure::install_panic_hook(
+            "nsa-bench",
+            nsa_runtime::failure::INFER_MEMORY_HINT,
+        );
+        nsa_runtime::backend::quiet_headless_probe();
+    }
     let result = nsa_runtime::environment::check_vars(std::env::vars_os())
         .map_err(anyhow::Error::from)
         .and_then(|()| run(cli, started));
@@ -47,6 +58,12 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         let row = run_job(&job, started);
         println!("{RESULT_TAG}{}", serde_json::to_string(&row)?);
         return Ok(());
+    }
+    if cli.suite.iter().any(|s| s == "decode") {
+        if cli.suite.len() > 1 {
+            anyhow::bail!("--suite decode runs alone (its record has its own format)");
+        }
+        return decode::run(&cli, started);
     }
     kernel_cache::configure(Workload::Training);
     let choice = backend::select(DeviceRequest {
@@ -81,7 +98,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         batch,
         pass: pass.into(),
         warmup: cli.warmup,
-        runs: cli.runs,
+        runs: cli.runs(),
         layer: cli.layer.clone(),
         backend: choice.kind,
         device: Some(choice.index),
@@ -158,7 +175,7 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
             "train_shapes": cli.train_shapes,
             "layer": cli.layer,
             "warmup": cli.warmup,
-            "runs": cli.runs,
+            "runs": cli.runs(),
             "check_variants": cli.check_variants,
         });
         let record = nsa_infer::record::Record::new(
