@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use nsa_infer::bench_cli::Cli;
-use nsa_runtime::backend::{self, BackendKind, DeviceRequest, Precision};
+use nsa_runtime::backend::{self, BackendChoice, BackendKind, DeviceRequest, Precision};
 use nsa_runtime::kernel_cache::{self, Workload};
 
 mod check;
@@ -74,117 +74,23 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         "nsa-bench: {} on {} ({})",
         choice.kind, choice.device_name, choice.reason
     );
-    let precisions = if cli.precisions.is_empty() {
-        match choice.kind {
-            BackendKind::Cuda => vec![Precision::F32, Precision::Bf16],
-            BackendKind::Wgpu => vec![Precision::F32, Precision::F16],
-            _ => vec![Precision::F32],
-        }
-    } else {
-        cli.precisions.clone()
-    };
-    let lengths = cli
-        .lengths
-        .iter()
-        .map(|s| parse_len(s))
-        .collect::<Result<Vec<_>>>()?;
-
-    let mut rows = Vec::new();
-    let job = |suite: &str, imp: &str, precision: Precision, seq, batch, pass: &str| Job {
-        suite: suite.into(),
-        imp: imp.into(),
-        precision,
-        seq,
-        batch,
-        pass: pass.into(),
-        warmup: cli.warmup,
-        runs: cli.runs(),
-        layer: cli.layer.clone(),
-        backend: choice.kind,
-        device: Some(choice.index),
-        variants: cli.check_variants.clone(),
-    };
+    let plan = Plan::new(&cli, &choice)?;
     let has = |s: &str| cli.suite.iter().any(|x| x == s);
-
+    let mut rows = Vec::new();
     if has("check") {
-        for &precision in &precisions {
-            for &seq in &lengths {
-                let j = job(
-                    "check",
-                    "nsa",
-                    precision,
-                    seq,
-                    cli.layer.batch_size,
-                    "check",
-                );
-                rows.push(execute(&cli, &j));
-                print_row(rows.last().unwrap());
-            }
-        }
+        check_suite(&plan, &mut rows);
     }
     if has("layer") {
-        for pass in &cli.passes {
-            for imp in &cli.impls {
-                for &precision in &precisions {
-                    let mut failed_at: Option<(usize, String)> = None;
-                    for &seq in &lengths {
-                        let j = job("layer", imp, precision, seq, cli.layer.batch_size, pass);
-                        let row = match &failed_at {
-                            Some((at, why)) => Row {
-                                status: "skipped".into(),
-                                note: format!("{why} at {at} tokens"),
-                                ..row_of(&j)
-                            },
-                            None => execute(&cli, &j),
-                        };
-                        if matches!(row.status.as_str(), "oom" | "timeout") {
-                            failed_at = Some((seq, row.status.clone()));
-                        }
-                        print_row(&row);
-                        rows.push(row);
-                    }
-                }
-            }
-        }
+        layer_suite(&plan, &mut rows);
     }
     if has("train") {
-        for shape in &cli.train_shapes {
-            let (seq, batch) = parse_shape(shape)?;
-            for &precision in &cli.train_precisions {
-                // `--impls` picks the attention of the training rows too
-                let wanted = |imp: &&str| cli.impls.iter().any(|i| i == imp);
-                for imp in ["nsa", "full"].into_iter().filter(wanted) {
-                    let j = job("train", imp, precision, seq, batch, "train-step");
-                    let row = execute(&cli, &j);
-                    print_row(&row);
-                    rows.push(row);
-                }
-            }
-        }
+        train_suite(&plan, &mut rows)?;
     }
 
     println!();
     print_table(&rows);
     if let Some(path) = &cli.json {
-        let settings = serde_json::json!({
-            "suite": cli.suite,
-            "lengths": cli.lengths,
-            "precisions": precisions.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-            "impls": cli.impls,
-            "passes": cli.passes,
-            "train_shapes": cli.train_shapes,
-            "layer": cli.layer,
-            "warmup": cli.warmup,
-            "runs": cli.runs(),
-            "check_variants": cli.check_variants,
-        });
-        let record = nsa_infer::record::Record::new(
-            "nsa-bench",
-            &choice,
-            settings,
-            serde_json::json!({ "rows": rows }),
-        );
-        record.write(path)?;
+        write_record(&plan, &rows, path)?;
     }
     eprintln!(
         "nsa-bench: done in {:.1} s",
@@ -194,6 +100,153 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         println!("FAILED: {why}");
         anyhow::bail!("{why}");
     }
+    Ok(())
+}
+
+/// What the suites run: the command line, the chosen backend, its precisions and the
+/// sequence lengths.
+struct Plan<'a> {
+    cli: &'a Cli,
+    choice: &'a BackendChoice,
+    /// `--precisions`, or the backend's default ones.
+    precisions: Vec<Precision>,
+    /// `--lengths` in tokens.
+    lengths: Vec<usize>,
+}
+
+impl<'a> Plan<'a> {
+    fn new(cli: &'a Cli, choice: &'a BackendChoice) -> Result<Self> {
+        let precisions = if cli.precisions.is_empty() {
+            match choice.kind {
+                BackendKind::Cuda => vec![Precision::F32, Precision::Bf16],
+                BackendKind::Wgpu => vec![Precision::F32, Precision::F16],
+                _ => vec![Precision::F32],
+            }
+        } else {
+            cli.precisions.clone()
+        };
+        let lengths = cli
+            .lengths
+            .iter()
+            .map(|s| parse_len(s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cli,
+            choice,
+            precisions,
+            lengths,
+        })
+    }
+
+    /// The job of one row.
+    fn job(
+        &self,
+        suite: &str,
+        imp: &str,
+        precision: Precision,
+        seq: usize,
+        batch: usize,
+        pass: &str,
+    ) -> Job {
+        Job {
+            suite: suite.into(),
+            imp: imp.into(),
+            precision,
+            seq,
+            batch,
+            pass: pass.into(),
+            warmup: self.cli.warmup,
+            runs: self.cli.runs(),
+            layer: self.cli.layer.clone(),
+            backend: self.choice.kind,
+            device: Some(self.choice.index),
+            variants: self.cli.check_variants.clone(),
+        }
+    }
+}
+
+/// The check suite: one row per precision and length.
+fn check_suite(plan: &Plan<'_>, rows: &mut Vec<Row>) {
+    let batch = plan.cli.layer.batch_size;
+    for &precision in &plan.precisions {
+        for &seq in &plan.lengths {
+            let j = plan.job("check", "nsa", precision, seq, batch, "check");
+            rows.push(execute(plan.cli, &j));
+            print_row(rows.last().unwrap());
+        }
+    }
+}
+
+/// The layer suite: per pass, implementation and precision, the lengths in order; after an
+/// out-of-memory or time-out the longer lengths are skipped.
+fn layer_suite(plan: &Plan<'_>, rows: &mut Vec<Row>) {
+    let cli = plan.cli;
+    for pass in &cli.passes {
+        for imp in &cli.impls {
+            for &precision in &plan.precisions {
+                let mut failed_at: Option<(usize, String)> = None;
+                for &seq in &plan.lengths {
+                    let j = plan.job("layer", imp, precision, seq, cli.layer.batch_size, pass);
+                    let row = match &failed_at {
+                        Some((at, why)) => Row {
+                            status: "skipped".into(),
+                            note: format!("{why} at {at} tokens"),
+                            ..row_of(&j)
+                        },
+                        None => execute(cli, &j),
+                    };
+                    if matches!(row.status.as_str(), "oom" | "timeout") {
+                        failed_at = Some((seq, row.status.clone()));
+                    }
+                    print_row(&row);
+                    rows.push(row);
+                }
+            }
+        }
+    }
+}
+
+/// The train suite: per shape and precision, the attentions of `--impls` (nsa, full).
+fn train_suite(plan: &Plan<'_>, rows: &mut Vec<Row>) -> Result<()> {
+    let cli = plan.cli;
+    for shape in &cli.train_shapes {
+        let (seq, batch) = parse_shape(shape)?;
+        for &precision in &cli.train_precisions {
+            // `--impls` picks the attention of the training rows too
+            let wanted = |imp: &&str| cli.impls.iter().any(|i| i == imp);
+            for imp in ["nsa", "full"].into_iter().filter(wanted) {
+                let j = plan.job("train", imp, precision, seq, batch, "train-step");
+                let row = execute(cli, &j);
+                print_row(&row);
+                rows.push(row);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the rows as one record (`--json`).
+fn write_record(plan: &Plan<'_>, rows: &[Row], path: &std::path::Path) -> Result<()> {
+    let cli = plan.cli;
+    let settings = serde_json::json!({
+        "suite": cli.suite,
+        "lengths": cli.lengths,
+        "precisions": plan.precisions.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        "impls": cli.impls,
+        "passes": cli.passes,
+        "train_shapes": cli.train_shapes,
+        "layer": cli.layer,
+        "warmup": cli.warmup,
+        "runs": cli.runs(),
+        "check_variants": cli.check_variants,
+    });
+    let record = nsa_infer::record::Record::new(
+        "nsa-bench",
+        plan.choice,
+        settings,
+        serde_json::json!({ "rows": rows }),
+    );
+    record.write(path)?;
     Ok(())
 }
 
