@@ -461,38 +461,8 @@ fn export(args: ExportArgs) -> Result<()> {
 
 fn compare(args: CompareArgs) -> Result<()> {
     let b = read_bundle(&args.model)?;
-    let tokens = match &args.prompt {
-        Some(p) => b.tokenizer.encode(p)?,
-        None => {
-            let mut rng = nsa_model::SplitMix64(5);
-            (0..200)
-                .map(|_| (rng.next_u64() % b.config.num_tokens as u64) as u32)
-                .collect()
-        }
-    };
-    if tokens.is_empty() {
-        bail!("--prompt gives no tokens");
-    }
-    nsa_infer::run::check_context(&b.config, tokens.len())?;
-    let kinds = if args.backends.is_empty() {
-        let mut k = vec![BackendKind::Ndarray, BackendKind::cpu()];
-        k.dedup();
-        if backend::probe_cuda().is_ok() {
-            k.push(BackendKind::Cuda);
-        }
-        if backend::probe_wgpu().is_ok() {
-            k.push(BackendKind::Wgpu);
-        }
-        k
-    } else {
-        args.backends.clone()
-    };
-    if kinds.len() < 2 {
-        bail!(
-            "--backends: {} backend(s) to compare; give at least two (e.g. --backends ndarray,cpu)",
-            kinds.len()
-        );
-    }
+    let tokens = compare_tokens(&args, &b)?;
+    let kinds = compare_kinds(&args)?;
     let mut first: Option<(BackendKind, nsa_infer::run::LogitsReport)> = None;
     let mut worst = 0.0f64;
     let mut flips = false;
@@ -513,17 +483,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         let t0 = Instant::now();
         let report = backend::dispatch(&choice, Precision::F32, job)??;
         let Some((base, reference)) = &first else {
-            println!(
-                "{kind}: reference ({} logits, {:.2} s)",
-                report.logits.len(),
-                t0.elapsed().as_secs_f64()
-            );
-            if let Some(i) = report.logits.iter().position(|x| !x.is_finite()) {
-                println!(
-                    "{kind}: non-finite logit {} at position {}",
-                    report.logits[i],
-                    i / b.config.num_tokens.max(1)
-                );
+            if !reference_logits(kind, &report, b.config.num_tokens, t0) {
                 worst = f64::INFINITY;
             }
             first = Some((kind, report));
@@ -534,27 +494,7 @@ fn compare(args: CompareArgs) -> Result<()> {
         if d.max.is_nan() || d.max > worst {
             worst = d.max;
         }
-        if let Some(n) = d.logits.non_finite {
-            println!(
-                "{kind}: non-finite logit {} at position {} ({})",
-                n.value,
-                n.index / b.config.num_tokens.max(1),
-                match n.side {
-                    nsa_model::compare::Side::Ours => kind.to_string(),
-                    nsa_model::compare::Side::Reference => base.to_string(),
-                }
-            );
-        }
-        let beyond = match d.first_beyond {
-            Some(p) => format!("; first beyond {} at position {p}", args.tolerance),
-            None => String::new(),
-        };
-        println!(
-            "{kind}: max |logits - {base}| = {:.2e} at position {}{beyond} ({:.2} s)",
-            d.max,
-            d.at,
-            t0.elapsed().as_secs_f64()
-        );
+        flips |= print_difference(kind, *base, &d, b.config.num_tokens, args.tolerance, t0);
         rows.push(serde_json::json!({
             "backend": kind.to_string(),
             "device": choice.device_name,
@@ -566,50 +506,10 @@ fn compare(args: CompareArgs) -> Result<()> {
             "rows_with_other_blocks": d.layers.iter().flatten().map(|l| l.flipped.len()).sum::<usize>(),
             "smallest_margin": d.layers.iter().flatten().map(|l| l.smallest_margin as f64).fold(f64::INFINITY, f64::min),
         }));
-        for (layer, l) in d.layers.iter().enumerate() {
-            let Some(l) = l else { continue };
-            let margins: Vec<String> = l
-                .flipped
-                .iter()
-                .take(4)
-                .map(|(_, m)| format!("{m:.1e}"))
-                .collect();
-            let flipped = if l.flipped.is_empty() {
-                "same blocks in every row".to_string()
-            } else {
-                flips = true;
-                format!(
-                    "{} of {} rows kept other blocks (their top-n margins on {base}: {})",
-                    l.flipped.len(),
-                    l.rows,
-                    margins.join(", ")
-                )
-            };
-            println!(
-                "  layer {layer}: {flipped}; smallest margin of any row {:.1e}",
-                l.smallest_margin
-            );
-        }
     }
     let failed = worst.is_nan() || worst > args.tolerance as f64;
     if let Some(path) = &args.json {
-        let devices: Vec<String> = rows
-            .iter()
-            .filter_map(|r| r["device"].as_str().map(String::from))
-            .collect();
-        nsa_infer::record::Record::on(
-            "nsa-infer compare",
-            "several",
-            &devices.join(", "),
-            serde_json::json!({
-                "model": args.model.display().to_string(),
-                "tokens": tokens.len(),
-                "tf32": args.tf32,
-                "tolerance": args.tolerance,
-            }),
-            serde_json::json!({ "rows": rows, "passed": !failed }),
-        )
-        .write(path)?;
+        write_compare_record(&args, tokens.len(), &rows, !failed, path)?;
     }
     if failed && flips && worst.is_finite() {
         eprintln!(
@@ -624,6 +524,162 @@ fn compare(args: CompareArgs) -> Result<()> {
             args.tolerance
         );
     }
+    Ok(())
+}
+
+/// The tokens `compare` runs: the prompt's, else 200 pseudo-random ids.
+fn compare_tokens(args: &CompareArgs, b: &Bundle) -> Result<Vec<u32>> {
+    let tokens = match &args.prompt {
+        Some(p) => b.tokenizer.encode(p)?,
+        None => {
+            let mut rng = nsa_model::SplitMix64(5);
+            (0..200)
+                .map(|_| (rng.next_u64() % b.config.num_tokens as u64) as u32)
+                .collect()
+        }
+    };
+    if tokens.is_empty() {
+        bail!("--prompt gives no tokens");
+    }
+    nsa_infer::run::check_context(&b.config, tokens.len())?;
+    Ok(tokens)
+}
+
+/// The backends `compare` runs: `--backends`, else ndarray, cpu and the GPU backends found;
+/// at least two.
+fn compare_kinds(args: &CompareArgs) -> Result<Vec<BackendKind>> {
+    let kinds = if args.backends.is_empty() {
+        let mut k = vec![BackendKind::Ndarray, BackendKind::cpu()];
+        k.dedup();
+        if backend::probe_cuda().is_ok() {
+            k.push(BackendKind::Cuda);
+        }
+        if backend::probe_wgpu().is_ok() {
+            k.push(BackendKind::Wgpu);
+        }
+        k
+    } else {
+        args.backends.clone()
+    };
+    if kinds.len() < 2 {
+        bail!(
+            "--backends: {} backend(s) to compare; give at least two (e.g. --backends ndarray,cpu)",
+            kinds.len()
+        );
+    }
+    Ok(kinds)
+}
+
+/// Prints the first backend's run, the reference of the others; `false` when one of its
+/// logits is not finite.
+fn reference_logits(
+    kind: BackendKind,
+    report: &nsa_infer::run::LogitsReport,
+    num_tokens: usize,
+    t0: Instant,
+) -> bool {
+    println!(
+        "{kind}: reference ({} logits, {:.2} s)",
+        report.logits.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    match report.logits.iter().position(|x| !x.is_finite()) {
+        Some(i) => {
+            println!(
+                "{kind}: non-finite logit {} at position {}",
+                report.logits[i],
+                i / num_tokens.max(1)
+            );
+            false
+        }
+        None => true,
+    }
+}
+
+/// Prints how `kind`'s logits differ from those of `base`, and per layer whether its queries
+/// selected other key blocks; returns whether some did.
+fn print_difference(
+    kind: BackendKind,
+    base: BackendKind,
+    d: &nsa_infer::run::Difference,
+    num_tokens: usize,
+    tolerance: f32,
+    t0: Instant,
+) -> bool {
+    if let Some(n) = d.logits.non_finite {
+        println!(
+            "{kind}: non-finite logit {} at position {} ({})",
+            n.value,
+            n.index / num_tokens.max(1),
+            match n.side {
+                nsa_model::compare::Side::Ours => kind.to_string(),
+                nsa_model::compare::Side::Reference => base.to_string(),
+            }
+        );
+    }
+    let beyond = match d.first_beyond {
+        Some(p) => format!("; first beyond {tolerance} at position {p}"),
+        None => String::new(),
+    };
+    println!(
+        "{kind}: max |logits - {base}| = {:.2e} at position {}{beyond} ({:.2} s)",
+        d.max,
+        d.at,
+        t0.elapsed().as_secs_f64()
+    );
+    let mut flips = false;
+    for (layer, l) in d.layers.iter().enumerate() {
+        let Some(l) = l else { continue };
+        let margins: Vec<String> = l
+            .flipped
+            .iter()
+            .take(4)
+            .map(|(_, m)| format!("{m:.1e}"))
+            .collect();
+        let flipped = if l.flipped.is_empty() {
+            "same blocks in every row".to_string()
+        } else {
+            flips = true;
+            format!(
+                "{} of {} rows kept other blocks (their top-n margins on {base}: {})",
+                l.flipped.len(),
+                l.rows,
+                margins.join(", ")
+            )
+        };
+        println!(
+            "  layer {layer}: {flipped}; smallest margin of any row {:.1e}",
+            l.smallest_margin
+        );
+    }
+    flips
+}
+
+/// The `compare` record (`--json`).
+fn write_compare_record(
+    args: &CompareArgs,
+    tokens: usize,
+    rows: &[serde_json::Value],
+    passed: bool,
+    path: &Path,
+) -> Result<()> {
+    let devices: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r["device"].as_str().map(String::from))
+        .collect();
+    nsa_infer::record::Record::on(
+        "nsa-infer compare",
+        "several",
+        &devices.join(", "),
+        serde_json::json!({
+            "model": args.model.display().to_string(),
+            "tokens": tokens,
+            "tf32": args.tf32,
+            "tolerance": args.tolerance,
+        }),
+        serde_json::json!({ "rows": rows, "passed": passed }),
+    )
+    .write(path)?;
     Ok(())
 }
 
