@@ -11,7 +11,7 @@
 #   .gpu/stream/   optional: the exported token stream (train/examples/export_stream.rs)
 #   .gl/*.deb      the Vulkan loader for wgpu;  .whl/*.whl  the reference and its dependencies
 # Phases:
-#   infer   nsa-infer bench on CUDA (cold, warm) and wgpu (Vulkan), NSA and dense; compare the
+#   infer   nsa-bench --suite decode on CUDA (cold, warm) and wgpu (Vulkan), NSA and dense; compare the
 #           logits of the reference fixture checkpoint on cpu, cuda and wgpu; reference decode
 #   decode  the decode benchmarks of issue 4 with the per-token breakdown, the reference,
 #           the op-by-op step (NSA_DECODE_BLOCK=0), the fixture comparison and greedy outputs on the three backends
@@ -142,11 +142,11 @@ for phase in "$@"; do
     evidence-decode)
       # decoding at batch 1, ours (three CUDA processes, Vulkan, dense) and the reference's
       for i in 1 2 3; do
-        run "ev-decode-cuda-$i" 120 /tmp/bin/nsa-infer bench --backend cuda \
+        run "ev-decode-cuda-$i" 120 /tmp/bin/nsa-bench --suite decode --backend cuda \
           --json "$(rec "decode-cuda-$i")"
       done
-      run ev-decode-wgpu 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$(rec decode-wgpu-1)"
-      run ev-decode-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full \
+      run ev-decode-wgpu 150 /tmp/bin/nsa-bench --suite decode --backend wgpu --json "$(rec decode-wgpu-1)"
+      run ev-decode-cuda-full 120 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
         --json "$(rec decode-cuda-full)"
       run ev-ref-decode 150 python3 scripts/reference_decode.py --runs 3 --commit "$COMMIT" \
         --json "$(rec reference-decode)"
@@ -159,39 +159,39 @@ for phase in "$@"; do
       ;;
     infer)
       run devices 60 /tmp/bin/nsa-infer devices
-      run bench-cuda-1 240 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-1.json"
-      run bench-cuda-2 90 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-2.json"
+      run bench-cuda-1 240 /tmp/bin/nsa-bench --suite decode --backend cuda --json "$OUT/bench-cuda-1.json"
+      run bench-cuda-2 90 /tmp/bin/nsa-bench --suite decode --backend cuda --json "$OUT/bench-cuda-2.json"
       # the tensor-op decode step of the same binary, for the same-call comparison
-      run bench-cuda-tensor-ops 120 env NSA_KERNELS=0 /tmp/bin/nsa-infer bench --backend cuda --runs 2 \
+      run bench-cuda-tensor-ops 120 env NSA_KERNELS=0 /tmp/bin/nsa-bench --suite decode --backend cuda --runs 2 \
         --json "$OUT/bench-cuda-tensor-ops.json"
-      run bench-cuda-long 120 /tmp/bin/nsa-infer bench --backend cuda --prompt-len 4096 \
+      run bench-cuda-long 120 /tmp/bin/nsa-bench --suite decode --backend cuda --prompt-len 4096 \
         --new-tokens 512 --runs 1 --json "$OUT/bench-cuda-long.json"
-      run decode-profile 90 env NSA_PROFILE_LOG="$OUT/decode-profile.log" /tmp/bin/nsa-infer bench \
+      run decode-profile 90 env NSA_PROFILE_LOG="$OUT/decode-profile.log" /tmp/bin/nsa-bench --suite decode \
         --backend cuda --new-tokens 64 --runs 1
       run ref-decode 120 python3 scripts/reference_decode.py --runs 2
       fixture_checks
-      run bench-wgpu-1 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-1.json"
-      run bench-wgpu-2 60 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-2.json"
-      run bench-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full --json "$OUT/bench-cuda-full.json"
+      run bench-wgpu-1 150 /tmp/bin/nsa-bench --suite decode --backend wgpu --json "$OUT/bench-wgpu-1.json"
+      run bench-wgpu-2 60 /tmp/bin/nsa-bench --suite decode --backend wgpu --json "$OUT/bench-wgpu-2.json"
+      run bench-cuda-full 120 /tmp/bin/nsa-bench --suite decode --backend cuda --full --json "$OUT/bench-cuda-full.json"
       ;;
     decode)
-      # the decode figures of issue 4 with the per-token breakdown (`bench` prints it), the
+      # the decode figures of issue 4 with the per-token breakdown (the decode suite prints it), the
       # reference in the same call, greedy outputs on the three backends
       run devices 60 /tmp/bin/nsa-infer devices
-      run bench-cuda-1 240 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-1.json"
-      run bench-cuda-2 90 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-2.json"
-      run bench-cuda-ops 90 env NSA_DECODE_BLOCK=0 /tmp/bin/nsa-infer bench --backend cuda \
+      run bench-cuda-1 240 /tmp/bin/nsa-bench --suite decode --backend cuda --json "$OUT/bench-cuda-1.json"
+      run bench-cuda-2 90 /tmp/bin/nsa-bench --suite decode --backend cuda --json "$OUT/bench-cuda-2.json"
+      run bench-cuda-ops 90 env NSA_DECODE_BLOCK=0 /tmp/bin/nsa-bench --suite decode --backend cuda \
         --json "$OUT/bench-cuda-ops.json"
-      run bench-cuda-3 90 /tmp/bin/nsa-infer bench --backend cuda --json "$OUT/bench-cuda-3.json"
-      run decode-profile 90 env NSA_PROFILE_LOG="$OUT/decode-profile.log" /tmp/bin/nsa-infer bench \
+      run bench-cuda-3 90 /tmp/bin/nsa-bench --suite decode --backend cuda --json "$OUT/bench-cuda-3.json"
+      run decode-profile 90 env NSA_PROFILE_LOG="$OUT/decode-profile.log" /tmp/bin/nsa-bench --suite decode \
         --backend cuda --new-tokens 64 --runs 1
       run ref-decode 120 python3 scripts/reference_decode.py --runs 2
-      run bench-wgpu-1 150 /tmp/bin/nsa-infer bench --backend wgpu --json "$OUT/bench-wgpu-1.json"
-      run bench-cuda-full 120 /tmp/bin/nsa-infer bench --backend cuda --full --json "$OUT/bench-cuda-full.json"
+      run bench-wgpu-1 150 /tmp/bin/nsa-bench --suite decode --backend wgpu --json "$OUT/bench-wgpu-1.json"
+      run bench-cuda-full 120 /tmp/bin/nsa-bench --suite decode --backend cuda --full --json "$OUT/bench-cuda-full.json"
       fixture_checks
-      run bench-cuda-long 120 /tmp/bin/nsa-infer bench --backend cuda --prompt-len 4096 \
+      run bench-cuda-long 120 /tmp/bin/nsa-bench --suite decode --backend cuda --prompt-len 4096 \
         --new-tokens 512 --runs 1 --json "$OUT/bench-cuda-long.json"
-      run bench-cuda-tensor-ops 120 env NSA_KERNELS=0 /tmp/bin/nsa-infer bench --backend cuda --runs 1 \
+      run bench-cuda-tensor-ops 120 env NSA_KERNELS=0 /tmp/bin/nsa-bench --suite decode --backend cuda --runs 1 \
         --json "$OUT/bench-cuda-tensor-ops.json"
       ;;
     train)

@@ -2,7 +2,7 @@
 """Decode speed of the reference `Transformer.sample` (native-sparse-attention-pytorch 0.2.3) at
 the seed config with random weights: batch 1, a 64-token prompt, 256 new tokens, top-k 0.9 and
 gumbel sampling as the reference samples, with and without its KV cache. Prints one JSON line
-per row. The row mirrors `nsa-infer bench` (random seed-config weights, same shapes).
+per row. The row mirrors `nsa-bench --suite decode` (random seed-config weights, same shapes).
 
     PYTHONPATH=/tmp/site python3 scripts/reference_decode.py [--runs 3]
 """

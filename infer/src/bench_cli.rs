@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use nsa_model::NsaConfig;
-use nsa_train::backend::{BackendKind, Precision};
+use nsa_runtime::backend::{BackendKind, Precision};
 use serde::{Deserialize, Serialize};
 
 const EXAMPLES: &str = "\
@@ -13,6 +13,11 @@ Examples:
   nsa-bench --backend cuda --suite layer --lengths 4k,64k --precisions bf16 --json layer.json
   nsa-bench --backend cuda --suite check --lengths 1k --precisions f32,bf16
   nsa-bench --backend cpu --suite train --train-shapes 256x4 --runs 3
+  nsa-bench --suite decode --backend cuda
+  nsa-bench --suite decode -m runs/tiny/best --backend cpu --prompt-len 512 -n 128 --json bench.json
+
+The decode suite (decode speed at batch 1 and time to first token) runs on its own, in this
+process, and writes one record (`--json`) of its own format.
 
 Exit status: 1 when a check row is not ok (mismatch, skipped or failed) or a row ends in an
 error; out-of-memory and time-outs of benchmark rows are measurements, not failures.";
@@ -21,18 +26,18 @@ error; out-of-memory and time-outs of benchmark rows are measurements, not failu
 #[command(
     name = "nsa-bench",
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("BUILD_GIT_COMMIT"), ")"),
-    about = "Benchmark one NSA layer vs dense attention, and training steps of the seed model",
+    about = "Benchmark one NSA layer vs dense attention, training steps of the seed model, and decoding",
     after_help = EXAMPLES
 )]
 pub struct Cli {
-    #[arg(long, default_value = "auto", help = nsa_train::backend::BACKEND_HELP)]
+    #[arg(long, default_value = "auto", help = nsa_runtime::backend::BACKEND_HELP)]
     pub backend: BackendKind,
     /// Device index within the backend.
     #[arg(long)]
     pub device: Option<usize>,
-    /// What to run: layer, train, check (comma-separated).
+    /// What to run: layer, train, check (comma-separated), or decode (alone).
     #[arg(long, value_delimiter = ',', default_value = "layer,train",
-          value_parser = ["layer", "train", "check"])]
+          value_parser = ["layer", "train", "check", "decode"])]
     pub suite: Vec<String>,
     /// Sequence lengths of the layer benchmark (k = 1024).
     #[arg(long, value_delimiter = ',', default_value = "1k,4k,16k,32k,64k,128k")]
@@ -59,9 +64,9 @@ pub struct Cli {
     /// Warm-up runs (not timed).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
-    /// Timed runs (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    pub runs: usize,
+    /// Timed runs (the median is reported) [default: 5; decode: 3 warm runs after the first].
+    #[arg(long)]
+    pub runs: Option<usize>,
     /// Seconds a row may take before it is killed.
     #[arg(long, default_value_t = 900)]
     pub row_timeout: u64,
@@ -73,6 +78,8 @@ pub struct Cli {
     pub json: Option<PathBuf>,
     #[command(flatten)]
     pub layer: LayerArgs,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
     /// The variants of the check suite: the benchmark layer (`bench`), a selection per query
     /// head (`noshare`) and straight-through top-k (`difftopk`).
     #[arg(long, value_delimiter = ',', default_value = "bench,noshare,difftopk",
@@ -81,6 +88,39 @@ pub struct Cli {
     /// Internal: run one row described by this JSON and print its result.
     #[arg(long, hide = true)]
     pub worker: Option<String>,
+}
+
+impl Cli {
+    /// `--runs`, or the default of the suites run.
+    pub fn runs(&self) -> usize {
+        let decode = self.suite.iter().any(|s| s == "decode");
+        self.runs.unwrap_or(if decode { 3 } else { 5 })
+    }
+}
+
+/// The decode suite's options (decode speed at batch 1 and time to first token).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DecodeArgs {
+    /// Decode: model directory; without it, the seed config (vocab 21128, dim 512, depth 6, 8
+    /// heads, 16/16/16/4) with random weights.
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Decode: dense attention for the random-weight model.
+    #[arg(long)]
+    pub full: bool,
+    /// Decode: prompt tokens.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Decode: new tokens per run.
+    #[arg(short = 'n', long, alias = "new-tokens", default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Decode: f32, f16 (CUDA, wgpu) or bf16 (CUDA).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
+    /// Decode: f32-exact matmuls on GPUs (three tensor-core matmuls each instead of one TF32
+    /// pass; slower).
+    #[arg(long)]
+    pub exact_matmul: bool,
 }
 
 /// The benchmark layer (defaults: the issue's H100 reference setting).

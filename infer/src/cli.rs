@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use nsa_model::{Repetition, Sampling, SamplingError, TopK};
-use nsa_train::backend::{BackendKind, Precision};
+use nsa_runtime::backend::{BackendKind, Precision};
 
 /// The most tokens one generation may ask for when the model does not say its context
 /// (`max_seq_len`): the KV cache is sized for the whole sequence up front.
@@ -43,9 +43,6 @@ pub enum Command {
     /// another implementation.
     #[command(after_help = LOGITS_EXAMPLES)]
     Logits(LogitsArgs),
-    /// Decode speed at batch 1 and time to first token.
-    #[command(after_help = BENCH_EXAMPLES)]
-    Bench(BenchArgs),
     /// Convert a PyTorch reference checkpoint into a model directory.
     #[command(after_help = IMPORT_EXAMPLES)]
     Import(ImportArgs),
@@ -85,11 +82,6 @@ Examples:
 The safetensors file holds `logits` (f32 [tokens, vocab]) and `ids` (i64 [tokens]); a .npy
 file holds the logits, with the ids beside it in <name>.ids.npy.";
 
-const BENCH_EXAMPLES: &str = "\
-Examples:
-  nsa-infer bench --backend cuda
-  nsa-infer bench -m runs/tiny/best --backend cpu --prompt-len 512 -n 128 --json bench.json";
-
 const IMPORT_EXAMPLES: &str = "\
 Examples:
   nsa-infer import --weights model.pt --args args.json --tokenizer vocab.txt --out models/ref
@@ -114,7 +106,7 @@ Examples:
 /// Where and how a command runs.
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
-    #[arg(long, default_value = "auto", help = nsa_train::backend::BACKEND_HELP)]
+    #[arg(long, default_value = "auto", help = nsa_runtime::backend::BACKEND_HELP)]
     pub backend: BackendKind,
     /// Device index within the backend.
     #[arg(long)]
@@ -275,31 +267,6 @@ pub struct LogitsArgs {
     /// Output file: `.safetensors` (logits and ids) or `.npy` (logits; ids in <name>.ids.npy).
     #[arg(long)]
     pub out: PathBuf,
-    #[command(flatten)]
-    pub device: DeviceArgs,
-}
-
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// Model directory; without it, the seed config (vocab 21128, dim 512, depth 6, 8 heads,
-    /// 16/16/16/4) with random weights.
-    #[arg(short, long)]
-    pub model: Option<PathBuf>,
-    /// Use dense attention for the random-weight model.
-    #[arg(long)]
-    pub full: bool,
-    /// Prompt tokens.
-    #[arg(long, default_value_t = 64)]
-    pub prompt_len: usize,
-    /// New tokens per run.
-    #[arg(short = 'n', long, alias = "new-tokens", default_value_t = 256)]
-    pub max_new_tokens: usize,
-    /// Warm runs to time after the first.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

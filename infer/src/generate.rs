@@ -20,8 +20,8 @@ use burn::prelude::*;
 use nsa_model::interop::StateDict;
 use nsa_model::kernels::KernelOptions;
 use nsa_model::{Generated, Sampling, Transformer, TransformerConfig};
-use nsa_train::backend::{OnBackend, Selection};
-use nsa_train::tokenizer::Tokenizer;
+use nsa_runtime::backend::{BackendChoice, OnBackend};
+use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 use crate::run::{generation_room, model, prompt_ids};
@@ -301,7 +301,7 @@ impl GenerateJob {
 impl OnBackend for GenerateJob {
     type Output = Result<GenerateReport>;
 
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<GenerateReport> {
+    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Result<GenerateReport> {
         let model = model::<B>(
             &self.config,
             Some(self.weights.clone()),

@@ -69,7 +69,7 @@ impl Output {
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    nsa_train::bundle::atomic_write(path, bytes).with_context(|| format!("{}", path.display()))
+    nsa_runtime::bundle::atomic_write(path, bytes).with_context(|| format!("{}", path.display()))
 }
 
 /// A NumPy 1.0 file: magic, header length, the header dict padded with spaces to a multiple

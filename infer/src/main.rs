@@ -8,52 +8,52 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use nsa_infer::cli::{
-    BenchArgs, Cli, Command, CompareArgs, DeviceArgs, ExportArgs, GenerateArgs, ImportArgs,
-    LogitsArgs, ScoreArgs, MAX_UNKNOWN_CONTEXT,
+    Cli, Command, CompareArgs, DeviceArgs, ExportArgs, GenerateArgs, ImportArgs, LogitsArgs,
+    ScoreArgs, MAX_UNKNOWN_CONTEXT,
 };
 use nsa_infer::generate::{GenerateJob, Prompt, Prompts, Stops};
-use nsa_infer::reference::ReferenceArgs;
-use nsa_infer::run::{BenchJob, LogitsJob, ScoreJob};
+use nsa_infer::run::{LogitsJob, ScoreJob};
 use nsa_model::kernels::KernelOptions;
-use nsa_model::{Sampling, TransformerConfig};
-use nsa_train::backend::{self, BackendKind, DeviceRequest, Precision, Selection};
-use nsa_train::bundle::{self, Bundle};
-use nsa_train::kernel_cache::{self, Workload};
-use nsa_train::tokenizer::Tokenizer;
+use nsa_model::TransformerConfig;
+use nsa_runtime::backend::{self, BackendChoice, BackendKind, DeviceRequest, Precision};
+use nsa_runtime::bundle::{self, Bundle};
+use nsa_runtime::kernel_cache::{self, Workload};
+use nsa_runtime::reference::{self, ReferenceArgs, ARGS_FILE};
+use nsa_runtime::tokenizer::Tokenizer;
 
 fn main() {
     let started = Instant::now();
-    nsa_train::failure::install_panic_hook("nsa-infer", nsa_train::failure::INFER_MEMORY_HINT);
-    nsa_train::backend::quiet_headless_probe();
+    nsa_runtime::failure::install_panic_hook("nsa-infer", nsa_runtime::failure::INFER_MEMORY_HINT);
+    nsa_runtime::backend::quiet_headless_probe();
     // argument errors: clap's whole message (usage, tips, --help pointer), exit 2
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
-    let result = nsa_train::environment::check_vars(std::env::vars_os())
+    let result = nsa_runtime::environment::check_vars(std::env::vars_os())
         .map_err(anyhow::Error::from)
         .and_then(|()| run(cli, started));
     if let Err(e) = result {
-        eprintln!("{}", nsa_train::failure::error_line(e.chain()));
+        eprintln!("{}", nsa_runtime::failure::error_line(e.chain()));
         std::process::exit(1);
     }
 }
 
 /// The backend `args` ask for, and the kernel options of the run (the `NSA_*` switches of the
 /// environment and `--exact-matmul`).
-fn select(args: &DeviceArgs) -> Result<(Selection, KernelOptions)> {
-    let selection = backend::select(DeviceRequest {
+fn select(args: &DeviceArgs) -> Result<(BackendChoice, KernelOptions)> {
+    let choice = backend::select(DeviceRequest {
         kind: args.backend,
         index: args.device,
     })?;
     eprintln!(
         "backend: {} {} ({}), {}",
-        selection.kind, selection.index, selection.device_name, selection.reason
+        choice.kind, choice.index, choice.device_name, choice.reason
     );
     kernel_cache::configure(Workload::Inference);
-    let options = nsa_train::environment::kernel_options(std::env::vars_os())?;
+    let options = nsa_runtime::environment::kernel_options(std::env::vars_os())?;
     let options = KernelOptions {
         exact_matmul: args.exact_matmul,
         ..options
     };
-    Ok((selection, options))
+    Ok((choice, options))
 }
 
 fn read_bundle(dir: &Path) -> Result<Bundle> {
@@ -77,7 +77,6 @@ fn run(cli: Cli, started: Instant) -> Result<()> {
         Command::Generate(args) => generate(args, started),
         Command::Score(args) => score(args),
         Command::Logits(args) => logits(args),
-        Command::Bench(args) => bench(args, started),
         Command::Import(args) => import(args),
         Command::Export(args) => export(args),
         Command::Compare(args) => compare(args),
@@ -152,7 +151,7 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
                 .with_context(|| p.origin.clone())?;
         }
     }
-    let (selection, options) = select(&args.device)?;
+    let (choice, options) = select(&args.device)?;
     let seed = match args.seed {
         Some(seed) => seed,
         None => {
@@ -186,7 +185,7 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
         json: args.json,
         started,
     };
-    let report = backend::dispatch(&selection, args.device.precision, job)??;
+    let report = backend::dispatch(&choice, args.device.precision, job)??;
     if let Some(t) = report.first_token_s {
         let special = match report.special {
             0 => String::new(),
@@ -230,9 +229,9 @@ fn score(args: ScoreArgs) -> Result<()> {
     let bundle = read_bundle(&args.model)?;
     let context = context(args.context, &bundle.config)?;
     let docs = if args.file == Path::new("-") {
-        nsa_train::corpus::read_documents_from(std::io::stdin().lock(), "stdin")?
+        nsa_runtime::documents::read_documents_from(std::io::stdin().lock(), "stdin")?
     } else {
-        nsa_train::corpus::read_documents(&args.file)?
+        nsa_runtime::documents::read_documents(&args.file)?
     };
     let sep = bundle.tokenizer.sep_id();
     let mut tokens = Vec::new();
@@ -242,7 +241,7 @@ fn score(args: ScoreArgs) -> Result<()> {
         }
         tokens.extend(bundle.tokenizer.encode(doc)?);
     }
-    let (selection, options) = select(&args.device)?;
+    let (choice, options) = select(&args.device)?;
     let job = ScoreJob {
         config: bundle.config,
         weights: bundle.weights,
@@ -252,7 +251,7 @@ fn score(args: ScoreArgs) -> Result<()> {
         batch: args.batch_size,
         per_token: args.per_token,
     };
-    let r = backend::dispatch(&selection, args.device.precision, job)??;
+    let r = backend::dispatch(&choice, args.device.precision, job)??;
     let name = args.file.display().to_string();
     if args.json {
         let per_token: Vec<serde_json::Value> = r
@@ -336,7 +335,7 @@ fn logits(args: LogitsArgs) -> Result<()> {
     }
     nsa_infer::run::check_context(&bundle.config, tokens.len())?;
     let out = nsa_infer::logits_file::Output::from_path(&args.out)?;
-    let (selection, options) = select(&args.device)?;
+    let (choice, options) = select(&args.device)?;
     let job = LogitsJob {
         config: bundle.config.clone(),
         weights: bundle.weights,
@@ -344,7 +343,7 @@ fn logits(args: LogitsArgs) -> Result<()> {
         tokens: tokens.clone(),
         selections: false,
     };
-    let report = backend::dispatch(&selection, args.device.precision, job)??;
+    let report = backend::dispatch(&choice, args.device.precision, job)??;
     let written = out.write(&report.logits, &tokens, bundle.config.num_tokens)?;
     eprintln!(
         "wrote {} ({} tokens × {} logits, f32)",
@@ -355,99 +354,11 @@ fn logits(args: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(args: BenchArgs, started: Instant) -> Result<()> {
-    if args.max_new_tokens < 2 || args.prompt_len == 0 || args.runs == 0 {
-        bail!("--max-new-tokens must be at least 2, --prompt-len and --runs at least 1");
-    }
-    let (config, weights) = match &args.model {
-        Some(dir) => {
-            let b = read_bundle(dir)?;
-            (b.config, Some(b.weights))
-        }
-        None => {
-            let mut c = TransformerConfig::new(21128, 512, 6);
-            if args.full {
-                c.attention = nsa_model::AttentionKind::Full;
-            }
-            (c, None)
-        }
-    };
-    let total = args.prompt_len.saturating_add(args.max_new_tokens);
-    let limit = config.max_seq_len.unwrap_or(MAX_UNKNOWN_CONTEXT);
-    if total > limit {
-        bail!(
-            "--prompt-len {} + --max-new-tokens {} = {total} tokens, more than the model's context \
-             of {limit}",
-            args.prompt_len,
-            args.max_new_tokens
-        );
-    }
-    let (selection, options) = select(&args.device)?;
-    let job = BenchJob {
-        config,
-        weights,
-        options,
-        prompt_len: args.prompt_len,
-        new_tokens: args.max_new_tokens,
-        runs: args.runs,
-        sampling: Sampling::default(),
-        started,
-    };
-    let r = backend::dispatch(&selection, args.device.precision, job)??;
-    println!(
-        "{} ({}): first token {:.2} s after start (model ready at {:.2} s); \
-         decode {:.1} tokens/s cold, {:.1} tokens/s warm (median of {}), prefill {} tokens {:.1} ms",
-        r.device,
-        args.device.precision,
-        r.first_token_s,
-        r.load_s,
-        r.cold_tokens_per_s,
-        r.tokens_per_s,
-        args.runs,
-        r.prompt_len,
-        r.prefill_s * 1e3
-    );
-    let d = &r.breakdown;
-    println!(
-        "per token: step call {:.0} µs, wait for the logits {:.0} µs, sampling {:.0} µs; \
-         {:.1} tokens/s without a read per token",
-        d.step_us, d.read_us, d.sample_us, d.pipelined_tokens_per_s
-    );
-    if !r.threads.is_empty() {
-        let busy: Vec<String> = r
-            .threads
-            .iter()
-            .map(|(name, us)| format!("{name} {us:.0}"))
-            .collect();
-        println!(
-            "host threads, CPU µs per token over the warm runs ({:.0} µs wall): {}",
-            r.wall_us,
-            busy.join(", ")
-        );
-    }
-    if let Some(path) = args.json {
-        let record = nsa_infer::record::Record::new(
-            "nsa-infer bench",
-            &selection,
-            serde_json::json!({
-                "precision": args.device.precision.to_string(),
-                "exact_matmul": args.device.exact_matmul,
-                "model": args.model.as_ref().map(|m| m.display().to_string()),
-                "full": args.full,
-                "runs": args.runs,
-            }),
-            serde_json::to_value(&r)?,
-        );
-        record.write(&path)?;
-    }
-    Ok(())
-}
-
 fn import(args: ImportArgs) -> Result<()> {
     let beside = |name: &str| args.weights.with_file_name(name);
     let args_path = match &args.args {
         Some(p) => p.clone(),
-        None if beside("args.json").is_file() => beside("args.json"),
+        None if beside(ARGS_FILE).is_file() => beside(ARGS_FILE),
         None => bail!(
             "--args: no args.json beside {}; give the reference's constructor arguments with \
              --args FILE",
@@ -458,11 +369,11 @@ fn import(args: ImportArgs) -> Result<()> {
     let mut config = ref_args
         .to_config()
         .with_context(|| format!("--args {}", args_path.display()))?;
-    let weights = bundle::read_state_dict(&args.weights)?;
+    let weights = reference::read_state_dict(&args.weights)?;
     config.max_seq_len = match args.max_seq_len {
         Some(n) => Some(n),
         None => {
-            let recorded = bundle::recorded_config(&args.weights)?.and_then(|c| c.max_seq_len);
+            let recorded = reference::recorded_config(&args.weights)?.and_then(|c| c.max_seq_len);
             match recorded {
                 Some(n) => eprintln!(
                     "context: max_seq_len {n}, as recorded in {}",
@@ -490,7 +401,7 @@ fn import(args: ImportArgs) -> Result<()> {
             )
         }
         None => (
-            nsa_train::tokenizer::bert_base_chinese(),
+            nsa_runtime::tokenizer::bert_base_chinese(),
             "bert-base-chinese (the default: no --tokenizer and no tokenizer.json beside the \
              weights)"
                 .to_string(),
@@ -547,27 +458,88 @@ fn export(args: ExportArgs) -> Result<()> {
     let device = Default::default();
     let model = b.model::<burn::backend::NdArray<f32>>(&device)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("--out {}", args.out.display()))?;
-    let weights = args.out.join("model.safetensors");
-    bundle::write_weights(&weights, &model)?;
-    let args_path = args.out.join("args.json");
-    let json = serde_json::to_string_pretty(&ReferenceArgs::from_config(&b.config))?;
-    bundle::atomic_write(&args_path, json.as_bytes())
-        .with_context(|| format!("{}", args_path.display()))?;
-    let tok_path = args.out.join("tokenizer.json");
-    bundle::atomic_write(&tok_path, b.tokenizer.to_json().as_bytes())
-        .with_context(|| format!("{}", tok_path.display()))?;
+    let files = reference::export(&args.out, &model, &b.tokenizer)?;
     eprintln!(
         "wrote {}, {} and {} (in Python: Transformer(**json.load(open(args))).load_state_dict(\
          safetensors.torch.load_file(weights)))",
-        weights.display(),
-        args_path.display(),
-        tok_path.display()
+        files.weights.display(),
+        files.args.display(),
+        files.tokenizer.display()
     );
     Ok(())
 }
 
 fn compare(args: CompareArgs) -> Result<()> {
     let b = read_bundle(&args.model)?;
+    let tokens = compare_tokens(&args, &b)?;
+    let kinds = compare_kinds(&args)?;
+    let mut first: Option<(BackendKind, nsa_infer::run::LogitsReport)> = None;
+    let mut worst = 0.0f64;
+    let mut flips = false;
+    let mut rows = Vec::new();
+    for kind in kinds {
+        let (choice, options) = select(&DeviceArgs {
+            backend: kind,
+            device: None,
+            precision: Precision::F32,
+            exact_matmul: !args.tf32,
+        })?;
+        let job = LogitsJob {
+            config: b.config.clone(),
+            weights: b.weights.clone(),
+            options,
+            tokens: tokens.clone(),
+            selections: true,
+        };
+        let t0 = Instant::now();
+        let report = backend::dispatch(&choice, Precision::F32, job)??;
+        let Some((base, reference)) = &first else {
+            if !reference_logits(kind, &report, b.config.num_tokens, t0) {
+                worst = f64::INFINITY;
+            }
+            first = Some((kind, report));
+            continue;
+        };
+        let d = nsa_infer::run::difference(reference, &report, b.config.num_tokens, args.tolerance);
+        // a NaN (or infinite) difference stays the worst
+        if d.max.is_nan() || d.max > worst {
+            worst = d.max;
+        }
+        flips |= print_difference(kind, *base, &d, b.config.num_tokens, args.tolerance, t0);
+        rows.push(serde_json::json!({
+            "backend": kind.to_string(),
+            "device": choice.device_name,
+            "against": base.to_string(),
+            // null when not finite (JSON has no NaN)
+            "max_abs": d.max.is_finite().then_some(d.max),
+            "at_position": d.at,
+            "first_beyond": d.first_beyond,
+            "rows_with_other_blocks": d.layers.iter().flatten().map(|l| l.flipped.len()).sum::<usize>(),
+            "smallest_margin": d.layers.iter().flatten().map(|l| l.smallest_margin as f64).fold(f64::INFINITY, f64::min),
+        }));
+    }
+    let failed = worst.is_nan() || worst > args.tolerance as f64;
+    if let Some(path) = &args.json {
+        write_compare_record(&args, tokens.len(), &rows, !failed, path)?;
+    }
+    if failed && flips && worst.is_finite() {
+        eprintln!(
+            "note: some queries kept other key blocks than on the first backend; where their \
+             top-n margins are at rounding level, that is a near-tie of the selection, not a \
+             numerical fault (see BENCHMARKS.md)"
+        );
+    }
+    if failed {
+        bail!(
+            "backends differ by {worst:.2e}, more than --tolerance {}",
+            args.tolerance
+        );
+    }
+    Ok(())
+}
+
+/// The tokens `compare` runs: the prompt's, else 200 pseudo-random ids.
+fn compare_tokens(args: &CompareArgs, b: &Bundle) -> Result<Vec<u32>> {
     let tokens = match &args.prompt {
         Some(p) => b.tokenizer.encode(p)?,
         None => {
@@ -581,6 +553,12 @@ fn compare(args: CompareArgs) -> Result<()> {
         bail!("--prompt gives no tokens");
     }
     nsa_infer::run::check_context(&b.config, tokens.len())?;
+    Ok(tokens)
+}
+
+/// The backends `compare` runs: `--backends`, else ndarray, cpu and the GPU backends found;
+/// at least two.
+fn compare_kinds(args: &CompareArgs) -> Result<Vec<BackendKind>> {
     let kinds = if args.backends.is_empty() {
         let mut k = vec![BackendKind::Ndarray, BackendKind::cpu()];
         k.dedup();
@@ -600,138 +578,119 @@ fn compare(args: CompareArgs) -> Result<()> {
             kinds.len()
         );
     }
-    let mut first: Option<(BackendKind, nsa_infer::run::LogitsReport)> = None;
-    let mut worst = 0.0f64;
-    let mut flips = false;
-    let mut rows = Vec::new();
-    for kind in kinds {
-        let (selection, options) = select(&DeviceArgs {
-            backend: kind,
-            device: None,
-            precision: Precision::F32,
-            exact_matmul: !args.tf32,
-        })?;
-        let job = LogitsJob {
-            config: b.config.clone(),
-            weights: b.weights.clone(),
-            options,
-            tokens: tokens.clone(),
-            selections: true,
-        };
-        let t0 = Instant::now();
-        let report = backend::dispatch(&selection, Precision::F32, job)??;
-        let Some((base, reference)) = &first else {
+    Ok(kinds)
+}
+
+/// Prints the first backend's run, the reference of the others; `false` when one of its
+/// logits is not finite.
+fn reference_logits(
+    kind: BackendKind,
+    report: &nsa_infer::run::LogitsReport,
+    num_tokens: usize,
+    t0: Instant,
+) -> bool {
+    println!(
+        "{kind}: reference ({} logits, {:.2} s)",
+        report.logits.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    match report.logits.iter().position(|x| !x.is_finite()) {
+        Some(i) => {
             println!(
-                "{kind}: reference ({} logits, {:.2} s)",
-                report.logits.len(),
-                t0.elapsed().as_secs_f64()
+                "{kind}: non-finite logit {} at position {}",
+                report.logits[i],
+                i / num_tokens.max(1)
             );
-            if let Some(i) = report.logits.iter().position(|x| !x.is_finite()) {
-                println!(
-                    "{kind}: non-finite logit {} at position {}",
-                    report.logits[i],
-                    i / b.config.num_tokens.max(1)
-                );
-                worst = f64::INFINITY;
+            false
+        }
+        None => true,
+    }
+}
+
+/// Prints how `kind`'s logits differ from those of `base`, and per layer whether its queries
+/// selected other key blocks; returns whether some did.
+fn print_difference(
+    kind: BackendKind,
+    base: BackendKind,
+    d: &nsa_infer::run::Difference,
+    num_tokens: usize,
+    tolerance: f32,
+    t0: Instant,
+) -> bool {
+    if let Some(n) = d.logits.non_finite {
+        println!(
+            "{kind}: non-finite logit {} at position {} ({})",
+            n.value,
+            n.index / num_tokens.max(1),
+            match n.side {
+                nsa_model::compare::Side::Ours => kind.to_string(),
+                nsa_model::compare::Side::Reference => base.to_string(),
             }
-            first = Some((kind, report));
-            continue;
-        };
-        let d = nsa_infer::run::difference(reference, &report, b.config.num_tokens, args.tolerance);
-        // a NaN (or infinite) difference stays the worst
-        if d.max.is_nan() || d.max > worst {
-            worst = d.max;
-        }
-        if let Some(n) = d.logits.non_finite {
-            println!(
-                "{kind}: non-finite logit {} at position {} ({})",
-                n.value,
-                n.index / b.config.num_tokens.max(1),
-                match n.side {
-                    nsa_model::compare::Side::Ours => kind.to_string(),
-                    nsa_model::compare::Side::Reference => base.to_string(),
-                }
-            );
-        }
-        let beyond = match d.first_beyond {
-            Some(p) => format!("; first beyond {} at position {p}", args.tolerance),
-            None => String::new(),
+        );
+    }
+    let beyond = match d.first_beyond {
+        Some(p) => format!("; first beyond {tolerance} at position {p}"),
+        None => String::new(),
+    };
+    println!(
+        "{kind}: max |logits - {base}| = {:.2e} at position {}{beyond} ({:.2} s)",
+        d.max,
+        d.at,
+        t0.elapsed().as_secs_f64()
+    );
+    let mut flips = false;
+    for (layer, l) in d.layers.iter().enumerate() {
+        let Some(l) = l else { continue };
+        let margins: Vec<String> = l
+            .flipped
+            .iter()
+            .take(4)
+            .map(|(_, m)| format!("{m:.1e}"))
+            .collect();
+        let flipped = if l.flipped.is_empty() {
+            "same blocks in every row".to_string()
+        } else {
+            flips = true;
+            format!(
+                "{} of {} rows kept other blocks (their top-n margins on {base}: {})",
+                l.flipped.len(),
+                l.rows,
+                margins.join(", ")
+            )
         };
         println!(
-            "{kind}: max |logits - {base}| = {:.2e} at position {}{beyond} ({:.2} s)",
-            d.max,
-            d.at,
-            t0.elapsed().as_secs_f64()
-        );
-        rows.push(serde_json::json!({
-            "backend": kind.to_string(),
-            "device": selection.device_name,
-            "against": base.to_string(),
-            // null when not finite (JSON has no NaN)
-            "max_abs": d.max.is_finite().then_some(d.max),
-            "at_position": d.at,
-            "first_beyond": d.first_beyond,
-            "rows_with_other_blocks": d.layers.iter().flatten().map(|l| l.flipped.len()).sum::<usize>(),
-            "smallest_margin": d.layers.iter().flatten().map(|l| l.smallest_margin as f64).fold(f64::INFINITY, f64::min),
-        }));
-        for (layer, l) in d.layers.iter().enumerate() {
-            let Some(l) = l else { continue };
-            let margins: Vec<String> = l
-                .flipped
-                .iter()
-                .take(4)
-                .map(|(_, m)| format!("{m:.1e}"))
-                .collect();
-            let flipped = if l.flipped.is_empty() {
-                "same blocks in every row".to_string()
-            } else {
-                flips = true;
-                format!(
-                    "{} of {} rows kept other blocks (their top-n margins on {base}: {})",
-                    l.flipped.len(),
-                    l.rows,
-                    margins.join(", ")
-                )
-            };
-            println!(
-                "  layer {layer}: {flipped}; smallest margin of any row {:.1e}",
-                l.smallest_margin
-            );
-        }
-    }
-    let failed = worst.is_nan() || worst > args.tolerance as f64;
-    if let Some(path) = &args.json {
-        let devices: Vec<String> = rows
-            .iter()
-            .filter_map(|r| r["device"].as_str().map(String::from))
-            .collect();
-        nsa_infer::record::Record::on(
-            "nsa-infer compare",
-            "several",
-            &devices.join(", "),
-            serde_json::json!({
-                "model": args.model.display().to_string(),
-                "tokens": tokens.len(),
-                "tf32": args.tf32,
-                "tolerance": args.tolerance,
-            }),
-            serde_json::json!({ "rows": rows, "passed": !failed }),
-        )
-        .write(path)?;
-    }
-    if failed && flips && worst.is_finite() {
-        eprintln!(
-            "note: some queries kept other key blocks than on the first backend; where their \
-             top-n margins are at rounding level, that is a near-tie of the selection, not a \
-             numerical fault (see BENCHMARKS.md)"
+            "  layer {layer}: {flipped}; smallest margin of any row {:.1e}",
+            l.smallest_margin
         );
     }
-    if failed {
-        bail!(
-            "backends differ by {worst:.2e}, more than --tolerance {}",
-            args.tolerance
-        );
-    }
+    flips
+}
+
+/// The `compare` record (`--json`).
+fn write_compare_record(
+    args: &CompareArgs,
+    tokens: usize,
+    rows: &[serde_json::Value],
+    passed: bool,
+    path: &Path,
+) -> Result<()> {
+    let devices: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r["device"].as_str().map(String::from))
+        .collect();
+    nsa_infer::record::Record::on(
+        "nsa-infer compare",
+        "several",
+        &devices.join(", "),
+        serde_json::json!({
+            "model": args.model.display().to_string(),
+            "tokens": tokens,
+            "tf32": args.tf32,
+            "tolerance": args.tolerance,
+        }),
+        serde_json::json!({ "rows": rows, "passed": passed }),
+    )
+    .write(path)?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use nsa_train::backend::Selection;
+use nsa_runtime::backend::BackendChoice;
 use serde::Serialize;
 
 /// The format version of [`Record`]; `scripts/bench_report` refuses others.
@@ -15,7 +15,7 @@ pub const SCHEMA: &str = "nsa-bench-record/1";
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
     pub schema: &'static str,
-    /// `nsa-infer bench`, `nsa-bench`, ...
+    /// `nsa-bench`, `nsa-bench decode`, `nsa-infer compare`, ...
     pub tool: String,
     /// The commit the binary was built from (`-dirty` when it had uncommitted changes).
     pub commit: &'static str,
@@ -36,17 +36,17 @@ pub struct Record {
 }
 
 impl Record {
-    /// A record of `result`, measured now on `selection`.
+    /// A record of `result`, measured now on `choice`.
     pub fn new(
         tool: &str,
-        selection: &Selection,
+        choice: &BackendChoice,
         settings: serde_json::Value,
         result: serde_json::Value,
     ) -> Self {
         Self::on(
             tool,
-            &selection.kind.to_string(),
-            &selection.device_name,
+            &choice.kind.to_string(),
+            &choice.device_name,
             settings,
             result,
         )
@@ -68,7 +68,7 @@ impl Record {
             backend: backend.to_string(),
             device: device.to_string(),
             host_cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            env: nsa_train::environment::settings(std::env::vars_os()),
+            env: nsa_runtime::environment::settings(std::env::vars_os()),
             settings,
             result,
         }
@@ -77,7 +77,7 @@ impl Record {
     /// Writes the record as pretty JSON (atomically).
     pub fn write(&self, path: &Path) -> Result<()> {
         let json = serde_json::to_string_pretty(self)?;
-        nsa_train::bundle::atomic_write(path, json.as_bytes())
+        nsa_runtime::bundle::atomic_write(path, json.as_bytes())
             .with_context(|| format!("{}", path.display()))?;
         eprintln!("wrote {}", path.display());
         Ok(())

@@ -11,9 +11,9 @@ use burn::tensor::activation::log_softmax;
 use nsa_model::interop::StateDict;
 use nsa_model::kernels::KernelOptions;
 use nsa_model::{LayerSelection, Sampling, SplitMix64, Transformer, TransformerConfig};
-use nsa_train::backend::{OnBackend, Selection};
-use nsa_train::bundle::build_model;
-use nsa_train::tokenizer::Tokenizer;
+use nsa_runtime::backend::{BackendChoice, OnBackend};
+use nsa_runtime::bundle::build_model;
+use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
 /// Builds the model on `device` from host weights, or with random weights when `weights` is
@@ -127,7 +127,7 @@ pub struct ScoreReport {
 impl OnBackend for ScoreJob {
     type Output = Result<ScoreReport>;
 
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<ScoreReport> {
+    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Result<ScoreReport> {
         let t0 = Instant::now();
         let model = model::<B>(&self.config, Some(self.weights), self.options, &device)?;
         let n = self.tokens.len();
@@ -352,7 +352,7 @@ fn step_breakdown<B: Backend>(
 impl OnBackend for BenchJob {
     type Output = Result<BenchReport>;
 
-    fn run<B: Backend>(self, device: B::Device, sel: &Selection) -> Result<BenchReport> {
+    fn run<B: Backend>(self, device: B::Device, sel: &BackendChoice) -> Result<BenchReport> {
         let model = model::<B>(&self.config, self.weights, self.options, &device)?;
         let _ = B::sync(&device);
         let load_s = self.started.elapsed().as_secs_f64();
@@ -446,7 +446,7 @@ pub struct LogitsReport {
 impl OnBackend for LogitsJob {
     type Output = Result<LogitsReport>;
 
-    fn run<B: Backend>(self, device: B::Device, _: &Selection) -> Result<LogitsReport> {
+    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Result<LogitsReport> {
         let model = model::<B>(&self.config, Some(self.weights), self.options, &device)?;
         let n = self.tokens.len();
         let ids: Vec<i64> = self.tokens.iter().map(|&t| t as i64).collect();

@@ -2,7 +2,7 @@
 //! CJK and Latin text only make sense in context, so the whole continuation is decoded again and
 //! only the new suffix is returned.
 
-use nsa_train::tokenizer::Tokenizer;
+use nsa_runtime::tokenizer::Tokenizer;
 
 /// Turns a growing list of token ids into the text to print next.
 pub struct Streamer<'a> {
@@ -55,7 +55,7 @@ mod tests {
 
     #[test]
     fn streaming_equals_decoding_at_once() {
-        let tok = nsa_train::tokenizer::bert_base_chinese();
+        let tok = nsa_runtime::tokenizer::bert_base_chinese();
         let ids = tok.encode("床前明月光，hello world 2024年").unwrap();
         let mut s = Streamer::new(&tok);
         let streamed: String = ids.iter().map(|&id| s.push(id)).collect();

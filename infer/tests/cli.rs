@@ -23,7 +23,10 @@ fn nsa_infer(args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
         .spawn()
         .expect("the binary runs");
     if let Some(bytes) = stdin {
-        child.stdin.take().unwrap().write_all(bytes).unwrap();
+        // a refusal may come before the input is read: the binary has exited by then
+        if let Err(e) = child.stdin.take().unwrap().write_all(bytes) {
+            assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+        }
     } else {
         drop(child.stdin.take());
     }
@@ -615,4 +618,44 @@ fn nsa_bench_fails_unless_every_check_passed_and_records_its_rows() {
     let row = &record["result"]["rows"][0];
     assert_eq!(row["status"], "ok", "{row}");
     assert_eq!(row["ms_all"].as_array().unwrap().len(), 2, "{row}");
+}
+
+/// `nsa-bench --suite decode` (decoding at batch 1 and the first token) prints its figures and
+/// writes one record of the decode format; it runs alone.
+#[test]
+fn nsa_bench_decode_writes_its_record_and_runs_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("decode.json");
+    let (code, out, err) = nsa_bench(&[
+        "--suite",
+        "decode",
+        "--backend",
+        "cpu",
+        "--prompt-len",
+        "4",
+        "-n",
+        "2",
+        "--runs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("tokens/s warm (median of 1)"), "{out}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(record["schema"], "nsa-bench-record/1");
+    assert_eq!(record["tool"], "nsa-bench decode");
+    assert_eq!(record["settings"]["precision"], "f32");
+    assert_eq!(record["settings"]["runs"], 1);
+    assert_eq!(record["result"]["prompt_len"], 4);
+    assert_eq!(record["result"]["new_tokens"], 2);
+    assert!(
+        record["result"]["tokens_per_s"].as_f64().is_some(),
+        "{record}"
+    );
+
+    let (code, out, err) = nsa_bench(&["--suite", "decode,layer"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("runs alone"), "{err}");
 }

@@ -12,7 +12,8 @@ use burn::backend::NdArray;
 use burn::prelude::*;
 use common::{fixtures, small_vocab};
 use nsa_model::interop::HostTensor;
-use nsa_train::bundle::{read_state_dict, Bundle};
+use nsa_runtime::bundle::Bundle;
+use nsa_runtime::reference::read_state_dict;
 use safetensors::SafeTensors;
 
 type B = NdArray<f32>;

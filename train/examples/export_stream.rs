@@ -17,10 +17,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use nsa_runtime::tokenizer::bert_base_chinese;
 use nsa_train::config::TrainConfig;
 use nsa_train::corpus::{split, CorpusSource, TokenCache, WindowSampler};
 use nsa_train::data::validation_windows;
-use nsa_train::tokenizer::bert_base_chinese;
 
 fn write_all(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
     let mut f = std::fs::File::create(path).with_context(|| path.display().to_string())?;

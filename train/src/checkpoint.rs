@@ -27,7 +27,7 @@ use burn::train::metric::store::EventStoreClient;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::bundle::atomic_write;
+use nsa_runtime::bundle::atomic_write;
 
 /// Checkpoint directory of a run.
 pub fn checkpoint_dir(run: &Path) -> PathBuf {

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use clap::{CommandFactory, Parser};
 use nsa_model::AttentionKind;
 
-use crate::backend::{BackendKind, DeviceList, BACKEND_HELP};
 use crate::config::{Overrides, Preset, TokenizerAlgorithm};
+use nsa_runtime::backend::{BackendKind, DeviceList, BACKEND_HELP};
 
 /// Examples at the end of `nsa-train --help`.
 pub const EXAMPLES: &str = "\

@@ -18,10 +18,14 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use nsa_model::{AttentionKind, TransformerConfig};
+use nsa_model::TransformerConfig;
 use serde::{Deserialize, Deserializer, Serialize};
 
+mod overrides;
 mod toml_keys;
+mod validate;
+
+pub use overrides::Overrides;
 use toml_keys::{failing_key, first_difference, merge, parse_error, parse_table, readable};
 
 /// The `tiny` preset (`assets/configs/tiny.toml`).
@@ -187,7 +191,7 @@ impl Default for TokenizerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Corpus files or directories (see `corpus::read_documents`); empty = the embedded
+    /// Corpus files or directories (see `nsa_runtime::documents::read_documents`); empty = the embedded
     /// corpus.
     #[serde(default)]
     pub paths: Vec<PathBuf>,
@@ -342,60 +346,6 @@ fn model_table<'de, D: Deserializer<'de>>(d: D) -> Result<TransformerConfig, D::
         .map_err(|e: toml::de::Error| D::Error::custom(format!("[model]: {}", e.message())))
 }
 
-/// Values given on the command line; each replaces the configuration's.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Overrides {
-    /// `--steps`.
-    pub steps: Option<u64>,
-    /// `--batch-size`.
-    pub batch_size: Option<usize>,
-    /// `--lr`.
-    pub lr: Option<f64>,
-    /// `--seq-len`.
-    pub seq_len: Option<usize>,
-    /// `--grad-accum`.
-    pub grad_accum: Option<usize>,
-    /// `--seed`.
-    pub seed: Option<u64>,
-    /// `--eval-every`.
-    pub eval_every: Option<u64>,
-    /// `--sample-every`.
-    pub sample_every: Option<u64>,
-    /// `--log-every`.
-    pub log_every: Option<u64>,
-    /// `--attention`.
-    pub attention: Option<AttentionKind>,
-    /// `--data` (replaces `data.paths` when not empty).
-    pub data: Vec<PathBuf>,
-    /// `--tokenizer`.
-    pub tokenizer: Option<PathBuf>,
-    /// `--train-tokenizer`.
-    pub train_tokenizer: Option<TokenizerAlgorithm>,
-    /// `--vocab-size`.
-    pub vocab_size: Option<usize>,
-}
-
-impl Overrides {
-    /// Whether any option that changes the training recipe is set (refused with `--resume`,
-    /// where the run's saved configuration is used); returns the first such flag.
-    pub fn recipe_flag(&self) -> Option<&'static str> {
-        [
-            (self.batch_size.is_some(), "--batch-size"),
-            (self.lr.is_some(), "--lr"),
-            (self.seq_len.is_some(), "--seq-len"),
-            (self.grad_accum.is_some(), "--grad-accum"),
-            (self.seed.is_some(), "--seed"),
-            (self.attention.is_some(), "--attention"),
-            (!self.data.is_empty(), "--data"),
-            (self.tokenizer.is_some(), "--tokenizer"),
-            (self.train_tokenizer.is_some(), "--train-tokenizer"),
-            (self.vocab_size.is_some(), "--vocab-size"),
-        ]
-        .into_iter()
-        .find_map(|(set, flag)| set.then_some(flag))
-    }
-}
-
 impl TrainConfig {
     /// A preset.
     pub fn preset(preset: Preset) -> Self {
@@ -491,176 +441,6 @@ impl TrainConfig {
         first_difference(self, other, &Self::RESUMABLE_KEYS)
     }
 
-    /// Applies command-line values.
-    pub fn apply(&mut self, o: &Overrides) {
-        if let Some(v) = o.steps {
-            self.train.steps = v;
-        }
-        if let Some(v) = o.batch_size {
-            self.train.batch_size = v;
-        }
-        if let Some(v) = o.lr {
-            self.optim.lr = v;
-        }
-        if let Some(v) = o.seq_len {
-            self.data.seq_len = v;
-        }
-        if let Some(v) = o.grad_accum {
-            self.train.grad_accum = v;
-        }
-        if let Some(v) = o.seed {
-            self.train.seed = v;
-        }
-        if let Some(v) = o.eval_every {
-            self.train.eval_every = v;
-        }
-        if let Some(v) = o.sample_every {
-            self.train.sample_every = v;
-        }
-        if let Some(v) = o.log_every {
-            self.train.log_every = v;
-        }
-        if let Some(v) = o.attention {
-            self.model.attention = v;
-        }
-        if !o.data.is_empty() {
-            self.data.paths = o.data.clone();
-        }
-        if let Some(p) = &o.tokenizer {
-            self.tokenizer.path = Some(p.clone());
-            self.tokenizer.train = None;
-        }
-        if let Some(a) = o.train_tokenizer {
-            self.tokenizer.train = Some(a);
-            self.tokenizer.path = None;
-        }
-        if let Some(v) = o.vocab_size {
-            self.tokenizer.vocab_size = v;
-        }
-    }
-
-    /// Checks every value; the error names the key and its command-line flag.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        fn bad(key: &'static str, flag: Option<&'static str>, message: String) -> ConfigError {
-            ConfigError::Invalid { key, flag, message }
-        }
-        let positive = |key, flag, v: u64| {
-            if v == 0 {
-                Err(bad(key, flag, "must be at least 1".into()))
-            } else {
-                Ok(())
-            }
-        };
-        let t = &self.train;
-        positive("train.steps", Some("--steps"), t.steps)?;
-        positive(
-            "train.batch_size",
-            Some("--batch-size"),
-            t.batch_size as u64,
-        )?;
-        positive(
-            "train.grad_accum",
-            Some("--grad-accum"),
-            t.grad_accum as u64,
-        )?;
-        positive("train.eval_every", Some("--eval-every"), t.eval_every)?;
-        positive("train.log_every", Some("--log-every"), t.log_every)?;
-        positive("data.seq_len", Some("--seq-len"), self.data.seq_len as u64)?;
-        if t.sample_every > 0 {
-            positive("train.sample_prime", None, t.sample_prime as u64)?;
-            positive("train.sample_tokens", None, t.sample_tokens as u64)?;
-        }
-        positive("train.max_non_finite", None, t.max_non_finite)?;
-        let o = &self.optim;
-        if let Some(n) = o.schedule_steps {
-            positive("optim.schedule_steps", None, n)?;
-        }
-        if !(o.lr.is_finite() && o.lr > 0.0) {
-            return Err(bad(
-                "optim.lr",
-                Some("--lr"),
-                format!("must be a positive number, got {}", o.lr),
-            ));
-        }
-        for (key, v) in [
-            ("optim.min_lr_ratio", o.min_lr_ratio),
-            ("optim.beta1", o.beta1),
-            ("optim.beta2", o.beta2),
-        ] {
-            let ok = if key == "optim.min_lr_ratio" {
-                (0.0..=1.0).contains(&v)
-            } else {
-                (0.0..1.0).contains(&v)
-            };
-            if !ok {
-                return Err(bad(
-                    key,
-                    None,
-                    format!(
-                        "must be in [0, 1{}, got {v}",
-                        if key == "optim.min_lr_ratio" {
-                            "]"
-                        } else {
-                            ")"
-                        }
-                    ),
-                ));
-            }
-        }
-        for (key, v) in [
-            ("optim.weight_decay", o.weight_decay),
-            ("optim.grad_clip", o.grad_clip),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(bad(key, None, format!("must be a number >= 0, got {v}")));
-            }
-        }
-        if !(o.eps.is_finite() && o.eps > 0.0) {
-            return Err(bad(
-                "optim.eps",
-                None,
-                format!("must be a positive number, got {}", o.eps),
-            ));
-        }
-        let d = &self.data;
-        if !(0.0..1.0).contains(&d.val_fraction) || d.val_fraction == 0.0 {
-            return Err(bad(
-                "data.val_fraction",
-                None,
-                format!(
-                    "must be in (0, 1) (validation is needed for the best checkpoint), got {}",
-                    d.val_fraction
-                ),
-            ));
-        }
-        let tk = &self.tokenizer;
-        if tk.path.is_some() && tk.train.is_some() {
-            return Err(bad(
-                "tokenizer.path",
-                Some("--tokenizer"),
-                "cannot be combined with tokenizer.train (--train-tokenizer): choose one".into(),
-            ));
-        }
-        if tk.train.is_some() && tk.vocab_size < 16 {
-            return Err(bad(
-                "tokenizer.vocab_size",
-                Some("--vocab-size"),
-                format!("must be at least 16, got {}", tk.vocab_size),
-            ));
-        }
-        // the model, with a placeholder vocabulary when it comes from the tokenizer
-        let mut model = self.model.clone();
-        if model.num_tokens == 0 {
-            model.num_tokens = 1;
-        }
-        model.validate().map_err(|e| ConfigError::Invalid {
-            key: "model",
-            flag: None,
-            message: e.to_string(),
-        })?;
-        Ok(())
-    }
-
     /// The model config for a tokenizer of `vocab_size` ids, recording the trained context.
     pub fn model_config(&self, vocab_size: usize) -> Result<TransformerConfig, ConfigError> {
         let mut model = self.model.clone();
@@ -700,6 +480,7 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nsa_model::AttentionKind;
 
     #[test]
     fn presets_parse_and_validate() {

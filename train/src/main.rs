@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use nsa_train::backend::DeviceRequest;
+use nsa_runtime::backend::DeviceRequest;
+use nsa_runtime::kernel_cache::{self, Workload};
 use nsa_train::cli::Cli;
 use nsa_train::config::{Overrides, TrainConfig};
-use nsa_train::kernel_cache::{self, Workload};
 use nsa_train::strategy::{is_run_dir, EndReason};
 use nsa_train::training::{run, RunOptions, Start, UiMode};
 
@@ -110,7 +110,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         stop_at: cli.stop_at,
         cache_dir: cli.cache_dir,
         interrupter: Default::default(),
-        kernels: nsa_train::environment::kernel_options(std::env::vars_os())?,
+        kernels: nsa_runtime::environment::kernel_options(std::env::vars_os())?,
     };
     let interrupter = options.interrupter.clone();
     let signals = Arc::new(AtomicUsize::new(0));
@@ -145,8 +145,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    nsa_train::failure::install_panic_hook("nsa-train", nsa_train::failure::TRAIN_MEMORY_HINT);
-    nsa_train::backend::quiet_headless_probe();
+    nsa_runtime::failure::install_panic_hook("nsa-train", nsa_runtime::failure::TRAIN_MEMORY_HINT);
+    nsa_runtime::backend::quiet_headless_probe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -155,14 +155,14 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    if let Err(e) = nsa_train::environment::check_vars(std::env::vars_os()) {
+    if let Err(e) = nsa_runtime::environment::check_vars(std::env::vars_os()) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("{}", nsa_train::failure::error_line(e.chain()));
+            eprintln!("{}", nsa_runtime::failure::error_line(e.chain()));
             ExitCode::FAILURE
         }
     }

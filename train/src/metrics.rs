@@ -380,7 +380,7 @@ impl CsvLog {
                 }
             }
         }
-        crate::bundle::atomic_write(path, text.as_bytes())?;
+        nsa_runtime::bundle::atomic_write(path, text.as_bytes())?;
         let file = fs::OpenOptions::new().append(true).open(path)?;
         Ok(Self {
             path: path.to_path_buf(),

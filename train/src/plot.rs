@@ -488,7 +488,7 @@ pub fn write_loss_png(
     title: &str,
 ) -> std::io::Result<()> {
     let bytes = render(&LossSeries::from_rows(rows), entropy, title);
-    crate::bundle::atomic_write(path, &bytes)
+    nsa_runtime::bundle::atomic_write(path, &bytes)
 }
 
 #[cfg(test)]

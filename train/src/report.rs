@@ -23,12 +23,12 @@ use burn::train::renderer::{
     MetricsRendererTraining, ProgressType, TrainingProgress,
 };
 
-use crate::backend::Selection;
 use crate::checkpoint::TrainState;
 use crate::config::{Preset, TrainConfig};
 use crate::schedule::WarmupCosine;
 use crate::strategy::{EndReason, Sample};
 use crate::training::DataInfo;
+use nsa_runtime::backend::BackendChoice;
 
 /// Writes run messages to `<run>/train.log` and, in plain mode, to stdout.
 pub struct Reporter {
@@ -129,8 +129,8 @@ pub struct RunSummary {
     pub out: PathBuf,
     /// The configuration used.
     pub config: TrainConfig,
-    /// The backend selection.
-    pub selection: Selection,
+    /// The backend choice.
+    pub choice: BackendChoice,
     /// The step the session started from.
     pub start_step: u64,
     /// The step reached.
@@ -218,10 +218,16 @@ impl RunSummary {
         let o = &self.out;
         let mut files = vec![format!("metrics {}", o.join("metrics.csv").display())];
         files.push(format!("loss curve {}", o.join("loss.png").display()));
-        if o.join("best").join(crate::bundle::WEIGHTS_FILE).is_file() {
+        if o.join("best")
+            .join(nsa_runtime::bundle::WEIGHTS_FILE)
+            .is_file()
+        {
             files.push(format!("best model {}", o.join("best").display()));
         }
-        if o.join("last").join(crate::bundle::WEIGHTS_FILE).is_file() {
+        if o.join("last")
+            .join(nsa_runtime::bundle::WEIGHTS_FILE)
+            .is_file()
+        {
             files.push(format!("last model {}", o.join("last").display()));
         }
         out.push(files.join(" | "));

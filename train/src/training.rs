@@ -46,27 +46,27 @@ use burn::train::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{
-    dispatch_autodiff, select, select_devices, BackendError, DeviceList, DeviceRequest,
-    OnAutodiffBackend, Selection,
-};
-use crate::bundle::{atomic_write, BundleError};
 use crate::checkpoint::{
-    checkpoint_dir, latest, record_path, AtomicRecorder, CheckpointError, CheckpointPlan,
+    checkpoint_dir, record_path, AtomicRecorder, CheckpointError, CheckpointPlan,
     PlannedCheckpointing, SaveTracker, TrainState,
 };
-use crate::config::{ConfigError, Overrides, TokenizerAlgorithm, TrainConfig};
-use crate::corpus::{split, CacheOutcome, CorpusError, CorpusSource, TokenCache};
-use crate::data::{unigram_entropy, validation_windows, StepCursor, TrainBatches, ValidBatches};
+use crate::config::{ConfigError, Overrides, TrainConfig};
+use crate::corpus::{CorpusError, TokenCache};
+use crate::data::{StepCursor, TrainBatches, ValidBatches};
 use crate::lm::LanguageModel;
-use crate::metrics::{read_csv, CsvLog, GradNormMetric, PerplexityMetric, ThroughputMetric};
-use crate::parallel::ShardPlan;
+use crate::metrics::{
+    read_csv, CsvLog, CsvRow, GradNormMetric, PerplexityMetric, ThroughputMetric,
+};
 use crate::plot::write_loss_png;
 pub use crate::report::RunSummary;
-use crate::report::{start_notes, thousands, NoMetricFiles, QuietRenderer, Reporter};
+use crate::report::{NoMetricFiles, QuietRenderer, Reporter};
 use crate::schedule::WarmupCosine;
-use crate::strategy::{is_run_dir, EndReason, FitContext, FitOutcome, NsaStrategy};
-use crate::tokenizer::{bert_base_chinese, Tokenizer, TokenizerError};
+use crate::strategy::{EndReason, FitContext, FitOutcome, NsaStrategy};
+use nsa_runtime::backend::{
+    dispatch_autodiff, BackendChoice, BackendError, DeviceList, DeviceRequest, OnAutodiffBackend,
+};
+use nsa_runtime::bundle::BundleError;
+use nsa_runtime::tokenizer::{Tokenizer, TokenizerError};
 
 /// The optimizer of the Learner.
 pub type Optim<B> = OptimizerAdaptor<AdamW, LanguageModel<B>, B>;
@@ -233,105 +233,24 @@ struct Prepared {
     slow_hint: String,
 }
 
-fn canonical_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, TrainError> {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::canonicalize(p).map_err(|e| {
-                TrainError::Corpus(CorpusError::Io {
-                    path: p.clone(),
-                    source: e,
-                })
-            })
-        })
-        .collect()
-}
+mod setup;
 
-fn source_of(config: &TrainConfig) -> CorpusSource {
-    if config.data.paths.is_empty() {
-        CorpusSource::Default
-    } else {
-        CorpusSource::Paths(config.data.paths.clone())
-    }
-}
+use setup::{
+    choose_backend, load_tokenizer, prepare_data, report_start, resolve_config, source_of,
+    starting_state, write_run_files, Resolved, StartReport,
+};
 
 /// Runs (or resumes) a training run; see the module documentation.
 pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
     let started = Instant::now();
     let out = options.out.clone();
-    let run_exists = is_run_dir(&out);
-    // the planned steps of a resumed run (its saved config.toml)
-    let mut saved_steps = None;
-    let (mut config, resume) = match &options.start {
-        Start::New(config) => {
-            if run_exists {
-                return Err(TrainError::RunDir(format!(
-                    "{} already holds a training run (config.toml): continue it with --resume, \
-                     or choose another --out",
-                    out.display()
-                )));
-            }
-            (config.clone(), false)
-        }
-        Start::Resume(o) => {
-            if !run_exists {
-                return Err(TrainError::RunDir(format!(
-                    "{}: no training run to resume (config.toml missing); start one without --resume",
-                    out.display()
-                )));
-            }
-            let mut config = TrainConfig::from_file(&out.join("config.toml"))?;
-            let planned = config.train.steps;
-            saved_steps = Some(planned);
-            let allowed = Overrides {
-                steps: o.steps,
-                eval_every: o.eval_every,
-                sample_every: o.sample_every,
-                log_every: o.log_every,
-                ..Default::default()
-            };
-            config.apply(&allowed);
-            // a new length keeps the schedule of the steps the run was planned with
-            if config.train.steps != planned && config.optim.schedule_steps.is_none() {
-                config.optim.schedule_steps = Some(planned);
-            }
-            config.validate()?;
-            (config, true)
-        }
-    };
-    if !resume {
-        config.validate()?;
-        config.data.paths = canonical_paths(&config.data.paths)?;
-        if let Some(p) = &config.tokenizer.path {
-            if !p.is_file() {
-                return Err(TrainError::Tokenizer(TokenizerError::Read {
-                    path: p.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "no such file (--tokenizer / tokenizer.path)",
-                    ),
-                }));
-            }
-        }
-    }
-
+    let Resolved {
+        config,
+        resume,
+        saved_steps,
+    } = resolve_config(&options)?;
     // the backend first: an unavailable one is refused before any work
-    let selection = match &options.devices {
-        Some(list) => select_devices(options.device.kind, list)?,
-        None => select(options.device)?,
-    };
-    if selection.devices.len() > 1 {
-        ShardPlan::new(
-            config.train.batch_size,
-            config.train.grad_accum,
-            selection.devices.len(),
-        )
-        .map_err(|message| ConfigError::Invalid {
-            key: "train.grad_accum",
-            flag: Some("--devices"),
-            message,
-        })?;
-    }
+    let choice = choose_backend(&options, &config)?;
 
     let dashboard =
         options.ui == UiMode::Auto && cfg!(feature = "tui") && std::io::stdout().is_terminal();
@@ -339,222 +258,36 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
     // the log file is opened once the directory is known to be ours
     let mut reporter = Reporter::new(None, echo);
 
-    // checkpoint to resume from
-    let ckpt_dir = checkpoint_dir(&out);
-    let state = if resume {
-        match latest(&ckpt_dir)? {
-            Some(mut s) => {
-                s.total_steps = config.train.steps;
-                s
-            }
-            None => TrainState::new(config.train.steps),
-        }
-    } else {
-        TrainState::new(config.train.steps)
-    };
-    if let Some(planned) = saved_steps {
-        let steps = config.train.steps;
-        if steps != planned && steps <= state.step {
-            return Err(TrainError::RunDir(format!(
-                "the run in {} is at step {}: --steps {steps} would not train it further; pass \
-                 --steps with more than {} steps to train longer, or leave --steps out",
-                out.display(),
-                state.step,
-                state.step
-            )));
-        }
-    }
-
-    // tokenizer
+    let state = starting_state(&out, &config, resume, saved_steps)?;
     let source = source_of(&config);
-    let tokenizer = if resume {
-        let path = out.join("tokenizer.json");
-        Tokenizer::from_file(&path)?
-    } else if let Some(path) = &config.tokenizer.path {
-        Tokenizer::from_file(path)?
-    } else if let Some(algo) = config.tokenizer.train {
-        let docs = source.read()?;
-        reporter.line(format!(
-            "training a {algo} tokenizer of {} tokens on {} documents",
-            thousands(config.tokenizer.vocab_size as u64),
-            thousands(docs.len() as u64)
-        ));
-        match algo {
-            TokenizerAlgorithm::Wordpiece => {
-                Tokenizer::train_wordpiece_on(&docs, config.tokenizer.vocab_size)?
-            }
-            TokenizerAlgorithm::Bpe => Tokenizer::train_bpe_on(&docs, config.tokenizer.vocab_size)?,
-        }
-    } else {
-        bert_base_chinese()
-    };
+    let tokenizer = load_tokenizer(&out, &config, resume, &source, &reporter)?;
     let model_config = config.model_config(tokenizer.vocab_size())?;
-
-    // token cache and split
-    let cache_dir = options
-        .cache_dir
-        .clone()
-        .or_else(|| crate::kernel_cache::cache_root().map(|d| d.join("tokens")))
-        .unwrap_or_else(|| out.join("cache"));
-    let (cache, outcome) = TokenCache::load_or_build(&source, &tokenizer, &cache_dir)?;
-    match &outcome {
-        CacheOutcome::Reused => {}
-        CacheOutcome::Built => reporter.line(format!(
-            "tokenised the corpus: {} tokens in {} documents -> {}",
-            thousands(cache.len() as u64),
-            thousands(cache.documents()),
-            cache.path().display()
-        )),
-        CacheOutcome::Rebuilt(why) => reporter.line(format!(
-            "rebuilt the token cache {} ({why})",
-            cache.path().display()
-        )),
-    }
-    let seq_len = config.data.seq_len;
-    let (train_range, valid_range) = split(cache.len(), config.data.val_fraction)?;
-    let window = seq_len + 1;
-    if train_range.len() < window || valid_range.len() < window {
-        let needed = ((window as f64 / config.data.val_fraction).ceil() as usize).max(2 * window);
-        return Err(TrainError::TooShort(format!(
-            "the corpus is too short: {} tokens give a training split of {} and a validation split \
-             of {} tokens, but each needs at least one sequence of seq_len + 1 = {window} tokens \
-             (about {} tokens in all with data.val_fraction = {}); use more data (--data) or a \
-             smaller --seq-len",
-            cache.len(),
-            train_range.len(),
-            valid_range.len(),
-            thousands(needed as u64),
-            config.data.val_fraction
-        )));
-    }
-    let valid_windows = validation_windows(valid_range.clone(), seq_len, config.data.eval_windows);
-    let (entropy, distinct) = unigram_entropy(&cache, train_range.clone());
-    let data = DataInfo {
-        tokens: cache.len(),
-        documents: cache.documents(),
-        train: train_range.clone(),
-        valid: valid_range.clone(),
-        valid_windows: valid_windows.len(),
-        unigram_entropy: entropy,
-        distinct_tokens: distinct,
-        corpus_fingerprint: hex(&cache.corpus_fingerprint()),
-    };
-    if resume {
-        if let Ok(text) = std::fs::read_to_string(out.join("data.json")) {
-            if let Ok(old) = serde_json::from_str::<DataInfo>(&text) {
-                if old.tokens != data.tokens || old.corpus_fingerprint != data.corpus_fingerprint {
-                    reporter.line(format!(
-                        "warning: the corpus changed since the run started ({} tokens, now {}): \
-                         the resumed run trains on the new data",
-                        old.tokens, data.tokens
-                    ));
-                }
-            }
-        }
-    }
+    let data = prepare_data(&options, &config, resume, &source, &tokenizer, &reporter)?;
 
     // the run directory: everything was validated, now write
-    std::fs::create_dir_all(&out).map_err(io_err(&out))?;
-    reporter.set_log(&out.join("train.log"));
-    if !resume {
-        let path = out.join("config.toml");
-        atomic_write(&path, config.to_toml().as_bytes()).map_err(io_err(&path))?;
-        let path = out.join("tokenizer.json");
-        atomic_write(&path, tokenizer.to_json().as_bytes()).map_err(io_err(&path))?;
-    } else if config.train.steps
-        != TrainConfig::from_file(&out.join("config.toml"))?
-            .train
-            .steps
-    {
-        let path = out.join("config.toml");
-        atomic_write(&path, config.to_toml().as_bytes()).map_err(io_err(&path))?;
-    }
-    let path = out.join("data.json");
-    atomic_write(
-        &path,
-        serde_json::to_string_pretty(&data).unwrap().as_bytes(),
-    )
-    .map_err(io_err(&path))?;
-
-    reporter.line(format!(
-        "backend: {} on {} ({})",
-        selection.kind, selection.device_name, selection.reason
-    ));
-    let m = &model_config;
-    reporter.line(format!(
-        "model: {} attention, dim {}, depth {}, {} heads x {} ({} kv heads), vocabulary {}, context {}",
-        m.attention,
-        m.dim,
-        m.depth,
-        m.heads,
-        m.dim_head,
-        m.kv_heads(),
-        thousands(m.num_tokens as u64),
-        seq_len
-    ));
-    reporter.line(format!(
-        "data: {} tokens ({} training, {} validation in {} windows); unigram entropy of the \
-         training split {:.4} nats",
-        thousands(data.tokens as u64),
-        thousands(train_range.len() as u64),
-        thousands(valid_range.len() as u64),
-        valid_windows.len(),
-        entropy
-    ));
-    let t = &config.train;
-    let schedule = WarmupCosine::from_config(&config.optim, t.steps);
-    let planned = schedule.planned_steps();
-    reporter.line(format!(
-        "training: {} steps of {} x {} x {} tokens, AdamW lr {:.1e} (warmup {}, cosine to {:.1e}{}), clip {}, seed {}; \
-         log lines every {} steps show the mean loss of those steps (metrics.csv has every step){}",
-        t.steps,
-        t.batch_size,
-        t.grad_accum,
-        seq_len,
-        config.optim.lr,
-        config.optim.warmup_steps.min(planned),
-        config.optim.lr * config.optim.min_lr_ratio,
-        if planned != t.steps {
-            format!(" at step {planned}")
-        } else {
-            String::new()
+    write_run_files(&out, &config, resume, &tokenizer, &data.info, &mut reporter)?;
+    let slow_hint = report_start(
+        &reporter,
+        &StartReport {
+            out: &out,
+            config: &config,
+            model: &model_config,
+            choice: &choice,
+            data: &data,
+            start_step: state.step,
+            dashboard,
         },
-        config.optim.grad_clip,
-        t.seed,
-        t.log_every,
-        if state.step > 0 {
-            format!("; resuming at step {}", state.step)
-        } else {
-            String::new()
-        }
-    ));
-    let (notes, slow_hint) = start_notes(&config, state.step, selection.kind.is_cpu());
-    for note in &notes {
-        reporter.line(note);
-        if dashboard {
-            println!("{note}");
-        }
-    }
-    if dashboard {
-        reporter.line(format!(
-            "dashboard: Ctrl-C, or q then s, stops with a checkpoint; log: {}",
-            out.join("train.log").display()
-        ));
-        println!(
-            "{} — starting the dashboard (Ctrl-C, or q then s, stops with a checkpoint; its \
-             \"Eval interval\" is {} steps)",
-            out.display(),
-            config.train.eval_every
-        );
-    }
+    );
 
     let start_step = state.step;
+    let entropy = data.info.unigram_entropy;
+    let info = data.info.clone();
     let prepared = Prepared {
         out: out.clone(),
         tokenizer: Arc::new(tokenizer),
-        cache: Arc::new(cache),
-        data: data.clone(),
-        valid_windows,
+        cache: Arc::new(data.cache),
+        data: data.info,
+        valid_windows: data.valid_windows,
         state: state.clone(),
         reporter: Arc::new(reporter),
         stop_at: options.stop_at,
@@ -574,23 +307,69 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
         ));
         None
     } else {
-        Some(dispatch_autodiff(&selection, TrainWork(prepared))??)
+        Some(dispatch_autodiff(&choice, TrainWork(prepared))??)
     };
 
     let rows = read_csv(&out.join("metrics.csv")).unwrap_or_default();
-    let png = out.join("loss.png");
-    if !rows.is_empty() {
-        let title = format!(
-            "loss (nats), {} attention, {}",
-            config.model.attention,
-            out.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        );
-        if let Err(e) = write_loss_png(&png, &rows, Some(entropy), &title) {
-            reporter.line(format!("warning: cannot write {}: {e}", png.display()));
-        }
+    plot_loss(&out, &config, &rows, entropy, &reporter);
+    let summary = summarise(
+        Finished {
+            out,
+            config,
+            choice,
+            start_step,
+            state,
+            data: info,
+            dashboard,
+            wall_seconds: started.elapsed().as_secs_f64(),
+        },
+        fit,
+        &rows,
+    );
+    for line in summary.lines() {
+        reporter.line(format!("[summary] {line}"));
     }
+    match summary.end.clone() {
+        EndReason::NonFinite(why) => Err(TrainError::NonFinite(why)),
+        EndReason::Failed(why) => Err(TrainError::Failed(why)),
+        _ => Ok(summary),
+    }
+}
+
+/// Writes `<run>/loss.png` from the metrics rows; a failure is a warning in the log.
+fn plot_loss(out: &Path, config: &TrainConfig, rows: &[CsvRow], entropy: f64, reporter: &Reporter) {
+    if rows.is_empty() {
+        return;
+    }
+    let png = out.join("loss.png");
+    let title = format!(
+        "loss (nats), {} attention, {}",
+        config.model.attention,
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    if let Err(e) = write_loss_png(&png, rows, Some(entropy), &title) {
+        reporter.line(format!("warning: cannot write {}: {e}", png.display()));
+    }
+}
+
+/// What [`summarise`] needs besides the fit's outcome.
+struct Finished {
+    out: PathBuf,
+    config: TrainConfig,
+    choice: BackendChoice,
+    start_step: u64,
+    /// The state the session started from.
+    state: TrainState,
+    data: DataInfo,
+    dashboard: bool,
+    wall_seconds: f64,
+}
+
+/// The run's summary: the fit's outcome (`None`: the run was already complete) and the mean
+/// training loss since the last evaluation, from the metrics rows.
+fn summarise(f: Finished, fit: Option<FitOutcome>, rows: &[CsvRow]) -> RunSummary {
     let (state, end, samples, train_seconds, train_tokens, last_checkpoint) = match fit {
         Some(f) => (
             f.state,
@@ -601,16 +380,16 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
             f.last_checkpoint,
         ),
         None => (
-            state,
+            f.state,
             EndReason::Finished,
             Vec::new(),
             0.0,
             0,
-            Some(start_step),
+            Some(f.start_step),
         ),
     };
     let last_eval =
-        (state.step.saturating_sub(1) / config.train.eval_every) * config.train.eval_every;
+        (state.step.saturating_sub(1) / f.config.train.eval_every) * f.config.train.eval_every;
     let recent: Vec<f64> = rows
         .iter()
         .filter(|r| {
@@ -620,30 +399,22 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
         .collect();
     let final_train_loss =
         (!recent.is_empty()).then(|| recent.iter().sum::<f64>() / recent.len() as f64);
-    let summary = RunSummary {
-        out,
-        config,
-        selection,
-        start_step,
+    RunSummary {
+        out: f.out,
+        config: f.config,
+        choice: f.choice,
+        start_step: f.start_step,
         end_step: state.step,
-        end: end.clone(),
+        end,
         state,
-        wall_seconds: started.elapsed().as_secs_f64(),
+        wall_seconds: f.wall_seconds,
         train_seconds,
         train_tokens,
         final_train_loss,
-        data,
+        data: f.data,
         samples,
-        dashboard,
+        dashboard: f.dashboard,
         last_checkpoint,
-    };
-    for line in summary.lines() {
-        reporter.line(format!("[summary] {line}"));
-    }
-    match end {
-        EndReason::NonFinite(why) => Err(TrainError::NonFinite(why)),
-        EndReason::Failed(why) => Err(TrainError::Failed(why)),
-        _ => Ok(summary),
     }
 }
 
@@ -652,7 +423,7 @@ struct TrainWork(Prepared);
 impl OnAutodiffBackend for TrainWork {
     type Output = Result<FitOutcome, TrainError>;
 
-    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &Selection) -> Self::Output {
+    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &BackendChoice) -> Self::Output {
         let p = self.0;
         let device = devices[0].clone();
         let config = &p.config;

@@ -299,7 +299,7 @@ fn help_shows_examples_and_one_backend_vocabulary() {
         out.contains("nsa-train --preset tiny --backend cpu"),
         "{out}"
     );
-    assert!(out.contains(nsa_train::backend::BACKEND_NAMES), "{out}");
+    assert!(out.contains(nsa_runtime::backend::BACKEND_NAMES), "{out}");
     assert!(out.contains("Ctrl-C"), "{out}");
     for stale in ["cpu or ndarray\n", "ndarray (= cpu)", "flex,", ", flex"] {
         assert!(!out.contains(stale), "`{stale}` in:\n{out}");
@@ -316,9 +316,9 @@ fn help_shows_examples_and_one_backend_vocabulary() {
     // `flex` is still understood, and shown as `cpu`
     assert_eq!(
         "flex"
-            .parse::<nsa_train::backend::BackendKind>()
+            .parse::<nsa_runtime::backend::BackendKind>()
             .map(|k| k.to_string()),
-        Ok(nsa_train::backend::BackendKind::cpu().to_string())
+        Ok(nsa_runtime::backend::BackendKind::cpu().to_string())
     );
 }
 
@@ -382,7 +382,7 @@ fn trains_stops_resumes_and_writes_the_bundle() {
         ] {
             assert!(out.join(bundle).join(f).is_file(), "{bundle}/{f}");
         }
-        nsa_train::bundle::Bundle::read(&out.join(bundle)).unwrap();
+        nsa_runtime::bundle::Bundle::read(&out.join(bundle)).unwrap();
     }
     let png = std::fs::read(out.join("loss.png")).unwrap();
     assert_eq!(&png[..4], b"\x89PNG");

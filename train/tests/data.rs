@@ -8,11 +8,11 @@ use std::sync::Arc;
 use burn::backend::NdArray;
 use burn::data::dataloader::DataLoader;
 use burn::prelude::*;
+use nsa_runtime::tokenizer::bert_base_chinese;
 use nsa_train::corpus::{eval_tail, split, CorpusSource, TokenCache};
 use nsa_train::data::{
     sample_prime, unigram_entropy, validation_windows, StepCursor, TrainBatches, ValidBatches,
 };
-use nsa_train::tokenizer::bert_base_chinese;
 
 type B = NdArray<f32>;
 

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nsa_train::bundle::{read_state_dict, WEIGHTS_FILE};
+use nsa_runtime::bundle::WEIGHTS_FILE;
+use nsa_runtime::reference::read_state_dict;
 use nsa_train::checkpoint::{checkpoint_dir, latest};
 use nsa_train::metrics::read_csv;
 

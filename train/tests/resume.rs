@@ -6,8 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use nsa_train::backend::{BackendKind, DeviceList};
-use nsa_train::bundle::{read_state_dict, WEIGHTS_FILE};
+use nsa_runtime::backend::{BackendKind, DeviceList};
+use nsa_runtime::bundle::WEIGHTS_FILE;
+use nsa_runtime::reference::read_state_dict;
 use nsa_train::checkpoint::{checkpoint_dir, complete_steps, latest};
 use nsa_train::config::{Overrides, TrainConfig};
 use nsa_train::metrics::{read_csv, CsvRow};
@@ -123,7 +124,7 @@ fn resumed_training_equals_uninterrupted_training() {
     o.devices = Some(DeviceList::Indices(vec![0, 0]));
     let s = run(o).unwrap();
     assert_eq!(s.end, EndReason::Finished);
-    assert_eq!(s.selection.devices, vec![0, 0]);
+    assert_eq!(s.choice.devices, vec![0, 0]);
     let losses = train_losses(&parallel);
     assert_eq!(losses.len(), 8);
     for ((step, a), (_, b)) in reference.iter().zip(&losses) {

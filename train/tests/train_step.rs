@@ -8,8 +8,8 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use nsa_runtime::tokenizer::bert_base_chinese;
 use nsa_train::lm::{global_grad_norm, lm_loss, LanguageModel, TokenBatch};
-use nsa_train::tokenizer::bert_base_chinese;
 
 type B = Autodiff<NdArray<f32>>;
 

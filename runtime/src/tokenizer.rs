@@ -47,7 +47,7 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
-use crate::corpus::{self, CorpusError};
+use crate::documents::{self, DocumentError};
 
 /// The bert-base-chinese `vocab.txt`, embedded at compile time.
 pub const BERT_BASE_CHINESE_VOCAB: &str = include_str!("../../assets/tokenizer/vocab.txt");
@@ -86,7 +86,7 @@ pub enum TokenizerError {
     Encode(String),
     /// The training corpus could not be read.
     #[error(transparent)]
-    Corpus(#[from] Box<CorpusError>),
+    Corpus(#[from] DocumentError),
 }
 
 /// How ids are turned back into text.
@@ -164,7 +164,7 @@ impl Tokenizer {
     }
 
     /// Trains a WordPiece tokenizer (BERT normalizer and pre-tokenizer, no lowercasing) on
-    /// the documents of `files` (any format [`corpus::read_documents`] accepts). The special
+    /// the documents of `files` (any format [`documents::read_documents`] accepts). The special
     /// tokens `[PAD] [UNK] [CLS] [SEP] [MASK]` get ids 0 to 4.
     pub fn train_wordpiece<P: AsRef<Path>>(
         files: &[P],
@@ -448,7 +448,7 @@ fn show_progress() -> bool {
 fn read_all<P: AsRef<Path>>(files: &[P]) -> Result<Vec<String>, TokenizerError> {
     let mut docs = Vec::new();
     for f in files {
-        docs.extend(corpus::read_documents(f.as_ref()).map_err(Box::new)?);
+        docs.extend(documents::read_documents(f.as_ref())?);
     }
     Ok(docs)
 }

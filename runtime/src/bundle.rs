@@ -9,19 +9,18 @@
 //!
 //! The weights use the reference's names and layouts, so `model.safetensors` loads into the
 //! PyTorch `Transformer` with `load_state_dict` and a PyTorch checkpoint imports back (see
-//! [`read_state_dict`]). Every file is written atomically: a temporary file in the same
+//! [`crate::reference`]). Every file is written atomically: a temporary file in the same
 //! directory, fsync, then rename, so a crash never leaves a half-written file behind.
 
-use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use nsa_model::interop::{HostTensor, LoadError, StateDict};
+use nsa_model::interop::{LoadError, StateDict};
 use nsa_model::{Transformer, TransformerConfig};
-use safetensors::{Dtype, SafeTensors};
 
+use crate::reference::{read_state_dict, write_weights};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// Config file name.
@@ -101,7 +100,7 @@ pub enum BundleError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
     move |source| BundleError::Io {
         path: path.to_path_buf(),
         source,
@@ -136,109 +135,6 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
-}
-
-/// Serialises a state dict as safetensors (f32) with `metadata`.
-pub fn state_dict_bytes(
-    dict: &StateDict,
-    metadata: Option<HashMap<String, String>>,
-) -> Result<Vec<u8>, safetensors::SafeTensorError> {
-    let raw: Vec<(String, Vec<u8>, Vec<usize>)> = dict
-        .iter()
-        .map(|(k, t)| {
-            let bytes = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (k.clone(), bytes, t.shape.clone())
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raw
-        .iter()
-        .map(|(k, b, s)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b)
-                    .expect("sizes match"),
-            )
-        })
-        .collect();
-    safetensors::serialize(views, metadata)
-}
-
-/// Reads a weights file: safetensors (any float dtype, converted to f32) or a PyTorch `.pt` /
-/// `.pth` / `.bin` checkpoint (a `state_dict`, possibly under a `state_dict` / `model` key).
-pub fn read_state_dict(path: &Path) -> Result<StateDict, BundleError> {
-    let bad = |reason: String| BundleError::Weights {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let bytes = fs::read(path).map_err(io(path))?;
-    if bytes.starts_with(b"PK\x03\x04")
-        || path
-            .extension()
-            .is_some_and(|e| e == "pt" || e == "pth" || e == "bin")
-    {
-        return read_pytorch(path).map_err(bad);
-    }
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let mut dict = StateDict::new();
-    for (name, view) in st.tensors() {
-        let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            bad(format!(
-                "tensor `{name}` has unsupported dtype {:?}",
-                view.dtype()
-            ))
-        })?;
-        dict.insert(
-            name,
-            HostTensor {
-                shape: view.shape().to_vec(),
-                values,
-            },
-        );
-    }
-    Ok(dict)
-}
-
-fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| burn::tensor::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| burn::tensor::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        _ => return None,
-    })
-}
-
-fn read_pytorch(path: &Path) -> Result<StateDict, String> {
-    use burn_store::pytorch::PytorchReader;
-    let reader = PytorchReader::new(path)
-        .or_else(|_| PytorchReader::with_top_level_key(path, "state_dict"))
-        .or_else(|_| PytorchReader::with_top_level_key(path, "model"))
-        .map_err(|e| e.to_string())?;
-    let mut dict = StateDict::new();
-    for (name, snapshot) in reader.into_tensors() {
-        let data = snapshot
-            .to_data()
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
-        let shape = data.shape.to_vec();
-        let values = data
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| format!("tensor `{name}`: {e:?}"))?;
-        dict.insert(name, HostTensor { shape, values });
-    }
-    Ok(dict)
 }
 
 /// Reads and validates a model config file.
@@ -312,23 +208,6 @@ impl Bundle {
     }
 }
 
-/// The model config an exported weights file records in its safetensors metadata
-/// (`nsa_config`, written by [`write_weights`]); `None` for other files.
-pub fn recorded_config(path: &Path) -> Result<Option<TransformerConfig>, BundleError> {
-    if path.extension().is_none_or(|e| e != "safetensors") {
-        return Ok(None);
-    }
-    let bytes = fs::read(path).map_err(io(path))?;
-    let Ok((_, meta)) = SafeTensors::read_metadata(&bytes) else {
-        return Ok(None);
-    };
-    Ok(meta
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("nsa_config"))
-        .and_then(|json| serde_json::from_str(json).ok()))
-}
-
 /// What to say when `dir` is not a model directory: a training run's `best/` and `last/`
 /// bundles inside it, or that it does not exist.
 fn not_a_bundle_hint(dir: &Path) -> String {
@@ -376,24 +255,6 @@ pub fn write_bundle<B: Backend>(
     let path = dir.join(TOKENIZER_FILE);
     atomic_write(&path, tokenizer.to_json().as_bytes()).map_err(io(&path))?;
     write_weights(&dir.join(WEIGHTS_FILE), model)
-}
-
-/// Writes the weights of `model` as safetensors in the reference's naming (atomically).
-pub fn write_weights<B: Backend>(path: &Path, model: &Transformer<B>) -> Result<(), BundleError> {
-    let metadata = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        (
-            "nsa_config".to_string(),
-            serde_json::to_string(&model.config).expect("config"),
-        ),
-    ]);
-    let bytes = state_dict_bytes(&model.reference_state(), Some(metadata)).map_err(|e| {
-        BundleError::Weights {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        }
-    })?;
-    atomic_write(path, &bytes).map_err(io(path))
 }
 
 #[cfg(test)]
