@@ -93,7 +93,7 @@ pub struct DeviceSampling {
 /// `None` for a case it does not handle; the caller then uses the tensor-op path. Arguments and
 /// results are exactly those of the tensor-op function each method replaces.
 pub trait NsaKernels<B: Backend>: Send + Sync {
-    /// The selected branch (`nsa_model::select::fine_attention`): rotated `q` `[batch, heads, seq, dim_head]`, rotated
+    /// The selected branch (`nsa_model::select::selected_attention`): rotated `q` `[batch, heads, seq, dim_head]`, rotated
     /// `k` and `v` `[batch, kv_heads, seq, dim_head]`, the selected blocks → `[batch, heads, seq,
     /// dim_head]`.
     fn selected_attention(
@@ -265,20 +265,20 @@ pub struct DecodeShape {
     pub kvh: usize,
     pub d: usize,
     /// Query heads per selection head (`h / kvh` when heads share their selection, else 1).
-    pub gq: usize,
+    pub group_heads: usize,
     /// Columns of the projection row (`(h + 2 kvh) * d`).
     pub width: usize,
     /// The query's position.
     pub pos: usize,
     /// Valid compressed rows (memory + blocks) and the compressed buffer's capacity.
     pub nc: usize,
-    pub capc: usize,
+    pub compressed_capacity: usize,
     /// Capacity of the key/value cache.
     pub cap: usize,
     /// Memory slots.
     pub mem: usize,
     /// Compressed slots per selection block (at least 1).
-    pub pf: usize,
+    pub per_block: usize,
     /// Selection block size.
     pub sel: usize,
     /// Sliding window.
@@ -326,7 +326,7 @@ impl DecodeShape {
         nc: usize,
         scale: f64,
     ) -> Option<Self> {
-        let [cb, kvh, capc, d] = ck.dims();
+        let [cb, kvh, compressed_capacity, d] = ck.dims();
         let [kb, kvh2, cap, d2] = k.dims();
         let h = c.heads;
         let same = [ck, cv, k, v, cos, sin].iter().all(|t| t.dtype() == dtype);
@@ -346,29 +346,29 @@ impl DecodeShape {
             || kv_len > cap
             || num_mem == 0
             || nc < num_mem
-            || nc > capc
+            || nc > compressed_capacity
         {
             return None;
         }
         let g = h / kvh;
-        let pf = c.per_selection();
-        let fine = (nc - num_mem) / pf;
+        let per_block = c.per_selection();
+        let complete = (nc - num_mem) / per_block;
         Some(Self {
             b,
             h,
             kvh,
             d,
-            gq: if c.share_selection { g } else { 1 },
+            group_heads: if c.share_selection { g } else { 1 },
             width,
             pos: kv_len - 1,
             nc,
-            capc,
+            compressed_capacity,
             cap,
             mem: num_mem,
-            pf,
+            per_block,
             sel: c.selection_block,
             window: c.window,
-            topn: c.selected(fine),
+            topn: c.selected(complete),
             nsel: c.num_selected,
             gated: c.diff_topk,
             scale,
@@ -376,8 +376,8 @@ impl DecodeShape {
     }
 
     /// Complete selection blocks.
-    pub fn fine(&self) -> usize {
-        (self.nc - self.mem) / self.pf
+    pub fn complete(&self) -> usize {
+        (self.nc - self.mem) / self.per_block
     }
 }
 

@@ -184,7 +184,7 @@ pub struct NsaCache<B: Backend> {
     pub gather: Option<GatherTables<B>>,
 }
 
-/// Device-side constants of [`crate::select::fine_attention_step`] for one cache capacity and
+/// Device-side constants of [`crate::select::selected_attention_step`] for one cache capacity and
 /// block count: uploading them every token cost more than the step's arithmetic on a GPU.
 #[derive(Debug, Clone)]
 pub struct GatherTables<B: Backend> {

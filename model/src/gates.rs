@@ -57,9 +57,9 @@ impl<B: Backend> BranchGates<B> {
         let gates = sigmoid(logits).reshape([b, n, h, 3]).swap_dims(1, 2);
         // a weighted sum of three terms (element-wise: fuses into one kernel where the backend
         // fuses, and its backward too; a stack + [1 × 3] matmul copied every branch)
-        let [compressed, fine, sliding] = branches;
+        let [compressed, selected, sliding] = branches;
         compressed * gates.clone().narrow(3, 0, 1)
-            + fine * gates.clone().narrow(3, 1, 1)
+            + selected * gates.clone().narrow(3, 1, 1)
             + sliding * gates.narrow(3, 2, 1)
     }
 }

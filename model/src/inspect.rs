@@ -36,17 +36,17 @@ impl LayerSelection {
         &self.blocks[r * self.count..(r + 1) * self.count]
     }
 
-    /// Ranks `probs` `[rows, fine]` (host values, row-major) as [`crate::select::select_top`]
+    /// Ranks `probs` `[rows, complete]` (host values, row-major) as [`crate::select::select_top`]
     /// does: the `count` largest ([`rules::ranks_before`]), valid per [`rules::block_is_valid`].
-    pub fn from_probs(probs: &[f32], rows: usize, fine: usize, count: usize) -> Self {
-        let count = rules::selected_count(count, fine);
+    pub fn from_probs(probs: &[f32], rows: usize, complete: usize, count: usize) -> Self {
+        let count = rules::selected_count(count, complete);
         let mut blocks = Vec::with_capacity(rows * count);
         let mut margin = Vec::with_capacity(rows);
-        let mut order: Vec<usize> = Vec::with_capacity(fine);
+        let mut order: Vec<usize> = Vec::with_capacity(complete);
         for r in 0..rows {
-            let p = &probs[r * fine..(r + 1) * fine];
+            let p = &probs[r * complete..(r + 1) * complete];
             order.clear();
-            order.extend(0..fine);
+            order.extend(0..complete);
             order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
             let mut kept: Vec<i64> = order[..count]
                 .iter()
@@ -56,7 +56,7 @@ impl LayerSelection {
             kept.sort_unstable();
             kept.resize(count, -1);
             blocks.extend(kept);
-            let decides = count > 0 && count < fine && rules::block_is_valid(p[order[count]]);
+            let decides = count > 0 && count < complete && rules::block_is_valid(p[order[count]]);
             margin.push(if decides {
                 p[order[count - 1]] - p[order[count]]
             } else {
@@ -91,12 +91,12 @@ impl<B: Backend> SparseAttention<B> {
             .attend(&kernels, q, ck, cv, 0, self.scale())
             .importance?;
         let probs = importance(logits, c, 0)?;
-        let [b, hs, n, fine] = probs.dims();
+        let [b, hs, n, complete] = probs.dims();
         let host = probs.into_data().convert::<f32>().into_vec::<f32>().ok()?;
         Some(LayerSelection::from_probs(
             &host,
             b * hs * n,
-            fine,
+            complete,
             c.num_selected_blocks,
         ))
     }

@@ -25,7 +25,7 @@ use crate::kernels::{BlockStep, DecodeInputs, KernelOptions, Kernels, Projection
 use crate::norm::RmsNorm;
 use crate::rope::Rotation;
 use crate::rules;
-use crate::select::{fine_attention, fine_attention_step, importance, select_top};
+use crate::select::{importance, select_top, selected_attention, selected_attention_step};
 use crate::sliding::sliding_attention;
 use crate::tensor_util::{linear, norm_linear, pad_zeros};
 use crate::transformer::FeedForward;
@@ -203,7 +203,7 @@ impl<B: Backend> SparseAttention<B> {
             }
         });
         let k = k_rot;
-        let fine = fine_attention(
+        let selected = selected_attention(
             kernels,
             q.clone(),
             k.clone(),
@@ -216,7 +216,7 @@ impl<B: Backend> SparseAttention<B> {
         // 3. sliding window
         let sliding = sliding_attention(kernels, q, k, v, c.sliding_window_size, scale);
 
-        (self.mix(kernels, x, [comp, fine, sliding]), cache)
+        (self.mix(kernels, x, [comp, selected, sliding]), cache)
     }
 
     /// Decodes one token: `x` `[batch, 1, dim]` at position `cache.kv.len()`, rotated by
@@ -463,13 +463,14 @@ impl<B: Backend> SparseAttention<B> {
                 .importance
                 .and_then(|logits| importance(logits, c, pos))
                 .and_then(|probs| select_top(kernels, probs, c));
-            let fine = fine_attention_step(kernels, q.clone(), kv, selection, c, scale, gather);
+            let selected =
+                selected_attention_step(kernels, q.clone(), kv, selection, c, scale, gather);
             // 3. sliding window: the last `window + 1` keys
             let start = rules::window_start(pos, c.sliding_window_size);
             let (sk, sv) = kv.rows(start, pos + 1 - start);
             let sliding = attend_one(kernels, q, sk, sv, scale);
             self.gates
-                .mix(gate_logits(), [comp.out, fine, sliding])
+                .mix(gate_logits(), [comp.out, selected, sliding])
                 .reshape([b, 1, h * d])
         });
         norm_linear(

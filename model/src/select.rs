@@ -42,31 +42,31 @@ pub fn importance<B: Backend>(
     let hs = scores.dims()[1];
     let sizes = config.sizes();
     let per_fine = sizes.per_selection();
-    let fine = sizes.selection_blocks(blocks);
+    let complete = sizes.selection_blocks(blocks);
     if per_fine > 1 {
-        if fine == 0 {
+        if complete == 0 {
             return None;
         }
         scores = scores
-            .narrow(3, 0, fine * per_fine)
-            .reshape([b, hs, n, fine, per_fine])
+            .narrow(3, 0, complete * per_fine)
+            .reshape([b, hs, n, complete, per_fine])
             .mean_dim(4)
-            .reshape([b, hs, n, fine]);
-        // the query's own selection block is handled by the causal part of the fine branch
+            .reshape([b, hs, n, complete]);
+        // the query's own selection block is handled by the causal part of the selected branch
         // (when decoding, complete blocks all lie before the query's own block: nothing to mask)
         let sel = config.selection_block_size;
-        if rules::own_block(offset, sel) < fine {
+        if rules::own_block(offset, sel) < complete {
             let rows = (0..n)
                 .map(|i| rules::own_block(offset + i, sel) as i64)
                 .collect();
-            let own = equal_mask::<B>(rows, (0..fine as i64).collect(), &scores.device())
-                .reshape([1, 1, n, fine]);
-            scores = scores.mask_fill(own.expand([b, hs, n, fine]), f32::MIN);
+            let own = equal_mask::<B>(rows, (0..complete as i64).collect(), &scores.device())
+                .reshape([1, 1, n, complete]);
+            scores = scores.mask_fill(own.expand([b, hs, n, complete]), f32::MIN);
         }
     }
     let device = scores.device();
     let sink = Tensor::<B, 4>::full([b, hs, n, 1], rules::SINK_LOGIT, &device);
-    let probs = softmax(Tensor::cat(vec![sink, scores], 3), 3).narrow(3, 1, fine);
+    let probs = softmax(Tensor::cat(vec![sink, scores], 3), 3).narrow(3, 1, complete);
     Some(probs)
 }
 
@@ -86,8 +86,8 @@ pub fn select_top<B: Backend>(
     probs: Tensor<B, 4>,
     config: &NsaConfig,
 ) -> Option<Selection<B>> {
-    let fine = probs.dims()[3];
-    let n = rules::selected_count(config.num_selected_blocks, fine);
+    let complete = probs.dims()[3];
+    let n = rules::selected_count(config.num_selected_blocks, complete);
     if n == 0 {
         return None;
     }
@@ -136,11 +136,11 @@ pub fn top_blocks<B: Backend>(x: Tensor<B, 4>, n: usize) -> (Tensor<B, 4>, Tenso
     (x.gather(3, indices.clone()), indices)
 }
 
-/// Fine attention of rotated `q` `[batch, heads, seq, dim_head]` over rotated `k` and `v`
+/// Selected attention of rotated `q` `[batch, heads, seq, dim_head]` over rotated `k` and `v`
 /// `[batch, kv_heads, seq, dim_head]` (queries and keys at the same positions `0..seq`):
 /// each query sees its selected blocks and the causal part of its own block.
 /// Returns `[batch, heads, seq, dim_head]`.
-pub fn fine_attention<B: Backend>(
+pub fn selected_attention<B: Backend>(
     kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -156,19 +156,19 @@ pub fn fine_attention<B: Backend>(
             return out;
         }
     }
-    fine_attention_tensor_ops(kernels, q, k, v, selection, config, scale, GATHER_LIMIT)
+    selected_attention_tensor_ops(kernels, q, k, v, selection, config, scale, GATHER_LIMIT)
 }
 
-/// The most values the tensor-op fine attention gathers at once (per keys and per values):
+/// The most values the tensor-op selected attention gathers at once (per keys and per values):
 /// 2^28, 1 GiB of f32. The gathered keys hold `(n + 1) × selection_block × dim_head` values
 /// per query and selection head: unchunked, the benchmark layer (16 heads selecting 16 blocks
 /// of 64) passes 2^32 values near 4k tokens, where CubeCL's u32 indexing fails.
 const GATHER_LIMIT: usize = 1 << 28;
 
-/// [`fine_attention`] with tensor ops, in chunks of query positions whose gathered keys hold
+/// [`selected_attention`] with tensor ops, in chunks of query positions whose gathered keys hold
 /// at most `limit` values (rows are independent: any chunking gives the same result).
 #[allow(clippy::too_many_arguments)]
-fn fine_attention_tensor_ops<B: Backend>(
+fn selected_attention_tensor_ops<B: Backend>(
     kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -288,12 +288,12 @@ fn fine_attention_tensor_ops<B: Backend>(
         .narrow(2, 0, n)
 }
 
-/// Fine attention of the newest query `[batch, heads, 1, dim_head]` (rotated, at position
+/// Selected attention of the newest query `[batch, heads, 1, dim_head]` (rotated, at position
 /// `kv.len() - 1`) over its selected blocks and the causal part of its own block, read from the
 /// rotated key/value cache. Work is independent of the context length: the selected blocks and
 /// the own block are one gather from the cache viewed as blocks (no copy of the cache).
 /// `tables` keeps the step's index and mask tensors on the device between calls.
-pub fn fine_attention_step<B: Backend>(
+pub fn selected_attention_step<B: Backend>(
     kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     kv: &KvBuffer<B>,
@@ -307,7 +307,7 @@ pub fn fine_attention_step<B: Backend>(
         // a cache not aligned to the selection block (not one `prefill` made): align a copy
         let (k, v) = kv.all();
         let aligned = KvBuffer::aligned(k, v, 0, sel);
-        return fine_attention_step(kernels, q, &aligned, selection, config, scale, &mut None);
+        return selected_attention_step(kernels, q, &aligned, selection, config, scale, &mut None);
     };
     let [b, h, _, d] = q.dims();
     let pos = kv.len() - 1;
@@ -395,7 +395,7 @@ mod tests {
     use burn::backend::NdArray;
     use burn::tensor::Distribution;
 
-    /// The tensor-op fine attention in chunks of query rows equals it in one piece, with and
+    /// The tensor-op selected attention in chunks of query rows equals it in one piece, with and
     /// without per-head selection and with straight-through gates.
     #[test]
     fn chunked_gathers_give_the_unchunked_result() {
@@ -420,7 +420,7 @@ mod tests {
             let kernels = Kernels::tensor_ops();
             let selection =
                 || select_top(&kernels, probs.clone(), &config).expect("blocks to select");
-            let whole = fine_attention_tensor_ops(
+            let whole = selected_attention_tensor_ops(
                 &kernels,
                 q.clone(),
                 k.clone(),
@@ -432,8 +432,16 @@ mod tests {
             );
             // 7 query rows per chunk (48 padded rows: six chunks of 7 and one of 6)
             let rows = b * hs * 3 * 8 * d * 7;
-            let chunked =
-                fine_attention_tensor_ops(&kernels, q, k, v, Some(selection()), &config, 0.3, rows);
+            let chunked = selected_attention_tensor_ops(
+                &kernels,
+                q,
+                k,
+                v,
+                Some(selection()),
+                &config,
+                0.3,
+                rows,
+            );
             let whole: Vec<f32> = whole.into_data().to_vec().unwrap();
             let chunked: Vec<f32> = chunked.into_data().to_vec().unwrap();
             let worst = whole

@@ -15,7 +15,7 @@ use common::*;
 use nsa_model::compress::Compressor;
 use nsa_model::interop::HostTensor;
 use nsa_model::kernels::{KernelOptions, Kernels, Projection};
-use nsa_model::select::{fine_attention, Selection};
+use nsa_model::select::{selected_attention, Selection};
 use nsa_model::sliding::sliding_attention;
 use nsa_model::{kernels, NsaConfig};
 
@@ -169,7 +169,7 @@ fn run_selected<B: AutodiffBackend>(
         );
         assert!(fused.is_some(), "the selected-attention kernel declined");
     }
-    let out = fine_attention(&handle, q.clone(), k.clone(), v.clone(), sel, config, scale);
+    let out = selected_attention(&handle, q.clone(), k.clone(), v.clone(), sel, config, scale);
     let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
     let grads = loss.backward();
     Grads {

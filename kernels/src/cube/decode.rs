@@ -7,16 +7,16 @@
 //! for these parts, each a few microseconds of GPU work and ≈ 15 µs of host-side dispatch: the
 //! step was launch-bound. This kernel is one operation.
 //!
-//! Grid: one cube per `(batch, selection head)`; a cube holds the `gq` query heads that share
+//! Grid: one cube per `(batch, selection head)`; a cube holds the `group_heads` query heads that share
 //! the selection (all heads of a kv head with `query_heads_share_selected_kv`, else one head).
 //! Every branch is the same loop over chunks of `kc` keys: load the K/V tile into shared
-//! memory, scores of the `gq` rows, online-softmax update of the rows' statistics and of the
+//! memory, scores of the `group_heads` rows, online-softmax update of the rows' statistics and of the
 //! output accumulators in registers. Barriers sit only in control flow that is uniform over
 //! the cube (loop bounds from scalars), as WGSL requires.
 //!
 //! Tensors (contiguous): `qkv` `[b, 1, width]` (queries of head `i` at `i * d`, un-rotated),
 //! `cos`, `sin` `[d]` (the position's rotation, as `rope::Rotation`), compressed `ck`, `cv`
-//! `[b, kvh, capc, d]` (memory slots then blocks, `nc` valid), the rotated key/value cache `kc`,
+//! `[b, kvh, compressed_capacity, d]` (memory slots then blocks, `nc` valid), the rotated key/value cache `kc`,
 //! `vc` `[b, kvh, cap, d]` (`pos + 1` valid, the new token's included, or written by the kernel
 //! with [`DecodeTiling::write`], with the ring `tk`, `tv` `[b, kvh, ring, d]`), gate logits `gl`
 //! `[b, 1, 3 h]` (column `3 head + branch`), `out` `[b, h, 1, d]`.
@@ -45,7 +45,7 @@ pub struct DecodeTiling {
     /// Head dimension.
     pub d: usize,
     /// Query heads per cube.
-    pub gq: usize,
+    pub group_heads: usize,
     /// Keys per chunk.
     pub kc: usize,
     /// Most blocks selected (`num_selected_blocks`, at least 1).
@@ -65,19 +65,19 @@ impl DecodeTiling {
     pub fn shared(&self) -> usize {
         4 * (2 * self.kc * (self.d + 1)
             + self.kc
-            + 3 * self.gq * self.d
-            + self.gq * self.kc * (1 + self.split())
-            + 3 * self.gq
-            + 3 * self.gq
+            + 3 * self.group_heads * self.d
+            + self.group_heads * self.kc * (1 + self.split())
+            + 3 * self.group_heads
+            + 3 * self.group_heads
             + self.fcap
             + 2 * self.nsel
             + 2 * self.threads)
     }
 
     /// Units that share one score's dot product (a divisor of `d`): the cube's idle units
-    /// when `gq · kc < threads`.
+    /// when `group_heads · kc < threads`.
     pub fn split(&self) -> usize {
-        let mut sp = (self.threads / (self.gq * self.kc).max(1)).clamp(1, 8);
+        let mut sp = (self.threads / (self.group_heads * self.kc).max(1)).clamp(1, 8);
         while sp > 1 && !self.d.is_multiple_of(sp) {
             sp /= 2;
         }
@@ -201,7 +201,7 @@ fn load_selected<F: Float>(
 }
 
 /// Scores of the cube's rows against the tile: `ps[r * kc + j] = (q_r · k_j) · kg[j]` for the
-/// keys with a gate `kg[j] >= 0`, [`NEG`] for the rest. `q` holds scaled queries `[gq, d]`;
+/// keys with a gate `kg[j] >= 0`, [`NEG`] for the rest. `q` holds scaled queries `[group_heads, d]`;
 /// [`DecodeTiling::split`] units share each dot product (partial sums through `pp`).
 #[cube]
 fn chunk_scores(
@@ -217,9 +217,9 @@ fn chunk_scores(
     let ds = comptime!(t.d + 1);
     let sp = comptime!(t.split());
     let seg = comptime!(t.d / t.split());
-    let pairs = comptime!(t.gq * t.kc);
+    let pairs = comptime!(t.group_heads * t.kc);
     let mut g = UNIT_POS as usize;
-    while g < comptime!(t.gq * t.kc * t.split()) {
+    while g < comptime!(t.group_heads * t.kc * t.split()) {
         // pairs fastest: the units of a plane read different key rows (stride `d + 1`)
         let pr = g % pairs;
         let part = g / pairs;
@@ -257,7 +257,7 @@ fn chunk_scores(
 }
 
 /// Online-softmax update of the rows' maxima `m_s`, sums `l_s` and the accumulators `acc`
-/// (unit-owned elements `UNIT_POS + it * threads` of `[gq, d]`) with the chunk's scores `ps`.
+/// (unit-owned elements `UNIT_POS + it * threads` of `[group_heads, d]`) with the chunk's scores `ps`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn chunk_update(
@@ -272,11 +272,11 @@ fn chunk_update(
     let d = t.d;
     let kc = t.kc;
     let ds = comptime!(t.d + 1);
-    let accn = comptime!((t.gq * t.d).div_ceil(t.threads));
+    let accn = comptime!((t.group_heads * t.d).div_ceil(t.threads));
     let tid = UNIT_POS as usize;
     // the rows' new maxima and rescale factors, the probabilities (every unit), the sums
     let mut r = tid;
-    while r < t.gq {
+    while r < t.group_heads {
         let m_old = m_s[r];
         let mut mx = m_old;
         for j in 0..kc {
@@ -291,7 +291,7 @@ fn chunk_update(
     }
     sync_cube();
     let mut g = tid;
-    while g < comptime!(t.gq * t.kc) {
+    while g < comptime!(t.group_heads * t.kc) {
         let s = ps[g];
         let mut p = 0.0f32;
         if s > NEG_HALF {
@@ -302,7 +302,7 @@ fn chunk_update(
     }
     sync_cube();
     let mut r = tid;
-    while r < t.gq {
+    while r < t.group_heads {
         let mut sum = 0.0f32;
         for j in 0..kc {
             sum += ps[r * kc + j];
@@ -313,7 +313,7 @@ fn chunk_update(
     #[unroll]
     for it in 0..accn {
         let e = tid + it * t.threads;
-        if e < comptime!(t.gq * t.d) {
+        if e < comptime!(t.group_heads * t.d) {
             let r = e / d;
             let i = e % d;
             let mut x = acc[it] * a_s[r];
@@ -339,12 +339,12 @@ fn finish_branch(
     #[comptime] t: DecodeTiling,
 ) {
     let d = t.d;
-    let accn = comptime!((t.gq * t.d).div_ceil(t.threads));
+    let accn = comptime!((t.group_heads * t.d).div_ceil(t.threads));
     let tid = UNIT_POS as usize;
     #[unroll]
     for it in 0..accn {
         let e = tid + it * t.threads;
-        if e < comptime!(t.gq * t.d) {
+        if e < comptime!(t.group_heads * t.d) {
             let r = e / d;
             os[e] += gs[r * 3 + branch] * (acc[it] / l_s[r]);
             acc[it] = 0.0;
@@ -352,7 +352,7 @@ fn finish_branch(
     }
     sync_cube();
     let mut r = tid;
-    while r < t.gq {
+    while r < t.group_heads {
         m_s[r] = NEG;
         l_s[r] = 0.0;
         r += t.threads;
@@ -382,10 +382,10 @@ pub fn nsa_decode<F: Float>(
     kvh: usize,
     pos: usize,
     nc: usize,
-    capc: usize,
+    compressed_capacity: usize,
     cap: usize,
     mem: usize,
-    pf: usize,
+    per_block: usize,
     sel: usize,
     window: usize,
     topn: usize,
@@ -395,15 +395,15 @@ pub fn nsa_decode<F: Float>(
     #[define(F)] _dtype: StorageType,
 ) {
     let d = t.d;
-    let gq = t.gq;
+    let group_heads = t.group_heads;
     let kchunk = t.kc;
     let nt = t.threads;
-    let rows_d = comptime!(t.gq * t.d);
-    let accn = comptime!((t.gq * t.d).div_ceil(t.threads));
+    let rows_d = comptime!(t.group_heads * t.d);
+    let accn = comptime!((t.group_heads * t.d).div_ceil(t.threads));
     let tid = UNIT_POS as usize;
-    let hs = h / gq;
+    let hs = h / group_heads;
     let b = CUBE_POS_X as usize / hs;
-    let head0 = (CUBE_POS_X as usize % hs) * gq;
+    let head0 = (CUBE_POS_X as usize % hs) * group_heads;
     let kvhead = head0 / (h / kvh);
 
     let mut qs = SharedMemory::<f32>::new(rows_d);
@@ -412,12 +412,12 @@ pub fn nsa_decode<F: Float>(
     let mut ks = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut vs = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
     let mut kg = SharedMemory::<f32>::new(t.kc);
-    let mut ps = SharedMemory::<f32>::new(comptime!(t.gq * t.kc));
-    let mut pp = SharedMemory::<f32>::new(comptime!(t.gq * t.kc * t.split()));
-    let mut m_s = SharedMemory::<f32>::new(gq);
-    let mut l_s = SharedMemory::<f32>::new(gq);
-    let mut a_s = SharedMemory::<f32>::new(gq);
-    let mut gs = SharedMemory::<f32>::new(comptime!(t.gq * 3));
+    let mut ps = SharedMemory::<f32>::new(comptime!(t.group_heads * t.kc));
+    let mut pp = SharedMemory::<f32>::new(comptime!(t.group_heads * t.kc * t.split()));
+    let mut m_s = SharedMemory::<f32>::new(group_heads);
+    let mut l_s = SharedMemory::<f32>::new(group_heads);
+    let mut a_s = SharedMemory::<f32>::new(group_heads);
+    let mut gs = SharedMemory::<f32>::new(comptime!(t.group_heads * 3));
     let mut fsc = SharedMemory::<f32>::new(t.fcap);
     let mut chosen = SharedMemory::<u32>::new(t.nsel);
     let mut cgate = SharedMemory::<f32>::new(t.nsel);
@@ -440,19 +440,19 @@ pub fn nsa_decode<F: Float>(
         e += nt;
     }
     let mut e = tid;
-    while e < comptime!(t.gq * 3) {
+    while e < comptime!(t.group_heads * 3) {
         let x = f32::cast_from(gl[b * 3 * h + head0 * 3 + e]);
         gs[e] = 1.0f32 / (1.0f32 + (-x).exp());
         e += nt;
     }
-    let fine = (nc - mem) / pf;
+    let complete = (nc - mem) / per_block;
     let mut j = tid;
-    while j < fine {
+    while j < complete {
         fsc[j] = 0.0;
         j += nt;
     }
     let mut r = tid;
-    while r < gq {
+    while r < group_heads {
         m_s[r] = NEG;
         l_s[r] = 0.0;
         r += nt;
@@ -486,9 +486,9 @@ pub fn nsa_decode<F: Float>(
     sync_cube();
 
     // 1. compressed: memory and every complete block (all of them ended before `pos`), and the
-    //    selection blocks' importance: logits averaged over the cube's heads and the `pf` slots
+    //    selection blocks' importance: logits averaged over the cube's heads and the `per_block` slots
     //    of a block
-    let chead = (b * kvh + kvhead) * capc;
+    let chead = (b * kvh + kvhead) * compressed_capacity;
     let chunks = (nc + kchunk - 1) / kchunk;
     for ci in 0..chunks {
         let k0 = ci * kchunk;
@@ -502,19 +502,19 @@ pub fn nsa_decode<F: Float>(
         if last > mem {
             let mut lo = 0usize;
             if k0 > mem {
-                lo = (k0 - mem) / pf;
+                lo = (k0 - mem) / per_block;
             }
-            let mut hi = (last - mem - 1) / pf + 1;
-            if hi > fine {
-                hi = fine;
+            let mut hi = (last - mem - 1) / per_block + 1;
+            if hi > complete {
+                hi = complete;
             }
             let mut blk = lo + tid;
             while blk < hi {
                 let mut s = 0.0f32;
-                for u in 0..pf {
-                    let slot = mem + blk * pf + u;
+                for u in 0..per_block {
+                    let slot = mem + blk * per_block + u;
                     if slot >= k0 && slot < last {
-                        for rr in 0..gq {
+                        for rr in 0..group_heads {
                             s += ps[rr * kchunk + slot - k0];
                         }
                     }
@@ -532,7 +532,7 @@ pub fn nsa_decode<F: Float>(
     // includes the constant sink slot, blocks at or below the validity threshold are not attended
     let mut mx = NEG.runtime();
     let mut j = tid;
-    while j < fine {
+    while j < complete {
         let s = fsc[j];
         if s > mx {
             mx = s;
@@ -542,7 +542,7 @@ pub fn nsa_decode<F: Float>(
     let m = cube_max(&mut rv, mx, SINK.runtime(), nt, LANE);
     let mut sum = 0.0f32;
     let mut j = tid;
-    while j < fine {
+    while j < complete {
         sum += (fsc[j] - m).exp();
         j += nt;
     }
@@ -551,7 +551,7 @@ pub fn nsa_decode<F: Float>(
         let mut bv = LOWEST.runtime();
         let mut bi = 0u32;
         let mut j = tid;
-        while j < fine {
+        while j < complete {
             let s = fsc[j];
             if s > bv {
                 bv = s;

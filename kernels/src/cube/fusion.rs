@@ -186,7 +186,7 @@ where
             (vec![p.b, p.h, p.n], DType::F32, Kind::Float),
         ];
         if let Some(s) = p.select {
-            let shape = vec![p.b, p.h / s.sg, p.n, s.topk];
+            let shape = vec![p.b, p.h / s.sel_group, p.n, s.topk];
             outputs.push((shape.clone(), int_dtype::<I>(), Kind::Int));
             outputs.push((shape, dtype, Kind::Float));
         }
@@ -233,7 +233,7 @@ where
             (vec![p.b, p.kvh, p.nk, p.d], dtype, Kind::Float),
         ];
         if has_gates {
-            let shape = vec![p.b, p.h / p.gq, p.n, p.count];
+            let shape = vec![p.b, p.h / p.group_heads, p.n, p.count];
             outputs.push((shape, dtype, Kind::Float));
         }
         let problem = p.clone();

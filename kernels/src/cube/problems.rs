@@ -46,7 +46,7 @@ pub(super) fn selected_problem<B: KernelBackend>(
         n,
         nk: n,
         d,
-        gq: h / hs,
+        group_heads: h / hs,
         count,
         span: 0,
         mem: 0,
@@ -79,7 +79,7 @@ pub(super) fn sliding_problem<B: KernelBackend>(
         n,
         nk: n,
         d,
-        gq: h / kvh,
+        group_heads: h / kvh,
         count: 0,
         span: window,
         mem: 0,
@@ -117,9 +117,9 @@ pub(super) fn compressed_problem<B: KernelBackend>(
     let g = h / kvh;
     let stride = sizes.stride;
     let blocks = slots - num_mem;
-    let pf = sizes.per_selection();
-    let fine = sizes.selection_blocks(blocks);
-    let topk = sizes.selected(fine);
+    let per_block = sizes.per_selection();
+    let complete = sizes.selection_blocks(blocks);
+    let topk = sizes.selected(complete);
     let selects = blocks > 0 && topk > 0;
     if selects && sizes.diff_topk {
         return None;
@@ -133,7 +133,7 @@ pub(super) fn compressed_problem<B: KernelBackend>(
         n,
         nk: slots,
         d,
-        gq: g,
+        group_heads: g,
         count: 0,
         span: stride,
         mem: num_mem,
@@ -142,9 +142,9 @@ pub(super) fn compressed_problem<B: KernelBackend>(
         scale,
         select: selects.then_some(SelectSpec {
             topk,
-            fine,
-            pf,
-            sg: if share { g } else { 1 },
+            complete,
+            per_block,
+            sel_group: if share { g } else { 1 },
             sel: sizes.selection_block,
         }),
         run,

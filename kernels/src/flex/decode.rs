@@ -19,7 +19,7 @@ pub struct DecodeData<'a> {
     /// `[d]` each.
     pub cos: &'a [f32],
     pub sin: &'a [f32],
-    /// Memory + compressed keys/values `[b, kvh, capc, d]`.
+    /// Memory + compressed keys/values `[b, kvh, compressed_capacity, d]`.
     pub ck: &'a [f32],
     pub cv: &'a [f32],
     /// Rotated key/value cache `[b, kvh, cap, d]`, the position's row written.
@@ -71,17 +71,17 @@ fn sigmoid(x: f32) -> f32 {
 
 /// The mixed attention output `[b, 1, h * d]` of one decode step.
 pub fn decode_attention(p: &DecodeShape, t: &DecodeData<'_>) -> Vec<f32> {
-    let (d, gq) = (p.d, p.gq);
+    let (d, group_heads) = (p.d, p.group_heads);
     let scale = p.scale as f32;
     let mut out = vec![0.0f32; p.b * p.h * d];
     for b in 0..p.b {
-        for sh in 0..p.h / gq {
-            let head0 = sh * gq;
+        for sh in 0..p.h / group_heads {
+            let head0 = sh * group_heads;
             let kvhead = head0 / (p.h / p.kvh);
             // queries of the cube's heads: un-rotated and rotated, scaled
-            let mut qs = vec![0.0f32; gq * d];
-            let mut qr = vec![0.0f32; gq * d];
-            for r in 0..gq {
+            let mut qs = vec![0.0f32; group_heads * d];
+            let mut qr = vec![0.0f32; group_heads * d];
+            for r in 0..group_heads {
                 let base = b * p.width + (head0 + r) * d;
                 for i in 0..d {
                     let x = t.qkv[base + i];
@@ -90,20 +90,20 @@ pub fn decode_attention(p: &DecodeShape, t: &DecodeData<'_>) -> Vec<f32> {
                     qr[r * d + i] = (x * t.cos[i] + partner * t.sin[i]) * scale;
                 }
             }
-            let chead = (b * p.kvh + kvhead) * p.capc;
+            let chead = (b * p.kvh + kvhead) * p.compressed_capacity;
             let khead = (b * p.kvh + kvhead) * p.cap;
 
             // 1. compressed, and the importance of the complete selection blocks
             let slots: Vec<(usize, f32)> = (0..p.nc).map(|j| (chead + j, 1.0)).collect();
-            let (compressed, logits) = attend(&qs, gq, d, t.ck, t.cv, &slots);
-            let fine = p.fine();
-            let imp_scale = 1.0 / (gq * p.pf) as f32;
-            let mut score: Vec<f32> = (0..fine)
+            let (compressed, logits) = attend(&qs, group_heads, d, t.ck, t.cv, &slots);
+            let complete = p.complete();
+            let imp_scale = 1.0 / (group_heads * p.per_block) as f32;
+            let mut score: Vec<f32> = (0..complete)
                 .map(|blk| {
                     let mut s = 0.0f32;
-                    for u in 0..p.pf {
-                        let j = p.mem + blk * p.pf + u;
-                        for r in 0..gq {
+                    for u in 0..p.per_block {
+                        let j = p.mem + blk * p.per_block + u;
+                        for r in 0..group_heads {
                             s += logits[r * p.nc + j];
                         }
                     }
@@ -135,14 +135,14 @@ pub fn decode_attention(p: &DecodeShape, t: &DecodeData<'_>) -> Vec<f32> {
             // 2. selected blocks and the causal part of the own block
             let own = p.pos / p.sel * p.sel;
             keys.extend((own..=p.pos).map(|row| (khead + row, 1.0)));
-            let (selected, _) = attend(&qr, gq, d, t.k, t.v, &keys);
+            let (selected, _) = attend(&qr, group_heads, d, t.k, t.v, &keys);
 
             // 3. sliding window
             let lo = window_start(p.pos, p.window);
             let window: Vec<(usize, f32)> = (lo..=p.pos).map(|row| (khead + row, 1.0)).collect();
-            let (sliding, _) = attend(&qr, gq, d, t.k, t.v, &window);
+            let (sliding, _) = attend(&qr, group_heads, d, t.k, t.v, &window);
 
-            for r in 0..gq {
+            for r in 0..group_heads {
                 let head = head0 + r;
                 let g = |branch: usize| sigmoid(t.gates[b * 3 * p.h + head * 3 + branch]);
                 let (g0, g1, g2) = (g(0), g(1), g(2));

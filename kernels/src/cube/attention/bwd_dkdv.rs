@@ -27,7 +27,7 @@ struct RowStats {
 ///
 /// 1. Load the chunk's keys and values.
 /// 2. Batches of rows: first (selected mode) the queries that chose the block, from `offsets`
-///    / `entries` (see [`super::csr_count`]), `bwd_rows / gq` entries of `gq` heads each; then
+///    / `entries` (see [`super::csr_count`]), `bwd_rows / group_heads` entries of `group_heads` heads each; then
 ///    the queries by position: own block (selected), window (sliding), later queries
 ///    (compressed), `tq` positions × `gk` heads each. Per batch: the rows' statistics, their
 ///    queries and output gradients, then [`accumulate_batch`].
@@ -135,8 +135,8 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     }
 
     // 2a. selected mode: this split's share of the entries that chose the block, `epb`
-    // entries per batch, `gq` rows (heads) each
-    let epb = comptime!(t.bwd_rows() / t.gq);
+    // entries per batch, `group_heads` rows (heads) each
+    let epb = comptime!(t.bwd_rows() / t.group_heads);
     let mut start = 0usize;
     let mut end = 0usize;
     if t.mode == SELECTED {
@@ -173,16 +173,16 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
                 live = r < comptime!(t.tq * t.gk) && tt < qend;
                 row = (b * h + kvhead * gk + r % gk) * n + tt;
             } else {
-                let ei = start + bi * epb + r / t.gq;
-                live = r < comptime!(t.bwd_rows() / t.gq * t.gq) && ei < end;
+                let ei = start + bi * epb + r / t.group_heads;
+                live = r < comptime!(t.bwd_rows() / t.group_heads * t.group_heads) && ei < end;
                 if live {
                     let ent = entries[ei] as usize;
                     let slot = ent % count;
                     tt = (ent / count) % n;
                     let hsel = ent / (count * n);
-                    row = (b * h + hsel * t.gq + r % t.gq) * n + tt;
+                    row = (b * h + hsel * t.group_heads + r % t.group_heads) * n + tt;
                     if t.gated {
-                        let hs = h / t.gq;
+                        let hs = h / t.group_heads;
                         gate = f32::cast_from(gates[((b * hs + hsel) * n + tt) * count + slot]);
                     }
                 }
@@ -378,7 +378,7 @@ fn accumulate_batch<H: Float>(
         let d = t.d;
         let nt = t.threads;
         let hst = comptime!(tile_stride(t.d));
-        let kf = comptime!(depth(t.hb));
+        let kf = comptime!(depth(t.tile_bytes));
         let hp = comptime!(tile_stride(t.kc));
         let as_ = comptime!(acc_stride(t.kc));
         let os = comptime!(acc_stride(t.d));

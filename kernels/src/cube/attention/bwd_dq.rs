@@ -65,14 +65,14 @@ pub fn attn_bwd_dq<F: Float, I: Int, H: Float>(
 ) {
     let d = t.d;
     let kc = t.kc;
-    let gq = t.gq;
-    let rows = comptime!(t.tq * t.gq);
+    let group_heads = t.group_heads;
+    let rows = comptime!(t.tq * t.group_heads);
     let nt = t.threads;
     let ps = comptime!(t.kc + 1);
     // tensor-core path: tile strides; scores at word 0 of `buf`, `dO Vᵀ` at `dpo`
     // (stride `as_`), each chunk's `dS K` over both (stride `os`)
     let hst = comptime!(tile_stride(t.d));
-    let kf = comptime!(depth(t.hb));
+    let kf = comptime!(depth(t.tile_bytes));
     let hp = comptime!(tile_stride(t.kc));
     let as_ = comptime!(acc_stride(t.kc));
     let os = comptime!(acc_stride(t.d));
@@ -116,12 +116,12 @@ pub fn attn_bwd_dq<F: Float, I: Int, H: Float>(
     load_rows::<F, H>(dout, &mut do_s, &mut do_h, t0, qc.bh0, n, scale, false, t);
     let mut r = tid;
     while r < rows {
-        let tt = t0 + r / gq;
+        let tt = t0 + r / group_heads;
         let mut l = 0.0f32;
         let mut dl = 0.0f32;
         if tt < n {
-            l = lse[(qc.bh0 + r % gq) * n + tt];
-            dl = delta[(qc.bh0 + r % gq) * n + tt];
+            l = lse[(qc.bh0 + r % group_heads) * n + tt];
+            dl = delta[(qc.bh0 + r % group_heads) * n + tt];
         }
         lse_s[r] = l;
         dl_s[r] = dl;

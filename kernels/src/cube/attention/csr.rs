@@ -13,7 +13,7 @@ pub fn fill_zero(buf: &mut Tensor<u32>, len: usize) {
 }
 
 /// Counts, per `(batch, kv head, block)`, the valid selections `idx` `[b, hs, n, count]` point
-/// at (`gq` query heads per selection head, `gk` per kv head, `nb` blocks).
+/// at (`group_heads` query heads per selection head, `gk` per kv head, `nb` blocks).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn csr_count<I: Int>(
@@ -25,7 +25,7 @@ pub fn csr_count<I: Int>(
     kvh: usize,
     count: usize,
     nb: usize,
-    #[comptime] gq: usize,
+    #[comptime] group_heads: usize,
     #[comptime] gk: usize,
     #[define(I)] _dtype: StorageType,
 ) {
@@ -35,7 +35,7 @@ pub fn csr_count<I: Int>(
         if blk >= 0 {
             let hsel = (at / (count * n)) % hs;
             let b = at / (count * n * hs);
-            let kvhead = (hsel * gq) / gk;
+            let kvhead = (hsel * group_heads) / gk;
             counts[(b * kvh + kvhead) * nb + usize::cast_from(blk)].fetch_add(1u32);
         }
     }
@@ -95,7 +95,7 @@ pub fn csr_fill<I: Int>(
     kvh: usize,
     count: usize,
     nb: usize,
-    #[comptime] gq: usize,
+    #[comptime] group_heads: usize,
     #[comptime] gk: usize,
     #[define(I)] _dtype: StorageType,
 ) {
@@ -105,7 +105,7 @@ pub fn csr_fill<I: Int>(
         if blk >= 0 {
             let hsel = (at / (count * n)) % hs;
             let b = at / (count * n * hs);
-            let kvhead = (hsel * gq) / gk;
+            let kvhead = (hsel * group_heads) / gk;
             let seg = (b * kvh + kvhead) * nb + usize::cast_from(blk);
             let slot = cursor[seg].fetch_add(1u32);
             let base = offsets[seg];

@@ -13,13 +13,13 @@ use super::topk::{init_ranking, rank_blocks, write_selection};
 use super::{NEG, NEG_HALF};
 
 /// Forward. Grid: x = query tile (`tq` positions), y = `b * groups + group` where a group is
-/// `gq` consecutive heads. Writes `out` and the log-sum-exp `lse` of every row.
+/// `group_heads` consecutive heads. Writes `out` and the log-sum-exp `lse` of every row.
 ///
 /// 1. Load the cube's queries (times `scale`), reset the running statistics.
 /// 2. Per chunk of keys: load the K/V tile; scores in register tiles of `qr × qk` (keys strided
 ///    over the units so that a warp reads distinct banks) or on tensor cores, masked; with
 ///    [`Tiling::select`] rank the chunk's selection blocks; the chunk's row maxima and sums,
-///    `tpr` units per row ([`chunk_softmax`]); the output accumulators (`pr × pd` per unit)
+///    `units_per_row` units per row ([`chunk_softmax`]); the output accumulators (`pr × pd` per unit)
 ///    rescaled and updated; the running statistics.
 /// 3. Write the normalised output, `lse` and the selection.
 #[cube(launch_unchecked)]
@@ -41,19 +41,19 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
     count: usize,
     span: usize,
     mem: usize,
-    fine: usize,
+    complete: usize,
     scale: f32,
     #[comptime] t: Tiling,
     #[define(F, I, H)] _dtypes: [StorageType; 3],
 ) {
     let d = t.d;
     let kc = t.kc;
-    let rows = comptime!(t.tq * t.gq);
+    let rows = comptime!(t.tq * t.group_heads);
     let nt = t.threads;
     let ps = comptime!(t.ps());
     // tensor-core path: strides of the tiles (element `H`) and of `P V` in `p_s`
     let hst = comptime!(tile_stride(t.d));
-    let kf = comptime!(depth(t.hb));
+    let kf = comptime!(depth(t.tile_bytes));
     let hp = comptime!(tile_stride(t.kc));
     let os = comptime!(acc_stride(t.d));
     let qr = t.qr;
@@ -83,12 +83,12 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
     let mut l_s = SharedMemory::<f32>::new(rows);
     let mut a_s = SharedMemory::<f32>::new(rows);
     let mut nm_s = SharedMemory::<f32>::new(rows);
-    let mut red_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.tpr));
-    let mut sum_s = SharedMemory::<f32>::new(comptime!(t.tq * t.gq * t.tpr));
+    let mut red_s = SharedMemory::<f32>::new(comptime!(t.tq * t.group_heads * t.units_per_row));
+    let mut sum_s = SharedMemory::<f32>::new(comptime!(t.tq * t.group_heads * t.units_per_row));
     // selection (compressed mode): per importance row, block scores of the chunk, the running
     // top-k (descending) and the softmax normaliser (the sink slot included)
     let irows = comptime!(t.imp_rows());
-    let nfb = comptime!(if t.select { t.kc / t.pf } else { 1 });
+    let nfb = comptime!(if t.select { t.kc / t.per_block } else { 1 });
     let kk = comptime!(if t.select { t.topk } else { 1 });
     let mut fs_s = SharedMemory::<f32>::new(comptime!(t.imp_rows() * nfb));
     let mut topv = SharedMemory::<f32>::new(comptime!(t.imp_rows() * kk));
@@ -182,7 +182,7 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
         if t.select {
             rank_blocks(
                 &p_s, &mut fs_s, &mut topv, &mut topi, &mut mi_s, &mut zi_s, c.kstart, t0, n, mem,
-                fine, t,
+                complete, t,
             );
         }
 
@@ -206,8 +206,8 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
         let mut r = tid;
         while r < rows {
             let mut sum = 0.0f32;
-            for u in 0..t.tpr {
-                sum += sum_s[r * t.tpr + u];
+            for u in 0..t.units_per_row {
+                sum += sum_s[r * t.units_per_row + u];
             }
             l_s[r] = l_s[r] * a_s[r] + sum;
             m_s[r] = nm_s[r];
@@ -220,9 +220,9 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
     store_rows::<F>(&acc, out, &l_s, t0, qc.bh0, n, scale, true, t);
     let mut r = tid;
     while r < rows {
-        let tt = t0 + r / t.gq;
+        let tt = t0 + r / t.group_heads;
         if tt < n {
-            lse[(qc.bh0 + r % t.gq) * n + tt] = m_s[r] + l_s[r].ln();
+            lse[(qc.bh0 + r % t.group_heads) * n + tt] = m_s[r] + l_s[r].ln();
         }
         r += nt;
     }
@@ -233,7 +233,7 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
     }
 }
 
-/// The online softmax of one chunk's scores `p_s` `[rows, kc]` (stride [`Tiling::ps`]), `tpr`
+/// The online softmax of one chunk's scores `p_s` `[rows, kc]` (stride [`Tiling::ps`]), `units_per_row`
 /// units per row: the chunk maxima into `red_s`; the new running maxima `nm_s` (from the old
 /// ones `m_s`), the rescale factors `a_s`, the probabilities (into `p_s`, or as `H` into `p_h`
 /// on the tensor-core path) and their partial sums `sum_s`. Ends with a barrier.
@@ -253,12 +253,12 @@ fn chunk_softmax<H: Float>(
     let rows = comptime!(t.rows());
     let ps = comptime!(t.ps());
     let hp = comptime!(tile_stride(t.kc));
-    let tpr = t.tpr;
+    let units_per_row = t.units_per_row;
     let tid = UNIT_POS as usize;
-    // chunk maxima: `tpr` units per row, each over the keys `sub, sub + tpr, ..`
-    let rpp = comptime!(t.threads / t.tpr);
-    let sub = tid % tpr;
-    let mut r = tid / tpr;
+    // chunk maxima: `units_per_row` units per row, each over the keys `sub, sub + units_per_row, ..`
+    let rpp = comptime!(t.threads / t.units_per_row);
+    let sub = tid % units_per_row;
+    let mut r = tid / units_per_row;
     while r < rows {
         let mut mx = NEG.runtime();
         let mut j = sub;
@@ -267,19 +267,19 @@ fn chunk_softmax<H: Float>(
             if s > mx {
                 mx = s;
             }
-            j += tpr;
+            j += units_per_row;
         }
-        red_s[r * tpr + sub] = mx;
+        red_s[r * units_per_row + sub] = mx;
         r += rpp;
     }
     sync_cube();
     // probabilities against the new running maximum, partial sums
-    let mut r = tid / tpr;
+    let mut r = tid / units_per_row;
     while r < rows {
         let m_old = m_s[r];
         let mut mx = m_old;
-        for u in 0..tpr {
-            let s = red_s[r * tpr + u];
+        for u in 0..units_per_row {
+            let s = red_s[r * units_per_row + u];
             if s > mx {
                 mx = s;
             }
@@ -298,9 +298,9 @@ fn chunk_softmax<H: Float>(
                 p_s[r * ps + j] = pj;
             }
             sum += pj;
-            j += tpr;
+            j += units_per_row;
         }
-        sum_s[r * tpr + sub] = sum;
+        sum_s[r * units_per_row + sub] = sum;
         if sub == 0 {
             nm_s[r] = mx;
             a_s[r] = (m_old - mx).exp();

@@ -9,18 +9,18 @@
 //! | `b` | batch |
 //! | `h` | query heads |
 //! | `kvh` | kv heads (`h / kvh` query heads share one) |
-//! | `hs` | selection heads (`h / gq` in selected mode; `h / sg` for the fused selection) |
+//! | `hs` | selection heads (`h / group_heads` in selected mode; `h / sel_group` for the fused selection) |
 //! | `n` | query positions |
 //! | `nk` | key positions (selected, sliding: `n`; compressed: `mem` + compressed slots) |
 //! | `d` | head dimension |
-//! | `gq` | heads per row group of a query-centric cube (selected: heads sharing a selection) |
+//! | `group_heads` | heads per row group of a query-centric cube (selected: heads sharing a selection) |
 //! | `gk` | query heads per kv head |
 //! | `tq` | query positions per cube / row batch |
 //! | `kc` | keys per chunk |
 //! | `sel` | selection block size; `subs = ⌈sel / kc⌉` chunks per block |
 //! | `count` | selected blocks per query; `topk` blocks kept by the fused selection |
 //! | `span`, `mem` | sliding window / compression stride; memory slots (compressed) |
-//! | `qr × qk`, `pr × pd`, `tpr` | a unit's register tiles (see [`Tiling`]) |
+//! | `qr × qk`, `pr × pd`, `units_per_row` | a unit's register tiles (see [`Tiling`]) |
 //! | `splits` | cubes sharing one key chunk's query list in the dk/dv kernel |
 //!
 //! Files: `tiling` (the comptime shape), `shared` (the `#[cube]` helpers the kernels
@@ -29,15 +29,15 @@
 //!
 //! One source serves the three branches through the comptime `mode` of [`Tiling`]:
 //!
-//! - [`SELECTED`]: one query position per cube with the `gq` heads that share its selection;
+//! - [`SELECTED`]: one query position per cube with the `group_heads` heads that share its selection;
 //!   the keys are its selected blocks (gated, invalid ones skipped) and the causal part of its
 //!   own block.
-//! - [`SLIDING`]: `tq` consecutive query positions × `gq` heads of one kv head; the query at `t`
+//! - [`SLIDING`]: `tq` consecutive query positions × `group_heads` heads of one kv head; the query at `t`
 //!   sees keys `t - window ..= t`.
-//! - [`COMPRESSED`]: `tq` query positions × `gq` heads over memory + compressed slots; slot
+//! - [`COMPRESSED`]: `tq` query positions × `group_heads` heads over memory + compressed slots; slot
 //!   `j >= mem` is visible from position `(j - mem + 1) * stride` on.
 //!
-//! The rows of a cube are `(query tl, head hl)` pairs, `r = tl * gq + hl`. Scores are computed
+//! The rows of a cube are `(query tl, head hl)` pairs, `r = tl * group_heads + hl`. Scores are computed
 //! in f32 whatever the storage type; [`NEG`] stands for minus infinity (WGSL has no infinity
 //! literal). Threads stride over the work items of each phase.
 //!

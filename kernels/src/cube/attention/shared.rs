@@ -39,7 +39,7 @@ pub struct Chunk {
 }
 
 /// Where a query-centric cube (forward, dq) sits. Grid: x = query tile (`tq` positions),
-/// y = `b * groups + group`, a group being `gq` consecutive heads.
+/// y = `b * groups + group`, a group being `group_heads` consecutive heads.
 #[derive(CubeType, Clone, Copy)]
 pub struct QueryCube {
     /// First query position.
@@ -55,15 +55,15 @@ pub struct QueryCube {
 /// The cube's [`QueryCube`] for `h` query heads, `kvh` kv heads, `n` positions.
 #[cube]
 pub fn query_cube(h: usize, kvh: usize, n: usize, #[comptime] t: Tiling) -> QueryCube {
-    let gq = t.gq;
+    let group_heads = t.group_heads;
     let t0 = CUBE_POS_X as usize * t.tq;
-    let groups = h / gq;
+    let groups = h / group_heads;
     let b = CUBE_POS_Y as usize / groups;
     let hg = CUBE_POS_Y as usize % groups;
-    let kvhead = (hg * gq) / t.gk;
+    let kvhead = (hg * group_heads) / t.gk;
     QueryCube {
         t0,
-        bh0: b * h + hg * gq,
+        bh0: b * h + hg * group_heads,
         bkv: b * kvh + kvhead,
         sel_row: (b * groups + hg) * n + t0,
     }
@@ -99,10 +99,10 @@ pub fn visible(
     ok
 }
 
-/// Whether row `r` of a query-centric cube (position `t0 + r / gq`) sees key `j` of chunk `c`.
+/// Whether row `r` of a query-centric cube (position `t0 + r / group_heads`) sees key `j` of chunk `c`.
 #[cube]
 pub fn sees(r: usize, j: usize, t0: usize, c: &Chunk, ks: &Keys, #[comptime] t: Tiling) -> bool {
-    let tt = t0 + r / t.gq;
+    let tt = t0 + r / t.group_heads;
     tt < ks.n
         && visible(
             c.kstart + j,
@@ -279,7 +279,7 @@ pub fn load_kv<F: Float, H: Float>(
 }
 
 /// Loads the rows of a query-centric cube from `src` `[b, h, n, d]` into a tile ([`put`]):
-/// row `r` is position `t0 + r / gq` of head row `bh0 + r % gq`, zero past `n`, times `scale`
+/// row `r` is position `t0 + r / group_heads` of head row `bh0 + r % group_heads`, zero past `n`, times `scale`
 /// with `scaled`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -295,16 +295,16 @@ pub fn load_rows<F: Float, H: Float>(
     #[comptime] t: Tiling,
 ) {
     let d = t.d;
-    let gq = t.gq;
+    let group_heads = t.group_heads;
     let rows = comptime!(t.rows());
     let nt = t.threads;
     let mut e = UNIT_POS as usize;
     while e < rows * d {
         let r = e / d;
-        let tt = t0 + r / gq;
+        let tt = t0 + r / group_heads;
         let mut val = 0.0f32;
         if tt < n {
-            let off = ((bh0 + r % gq) * n + tt) * d + e % d;
+            let off = ((bh0 + r % group_heads) * n + tt) * d + e % d;
             if scaled {
                 val = f32::cast_from(src[off]) * scale;
             } else {
@@ -518,7 +518,7 @@ pub fn add_tiles(
 }
 
 /// Writes the unit's output tiles `acc` of a query-centric cube to `out` `[b, h, n, d]`
-/// (row `r`: position `t0 + r / gq` of head row `bh0 + r % gq`, none past `n`), times
+/// (row `r`: position `t0 + r / group_heads` of head row `bh0 + r % group_heads`, none past `n`), times
 /// `1 / l_s[r]` with `normalise`, else times `scale`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -534,7 +534,7 @@ pub fn store_rows<F: Float>(
     #[comptime] t: Tiling,
 ) {
     let d = t.d;
-    let gq = t.gq;
+    let group_heads = t.group_heads;
     let pd = t.pd;
     let dgroups = comptime!(t.d / t.pd);
     #[unroll]
@@ -544,7 +544,7 @@ pub fn store_rows<F: Float>(
             #[unroll]
             for i in 0..t.pr {
                 let r = tile.x0 + i;
-                let tt = t0 + r / gq;
+                let tt = t0 + r / group_heads;
                 if tt < n {
                     let mut f = scale;
                     if normalise {
@@ -552,7 +552,7 @@ pub fn store_rows<F: Float>(
                     }
                     #[unroll]
                     for u in 0..pd {
-                        let at = ((bh0 + r % gq) * n + tt) * d + tile.dg + dgroups * u;
+                        let at = ((bh0 + r % group_heads) * n + tt) * d + tile.dg + dgroups * u;
                         out[at] = F::cast_from(acc[tile.base + i * pd + u] * f);
                     }
                 }

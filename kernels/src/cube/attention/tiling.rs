@@ -15,7 +15,7 @@ pub struct Tiling {
     /// Query positions per row batch (1 for [`super::SELECTED`] forward and dq).
     pub tq: usize,
     /// Heads per row group of the query-centric kernels (selected: heads sharing a selection).
-    pub gq: usize,
+    pub group_heads: usize,
     /// Query heads per kv head.
     pub gk: usize,
     /// Selection block size ([`super::SELECTED`]).
@@ -29,23 +29,23 @@ pub struct Tiling {
     /// Blocks kept per query ([`Tiling::select`]).
     pub topk: usize,
     /// Compressed slots per selection block ([`Tiling::select`]; divides `kc`).
-    pub pf: usize,
-    /// Heads per selection group ([`Tiling::select`]; divides `gq`).
-    pub sg: usize,
+    pub per_block: usize,
+    /// Heads per selection group ([`Tiling::select`]; divides `group_heads`).
+    pub sel_group: usize,
     /// Register tiles. Forward and dq ([`Tiling::with_register_tiles`]): `qr × qk` rows × keys
     /// of the scores each unit computes, `pr × pd` rows × dims of the output it accumulates,
-    /// `tpr` units per row of the softmax statistics. dk/dv ([`Tiling::with_dkdv_tiles`]):
+    /// `units_per_row` units per row of the softmax statistics. dk/dv ([`Tiling::with_dkdv_tiles`]):
     /// `qr × qk` rows × keys of the scores, `pr × pd` keys × dims of the accumulators.
     pub qr: usize,
     pub qk: usize,
     pub pr: usize,
     pub pd: usize,
-    pub tpr: usize,
+    pub units_per_row: usize,
     /// Products on tensor cores ([`super::super::mma`]; the host sets it where the device has the
     /// fragments of the storage type and rows, keys and dims are multiples of 16).
     pub mma: bool,
     /// Bytes of a tensor-core tile element `H`: 2 (bf16 / f16 storage), 4 (tf32 for f32).
-    pub hb: usize,
+    pub tile_bytes: usize,
 }
 
 /// Largest `(a, b)` with `a` from `a_max` down and `b` from `b_max` down (powers of two,
@@ -73,17 +73,17 @@ fn tile_pair(x: usize, y: usize, a_max: usize, b_max: usize, units: usize) -> (u
 impl Tiling {
     /// Chooses the forward's register tiles for the current shape: each unit computes a
     /// `qr × qk` block of scores (`qr + qk` shared loads per `qr · qk` multiply-adds instead
-    /// of two per product) and accumulates a `pr × pd` block of the output; `tpr` units share
+    /// of two per product) and accumulates a `pr × pd` block of the output; `units_per_row` units share
     /// the softmax statistics of one row.
     pub fn with_register_tiles(mut self) -> Self {
         let rows = self.rows();
         (self.qr, self.qk) = tile_pair(rows, self.kc, 4, 4, self.threads);
         (self.pr, self.pd) = tile_pair(rows, self.d, 4, 8, self.threads);
-        let mut tpr = 1;
-        while tpr * 2 * rows <= self.threads && tpr * 2 <= self.kc {
-            tpr *= 2;
+        let mut units_per_row = 1;
+        while units_per_row * 2 * rows <= self.threads && units_per_row * 2 <= self.kc {
+            units_per_row *= 2;
         }
-        self.tpr = tpr;
+        self.units_per_row = units_per_row;
         self
     }
 
@@ -116,18 +116,18 @@ impl Tiling {
 
     /// Rows of a query-centric cube.
     pub fn rows(&self) -> usize {
-        self.tq * self.gq
+        self.tq * self.group_heads
     }
 
     /// Rows of one key-centric batch.
     pub fn bwd_rows(&self) -> usize {
-        (self.tq * self.gk).max(self.gq)
+        (self.tq * self.gk).max(self.group_heads)
     }
 
     /// Importance rows of a selecting forward cube: `tq` positions × selection heads.
     pub fn imp_rows(&self) -> usize {
         if self.select {
-            self.tq * (self.gq / self.sg)
+            self.tq * (self.group_heads / self.sel_group)
         } else {
             1
         }
@@ -157,15 +157,15 @@ impl Tiling {
         let r = self.rows();
         let imp = if self.select {
             let ir = self.imp_rows();
-            ir * (self.kc / self.pf) + 2 * ir * self.topk + 2 * ir
+            ir * (self.kc / self.per_block) + 2 * ir * self.topk + 2 * ir
         } else {
             0
         };
-        let stats = 4 * r + 2 * r * self.tpr;
+        let stats = 4 * r + 2 * r * self.units_per_row;
         let tiles = if self.mma {
             // tensor-core tiles of q, k, v, p and the three unused f32 tiles
             let halves = r * tile_stride(self.d) + 2 * self.kc * tile_stride(self.d);
-            ((halves + r * tile_stride(self.kc)) * self.hb).div_ceil(4) + 3
+            ((halves + r * tile_stride(self.kc)) * self.tile_bytes).div_ceil(4) + 3
         } else {
             r * (self.d + 1) + 2 * self.kc * (self.d + 1)
         };
@@ -189,7 +189,7 @@ impl Tiling {
         let tiles = if self.mma {
             // tensor-core tiles of q, dout, k, v, dS and the four unused f32 tiles
             let halves = 2 * r * tile_stride(self.d) + 2 * self.kc * tile_stride(self.d);
-            ((halves + r * tile_stride(self.kc)) * self.hb).div_ceil(4) + 4
+            ((halves + r * tile_stride(self.kc)) * self.tile_bytes).div_ceil(4) + 4
         } else {
             2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1)
         };
@@ -210,7 +210,7 @@ impl Tiling {
             // tensor-core tiles of q, dout, k, v, p, dS and the six unused f32 tiles
             let halves = 2 * r * tile_stride(self.d) + 2 * self.kc * tile_stride(self.d);
             let halves = halves + 2 * r * tile_stride(self.kc);
-            return 4 * ((halves * self.hb).div_ceil(4) + 6 + self.dkdv_words() + 6 * r);
+            return 4 * ((halves * self.tile_bytes).div_ceil(4) + 6 + self.dkdv_words() + 6 * r);
         }
         4 * (2 * r * (self.d + 1) + 2 * self.kc * (self.d + 1) + 2 * r * (self.kc + 1) + 6 * r)
     }

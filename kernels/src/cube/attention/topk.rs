@@ -38,8 +38,8 @@ pub fn init_ranking(
 }
 
 /// Selection (compressed forward): scores of the selection blocks that lie in this chunk of
-/// compressed slots (logits in `p_s`, averaged over the `sg` heads of a selection group and
-/// the `pf` slots of a block), folded into each importance row's top-k and softmax normaliser.
+/// compressed slots (logits in `p_s`, averaged over the `sel_group` heads of a selection group and
+/// the `per_block` slots of a block), folded into each importance row's top-k and softmax normaliser.
 /// Block `j` competes for the query at `t` when it ends at or before `t` (`(j + 1) * sel <= t`;
 /// the query's own block and later ones have probability zero in the reference).
 #[cube]
@@ -55,30 +55,30 @@ pub fn rank_blocks(
     t0: usize,
     n: usize,
     mem: usize,
-    fine: usize,
+    complete: usize,
     #[comptime] t: Tiling,
 ) {
     let nt = t.threads;
     let tid = UNIT_POS as usize;
-    let pf = t.pf;
-    let sg = t.sg;
+    let per_block = t.per_block;
+    let sel_group = t.sel_group;
     let kk = t.topk;
-    let ns = comptime!(t.gq / t.sg);
-    let nfb = comptime!(t.kc / t.pf);
+    let ns = comptime!(t.group_heads / t.sel_group);
+    let nfb = comptime!(t.kc / t.per_block);
     let irows = comptime!(t.imp_rows());
-    let inv = comptime!(1.0f32 / (t.sg * t.pf) as f32);
+    let inv = comptime!(1.0f32 / (t.sel_group * t.per_block) as f32);
     let ps = comptime!(t.ps());
     if kstart >= mem {
-        let first = (kstart - mem) / pf;
+        let first = (kstart - mem) / per_block;
         let mut e = tid;
         while e < irows * nfb {
             let ir = e / nfb;
             let fb = e % nfb;
-            let r0 = (ir / ns) * t.gq + (ir % ns) * sg;
+            let r0 = (ir / ns) * t.group_heads + (ir % ns) * sel_group;
             let mut sum = 0.0f32;
-            for hh in 0..sg {
-                for c in 0..pf {
-                    sum += p_s[(r0 + hh) * ps + fb * pf + c];
+            for hh in 0..sel_group {
+                for c in 0..per_block {
+                    sum += p_s[(r0 + hh) * ps + fb * per_block + c];
                 }
             }
             fs_s[e] = sum * inv;
@@ -90,7 +90,7 @@ pub fn rank_blocks(
             let tt = t0 + ir / ns;
             for fb in 0..nfb {
                 let j = first + fb;
-                if tt < n && j < fine && (j + 1) * t.sel <= tt {
+                if tt < n && j < complete && (j + 1) * t.sel <= tt {
                     let s = fs_s[ir * nfb + fb];
                     let mo = mi_s[ir];
                     if s > mo {
@@ -126,8 +126,8 @@ pub fn rank_blocks(
 }
 
 /// Writes the kept blocks `sel_idx` and their probabilities `sel_score` `[b, hs, n, topk]`
-/// of the cube's importance rows (`gq / sg` selection heads per position, the first at head
-/// row `bh0 / sg`; blocks not above the validity threshold as `-1`).
+/// of the cube's importance rows (`group_heads / sel_group` selection heads per position, the first at head
+/// row `bh0 / sel_group`; blocks not above the validity threshold as `-1`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn write_selection<F: Float, I: Int>(
@@ -145,12 +145,12 @@ pub fn write_selection<F: Float, I: Int>(
     let nt = t.threads;
     let kk = t.topk;
     let irows = comptime!(t.imp_rows());
-    let ns = comptime!(t.gq / t.sg);
+    let ns = comptime!(t.group_heads / t.sel_group);
     let mut ir = UNIT_POS as usize;
     while ir < irows {
         let tt = t0 + ir / ns;
         if tt < n {
-            let hrow = bh0 / t.sg + ir % ns;
+            let hrow = bh0 / t.sel_group + ir % ns;
             let m = mi_s[ir];
             let z = zi_s[ir];
             for i in 0..kk {

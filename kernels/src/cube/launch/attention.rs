@@ -20,7 +20,7 @@ pub struct Problem {
     pub nk: usize,
     pub d: usize,
     /// Heads per selection group (selected) or per kv head (others).
-    pub gq: usize,
+    pub group_heads: usize,
     /// Selected blocks per query.
     pub count: usize,
     /// Window (sliding) or stride (compressed).
@@ -62,14 +62,14 @@ impl From<&KernelOptions> for RunChoices {
 /// Block selection fused into the compressed forward.
 #[derive(Clone, Copy, Debug)]
 pub struct SelectSpec {
-    /// Blocks kept per query (`min(num_selected, fine)`).
+    /// Blocks kept per query (`min(num_selected, complete)`).
     pub topk: usize,
-    /// Complete selection blocks (`(seq / stride) / pf`).
-    pub fine: usize,
+    /// Complete selection blocks (`(seq / stride) / per_block`).
+    pub complete: usize,
     /// Compressed slots per selection block.
-    pub pf: usize,
+    pub per_block: usize,
     /// Heads per selection group.
-    pub sg: usize,
+    pub sel_group: usize,
     /// Selection block size.
     pub sel: usize,
 }
@@ -80,7 +80,7 @@ impl Problem {
     }
 
     fn groups(&self) -> usize {
-        self.h / self.gq
+        self.h / self.group_heads
     }
 }
 
@@ -159,7 +159,7 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
     let mut kc = match (p.mode, select) {
         (SELECTED, _) => p.sel.min(64),
         // chunks of whole selection blocks
-        (_, Some(s)) => s.pf * (32 / s.pf).max(1),
+        (_, Some(s)) => s.per_block * (32 / s.per_block).max(1),
         _ => 32,
     };
     // query positions per cube (forward and dq) or per key-centric batch
@@ -167,7 +167,7 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
         (SELECTED, Pass::Dkdv) => (16 / gk).max(1),
         (SELECTED, _) => 1,
         (_, Pass::Dkdv) => (16 / gk).max(1),
-        _ => (64 / p.gq).clamp(1, 16),
+        _ => (64 / p.group_heads).clamp(1, 16),
     };
     loop {
         let t = Tiling {
@@ -175,22 +175,22 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
             d: p.d,
             kc,
             tq,
-            gq: p.gq,
+            group_heads: p.group_heads,
             gk,
             sel,
             gated: p.gated,
             threads: THREADS,
             select: select.is_some(),
             topk: select.map_or(1, |s| s.topk),
-            pf: select.map_or(1, |s| s.pf),
-            sg: select.map_or(1, |s| s.sg),
+            per_block: select.map_or(1, |s| s.per_block),
+            sel_group: select.map_or(1, |s| s.sel_group),
             qr: 1,
             qk: 1,
             pr: 1,
             pd: 1,
-            tpr: 1,
+            units_per_row: 1,
             mma: false,
-            hb: mma.unwrap_or(2),
+            tile_bytes: mma.unwrap_or(2),
         };
         let frag = crate::cube::mma::FRAG;
         let t = Tiling {
@@ -222,7 +222,7 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
                 Pass::Dkdv => t.bwd_rows(),
                 Pass::Fwd | Pass::Dq => t.rows(),
             };
-            if kc >= 2 * frag && select.is_none_or(|s| (kc / 2).is_multiple_of(s.pf)) {
+            if kc >= 2 * frag && select.is_none_or(|s| (kc / 2).is_multiple_of(s.per_block)) {
                 kc /= 2;
                 continue;
             }
@@ -233,8 +233,8 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
         }
         if let Some(s) = select {
             // keep whole selection blocks per chunk
-            if kc > s.pf {
-                kc -= s.pf;
+            if kc > s.per_block {
+                kc -= s.per_block;
             } else if tq > 1 {
                 tq /= 2;
             } else {
@@ -261,7 +261,7 @@ pub fn supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &Problem) -> bool
         .iter()
         .all(|&pass| tiling(p, pass, budget, None).is_some())
         && p.h.is_multiple_of(p.kvh)
-        && p.h.is_multiple_of(p.gq)
+        && p.h.is_multiple_of(p.group_heads)
         // entries `(head * n + t) * count + slot` and row offsets `(b * h + head) * n + t`
         // are u32
         && p.n < u32::MAX as usize / (p.b.max(1) * p.h.max(p.count).max(1))
@@ -303,7 +303,7 @@ pub fn forward<R: CubeRuntime>(
     let out = empty(&q, vec![p.b, p.h, p.n, p.d], dtype);
     let lse = empty(&q, vec![p.b, p.h, p.n], DType::F32);
     let selection = p.select.map(|s| {
-        let shape = vec![p.b, p.h / s.sg, p.n, s.topk];
+        let shape = vec![p.b, p.h / s.sel_group, p.n, s.topk];
         (empty(&q, shape.clone(), idx.dtype), empty(&q, shape, dtype))
     });
     let (sel_idx, sel_score) = match &selection {
@@ -334,7 +334,7 @@ pub fn forward<R: CubeRuntime>(
             p.count,
             p.span,
             p.mem,
-            p.select.map_or(0, |s| s.fine),
+            p.select.map_or(0, |s| s.complete),
             p.scale as f32,
             t,
             [dtype.into(), idt.into(), tile_elem],
@@ -557,7 +557,7 @@ fn csr<R: CubeRuntime>(
             p.kvh,
             p.count,
             nb,
-            p.gq,
+            p.group_heads,
             p.gk(),
             idt.into(),
         );
@@ -584,7 +584,7 @@ fn csr<R: CubeRuntime>(
             p.kvh,
             p.count,
             nb,
-            p.gq,
+            p.group_heads,
             p.gk(),
             idt.into(),
         );

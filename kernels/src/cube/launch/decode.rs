@@ -11,7 +11,7 @@ fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<crate::cube::decode
     loop {
         let mut t = crate::cube::decode::DecodeTiling {
             d: p.d,
-            gq: p.gq,
+            group_heads: p.group_heads,
             kc,
             nsel: p.nsel.max(1),
             fcap: 1,
@@ -36,7 +36,7 @@ fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<crate::cube::decode
 /// Whether the decode kernel covers `p` (made by `DecodeShape::of`) on this device.
 pub fn decode_supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &DecodeProblem) -> bool {
     // the shapes fit together (`DecodeShape::of`); what is left is the shared memory
-    decode_tiling(p, shared_budget(client)).is_some_and(|t| p.fine() <= t.fcap)
+    decode_tiling(p, shared_budget(client)).is_some_and(|t| p.complete() <= t.fcap)
 }
 
 /// Runs the decode kernel: inputs `[qkv, cos, sin, ck, cv, k, v, gate logits]` (see
@@ -84,12 +84,12 @@ fn launch_decode<R: CubeRuntime>(
         None => [dummy(&qkv, dtype), dummy(&qkv, dtype)],
     };
     let client = qkv.client.clone();
-    // SAFETY: rows read are below `nc <= capc` (compressed) and `pos < cap` (cache); the
-    // selected blocks are complete blocks before the own one; `fine <= fcap`.
+    // SAFETY: rows read are below `nc <= compressed_capacity` (compressed) and `pos < cap` (cache); the
+    // selected blocks are complete blocks before the own one; `complete <= fcap`.
     unsafe {
         crate::cube::decode::nsa_decode::launch_unchecked::<R>(
             &client,
-            CubeCount::Static((p.b * p.h / p.gq) as u32, 1, 1),
+            CubeCount::Static((p.b * p.h / p.group_heads) as u32, 1, 1),
             CubeDim::new_1d(t.threads as u32),
             qkv.into_tensor_arg(),
             cos.into_tensor_arg(),
@@ -109,15 +109,15 @@ fn launch_decode<R: CubeRuntime>(
             p.kvh,
             p.pos,
             p.nc,
-            p.capc,
+            p.compressed_capacity,
             p.cap,
             p.mem,
-            p.pf,
+            p.per_block,
             p.sel,
             p.window,
             p.topn,
             p.scale as f32,
-            (1.0 / (p.gq * p.pf) as f64) as f32,
+            (1.0 / (p.group_heads * p.per_block) as f64) as f32,
             t,
             dtype.into(),
         );
