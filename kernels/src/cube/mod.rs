@@ -11,6 +11,7 @@ mod decode;
 mod fusion;
 mod launch;
 mod mma;
+mod ops;
 mod plain;
 mod problems;
 mod reduce;
@@ -27,9 +28,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::ComputeClient;
 
-use self::launch::{
-    BlockProblem, BlockTensors, DecodeProblem, Problem, RowProblem, SampleProblem, WriteProblem,
-};
+pub use self::ops::{Arg, CubeOp, Kind, Spec};
 use self::problems::int_dtype;
 use crate::api::NsaKernels;
 use crate::dispatch::register;
@@ -54,8 +53,7 @@ pub type KernelGrads<B> = (
     Option<FloatTensor<B>>,
 );
 
-/// A backend whose tensors the CubeCL kernels run on: the launches of [`launch`] at the level
-/// of the backend's primitives.
+/// A backend whose tensors the CubeCL kernels run on: it runs a [`CubeOp`] on its own tensors.
 pub trait KernelBackend: Backend {
     /// The CubeCL runtime the tensors live on.
     type Runtime: CubeRuntime;
@@ -63,75 +61,8 @@ pub trait KernelBackend: Backend {
     /// The CubeCL client of `device` (for the kernels' shared-memory budget).
     fn cube_client(device: &Self::Device) -> ComputeClient<Self::Runtime>;
 
-    /// The fused attention forward of `p`.
-    fn attn_forward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        idx: Option<IntTensor<Self>>,
-        gates: Option<FloatTensor<Self>>,
-        p: &Problem,
-    ) -> KernelForward<Self>;
-
-    /// The fused attention backward of `p` from the output gradient `dout`.
-    #[allow(clippy::too_many_arguments)]
-    fn attn_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        idx: Option<IntTensor<Self>>,
-        gates: Option<FloatTensor<Self>>,
-        out: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        dout: FloatTensor<Self>,
-        p: &Problem,
-    ) -> KernelGrads<Self>;
-
-    /// Top-`k` along the last axis: values and indices.
-    fn top_k(x: FloatTensor<Self>, k: usize) -> (FloatTensor<Self>, IntTensor<Self>);
-
-    /// The decode step's attention ([`launch::decode`]): inputs `[qkv, cos, sin, ck, cv, k,
-    /// v, gate logits]` → `[b, 1, h * d]`.
-    fn decode(inputs: [FloatTensor<Self>; 8], p: &DecodeProblem) -> FloatTensor<Self>;
-
-    /// [`launch::row_linear`]; the output has `x`'s leading dims and `p.dout` columns.
-    fn row_linear(
-        x: FloatTensor<Self>,
-        norm_w: Option<FloatTensor<Self>>,
-        w: FloatTensor<Self>,
-        bias: Option<FloatTensor<Self>>,
-        residual: Option<FloatTensor<Self>>,
-        p: &RowProblem,
-    ) -> FloatTensor<Self>;
-
-    /// [`launch::decode_write`].
-    fn decode_write(
-        inputs: [FloatTensor<Self>; 3],
-        buffers: [FloatTensor<Self>; 4],
-        p: &WriteProblem,
-    ) -> [FloatTensor<Self>; 4];
-
-    /// [`launch::sample`].
-    fn sample(logits: FloatTensor<Self>, p: &SampleProblem) -> IntTensor<Self>;
-
-    /// [`launch::decode_block`].
-    #[allow(clippy::type_complexity)]
-    fn decode_block(
-        t: BlockTensors<FloatTensor<Self>>,
-        p: &BlockProblem,
-    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 4]);
-
-    /// [`launch::row_linear_pair`] with both matrices (no GELU or residual).
-    #[allow(clippy::too_many_arguments)]
-    fn row_linear_pair(
-        x: FloatTensor<Self>,
-        norm_w: Option<FloatTensor<Self>>,
-        w: FloatTensor<Self>,
-        bias: Option<FloatTensor<Self>>,
-        w2: FloatTensor<Self>,
-        bias2: Option<FloatTensor<Self>>,
-        p: &RowProblem,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    /// Runs `op` on `inputs` → its outputs ([`CubeOp::outputs`]).
+    fn launch<Op: CubeOp>(op: Op, inputs: Vec<Arg<Self>>) -> Vec<Arg<Self>>;
 }
 
 type Cb<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -149,85 +80,35 @@ where
         R::client(device)
     }
 
-    fn attn_forward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        idx: Option<IntTensor<Self>>,
-        gates: Option<FloatTensor<Self>>,
-        p: &Problem,
-    ) -> KernelForward<Self> {
-        let f = launch::forward(q, k, v, idx, gates, p, int_dtype::<I>());
-        KernelForward {
-            out: f.out,
-            lse: f.lse,
-            selection: f.selection,
-        }
-    }
-
-    fn attn_backward(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-        idx: Option<IntTensor<Self>>,
-        gates: Option<FloatTensor<Self>>,
-        out: FloatTensor<Self>,
-        lse: FloatTensor<Self>,
-        dout: FloatTensor<Self>,
-        p: &Problem,
-    ) -> KernelGrads<Self> {
-        launch::backward(q, k, v, idx, gates, out, lse, dout, p)
-    }
-
-    fn top_k(x: FloatTensor<Self>, k: usize) -> (FloatTensor<Self>, IntTensor<Self>) {
-        launch::top_k(x, k, int_dtype::<I>())
-    }
-
-    fn decode(inputs: [FloatTensor<Self>; 8], p: &DecodeProblem) -> FloatTensor<Self> {
-        launch::decode(inputs, p)
-    }
-
-    fn row_linear(
-        x: FloatTensor<Self>,
-        norm_w: Option<FloatTensor<Self>>,
-        w: FloatTensor<Self>,
-        bias: Option<FloatTensor<Self>>,
-        residual: Option<FloatTensor<Self>>,
-        p: &RowProblem,
-    ) -> FloatTensor<Self> {
-        launch::row_linear(x, norm_w, w, bias, residual, p)
-    }
-
-    fn decode_write(
-        inputs: [FloatTensor<Self>; 3],
-        buffers: [FloatTensor<Self>; 4],
-        p: &WriteProblem,
-    ) -> [FloatTensor<Self>; 4] {
-        launch::decode_write(inputs, buffers, p)
-    }
-
-    fn sample(logits: FloatTensor<Self>, p: &SampleProblem) -> IntTensor<Self> {
-        launch::sample(logits, p, int_dtype::<I>())
-    }
-
-    fn decode_block(
-        t: BlockTensors<FloatTensor<Self>>,
-        p: &BlockProblem,
-    ) -> (FloatTensor<Self>, [FloatTensor<Self>; 4]) {
-        launch::decode_block(t, p)
-    }
-
-    fn row_linear_pair(
-        x: FloatTensor<Self>,
-        norm_w: Option<FloatTensor<Self>>,
-        w: FloatTensor<Self>,
-        bias: Option<FloatTensor<Self>>,
-        w2: FloatTensor<Self>,
-        bias2: Option<FloatTensor<Self>>,
-        p: &RowProblem,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (a, b) = launch::row_linear_pair(x, norm_w, w, bias, None, Some((w2, bias2)), p);
-        (a, b.expect("a second output"))
+    /// The launch itself: float and integer tensors are both `CubeTensor`s here.
+    fn launch<Op: CubeOp>(op: Op, inputs: Vec<Arg<Self>>) -> Vec<Arg<Self>> {
+        let int = int_dtype::<I>();
+        let (specs, tensors): (Vec<Spec>, Vec<_>) = inputs
+            .into_iter()
+            .map(|a| {
+                let (t, kind) = match a {
+                    Arg::Float(t) => (t, Kind::Float),
+                    Arg::Int(t) => (t, Kind::Int),
+                };
+                let spec = Spec {
+                    shape: t.meta.shape.to_vec(),
+                    dtype: t.dtype,
+                    kind,
+                };
+                (spec, t)
+            })
+            .unzip();
+        let outputs = op.outputs(&specs, int);
+        let results = op.run(tensors, int);
+        debug_assert_eq!(results.len(), outputs.len());
+        results
+            .into_iter()
+            .zip(outputs)
+            .map(|(t, spec)| match spec.kind {
+                Kind::Float => Arg::Float(t),
+                Kind::Int => Arg::Int(t),
+            })
+            .collect()
     }
 }
 

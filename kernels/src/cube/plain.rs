@@ -9,7 +9,7 @@ use super::problems::{
     block_problem, compressed_problem, decode_problem, float3, float_of, is_float,
     selected_problem, selection_of, selection_parts, sliding_problem, write_problem, CompressedOut,
 };
-use super::{CubeKernels, KernelBackend};
+use super::{ops, CubeKernels, KernelBackend};
 use crate::api::{
     BlockStep, DecodeInputs, DeviceSampling, NsaKernels, Projection, RowLinear, RowNorm, Selection,
 };
@@ -35,10 +35,8 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         let (idx, gates) = selection_parts(selection, sizes);
         let count = idx.as_ref().map_or(0, |i| i.dims()[3]);
         let p = selected_problem(q, k, count, gates.is_some(), sizes, scale, self.run())?;
-        let f = B::attn_forward(
-            float_of(q),
-            float_of(k),
-            float_of(v),
+        let f = ops::attn_forward::<B>(
+            [float_of(q), float_of(k), float_of(v)],
             idx.map(|i| i.into_primitive()),
             gates.map(|g| float_of(&g)),
             &p,
@@ -55,7 +53,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         scale: f64,
     ) -> Option<Tensor<B, 4>> {
         let p = sliding_problem(q, k, window, scale, self.run())?;
-        let f = B::attn_forward(float_of(q), float_of(k), float_of(v), None, None, &p);
+        let f = ops::attn_forward::<B>([float_of(q), float_of(k), float_of(v)], None, None, &p);
         Some(Tensor::from_primitive(TensorPrimitive::Float(f.out)))
     }
 
@@ -64,7 +62,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         if !is_float(x.dtype()) || k == 0 || k > len || k > launch::MAX_TOP_K {
             return None;
         }
-        let (values, indices) = B::top_k(float_of(x), k);
+        let (values, indices) = ops::top_k::<B>(float_of(x), k);
         Some((
             Tensor::from_primitive(TensorPrimitive::Float(values)),
             Tensor::from_primitive(indices),
@@ -107,12 +105,15 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
             return None;
         }
         let f1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
-        let out = B::row_linear(
+        let (out, _) = ops::rows::<B>(
             float3(x),
-            norm_w.map(f1),
-            w.into_primitive().tensor(),
-            bias.map(f1),
+            [
+                norm_w.map(f1),
+                Some(w.into_primitive().tensor()),
+                bias.map(f1),
+            ],
             spec.residual.map(float3),
+            None,
             &p,
         );
         Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
@@ -161,15 +162,18 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
             return None;
         }
         let f1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
-        let (a, c) = B::row_linear_pair(
+        let (a, c) = ops::rows::<B>(
             float3(x),
-            norm_w.map(f1),
-            w.into_primitive().tensor(),
-            bias.map(f1),
-            w2.into_primitive().tensor(),
-            bias2.map(f1),
+            [
+                norm_w.map(f1),
+                Some(w.into_primitive().tensor()),
+                bias.map(f1),
+            ],
+            None,
+            Some((w2.into_primitive().tensor(), bias2.map(f1))),
             &p,
         );
+        let c = c.expect("a second output");
         let f3 = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
         Some((f3(a), f3(c)))
     }
@@ -196,7 +200,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         ) else {
             return Err(buffers);
         };
-        let out = B::decode_write(
+        let out = ops::decode_write::<B>(
             [float3(qkv), float_of(cos), float_of(sin)],
             buffers.map(|t| t.into_primitive().tensor()),
             &p,
@@ -236,7 +240,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
                         b2: bias(&ff.fc2),
                     }),
                 };
-                let (out, written) = B::decode_block(t, &p);
+                let (out, written) = ops::decode_block::<B>(t, &p);
                 let f4 = |t| Tensor::from_primitive(TensorPrimitive::Float(t));
                 Ok((
                     Tensor::from_primitive(TensorPrimitive::Float(out)),
@@ -263,7 +267,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
             rule: *rule,
             key,
         };
-        let ids = B::sample(logits.clone().into_primitive().tensor(), &p);
+        let ids = ops::sample::<B>(logits.clone().into_primitive().tensor(), &p);
         Some(Tensor::from_primitive(ids))
     }
 
@@ -272,7 +276,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         let (ck, cv) = (s.compressed.k, s.compressed.v);
         let (k, v) = (s.kv.k, s.kv.v);
         let gates = (s.gate_logits)();
-        let out = B::decode(
+        let out = ops::decode::<B>(
             [
                 float3(s.qkv),
                 float_of(s.cos),
@@ -298,7 +302,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         scale: f64,
     ) -> Option<CompressedOut<B>> {
         let p = compressed_problem(q, ck, num_mem, sizes, scale, self.run())?;
-        let f = B::attn_forward(float_of(q), float_of(ck), float_of(cv), None, None, &p);
+        let f = ops::attn_forward::<B>([float_of(q), float_of(ck), float_of(cv)], None, None, &p);
         let selection = f.selection.map(|(blocks, scores)| {
             selection_of(
                 Tensor::from_primitive(blocks),

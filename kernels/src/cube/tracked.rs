@@ -15,7 +15,7 @@ use super::problems::{
     compressed_problem, float_of, selected_problem, selection_of, selection_parts, sliding_problem,
     CompressedOut,
 };
-use super::{CubeKernels, KernelBackend, KernelForward};
+use super::{ops, CubeKernels, KernelBackend, KernelForward};
 use crate::api::{NsaKernels, Selection};
 use crate::rules::SparseSizes;
 
@@ -47,8 +47,12 @@ impl<B: KernelBackend, const N: usize> Backward<B, N> for AttnBackward<N> {
     ) {
         let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let (dq, dk, dv, dgates) = B::attn_backward(
-            s.q, s.k, s.v, s.idx, s.gates, s.out, s.lse, grad, &s.problem,
+        let (dq, dk, dv, dgates) = ops::attn_backward::<B>(
+            [s.q, s.k, s.v],
+            s.idx,
+            s.gates,
+            [s.out, s.lse, grad],
+            &s.problem,
         );
         let mut results = [Some(dq), Some(dk), Some(dv), dgates];
         for (parent, grad) in ops.parents.iter().zip(results.iter_mut()) {
@@ -77,10 +81,12 @@ where
     let idx = idx.map(|i| i.into_primitive());
     let gates = gates.map(|g| float_of(&g));
     let run = |gp: Option<FloatTensor<B>>| -> KernelForward<B> {
-        B::attn_forward(
-            q.primitive.clone(),
-            k.primitive.clone(),
-            v.primitive.clone(),
+        ops::attn_forward::<B>(
+            [
+                q.primitive.clone(),
+                k.primitive.clone(),
+                v.primitive.clone(),
+            ],
             idx.clone(),
             gp,
             &p,

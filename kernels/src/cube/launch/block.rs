@@ -42,6 +42,14 @@ pub struct BlockLayout {
     pub ff: Option<(bool, bool)>,
 }
 
+impl BlockLayout {
+    /// Where the four buffers start among the flattened tensors.
+    pub fn buffers_at(&self) -> usize {
+        // x, norm?, w_qkv, b_qkv?, w_gates, b_gates?, cos, sin
+        5 + usize::from(self.norm) + usize::from(self.b_qkv) + usize::from(self.b_gates)
+    }
+}
+
 impl<T> BlockTensors<T> {
     /// The tensors in a fixed order, and which optional ones are there.
     pub fn flatten(self) -> (Vec<T>, BlockLayout) {
