@@ -10,8 +10,7 @@ use super::tiling::Tiling;
 use super::{SELECTED, SLIDING};
 
 /// The shared per-row values of a batch of rows: `lse`, `delta`, the gate, the query
-/// position, whether the row is live (1) and its row `(b * h + head) * n + t` of
-/// `[b, h, n, ..]` tensors.
+/// position and whether the row is live (1).
 #[derive(CubeType)]
 struct RowStats {
     lse: SharedMemory<f32>,
@@ -19,7 +18,6 @@ struct RowStats {
     gate: SharedMemory<f32>,
     pos: SharedMemory<u32>,
     live: SharedMemory<u32>,
-    row: SharedMemory<u32>,
 }
 
 /// Backward, key-centric: `dk`, `dv` of one chunk of `kc` keys of one kv head. Grid: x = key
@@ -61,7 +59,6 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
 ) {
     let d = t.d;
     let kc = t.kc;
-    let gk = t.gk;
     let rows = comptime!(t.bwd_rows());
     let nt = t.threads;
     let pr = t.pr;
@@ -118,7 +115,6 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
         gate: SharedMemory::<f32>::new(rows),
         pos: SharedMemory::<u32>::new(rows),
         live: SharedMemory::<u32>::new(rows),
-        row: SharedMemory::<u32>::new(rows),
     };
 
     // 1. keys and values
@@ -162,30 +158,23 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     for bi in 0..batches {
         sync_cube();
         let by_position = bi >= sel_batches;
+        let batch = Batch {
+            index: bi,
+            by_position,
+            selected: sel_batches,
+            qstart,
+            qend,
+            start,
+            end,
+        };
         let mut r = tid;
         while r < rows {
-            let mut live = false;
+            let (live, tt, row, slot, hsel) =
+                batch_row(&batch, r, entries, &ks, b, h, kvhead, count, t);
             let mut gate = 1.0f32;
-            let mut tt = 0usize;
-            let mut row = 0usize;
-            if by_position {
-                tt = qstart + (bi - sel_batches) * t.tq + r / gk;
-                live = r < comptime!(t.tq * t.gk) && tt < qend;
-                row = (b * h + kvhead * gk + r % gk) * n + tt;
-            } else {
-                let ei = start + bi * epb + r / t.group_heads;
-                live = r < comptime!(t.bwd_rows() / t.group_heads * t.group_heads) && ei < end;
-                if live {
-                    let ent = entries[ei] as usize;
-                    let slot = ent % count;
-                    tt = (ent / count) % n;
-                    let hsel = ent / (count * n);
-                    row = (b * h + hsel * t.group_heads + r % t.group_heads) * n + tt;
-                    if t.gated {
-                        let hs = h / t.group_heads;
-                        gate = f32::cast_from(gates[((b * hs + hsel) * n + tt) * count + slot]);
-                    }
-                }
+            if t.gated && live && !by_position {
+                let hs = h / t.group_heads;
+                gate = f32::cast_from(gates[((b * hs + hsel) * n + tt) * count + slot]);
             }
             let mut l = 0.0f32;
             let mut dl = 0.0f32;
@@ -200,17 +189,17 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
             st.gate[r] = gate;
             st.pos[r] = tt as u32;
             st.live[r] = lv;
-            st.row[r] = row as u32;
             r += nt;
         }
-        sync_cube();
+        // (the loads find their rows themselves: no barrier after the statistics)
         let mut e = tid;
         while e < rows * d {
             let r = e / d;
             let mut qv = 0.0f32;
             let mut dv = 0.0f32;
-            if st.live[r] == 1 {
-                let off = (st.row[r] as usize) * d + e % d;
+            let (live, _, row, _, _) = batch_row(&batch, r, entries, &ks, b, h, kvhead, count, t);
+            if live {
+                let off = row * d + e % d;
                 qv = f32::cast_from(q[off]) * scale;
                 dv = f32::cast_from(dout[off]);
             }
@@ -265,6 +254,60 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
             }
         }
     }
+}
+
+/// One batch of rows of the dk/dv kernel: batch `index`; the first `selected` batches take
+/// the entries `start..end` that chose the block, the rest the positions `qstart..qend`.
+#[derive(CubeType)]
+struct Batch {
+    index: usize,
+    by_position: bool,
+    selected: usize,
+    qstart: usize,
+    qend: usize,
+    start: usize,
+    end: usize,
+}
+
+/// Row `r` of a batch: whether it is live, its position `t`, its row `(b * h + head) * n + t`
+/// of `[b, h, n, ..]` tensors and, for an entry, its slot and selection head. By position:
+/// `tq` positions × `gk` heads of the kv head; entries: `group_heads` heads each.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn batch_row(
+    batch: &Batch,
+    r: usize,
+    entries: &Tensor<u32>,
+    ks: &Keys,
+    b: usize,
+    h: usize,
+    kvhead: usize,
+    count: usize,
+    #[comptime] t: Tiling,
+) -> (bool, usize, usize, usize, usize) {
+    let n = ks.n;
+    let mut live = false;
+    let mut tt = 0usize;
+    let mut row = 0usize;
+    let mut slot = 0usize;
+    let mut hsel = 0usize;
+    if batch.by_position {
+        tt = batch.qstart + (batch.index - batch.selected) * t.tq + r / t.gk;
+        live = r < comptime!(t.tq * t.gk) && tt < batch.qend;
+        row = (b * h + kvhead * t.gk + r % t.gk) * n + tt;
+    } else {
+        let epb = comptime!(t.bwd_rows() / t.group_heads);
+        let ei = batch.start + batch.index * epb + r / t.group_heads;
+        live = r < comptime!(t.bwd_rows() / t.group_heads * t.group_heads) && ei < batch.end;
+        if live {
+            let ent = entries[ei] as usize;
+            slot = ent % count;
+            tt = (ent / count) % n;
+            hsel = ent / (count * n);
+            row = (b * h + hsel * t.group_heads + r % t.group_heads) * n + tt;
+        }
+    }
+    (live, tt, row, slot, hsel)
 }
 
 /// The query positions `[qstart, qend)` of split `sp` of `splits` that see the chunk at
