@@ -840,13 +840,39 @@ fn decode_kernel_matches_the_tensor_op_step() {
     }
 }
 
+/// A linear layer with the matrix `w` `[din, dout]` (as a narrowed view of one `pad` columns
+/// wider, so that its rows are strided) and the bias, if given.
+fn linear_on<B: Backend>(
+    w: &HostTensor,
+    bias: Option<&HostTensor>,
+    pad: usize,
+    device: &B::Device,
+) -> burn::nn::Linear<B> {
+    let [din, dout] = [w.shape[0], w.shape[1]];
+    let mut l = burn::nn::LinearConfig::new(din, dout)
+        .with_bias(bias.is_some())
+        .init::<B>(device);
+    let wide = Tensor::cat(
+        vec![to_tensor(w, device), Tensor::zeros([din, pad], device)],
+        1,
+    );
+    l.weight = burn::module::Param::from_tensor(wide.narrow(1, 0, dout));
+    l.bias = bias.map(|b| burn::module::Param::from_tensor(to_tensor(b, device)));
+    l
+}
+
+/// An RMSNorm with the scale `nw`.
+fn norm_on<B: Backend>(nw: &HostTensor, device: &B::Device) -> nsa_model::norm::RmsNorm<B> {
+    let mut n = nsa_model::norm::RmsNorm::new(nw.shape[0], device);
+    n.weight = burn::module::Param::from_tensor(to_tensor(nw, device));
+    n
+}
+
 /// The decode step's row kernel (`act(norm(x) · W + b) + residual`) against the tensor ops on
 /// the CPU, for every combination the model uses and batches of 1 and 3 rows.
 #[test]
 fn row_linear_kernel_matches_tensor_ops() {
-    use burn::nn::LinearConfig;
     use nsa_model::kernels::RowLinear;
-    use nsa_model::norm::RmsNorm;
     use nsa_model::tensor_util::norm_linear;
 
     register();
@@ -871,37 +897,11 @@ fn row_linear_kernel_matches_tensor_ops() {
             let bvec = rng.host(&[dout]);
             let nw = rng.host(&[din]);
             let res = rng.host(&[rows, 1, dout]);
-            let layer_on = |device: &_| {
-                let mut l = LinearConfig::new(din, dout)
-                    .with_bias(bias)
-                    .init::<Wgpu>(device);
-                // the matrix as a narrowed view of a wider one (on the fused backend the slice
-                // may arrive copied; `row_kernel_reads_padded_rows` checks the strided read)
-                let wide = Tensor::cat(
-                    vec![to_tensor(&w, device), Tensor::zeros([din, 7], device)],
-                    1,
-                );
-                l.weight = burn::module::Param::from_tensor(wide.narrow(1, 0, dout));
-                if bias {
-                    l.bias = Some(burn::module::Param::from_tensor(to_tensor(&bvec, device)));
-                }
-                l
-            };
-            let cpu_layer = {
-                let mut l = LinearConfig::new(din, dout)
-                    .with_bias(bias)
-                    .init::<NdArray>(&cpu);
-                l.weight = burn::module::Param::from_tensor(to_tensor(&w, &cpu));
-                if bias {
-                    l.bias = Some(burn::module::Param::from_tensor(to_tensor(&bvec, &cpu)));
-                }
-                l
-            };
-            let mut gpu_norm = RmsNorm::<Wgpu>::new(din, &gpu);
-            gpu_norm.weight = burn::module::Param::from_tensor(to_tensor(&nw, &gpu));
-            let mut cpu_norm = RmsNorm::<NdArray>::new(din, &cpu);
-            cpu_norm.weight = burn::module::Param::from_tensor(to_tensor(&nw, &cpu));
-            let gpu_layer = layer_on(&gpu);
+            // the matrix as a narrowed view of a wider one (on the fused backend the slice may
+            // arrive copied; `row_kernel_reads_padded_rows` checks the strided read)
+            let gpu_layer = linear_on::<Wgpu>(&w, bias.then_some(&bvec), 7, &gpu);
+            let cpu_layer = linear_on::<NdArray>(&w, bias.then_some(&bvec), 0, &cpu);
+            let (gpu_norm, cpu_norm) = (norm_on::<Wgpu>(&nw, &gpu), norm_on::<NdArray>(&nw, &cpu));
             let gx: Tensor<Wgpu, 3> = to_tensor(&x, &gpu);
             let gres: Tensor<Wgpu, 3> = to_tensor(&res, &gpu);
             let gpu_row_norm = gpu_norm.row_norm();
@@ -1089,8 +1089,6 @@ fn generation_on_the_device_equals_the_host_loop() {
 /// biases on either side, the second matrix with padded rows.
 #[test]
 fn row_linear_pair_matches_two_projections() {
-    use burn::nn::{Linear, LinearConfig};
-    use nsa_model::norm::RmsNorm;
     use nsa_model::tensor_util::norm_linear;
 
     register();
@@ -1109,36 +1107,13 @@ fn row_linear_pair_matches_two_projections() {
         let nw = rng.host(&[din]);
         let (w1, w2) = (rng.host(&[din, d1]), rng.host(&[din, d2]));
         let (v1, v2) = (rng.host(&[d1]), rng.host(&[d2]));
-        fn layer<B: Backend>(
-            w: &HostTensor,
-            bias: Option<&HostTensor>,
-            pad: usize,
-            device: &B::Device,
-        ) -> Linear<B> {
-            let [din, dout] = [w.shape[0], w.shape[1]];
-            let mut l = LinearConfig::new(din, dout)
-                .with_bias(bias.is_some())
-                .init::<B>(device);
-            let wide = Tensor::cat(
-                vec![to_tensor(w, device), Tensor::zeros([din, pad], device)],
-                1,
-            );
-            l.weight = burn::module::Param::from_tensor(wide.narrow(1, 0, dout));
-            l.bias = bias.map(|b| burn::module::Param::from_tensor(to_tensor(b, device)));
-            l
-        }
-        fn norm_on<B: Backend>(nw: &HostTensor, device: &B::Device) -> RmsNorm<B> {
-            let mut n = RmsNorm::new(nw.shape[0], device);
-            n.weight = burn::module::Param::from_tensor(to_tensor(nw, device));
-            n
-        }
         let (g1, g2) = (
-            layer::<Wgpu>(&w1, b1.then_some(&v1), 0, &gpu),
-            layer::<Wgpu>(&w2, b2.then_some(&v2), 5, &gpu),
+            linear_on::<Wgpu>(&w1, b1.then_some(&v1), 0, &gpu),
+            linear_on::<Wgpu>(&w2, b2.then_some(&v2), 5, &gpu),
         );
         let (c1, c2) = (
-            layer::<NdArray>(&w1, b1.then_some(&v1), 0, &cpu),
-            layer::<NdArray>(&w2, b2.then_some(&v2), 0, &cpu),
+            linear_on::<NdArray>(&w1, b1.then_some(&v1), 0, &cpu),
+            linear_on::<NdArray>(&w2, b2.then_some(&v2), 0, &cpu),
         );
         let (gn, cn) = (norm_on::<Wgpu>(&nw, &gpu), norm_on::<NdArray>(&nw, &cpu));
         let gx: Tensor<Wgpu, 3> = to_tensor(&x, &gpu);
@@ -1175,7 +1150,6 @@ fn row_linear_pair_matches_two_projections() {
 /// narrowed view reaches the kernel as such.
 #[test]
 fn row_kernel_reads_padded_rows() {
-    use burn::nn::LinearConfig;
     use nsa_model::kernels::RowLinear;
     use nsa_model::tensor_util::norm_linear;
     type P = burn::backend::wgpu::CubeBackend<WgpuRuntime, f32, i32, u32>;
@@ -1188,14 +1162,7 @@ fn row_kernel_reads_padded_rows() {
     let mut rng = Rng(31);
     let (din, dout) = (40, 24);
     let (x, w) = (rng.host(&[1, 1, din]), rng.host(&[din, dout]));
-    let mut layer = LinearConfig::new(din, dout)
-        .with_bias(false)
-        .init::<P>(&gpu);
-    let wide = Tensor::cat(
-        vec![to_tensor(&w, &gpu), Tensor::<P, 2>::zeros([din, 8], &gpu)],
-        1,
-    );
-    layer.weight = burn::module::Param::from_tensor(wide.narrow(1, 0, dout));
+    let layer = linear_on::<P>(&w, None, 8, &gpu);
     let projection = Projection::of(&layer);
     let spec = RowLinear {
         norm: None,
@@ -1206,10 +1173,7 @@ fn row_kernel_reads_padded_rows() {
     let got = kernels
         .row_linear(&to_tensor::<P, 3>(&x, &gpu), &spec)
         .expect("the row kernel answers");
-    let mut cpu_layer = LinearConfig::new(din, dout)
-        .with_bias(false)
-        .init::<NdArray>(&cpu);
-    cpu_layer.weight = burn::module::Param::from_tensor(to_tensor(&w, &cpu));
+    let cpu_layer = linear_on::<NdArray>(&w, None, 0, &cpu);
     let want = norm_linear(
         &Kernels::tensor_ops(),
         None,
