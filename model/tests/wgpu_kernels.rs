@@ -270,6 +270,7 @@ fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>(opts: &KernelOptions)
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_sliding<B: AutodiffBackend>(
     device: &B::Device,
     q: &HostTensor,

@@ -427,11 +427,9 @@ pub fn decode_write<B: KernelBackend>(
     p: &WriteProblem,
 ) -> [FloatTensor<B>; 4] {
     let args = inputs.into_iter().chain(buffers).map(Arg::Float).collect();
-    let out: Vec<_> = B::launch(DecodeWrite { p: p.clone() }, args)
-        .into_iter()
-        .map(Arg::float)
-        .collect();
-    out.try_into().ok().expect("four declared outputs")
+    let op = DecodeWrite { p: p.clone() };
+    let mut out = B::launch(op, args).into_iter().map(Arg::float);
+    [(); 4].map(|()| next(&mut out))
 }
 
 /// The next token of each row of `logits`.
