@@ -35,7 +35,10 @@ fn stale_tables_fail_the_check() {
         .flatten()
     {
         let e = e.unwrap();
-        std::fs::copy(e.path(), results.join(e.file_name())).unwrap();
+        // the records (a folder beside them is not one)
+        if e.path().is_file() {
+            std::fs::copy(e.path(), results.join(e.file_name())).unwrap();
+        }
     }
     let (ok, out) = check(d);
     assert!(ok, "the committed tables are stale:\n{out}");
