@@ -20,6 +20,7 @@
 #           and the training step with and without (NSA_MMA=0), a kernel profile
 #   final   the layer (bf16, f32, up to 128k) beside PyTorch SDPA and the reference NSA layer,
 #           and the training steps
+#   blocks  the selected branch by key block against by query: checks, layer beside SDPA, profile
 #   layer   one NSA layer (the setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
 #           (a cold machine compiles and autotunes for minutes before the first row finishes)
 #   evidence-layer  the published layer table and kernel checks, as benchmark records
@@ -267,6 +268,23 @@ for phase in "$@"; do
       run final-train 150 /tmp/bin/nsa-bench --backend cuda --suite train \
         --train-shapes 256x16,4096x1 --train-precisions f32 --runs 5 --warmup 2 \
         --json "$OUT/final-train.json"
+      ;;
+    blocks)
+      # the selected branch by key block (NSA_SELECTED_ORDER=block) against by query: the
+      # kernel checks on tensor cores, the layer beside PyTorch SDPA in the same call, and a
+      # kernel profile of the 64k fwd+bwd
+      for o in block query; do
+        run "blocks-check-$o" 120 env NSA_SELECTED_ORDER=$o /tmp/bin/nsa-bench --backend cuda \
+          --suite check --lengths 1k,4k --precisions bf16,f32 --json "$OUT/blocks-check-$o.json"
+        run "blocks-layer-$o" 240 env NSA_SELECTED_ORDER=$o /tmp/bin/nsa-bench --backend cuda \
+          --suite layer --impls nsa --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd \
+          --runs 3 --warmup 1 --row-timeout 100 --json "$OUT/blocks-layer-$o.json"
+      done
+      run blocks-sdpa 120 python3 scripts/bench_reference.py --suite layer --impls sdpa \
+        --lengths 4k,16k,64k --precisions bf16 --runs 3 --warmup 1 --json "$OUT/blocks-sdpa.json"
+      run blocks-profile 120 env NSA_SELECTED_ORDER=block NSA_PROFILE_LOG="$OUT/blocks-profile.log" \
+        /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa --lengths 64k \
+        --precisions bf16 --passes fwd+bwd --runs 1 --warmup 1 --in-process
       ;;
     layer)
       export CUBECL_AUTOTUNE_LEVEL=minimal

@@ -31,4 +31,4 @@ pub use dispatch::{register, registered, write_rows_with_slice_assign, Kernels};
 pub use flex::register_flex;
 /// The switch parsers under their former name.
 pub use options as switches;
-pub use options::{KernelOptions, TensorCores};
+pub use options::{KernelOptions, SelectedOrder, TensorCores};

@@ -32,6 +32,23 @@ impl Default for TensorCores {
     }
 }
 
+/// How the selected branch's forward kernel walks its work (CubeCL backends).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SelectedOrder {
+    /// Chosen by the launch from the shape and the device. Today that is [`Self::ByQuery`]
+    /// everywhere: the by-block kernel is checked against the tensor ops but not yet timed
+    /// against the query-centric one on a GPU.
+    #[default]
+    Auto,
+    /// One cube per query position reads the blocks that query selected.
+    ByQuery,
+    /// One cube per key block serves every query that selected it (the block read once, the
+    /// queries filling tensor-core tiles); per-block partial results merged per query. Where a
+    /// shape does not allow it (heads of a selection group other than those of a kv head, or
+    /// tiles over the shared-memory budget), the launch runs by query.
+    ByBlock,
+}
+
 /// The choices of how a model's attention runs, passed explicitly (never read from the
 /// environment or kept in a static). The default is what the binaries run without flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,9 +62,12 @@ pub struct KernelOptions {
     /// Every product f32-exact on tensor-core backends (no TF32 operands): the tensor-op
     /// matmuls split their operands, the kernels keep scalar f32 products.
     pub exact_matmul: bool,
-    /// Cubes sharing a key chunk's queries in the dk/dv kernel (`0`: chosen from the shape;
-    /// tests force a split that small problems never make on their own).
+    /// Cubes sharing a key chunk's queries in the dk/dv kernel, and a block's queries in the
+    /// by-block selected forward (`0`: chosen from the shape; tests force a split that small
+    /// problems never make on their own).
     pub dkdv_splits: usize,
+    /// How the selected forward walks its work.
+    pub selected_order: SelectedOrder,
 }
 
 impl Default for KernelOptions {
@@ -58,6 +78,7 @@ impl Default for KernelOptions {
             tensor_cores: TensorCores::default(),
             exact_matmul: false,
             dkdv_splits: 0,
+            selected_order: SelectedOrder::Auto,
         }
     }
 }
@@ -72,7 +93,7 @@ impl KernelOptions {
     }
 
     /// These options with the `NSA_*` switches among `vars` applied (`NSA_KERNELS`,
-    /// `NSA_DECODE_BLOCK`, `NSA_MMA`); other variables are ignored, an invalid value is an
+    /// `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`); other variables are ignored, an invalid value is an
     /// error. The binaries pass their environment.
     pub fn with_switches<'a>(
         mut self,
@@ -86,6 +107,7 @@ impl KernelOptions {
                     let [fwd, dq, dkdv] = parse_mma(value)?;
                     self.tensor_cores = TensorCores { fwd, dq, dkdv };
                 }
+                "NSA_SELECTED_ORDER" => self.selected_order = parse_order(value)?,
                 _ => {}
             }
         }
@@ -149,11 +171,30 @@ pub fn parse_mma(value: &str) -> Result<[bool; 3], SwitchError> {
     Ok(names.map(|n| parts.contains(&n)))
 }
 
-/// Checks the value of switch `name` (a flag or `NSA_MMA`); `Ok` for a variable that is not a
-/// switch.
+const ORDER_VALUES: &str = "expected auto, query or block";
+
+/// The selected forward's order from `NSA_SELECTED_ORDER`: `auto`, `query` or `block`.
+pub fn parse_order(value: &str) -> Result<SelectedOrder, SwitchError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(SelectedOrder::Auto),
+        "query" => Ok(SelectedOrder::ByQuery),
+        "block" => Ok(SelectedOrder::ByBlock),
+        _ => Err(SwitchError {
+            name: "NSA_SELECTED_ORDER".into(),
+            value: value.into(),
+            expected: ORDER_VALUES,
+        }),
+    }
+}
+
+/// Checks the value of switch `name` (a flag, `NSA_MMA` or `NSA_SELECTED_ORDER`); `Ok` for a
+/// variable that is not a switch.
 pub fn check(name: &str, value: &str) -> Result<(), SwitchError> {
     if name == "NSA_MMA" {
         return parse_mma(value).map(drop);
+    }
+    if name == "NSA_SELECTED_ORDER" {
+        return parse_order(value).map(drop);
     }
     if FLAGS.iter().any(|(n, _)| *n == name) {
         return parse_flag(name, value).map(drop);
@@ -178,6 +219,8 @@ mod tests {
         assert!(e.to_string().contains("NSA_MMA=\"fwd,bwd\""), "{e}");
         assert!(check("NSA_DECODE_BLOCK", "maybe").is_err());
         assert!(check("NSA_CACHE_DIR", "/tmp").is_ok());
+        assert_eq!(parse_order(" Block"), Ok(SelectedOrder::ByBlock));
+        assert!(check("NSA_SELECTED_ORDER", "blocks").is_err());
     }
 
     #[test]

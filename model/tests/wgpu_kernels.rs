@@ -14,7 +14,7 @@ use burn::tensor::backend::AutodiffBackend;
 use common::*;
 use nsa_model::compress::Compressor;
 use nsa_model::interop::HostTensor;
-use nsa_model::kernels::{KernelOptions, Kernels, Projection};
+use nsa_model::kernels::{KernelOptions, Kernels, Projection, SelectedOrder};
 use nsa_model::select::{selected_attention, Selection};
 use nsa_model::sliding::sliding_attention;
 use nsa_model::{kernels, NsaConfig};
@@ -210,11 +210,23 @@ fn kernels_without_fusion_match_tensor_ops() {
     compressed_cases::<Plain>(&KernelOptions::default());
 }
 
-fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>(opts: &KernelOptions) {
+/// What a selected case ran when asked to run by key block (the forward: one selection per kv
+/// head; dq: also some blocks selected and no gates), and our output and dq.
+struct ByBlockCase {
+    forward: bool,
+    dq: bool,
+    out: HostTensor,
+}
+
+/// Every selected case against the tensor ops.
+fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>(
+    opts: &KernelOptions,
+) -> Vec<ByBlockCase> {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
     let mut rng = Rng(7);
+    let mut outs = Vec::new();
     // (heads, kv heads, n, d, sel, count, share, diff top-k)
     let cases = [
         (4, 1, 37, 8, 8, 2, true, false),
@@ -267,6 +279,38 @@ fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>(opts: &KernelOptions)
         if let (Some(a), Some(r)) = (&ours.dscores, &reference.dscores) {
             check(&name, "dgates", a, r, 1e-4);
         }
+        let forward = share || kvh == h;
+        outs.push(ByBlockCase {
+            forward,
+            dq: forward && count > 0 && !diff,
+            out: ours.out,
+        });
+    }
+    outs
+}
+
+/// The selected branch by key block (forward: per-block partials merged per query; dq: the
+/// dk/dv kernel's per-slot partials summed, in the ungated cases), asked for, against the tensor
+/// ops. That the forward really ran by block: where the shape allows it, the output differs in
+/// the last bits from the query-centric kernel's (another order of sums); where it does not,
+/// the launch runs by query and the outputs are identical. (dq differs wherever the forward
+/// does, through `lse`; which cases take dq by block is the unit test of the launch's rule.)
+#[test]
+fn selected_attention_by_block_matches_tensor_ops() {
+    let order = |selected_order| KernelOptions {
+        selected_order,
+        ..Default::default()
+    };
+    let blocks = selected_cases::<Gpu>(&order(SelectedOrder::ByBlock));
+    let queries = selected_cases::<Gpu>(&order(SelectedOrder::ByQuery));
+    assert!(blocks.iter().any(|c| c.forward) && blocks.iter().any(|c| c.dq));
+    for (i, (a, q)) in blocks.iter().zip(&queries).enumerate() {
+        let out = a.out.values != q.out.values;
+        assert_eq!(
+            a.forward, out,
+            "case {i}: forward by block {}, out differs {out}",
+            a.forward
+        );
     }
 }
 
@@ -404,8 +448,8 @@ fn compressed_attention_and_selection_kernel_match_tensor_ops() {
     compressed_cases::<Gpu>(&KernelOptions::default());
 }
 
-/// The dk/dv kernel with every key chunk's queries split over 3 cubes (partial sums), which
-/// only long sequences choose on their own. The split does not change the result, so the
+/// The dk/dv kernel (and the by-block forward) with every key chunk's queries split over 3
+/// cubes (partial sums), which only long sequences choose on their own. The split does not change the result, so the
 /// other tests of this binary stay valid whichever setting they see.
 #[test]
 fn dkdv_kernel_with_split_query_lists_matches_tensor_ops() {
@@ -415,6 +459,11 @@ fn dkdv_kernel_with_split_query_lists_matches_tensor_ops() {
     };
     selected_cases::<Gpu>(&split);
     compressed_cases::<Gpu>(&split);
+    // the by-block forward splits a block's queries the same way
+    selected_cases::<Gpu>(&KernelOptions {
+        selected_order: SelectedOrder::ByBlock,
+        ..split
+    });
 }
 
 fn compressed_cases<G: AutodiffBackend<Device = WgpuDevice>>(opts: &KernelOptions) {

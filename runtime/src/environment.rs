@@ -5,11 +5,16 @@
 
 use nsa_model::kernels::switches;
 
-/// The variables: the kernel switches ([`switches::FLAGS`], `NSA_MMA`) and these.
+/// The variables: the kernel switches ([`switches::FLAGS`], `NSA_MMA`, `NSA_SELECTED_ORDER`)
+/// and these.
 const OTHERS: &[(&str, &str)] = &[
     (
         "NSA_MMA",
         "tensor cores per kernel: 1, 0 or a list of fwd, dq, dkdv",
+    ),
+    (
+        "NSA_SELECTED_ORDER",
+        "the selected forward by query or by key block: auto, query or block",
     ),
     ("NSA_CACHE_DIR", "directory of the kernel and token caches"),
     ("NSA_PROFILE_LOG", "file for CubeCL's per-kernel timings"),
@@ -60,7 +65,8 @@ pub fn check_vars(
 }
 
 /// The kernel options of the run: the defaults with the switches among `vars` applied
-/// (`NSA_KERNELS`, `NSA_DECODE_BLOCK`, `NSA_MMA`); an invalid value is an error.
+/// (`NSA_KERNELS`, `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`); an invalid value is
+/// an error.
 pub fn kernel_options(
     vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
 ) -> Result<nsa_model::kernels::KernelOptions, EnvironmentError> {

@@ -1,6 +1,6 @@
 //! The key-centric backward: `dk` and `dv` of a chunk of keys from batches of the queries
-//! that see it ([`attn_bwd_dkdv`]), and the sum of the split partial results
-//! ([`sum_splits`]).
+//! that see it ([`attn_bwd_dkdv`]; selected by block, also the queries' dq partials), and the
+//! sum of the split partial results ([`sum_splits`]).
 
 use cubecl::prelude::*;
 
@@ -10,7 +10,8 @@ use super::tiling::Tiling;
 use super::{SELECTED, SLIDING};
 
 /// The shared per-row values of a batch of rows: `lse`, `delta`, the gate, the query
-/// position and whether the row is live (1).
+/// position, whether the row is live (1) and (with the query-gradient partials) its partial's
+/// row `row * slots + slot`.
 #[derive(CubeType)]
 struct RowStats {
     lse: SharedMemory<f32>,
@@ -18,6 +19,7 @@ struct RowStats {
     gate: SharedMemory<f32>,
     pos: SharedMemory<u32>,
     live: SharedMemory<u32>,
+    dst: SharedMemory<u32>,
 }
 
 /// Backward, key-centric: `dk`, `dv` of one chunk of `kc` keys of one kv head. Grid: x = key
@@ -30,6 +32,11 @@ struct RowStats {
 ///    (compressed), `tq` positions × `gk` heads each. Per batch: the rows' statistics, their
 ///    queries and output gradients, then [`accumulate_batch`].
 /// 3. Write this split's partial `dk`, `dv` (`[splits, b, kvh, nk, d]`, f32).
+///
+/// With `dq_parts` (selected mode, ungated): also each row's share of the query gradient,
+/// `scale · dS K` over this block, into `dq_part` `[b, h, n, slots, d]` at slot `slot` (entries)
+/// or `slots - 1` (own block), for [`super::merge_parts`] to sum; the query-centric dq kernel
+/// then does not run for the branch.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn attn_bwd_dkdv<F: Float, H: Float>(
@@ -44,7 +51,9 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     entries: &Tensor<u32>,
     dk: &mut Tensor<f32>,
     dv: &mut Tensor<f32>,
+    dq_part: &mut Tensor<F>,
     splits: usize,
+    slots: usize,
     len: usize,
     n: usize,
     nk: usize,
@@ -55,6 +64,7 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     mem: usize,
     scale: f32,
     #[comptime] t: Tiling,
+    #[comptime] dq_parts: bool,
     #[define(F, H)] _dtypes: [StorageType; 2],
 ) {
     let d = t.d;
@@ -115,6 +125,7 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
         gate: SharedMemory::<f32>::new(rows),
         pos: SharedMemory::<u32>::new(rows),
         live: SharedMemory::<u32>::new(rows),
+        dst: SharedMemory::<u32>::new(comptime!(if dq_parts { t.bwd_rows() } else { 1 })),
     };
 
     // 1. keys and values
@@ -189,6 +200,13 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
             st.gate[r] = gate;
             st.pos[r] = tt as u32;
             st.live[r] = lv;
+            if dq_parts {
+                let mut s = slot;
+                if by_position {
+                    s = slots - 1;
+                }
+                st.dst[r] = (row * slots + s) as u32;
+            }
             r += nt;
         }
         // (the loads find their rows themselves: no barrier after the statistics)
@@ -231,6 +249,9 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
             by_position,
             t,
         );
+        if dq_parts {
+            write_dq_part::<F, H>(&k_s, &k_h, &ds_s, &ds_h, &mut buf, &st, dq_part, scale, t);
+        }
     }
 
     // 3. this split's dk, dv
@@ -256,17 +277,77 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     }
 }
 
+/// The batch's rows' share of the query gradient over this key chunk, `scale · dS K`, into
+/// their partials' rows of `dq_part` (see [`attn_bwd_dkdv`]): on tensor cores through `buf`
+/// (free after [`accumulate_batch`]), else one unit per element from the shared `dS` and `K`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_dq_part<F: Float, H: Float>(
+    k_s: &SharedMemory<f32>,
+    k_h: &SharedMemory<H>,
+    ds_s: &SharedMemory<f32>,
+    ds_h: &SharedMemory<H>,
+    buf: &mut SharedMemory<f32>,
+    st: &RowStats,
+    dq_part: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] t: Tiling,
+) {
+    let rows = comptime!(t.bwd_rows());
+    let d = t.d;
+    let kc = t.kc;
+    let nt = t.threads;
+    let tid = UNIT_POS as usize;
+    if t.mma {
+        let hst = comptime!(tile_stride(t.d));
+        let kf = comptime!(depth(t.tile_bytes));
+        let hp = comptime!(tile_stride(t.kc));
+        let os = comptime!(acc_stride(t.d));
+        mma_tiles::<H>(
+            ds_h, k_h, buf, rows, d, kc, hp, hst, os, 0usize, false, false, kf,
+        );
+        sync_cube();
+        let mut e = tid;
+        while e < rows * d {
+            let r = e / d;
+            if st.live[r] == 1 {
+                let at = st.dst[r] as usize * d + e % d;
+                dq_part[at] = F::cast_from(buf[r * os + e % d] * scale);
+            }
+            e += nt;
+        }
+        sync_cube();
+    } else {
+        let ds = comptime!(t.d + 1);
+        let ps = comptime!(t.kc + 1);
+        let mut e = tid;
+        while e < rows * d {
+            let r = e / d;
+            let c = e % d;
+            if st.live[r] == 1 {
+                let mut acc = 0.0f32;
+                for j in 0..kc {
+                    acc += ds_s[r * ps + j] * k_s[j * ds + c];
+                }
+                let at = st.dst[r] as usize * d + c;
+                dq_part[at] = F::cast_from(acc * scale);
+            }
+            e += nt;
+        }
+    }
+}
+
 /// One batch of rows of the dk/dv kernel: batch `index`; the first `selected` batches take
 /// the entries `start..end` that chose the block, the rest the positions `qstart..qend`.
 #[derive(CubeType)]
-struct Batch {
-    index: usize,
-    by_position: bool,
-    selected: usize,
-    qstart: usize,
-    qend: usize,
-    start: usize,
-    end: usize,
+pub(super) struct Batch {
+    pub index: usize,
+    pub by_position: bool,
+    pub selected: usize,
+    pub qstart: usize,
+    pub qend: usize,
+    pub start: usize,
+    pub end: usize,
 }
 
 /// Row `r` of a batch: whether it is live, its position `t`, its row `(b * h + head) * n + t`
@@ -274,7 +355,7 @@ struct Batch {
 /// `tq` positions × `gk` heads of the kv head; entries: `group_heads` heads each.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn batch_row(
+pub(super) fn batch_row(
     batch: &Batch,
     r: usize,
     entries: &Tensor<u32>,
@@ -365,7 +446,7 @@ fn position_range(
 /// window or compressed rows), the query sees it (selected rows see every key of the block).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn key_ok(
+pub(super) fn key_ok(
     live: bool,
     tt: usize,
     j: usize,

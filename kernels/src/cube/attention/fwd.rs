@@ -239,7 +239,7 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
 /// on the tensor-core path) and their partial sums `sum_s`. Ends with a barrier.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn chunk_softmax<H: Float>(
+pub(super) fn chunk_softmax<H: Float>(
     p_s: &mut SharedMemory<f32>,
     p_h: &mut SharedMemory<H>,
     m_s: &SharedMemory<f32>,

@@ -24,14 +24,16 @@
 //! | `splits` | cubes sharing one key chunk's query list in the dk/dv kernel |
 //!
 //! Files: `tiling` (the comptime shape), `shared` (the `#[cube]` helpers the kernels
-//! share), `fwd`, `bwd_dq` (with `delta`), `bwd_dkdv` (with the sum of the splits), `csr` (the
-//! selected backward's query lists), `topk` (the fused block ranking and the top-k kernel).
+//! share), `fwd`, `fwd_blocks` (the selected forward by key block, and the merge of per-slot
+//! partials), `bwd_dq` (with `delta`), `bwd_dkdv` (with the sum of the splits, and the selected
+//! dq partials by block), `csr` (the selected branch's query lists per block), `topk` (the
+//! fused block ranking and the top-k kernel).
 //!
 //! One source serves the three branches through the comptime `mode` of [`Tiling`]:
 //!
 //! - [`SELECTED`]: one query position per cube with the `group_heads` heads that share its selection;
 //!   the keys are its selected blocks (gated, invalid ones skipped) and the causal part of its
-//!   own block.
+//!   own block. By key block (`fwd_blocks`), one cube per block and its queries instead.
 //! - [`SLIDING`]: `tq` consecutive query positions × `group_heads` heads of one kv head; the query at `t`
 //!   sees keys `t - window ..= t`.
 //! - [`COMPRESSED`]: `tq` query positions × `group_heads` heads over memory + compressed slots; slot
@@ -56,6 +58,7 @@ mod bwd_dkdv;
 mod bwd_dq;
 mod csr;
 mod fwd;
+mod fwd_blocks;
 mod shared;
 mod tiling;
 mod topk;
@@ -64,6 +67,7 @@ pub use self::bwd_dkdv::{attn_bwd_dkdv, sum_splits};
 pub use self::bwd_dq::{attn_bwd_dq, attn_delta};
 pub use self::csr::{csr_count, csr_fill, csr_scan, fill_zero};
 pub use self::fwd::attn_fwd;
+pub use self::fwd_blocks::{attn_fwd_blocks, merge_parts};
 pub use self::tiling::Tiling;
 pub use self::topk::top_k;
 

@@ -5,7 +5,7 @@
 use super::*;
 
 use crate::cube::attention::{self as attn, Tiling, COMPRESSED, SELECTED, SLIDING};
-use crate::options::{KernelOptions, TensorCores};
+use crate::options::{KernelOptions, SelectedOrder, TensorCores};
 
 /// One attention problem (all three branches are instances).
 #[derive(Clone, Debug)]
@@ -47,6 +47,8 @@ pub struct RunChoices {
     pub exact: bool,
     /// Forced dk/dv split (`0`: from the shape).
     pub dkdv_splits: usize,
+    /// How the selected forward walks its work.
+    pub selected_order: SelectedOrder,
 }
 
 impl From<&KernelOptions> for RunChoices {
@@ -55,6 +57,7 @@ impl From<&KernelOptions> for RunChoices {
             tensor_cores: o.tensor_cores,
             exact: o.exact_matmul,
             dkdv_splits: o.dkdv_splits,
+            selected_order: o.selected_order,
         }
     }
 }
@@ -75,7 +78,7 @@ pub struct SelectSpec {
 }
 
 impl Problem {
-    fn gk(&self) -> usize {
+    pub(super) fn gk(&self) -> usize {
         self.h / self.kvh
     }
 
@@ -292,6 +295,10 @@ pub fn forward<R: CubeRuntime>(
     let dtype = q.dtype;
     let mma = mma_for(&q.client, dtype, Pass::Fwd, p);
     let budget = shared_budget(&q.client);
+    if let Some(t) = super::by_block::chosen(p, budget, mma.map(|m| m.1)) {
+        let idx = idx.map(into_contiguous);
+        return super::by_block::forward(q, k, v, idx, gates, p, t, mma, int_dtype);
+    }
     let t = tiling(p, Pass::Fwd, budget, mma.map(|m| m.1)).expect("checked by `supported`");
     let tile_elem = mma.map_or(dtype.into(), |m| m.0);
     let idx = idx
@@ -397,43 +404,46 @@ pub fn backward<R: CubeRuntime>(
         );
     }
 
-    // dq (and dgates)
+    // dq (and dgates); by key block, the dk/dv kernel writes per-slot partials of dq instead
+    let dq_by_block = super::by_block::dq_by_block(p, gated);
     let mma = mma_for(&client, dtype, Pass::Dq, p);
     let t = tiling(p, Pass::Dq, budget, mma.map(|m| m.1)).expect("checked by `supported`");
     let tile_elem = mma.map_or(dtype.into(), |m| m.0);
-    let dq = empty(&q, vec![p.b, p.h, p.n, p.d], dtype);
+    let mut dq = empty(&q, vec![p.b, p.h, p.n, p.d], dtype);
     let dgates = if gated {
         empty(&q, vec![p.b, p.groups(), p.n, p.count], dtype)
     } else {
         dummy(&q, dtype)
     };
     // SAFETY: as the forward.
-    unsafe {
-        attn::attn_bwd_dq::launch_unchecked::<R>(
-            &client,
-            CubeCount::Static(p.n.div_ceil(t.tq) as u32, (p.b * p.groups()) as u32, 1),
-            CubeDim::new_1d(t.threads as u32),
-            q.clone().into_tensor_arg(),
-            k.clone().into_tensor_arg(),
-            v.clone().into_tensor_arg(),
-            idx.clone().into_tensor_arg(),
-            gates.clone().into_tensor_arg(),
-            dout.clone().into_tensor_arg(),
-            lse.clone().into_tensor_arg(),
-            delta.clone().into_tensor_arg(),
-            dq.clone().into_tensor_arg(),
-            dgates.clone().into_tensor_arg(),
-            p.n,
-            p.nk,
-            p.h,
-            p.kvh,
-            p.count,
-            p.span,
-            p.mem,
-            p.scale as f32,
-            t,
-            [dtype.into(), idt.into(), tile_elem],
-        );
+    if !dq_by_block {
+        unsafe {
+            attn::attn_bwd_dq::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(p.n.div_ceil(t.tq) as u32, (p.b * p.groups()) as u32, 1),
+                CubeDim::new_1d(t.threads as u32),
+                q.clone().into_tensor_arg(),
+                k.clone().into_tensor_arg(),
+                v.clone().into_tensor_arg(),
+                idx.clone().into_tensor_arg(),
+                gates.clone().into_tensor_arg(),
+                dout.clone().into_tensor_arg(),
+                lse.clone().into_tensor_arg(),
+                delta.clone().into_tensor_arg(),
+                dq.clone().into_tensor_arg(),
+                dgates.clone().into_tensor_arg(),
+                p.n,
+                p.nk,
+                p.h,
+                p.kvh,
+                p.count,
+                p.span,
+                p.mem,
+                p.scale as f32,
+                t,
+                [dtype.into(), idt.into(), tile_elem],
+            );
+        }
     }
 
     // the queries of every key block (selected mode)
@@ -455,6 +465,12 @@ pub fn backward<R: CubeRuntime>(
     let splits = dkdv_splits(p, t.tq, len);
     let dk_part = empty(&k, vec![splits * len], DType::F32);
     let dv_part = empty(&k, vec![splits * len], DType::F32);
+    let slots = p.count + 1;
+    let dq_part = if dq_by_block {
+        empty(&q, vec![p.b * p.h * p.n * slots * p.d], dtype)
+    } else {
+        dummy(&q, dtype)
+    };
     // SAFETY: as the forward; entries and offsets come from `csr`.
     unsafe {
         attn::attn_bwd_dkdv::launch_unchecked::<R>(
@@ -472,7 +488,9 @@ pub fn backward<R: CubeRuntime>(
             entries.into_tensor_arg(),
             dk_part.clone().into_tensor_arg(),
             dv_part.clone().into_tensor_arg(),
+            dq_part.clone().into_tensor_arg(),
             splits,
+            slots,
             len,
             p.n,
             p.nk,
@@ -483,8 +501,12 @@ pub fn backward<R: CubeRuntime>(
             p.mem,
             p.scale as f32,
             t,
+            dq_by_block,
             [dtype.into(), tile_elem],
         );
+    }
+    if dq_by_block {
+        dq = super::by_block::sum_dq_parts(&idx, dq_part, p);
     }
     let dk = empty(&dk_part, vec![p.b, p.kvh, p.nk, p.d], dtype);
     let dv = empty(&dk_part, vec![p.b, p.kvh, p.nk, p.d], dtype);
@@ -529,7 +551,7 @@ fn dkdv_splits(p: &Problem, tq: usize, len: usize) -> usize {
 
 /// For every `(batch, kv head, block)`, the selections `(head, query, slot)` that chose it, as
 /// offsets `[b * kvh * nb + 1]` into a list of entries.
-fn csr<R: CubeRuntime>(
+pub(super) fn csr<R: CubeRuntime>(
     idx: &CubeTensor<R>,
     p: &Problem,
     nb: usize,

@@ -15,6 +15,7 @@ use cubecl::prelude::*;
 
 mod attention;
 mod block;
+mod by_block;
 mod decode;
 mod rows;
 mod sample;

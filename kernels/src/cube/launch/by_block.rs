@@ -1,0 +1,285 @@
+//! The selected branch by key block, where the options ask for it and the shape allows it:
+//! the forward ([`attn::attn_fwd_blocks`], then [`attn::merge_parts`]) runs here instead of
+//! query by query, and the backward's dq comes from per-slot partials that the dk/dv kernel
+//! writes ([`dq_by_block`], [`sum_dq_parts`]) instead of the query-centric dq kernel.
+
+use super::attention::{csr, Forward, Problem};
+use super::*;
+
+use crate::cube::attention::{self as attn, Tiling, SELECTED};
+use crate::cube::mma::FRAG;
+use crate::options::SelectedOrder;
+
+/// The tiling of the by-block forward for `p`, where the options choose it and the shape
+/// allows it; `None`: run by query.
+pub(super) fn chosen(p: &Problem, budget: usize, mma: Option<usize>) -> Option<Tiling> {
+    if p.mode != SELECTED || p.run.selected_order != SelectedOrder::ByBlock {
+        return None;
+    }
+    tiling(p, budget, mma)
+}
+
+/// Batches of `tq × gk` rows (32 where the budget allows), one chunk per selection block. The
+/// shape must have one selection per kv head (`group_heads == gk`: an entry's heads are a
+/// position's rows) and blocks of at most 64 keys.
+fn tiling(p: &Problem, budget: usize, mma: Option<usize>) -> Option<Tiling> {
+    let gk = p.gk();
+    if p.group_heads != gk || p.sel == 0 || p.sel > 64 {
+        return None;
+    }
+    let mut tq = (32 / gk).max(1);
+    loop {
+        let t = Tiling {
+            mode: SELECTED,
+            d: p.d,
+            kc: p.sel,
+            tq,
+            group_heads: p.group_heads,
+            gk,
+            sel: p.sel,
+            gated: p.gated,
+            threads: THREADS,
+            select: false,
+            topk: 1,
+            per_block: 1,
+            sel_group: 1,
+            qr: 1,
+            qk: 1,
+            pr: 1,
+            pd: 1,
+            units_per_row: 1,
+            mma: false,
+            tile_bytes: mma.unwrap_or(2),
+        };
+        let t = Tiling {
+            mma: mma.is_some()
+                && t.rows().is_multiple_of(FRAG)
+                && p.sel.is_multiple_of(FRAG)
+                && p.d.is_multiple_of(FRAG),
+            ..t
+        }
+        .with_register_tiles();
+        // the forward's tiles and statistics, and four words per row (gate, position, live,
+        // destination)
+        if t.fwd_shared() + 16 * t.rows() <= budget {
+            return Some(t);
+        }
+        if tq == 1 {
+            return None;
+        }
+        tq /= 2;
+    }
+}
+
+/// Whether the backward of `p` takes dq from the dk/dv kernel's per-slot partials: selected
+/// mode by block, some blocks selected, no gates (the gates' gradients come from the dq
+/// kernel).
+pub(super) fn dq_by_block(p: &Problem, gated: bool) -> bool {
+    p.mode == SELECTED && p.run.selected_order == SelectedOrder::ByBlock && p.count > 0 && !gated
+}
+
+/// `dq` `[b, h, n, d]`: the sum of the valid slots' partials `dq_part` `[b, h, n, count + 1,
+/// d]` ([`attn::merge_parts`] unweighted).
+pub(super) fn sum_dq_parts<R: CubeRuntime>(
+    idx: &CubeTensor<R>,
+    dq_part: CubeTensor<R>,
+    p: &Problem,
+) -> CubeTensor<R> {
+    let dtype = dq_part.dtype;
+    let client = dq_part.client.clone();
+    let dq = empty(&dq_part, vec![p.b, p.h, p.n, p.d], dtype);
+    let total = p.b * p.h * p.n * p.d;
+    let unused = dummy(&dq_part, DType::F32);
+    // SAFETY: one unit per element, guarded by `total`; `idx` `[b, hs, n, count]` is read for
+    // slots `< count` only.
+    unsafe {
+        attn::merge_parts::launch_unchecked::<R>(
+            &client,
+            folded(total, 256),
+            CubeDim::new_1d(256),
+            idx.clone().into_tensor_arg(),
+            dq_part.into_tensor_arg(),
+            unused.clone().into_tensor_arg(),
+            dq.clone().into_tensor_arg(),
+            unused.into_tensor_arg(),
+            total,
+            p.n,
+            p.h,
+            p.count,
+            p.d,
+            p.group_heads,
+            false,
+            [dtype.into(), idx.dtype.into()],
+        );
+    }
+    dq
+}
+
+/// Cubes sharing one block's entries: early blocks are chosen by far more queries than late
+/// ones (about one split per 4096 positions, as the dk/dv kernel's; the options' forced split
+/// of the dk/dv kernel applies here too).
+fn splits(p: &Problem) -> usize {
+    match p.run.dkdv_splits {
+        0 => p.n.div_ceil(4096).clamp(1, 32),
+        forced => forced,
+    }
+}
+
+/// A 1-D launch of `units` units, `dim` per cube, folded into two grid dimensions of at most
+/// 65,535 cubes each (the Vulkan/Metal limit); kernels index by `ABSOLUTE_POS`, which counts
+/// across both, and guard against the padding.
+fn folded(units: usize, dim: usize) -> CubeCount {
+    let cubes = units.div_ceil(dim).max(1);
+    let x = cubes.min(65_535);
+    CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
+}
+
+/// The selected forward of `p` by key block with tiling `t` (from [`chosen`]); `mma`: the
+/// tensor-core element, as the query-centric launch's.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward<R: CubeRuntime>(
+    q: CubeTensor<R>,
+    k: CubeTensor<R>,
+    v: CubeTensor<R>,
+    idx: Option<CubeTensor<R>>,
+    gates: Option<CubeTensor<R>>,
+    p: &Problem,
+    t: Tiling,
+    mma: Option<(StorageType, usize)>,
+    int_dtype: DType,
+) -> Forward<R> {
+    let dtype = q.dtype;
+    let client = q.client.clone();
+    let tile_elem = mma.map_or(dtype.into(), |m| m.0);
+    let nb = p.nk.div_ceil(p.sel);
+    let (offsets, entries) = match &idx {
+        Some(idx) if p.count > 0 => csr(idx, p, nb),
+        _ => (zeros_u32(&q, p.b * p.kvh * nb + 1), zeros_u32(&q, 1)),
+    };
+    let idx = idx.unwrap_or_else(|| dummy(&q, int_dtype));
+    let gates = gates
+        .map(into_contiguous)
+        .unwrap_or_else(|| dummy(&q, dtype));
+    let slots = p.count + 1;
+    let rows = p.b * p.h * p.n;
+    let part_out = empty(&q, vec![rows * slots * p.d], dtype);
+    let part_lse = empty(&q, vec![rows * slots], DType::F32);
+    let splits = splits(p);
+    // SAFETY: blocks `< nb` (x), kv rows `< b * kvh` (y); entries and offsets come from `csr`;
+    // every (row, slot) written lies in the partials' `rows * slots` rows.
+    unsafe {
+        attn::attn_fwd_blocks::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static((nb * splits) as u32, (p.b * p.kvh) as u32, 1),
+            CubeDim::new_1d(t.threads as u32),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            gates.into_tensor_arg(),
+            offsets.into_tensor_arg(),
+            entries.into_tensor_arg(),
+            part_out.clone().into_tensor_arg(),
+            part_lse.clone().into_tensor_arg(),
+            splits,
+            p.n,
+            p.nk,
+            p.h,
+            p.kvh,
+            p.count,
+            p.scale as f32,
+            t,
+            [dtype.into(), tile_elem],
+        );
+    }
+    let out = empty(&part_out, vec![p.b, p.h, p.n, p.d], dtype);
+    let lse = empty(&part_out, vec![p.b, p.h, p.n], DType::F32);
+    let total = rows * p.d;
+    let idt = idx.dtype;
+    // SAFETY: one unit per output element, guarded by `total`; the row's selection read only
+    // for slots `< count` (an absent `idx` has none).
+    unsafe {
+        attn::merge_parts::launch_unchecked::<R>(
+            &client,
+            folded(total, 256),
+            CubeDim::new_1d(256),
+            idx.into_tensor_arg(),
+            part_out.into_tensor_arg(),
+            part_lse.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            lse.clone().into_tensor_arg(),
+            total,
+            p.n,
+            p.h,
+            p.count,
+            p.d,
+            p.group_heads,
+            true,
+            [dtype.into(), idt.into()],
+        );
+    }
+    Forward {
+        out,
+        lse,
+        selection: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::KernelOptions;
+
+    /// The layer: 16 query heads over 4 kv heads sharing one selection per kv head.
+    fn layer(order: SelectedOrder) -> Problem {
+        Problem {
+            mode: SELECTED,
+            b: 1,
+            h: 16,
+            kvh: 4,
+            n: 65_536,
+            nk: 65_536,
+            d: 64,
+            group_heads: 4,
+            count: 16,
+            span: 0,
+            mem: 0,
+            sel: 64,
+            gated: false,
+            scale: 0.125,
+            select: None,
+            run: RunChoices::from(&KernelOptions {
+                selected_order: order,
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_block_order_runs_where_asked_and_the_shape_allows() {
+        let budget = 48 * 1024;
+        // tensor-core tiles (bf16) of 32 rows: 8 positions × 4 heads
+        let t = chosen(&layer(SelectedOrder::ByBlock), budget, Some(2)).expect("by block");
+        assert!(t.mma && t.rows() == 32 && t.kc == 64, "{t:?}");
+        // scalar tiles within the budget
+        let t = chosen(&layer(SelectedOrder::ByBlock), budget, None).expect("scalar");
+        assert!(!t.mma && t.fwd_shared() + 16 * t.rows() <= budget, "{t:?}");
+        assert!(dq_by_block(&layer(SelectedOrder::ByBlock), false));
+        // gates: dq (and the gates' gradient) by query; the forward still by block
+        assert!(!dq_by_block(&layer(SelectedOrder::ByBlock), true));
+        for order in [SelectedOrder::Auto, SelectedOrder::ByQuery] {
+            assert!(chosen(&layer(order), budget, Some(2)).is_none());
+            assert!(!dq_by_block(&layer(order), false));
+        }
+        // a selection per query head (not per kv head), blocks over 64 keys: by query
+        let per_head = Problem {
+            group_heads: 1,
+            ..layer(SelectedOrder::ByBlock)
+        };
+        assert!(chosen(&per_head, budget, Some(2)).is_none());
+        let long = Problem {
+            sel: 128,
+            ..layer(SelectedOrder::ByBlock)
+        };
+        assert!(chosen(&long, budget, Some(2)).is_none());
+    }
+}
