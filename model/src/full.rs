@@ -4,6 +4,10 @@
 //! GQA head pairing follows the reference, which repeats kv heads with
 //! `'b h ... -> b (g h) ...'`: query head `i` uses kv head `i % kv_heads` (the sparse layer
 //! pairs head `i` with kv head `i / group` instead).
+//!
+//! On backends with fused kernels (CUDA, wgpu) a whole sequence's attention runs on the
+//! sliding-window kernel with a window as long as the sequence (no `[n, n]` scores); the
+//! tensor-op path below materialises the scores and stays the oracle and the CPU's path.
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -93,6 +97,14 @@ impl<B: Backend> FullAttention<B> {
         let [b, h, n, d] = q.dims();
         let keys = k.dims()[2];
         let g = h / self.kv_heads;
+        let scale = (d as f64).powf(-0.5);
+        if let Some(out) = self.attend_fused(kernels, &q, &k, &v, offset) {
+            return linear(
+                kernels,
+                &self.to_out,
+                out.swap_dims(1, 2).reshape([b, n, h * d]),
+            );
+        }
         let blocked = (n > 1).then(|| {
             // row r = (group member, query): blocked where key j > offset + r % n
             let rows = (0..g * n).map(|r| (offset + r % n) as i64).collect();
@@ -104,7 +116,6 @@ impl<B: Backend> FullAttention<B> {
             .reshape([b, g, self.kv_heads, n, d])
             .swap_dims(1, 2)
             .reshape([b, self.kv_heads, 1, g * n, d]);
-        let scale = (d as f64).powf(-0.5);
         let out = attend(
             kernels,
             q,
@@ -122,6 +133,41 @@ impl<B: Backend> FullAttention<B> {
             kernels,
             &self.to_out,
             out.swap_dims(1, 2).reshape([b, n, h * d]),
+        )
+    }
+
+    /// Causal attention over a whole sequence (`offset` 0, as many keys as queries) on the
+    /// backend's fused kernel, where one is registered: the sliding-window kernel with a window
+    /// that reaches the first key, so no `[n, n]` scores are materialised (memory linear in the
+    /// sequence, a flash-style online softmax). Query heads are reordered so that the kernel's
+    /// pairing of head `j` with kv head `j / g` is the reference's `i % kv_heads`, and back.
+    /// `None`: the tensor-op path runs.
+    fn attend_fused(
+        &self,
+        kernels: &Kernels<B>,
+        q: &Tensor<B, 4>,
+        k: &Tensor<B, 4>,
+        v: &Tensor<B, 4>,
+        offset: usize,
+    ) -> Option<Tensor<B, 4>> {
+        let [b, h, n, d] = q.dims();
+        let kvh = self.kv_heads;
+        let g = h / kvh;
+        if offset != 0 || n < 2 || k.dims()[2] != n {
+            return None;
+        }
+        let fused = kernels.fused()?;
+        // head i = gi * kv_heads + kv  →  j = kv * g + gi
+        let q = q
+            .clone()
+            .reshape([b, g, kvh, n, d])
+            .swap_dims(1, 2)
+            .reshape([b, h, n, d]);
+        let out = fused.sliding_attention(&q, k, v, n, (d as f64).powf(-0.5))?;
+        Some(
+            out.reshape([b, kvh, g, n, d])
+                .swap_dims(1, 2)
+                .reshape([b, h, n, d]),
         )
     }
 

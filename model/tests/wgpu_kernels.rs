@@ -381,6 +381,88 @@ fn sliding_cases<G: AutodiffBackend<Device = WgpuDevice>>(opts: &KernelOptions) 
     }
 }
 
+/// A dense attention layer (`attention = "full"`) with the given weights `[wq, wk, wv, wo,
+/// norm]`: its output for `x` and the gradients of `x` and of the query projection under the
+/// loss `sum(out * w)`.
+fn run_full<B: AutodiffBackend>(
+    device: &B::Device,
+    weights: [&HostTensor; 5],
+    x: &HostTensor,
+    w: &HostTensor,
+    [heads, kv_heads, dim_head]: [usize; 3],
+) -> [HostTensor; 3] {
+    let [wq, wk, wv, wo, nw] = weights;
+    let layer = nsa_model::FullAttention::<B> {
+        norm: norm_on(nw, device),
+        to_q: linear_on(wq, None, 0, device),
+        to_k: linear_on(wk, None, 0, device),
+        to_v: linear_on(wv, None, 0, device),
+        to_out: linear_on(wo, None, 0, device),
+        heads,
+        kv_heads,
+        dim_head,
+        kernel_options: KernelOptions::default(),
+    };
+    let handle = Kernels::<B>::new(&KernelOptions::default());
+    let [b, n, _] = [x.shape[0], x.shape[1], x.shape[2]];
+    if expect_kernels::<B>() {
+        // the layer's fused path: the sliding-window kernel over the whole sequence
+        let q = Tensor::<B, 4>::zeros([b, heads, n, dim_head], device);
+        let k = Tensor::<B, 4>::zeros([b, kv_heads, n, dim_head], device);
+        let fused = handle
+            .fused()
+            .unwrap()
+            .sliding_attention(&q, &k, &k, n, 1.0);
+        assert!(fused.is_some(), "the kernel declined dense attention");
+    }
+    let x = to_tensor::<B, 3>(x, device).require_grad();
+    let out = layer.forward_with(&handle, x.clone());
+    let grads = (out.clone() * to_tensor::<B, 3>(w, device))
+        .sum()
+        .backward();
+    [
+        HostTensor::from_tensor(out),
+        HostTensor::from_tensor(x.grad(&grads).unwrap()),
+        HostTensor::from_tensor(layer.to_q.weight.val().grad(&grads).unwrap()),
+    ]
+}
+
+/// Dense causal attention on the fused kernel (no `[n, n]` scores) against the tensor ops, with
+/// GQA (the reference's pairing of query head `i` with kv head `i % kv_heads`) and without.
+#[test]
+fn full_attention_kernel_matches_tensor_ops() {
+    register();
+    let gpu = WgpuDevice::default();
+    let cpu = Default::default();
+    let mut rng = Rng(31);
+    // (heads, kv heads, n, dim_head)
+    for &(h, kvh, n, d) in &[(4, 2, 37, 8), (2, 2, 70, 16), (4, 1, 19, 8)] {
+        let dim = 16;
+        let weights = [
+            rng.host(&[dim, h * d]),
+            rng.host(&[dim, kvh * d]),
+            rng.host(&[dim, kvh * d]),
+            rng.host(&[h * d, dim]),
+            rng.host(&[dim]),
+        ];
+        let x = rng.host(&[2, n, dim]);
+        let w = rng.host(&[2, n, dim]);
+        let ws = [
+            &weights[0],
+            &weights[1],
+            &weights[2],
+            &weights[3],
+            &weights[4],
+        ];
+        let ours = run_full::<Gpu>(&gpu, ws, &x, &w, [h, kvh, d]);
+        let reference = run_full::<Cpu>(&cpu, ws, &x, &w, [h, kvh, d]);
+        let name = format!("full h{h} kv{kvh} n{n} d{d}");
+        for (what, (a, r)) in ["out", "dx", "dwq"].iter().zip(ours.iter().zip(&reference)) {
+            check(&name, what, a, r, 1e-4);
+        }
+    }
+}
+
 struct CompressedRun {
     out: HostTensor,
     dq: HostTensor,

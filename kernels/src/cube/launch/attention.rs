@@ -529,7 +529,7 @@ pub fn backward<R: CubeRuntime>(
 }
 
 /// How many cubes share the queries of one key chunk in the dk/dv kernel. Early key chunks
-/// of the compressed branch are seen by almost every query (one cube walked 64k queries while
+/// of the compressed branch (and of dense attention) are seen by almost every query (one cube walked 64k queries while
 /// the grid had one wave of cubes), and early selection blocks are chosen far more often than
 /// late ones; splitting their query lists evens the work. Partial sums cost `splits × len`
 /// f32 values per output, capped at 256 MiB each. The options may force a split (tests: small
@@ -540,7 +540,9 @@ fn dkdv_splits(p: &Problem, tq: usize, len: usize) -> usize {
         return forced;
     }
     let wanted = match p.mode {
-        SLIDING => 1,
+        // a key chunk is seen by the `span` queries after it: one cube for a window of
+        // hundreds, splits for a window as long as the sequence (dense attention)
+        SLIDING => p.span.div_ceil(tq.max(1) * 256),
         // about 256 query batches per cube for the first chunk
         COMPRESSED => p.n.div_ceil(tq.max(1) * 256),
         _ => p.n.div_ceil(4096),
