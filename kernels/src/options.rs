@@ -68,6 +68,11 @@ pub struct KernelOptions {
     pub dkdv_splits: usize,
     /// How the selected forward walks its work.
     pub selected_order: SelectedOrder,
+    /// Rows per batch of a projection over many rows (`0`: one batch). A projection of
+    /// `rows` rows (a multiple of this, at least twice it) runs as `rows / projection_rows`
+    /// batched products, so that its weight gradient is a batch of short products summed
+    /// (split-K) instead of one product over all rows, which few GPU cubes share.
+    pub projection_rows: usize,
 }
 
 impl Default for KernelOptions {
@@ -79,6 +84,7 @@ impl Default for KernelOptions {
             exact_matmul: false,
             dkdv_splits: 0,
             selected_order: SelectedOrder::Auto,
+            projection_rows: 4096,
         }
     }
 }
@@ -93,7 +99,7 @@ impl KernelOptions {
     }
 
     /// These options with the `NSA_*` switches among `vars` applied (`NSA_KERNELS`,
-    /// `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`); other variables are ignored, an invalid value is an
+    /// `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`, `NSA_PROJECTION_ROWS`); other variables are ignored, an invalid value is an
     /// error. The binaries pass their environment.
     pub fn with_switches<'a>(
         mut self,
@@ -108,6 +114,7 @@ impl KernelOptions {
                     self.tensor_cores = TensorCores { fwd, dq, dkdv };
                 }
                 "NSA_SELECTED_ORDER" => self.selected_order = parse_order(value)?,
+                "NSA_PROJECTION_ROWS" => self.projection_rows = parse_rows(value)?,
                 _ => {}
             }
         }
@@ -187,9 +194,21 @@ pub fn parse_order(value: &str) -> Result<SelectedOrder, SwitchError> {
     }
 }
 
-/// Checks the value of switch `name` (a flag, `NSA_MMA` or `NSA_SELECTED_ORDER`); `Ok` for a
-/// variable that is not a switch.
+/// Rows per projection batch from `NSA_PROJECTION_ROWS`: a count, `0` for one batch.
+pub fn parse_rows(value: &str) -> Result<usize, SwitchError> {
+    value.trim().parse().map_err(|_| SwitchError {
+        name: "NSA_PROJECTION_ROWS".into(),
+        value: value.into(),
+        expected: "expected a number of rows (0: one batch)",
+    })
+}
+
+/// Checks the value of switch `name` (a flag, `NSA_MMA`, `NSA_SELECTED_ORDER` or
+/// `NSA_PROJECTION_ROWS`); `Ok` for a variable that is not a switch.
 pub fn check(name: &str, value: &str) -> Result<(), SwitchError> {
+    if name == "NSA_PROJECTION_ROWS" {
+        return parse_rows(value).map(drop);
+    }
     if name == "NSA_MMA" {
         return parse_mma(value).map(drop);
     }
@@ -221,6 +240,8 @@ mod tests {
         assert!(check("NSA_CACHE_DIR", "/tmp").is_ok());
         assert_eq!(parse_order(" Block"), Ok(SelectedOrder::ByBlock));
         assert!(check("NSA_SELECTED_ORDER", "blocks").is_err());
+        assert_eq!(parse_rows("0"), Ok(0));
+        assert!(check("NSA_PROJECTION_ROWS", "-1").is_err());
     }
 
     #[test]

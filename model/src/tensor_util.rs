@@ -61,13 +61,42 @@ pub fn linear<B: Backend, const D: usize>(
         }
     }
     if !exact {
-        return layer.forward(x);
+        return batched_rows(kernels, x, |x| layer.forward(x));
     }
     let out = matmul(kernels, x, layer.weight.val().unsqueeze());
     match &layer.bias {
         Some(bias) => out + bias.val().unsqueeze(),
         None => out,
     }
+}
+
+/// `f(x)` for a row-wise `f` (`[..., d_in]` → `[..., d_out]`), with the rows of `x` cut into
+/// batches of [`KernelOptions::projection_rows`] (`[rows / r, r, d_in]`) where they are a
+/// multiple of it and at least twice as many: the same result, but a projection's weight
+/// gradient becomes a batch of products over `r` rows each, summed, instead of one product over
+/// every row (Burn's CUDA matmul gave that one product, `[1024, 65536] · [65536, 1024]`, about
+/// 12 TFLOP/s: its output has too few tiles for the GPU's cubes).
+///
+/// [`KernelOptions::projection_rows`]: crate::kernels::KernelOptions::projection_rows
+fn batched_rows<B: Backend, const D: usize>(
+    kernels: &Kernels<B>,
+    x: Tensor<B, D>,
+    f: impl FnOnce(Tensor<B, 3>) -> Tensor<B, 3>,
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let r = kernels.options().projection_rows;
+    let y = if r > 0 && rows >= 2 * r && rows.is_multiple_of(r) {
+        f(x.reshape([rows / r, r, dims[D - 1]]))
+    } else if D == 3 {
+        // as given: a batch of sequences is already a batch of products
+        f(x.reshape([dims[0], dims[1], dims[2]]))
+    } else {
+        f(x.reshape([1, rows, dims[D - 1]]))
+    };
+    let mut out = dims;
+    out[D - 1] = y.dims()[2];
+    y.reshape(out)
 }
 
 /// `act(norm(x) · W + bias) + residual` for `x` `[batch, seq, d_in]`: one registered kernel
@@ -325,6 +354,60 @@ mod tests {
         let exact = matmul(&Kernels::new(&options), a, b);
         let diff = (exact - plain).abs().max().into_scalar();
         assert!(diff < 1e-5, "{diff}");
+    }
+
+    /// A projection over rows cut into batches ([`batched_rows`]) gives the output and the
+    /// weight, bias and input gradients of the projection over all rows at once (an
+    /// independent sum order, so within f32 rounding); rows that do not divide stay whole.
+    #[test]
+    fn batched_projection_rows_change_nothing_but_the_sum_order() {
+        type B = burn::backend::Autodiff<NdArray>;
+        let device = Default::default();
+        let layer = burn::nn::LinearConfig::new(6, 5).init::<B>(&device);
+        let run = |rows: usize, n: usize| {
+            let options = crate::kernels::KernelOptions {
+                projection_rows: rows,
+                ..Default::default()
+            };
+            let values: Vec<f32> = (0..2 * n * 6).map(|i| (i as f32 * 0.37).sin()).collect();
+            let x = Tensor::<B, 1>::from_floats(values.as_slice(), &device)
+                .reshape([2, n, 6])
+                .require_grad();
+            let y = linear(&Kernels::new(&options), &layer, x.clone());
+            assert_eq!(y.dims(), [2, n, 5]);
+            let w: Vec<f32> = (0..2 * n * 5).map(|i| (i as f32 * 0.11).cos()).collect();
+            let w = Tensor::<B, 1>::from_floats(w.as_slice(), &device).reshape([2, n, 5]);
+            let grads = (y.clone() * w).sum().backward();
+            let flat = |t: Tensor<NdArray, 2>| t.into_data().to_vec::<f32>().unwrap();
+            [
+                flat(y.inner().reshape([2 * n, 5])),
+                flat(x.grad(&grads).unwrap().reshape([2 * n, 6])),
+                flat(layer.weight.val().grad(&grads).unwrap()),
+                flat(
+                    layer
+                        .bias
+                        .as_ref()
+                        .unwrap()
+                        .val()
+                        .grad(&grads)
+                        .unwrap()
+                        .reshape([1, 5]),
+                ),
+            ]
+        };
+        // 2 × 24 rows in batches of 8 (6 batches), and 2 × 25 rows (50 is no multiple of 8)
+        for n in [24, 25] {
+            let (cut, whole) = (run(8, n), run(0, n));
+            for (what, (a, b)) in ["y", "dx", "dw", "db"].iter().zip(cut.iter().zip(&whole)) {
+                assert_eq!(a.len(), b.len());
+                for (u, v) in a.iter().zip(b) {
+                    assert!(
+                        (u - v).abs() <= 1e-5 * (1.0 + v.abs()),
+                        "{what} n {n}: {u} {v}"
+                    );
+                }
+            }
+        }
     }
 
     /// Every window equals the rows it names, for each way `windows` builds them (plain

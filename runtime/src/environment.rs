@@ -5,8 +5,8 @@
 
 use nsa_model::kernels::switches;
 
-/// The variables: the kernel switches ([`switches::FLAGS`], `NSA_MMA`, `NSA_SELECTED_ORDER`)
-/// and these.
+/// The variables: the kernel switches ([`switches::FLAGS`], `NSA_MMA`, `NSA_SELECTED_ORDER`,
+/// `NSA_PROJECTION_ROWS`) and these.
 const OTHERS: &[(&str, &str)] = &[
     (
         "NSA_MMA",
@@ -15,6 +15,10 @@ const OTHERS: &[(&str, &str)] = &[
     (
         "NSA_SELECTED_ORDER",
         "the selected forward by query or by key block: auto, query or block",
+    ),
+    (
+        "NSA_PROJECTION_ROWS",
+        "rows per batch of a long projection (split-K weight gradients; 0: one batch)",
     ),
     ("NSA_CACHE_DIR", "directory of the kernel and token caches"),
     ("NSA_PROFILE_LOG", "file for CubeCL's per-kernel timings"),
@@ -65,8 +69,8 @@ pub fn check_vars(
 }
 
 /// The kernel options of the run: the defaults with the switches among `vars` applied
-/// (`NSA_KERNELS`, `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`); an invalid value is
-/// an error.
+/// (`NSA_KERNELS`, `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`,
+/// `NSA_PROJECTION_ROWS`); an invalid value is an error.
 pub fn kernel_options(
     vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
 ) -> Result<nsa_model::kernels::KernelOptions, EnvironmentError> {
