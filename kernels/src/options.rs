@@ -73,6 +73,10 @@ pub struct KernelOptions {
     /// batched products, so that its weight gradient is a batch of short products summed
     /// (split-K) instead of one product over all rows, which few GPU cubes share.
     pub projection_rows: usize,
+    /// Largest number of cubes a launch puts along one grid dimension (`0`: the device's limit,
+    /// 65,535 on Vulkan and Metal). Longer grids are folded into a second dimension; tests set
+    /// a small limit so that the folding runs at small sizes.
+    pub grid_limit: u32,
 }
 
 impl Default for KernelOptions {
@@ -85,6 +89,7 @@ impl Default for KernelOptions {
             dkdv_splits: 0,
             selected_order: SelectedOrder::Auto,
             projection_rows: 4096,
+            grid_limit: 0,
         }
     }
 }

@@ -530,6 +530,24 @@ fn compressed_attention_and_selection_kernel_match_tensor_ops() {
     compressed_cases::<Gpu>(&KernelOptions::default());
 }
 
+/// Every attention kernel with its grid folded: at most 3 cubes along a grid dimension (the
+/// device's limit, 65,535 on Vulkan and Metal, stands in for it at long sequences), so the
+/// launches fold their cubes into a second dimension and the padding cubes end at once.
+#[test]
+fn kernels_fold_grids_longer_than_the_device_allows() {
+    let folded = KernelOptions {
+        grid_limit: 3,
+        ..Default::default()
+    };
+    selected_cases::<Gpu>(&folded);
+    selected_cases::<Gpu>(&KernelOptions {
+        selected_order: SelectedOrder::ByBlock,
+        ..folded
+    });
+    sliding_cases::<Gpu>(&folded);
+    compressed_cases::<Gpu>(&folded);
+}
+
 /// The dk/dv kernel (and the by-block forward) with every key chunk's queries split over 3
 /// cubes (partial sums), which only long sequences choose on their own. The split does not change the result, so the
 /// other tests of this binary stay valid whichever setting they see.

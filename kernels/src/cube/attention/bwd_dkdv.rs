@@ -5,7 +5,9 @@
 use cubecl::prelude::*;
 
 use super::super::mma::{acc_stride, depth, mma_tiles, tile_stride};
-use super::shared::{add_tiles, grad_pair, load_kv, put, score_tile, unit_tile, visible, Keys};
+use super::shared::{
+    add_tiles, grad_pair, grid_x, load_kv, put, score_tile, unit_tile, visible, Keys,
+};
 use super::tiling::Tiling;
 use super::{SELECTED, SLIDING};
 
@@ -83,8 +85,16 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     let kvhead = CUBE_POS_Y as usize % kvh;
     // the queries of a chunk are shared by `splits` cubes; each writes its partial sums to its
     // own slice of `dk` / `dv` (`[splits, b, kvh, nk, d]`, summed by `sum_splits`)
-    let cid = CUBE_POS_X as usize / splits;
-    let sp = CUBE_POS_X as usize % splits;
+    let cid = grid_x() / splits;
+    let sp = grid_x() % splits;
+    let mut chunks = (nk + t.kc - 1) / t.kc;
+    if t.mode == SELECTED {
+        chunks = (nk + t.sel - 1) / t.sel * comptime!(t.sel.div_ceil(t.kc));
+    }
+    if cid >= chunks {
+        // a padding cube of a folded grid
+        terminate!();
+    }
 
     let mut kstart = cid * kc;
     let mut left = kc.runtime();

@@ -88,6 +88,10 @@ pub fn attn_bwd_dq<F: Float, I: Int, H: Float>(
     let ks = Keys { n, nk, span, mem };
     let qc = query_cube(h, kvh, n, t);
     let t0 = qc.t0;
+    if t0 >= n {
+        // a padding cube of a folded grid
+        terminate!();
+    }
 
     let rd = comptime!(t.scalar_words(t.rows(), t.d));
     let kd = comptime!(t.scalar_words(t.kc, t.d));

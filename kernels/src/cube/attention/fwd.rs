@@ -68,6 +68,10 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
     let ks = Keys { n, nk, span, mem };
     let qc = query_cube(h, kvh, n, t);
     let t0 = qc.t0;
+    if t0 >= n {
+        // a padding cube of a folded grid
+        terminate!();
+    }
 
     // f32 tiles of the scalar path (one word on the tensor-core path), tiles of element `H`
     // of the tensor-core path (one word on the scalar path)

@@ -18,7 +18,7 @@ use cubecl::prelude::*;
 use super::super::mma::{acc_stride, depth, mma_tiles, tile_stride};
 use super::bwd_dkdv::{batch_row, key_ok, Batch};
 use super::fwd::chunk_softmax;
-use super::shared::{add_product, add_tiles, load_kv, put, score_tile, unit_tile, Keys};
+use super::shared::{add_product, add_tiles, grid_x, load_kv, put, score_tile, unit_tile, Keys};
 use super::tiling::Tiling;
 use super::NEG;
 
@@ -83,8 +83,12 @@ pub fn attn_fwd_blocks<F: Float, H: Float>(
     let b = CUBE_POS_Y as usize / kvh;
     let kvhead = CUBE_POS_Y as usize % kvh;
     let bkv = b * kvh + kvhead;
-    let block = CUBE_POS_X as usize / splits;
-    let sp = CUBE_POS_X as usize % splits;
+    let block = grid_x() / splits;
+    let sp = grid_x() % splits;
+    if block * kc >= nk {
+        // a padding cube of a folded grid
+        terminate!();
+    }
     let kstart = block * kc;
     let slots = count + 1;
 

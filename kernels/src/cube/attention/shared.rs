@@ -52,11 +52,19 @@ pub struct QueryCube {
     pub sel_row: usize,
 }
 
-/// The cube's [`QueryCube`] for `h` query heads, `kvh` kv heads, `n` positions.
+/// The cube's index along x of a grid that the launch may have folded into x and z (see
+/// `launch::grid`: grids longer than the device allows along one dimension).
+#[cube]
+pub fn grid_x() -> usize {
+    CUBE_POS_X as usize + CUBE_POS_Z as usize * CUBE_COUNT_X as usize
+}
+
+/// The cube's [`QueryCube`] for `h` query heads, `kvh` kv heads, `n` positions (a padding cube
+/// of a folded grid has `t0 >= n`).
 #[cube]
 pub fn query_cube(h: usize, kvh: usize, n: usize, #[comptime] t: Tiling) -> QueryCube {
     let group_heads = t.group_heads;
-    let t0 = CUBE_POS_X as usize * t.tq;
+    let t0 = grid_x() * t.tq;
     let groups = h / group_heads;
     let b = CUBE_POS_Y as usize / groups;
     let hg = CUBE_POS_Y as usize % groups;

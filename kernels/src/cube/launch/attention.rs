@@ -49,6 +49,8 @@ pub struct RunChoices {
     pub dkdv_splits: usize,
     /// How the selected forward walks its work.
     pub selected_order: SelectedOrder,
+    /// Cubes per grid dimension at most (`0`: the device's limit).
+    pub grid_limit: u32,
 }
 
 impl From<&KernelOptions> for RunChoices {
@@ -58,6 +60,7 @@ impl From<&KernelOptions> for RunChoices {
             exact: o.exact_matmul,
             dkdv_splits: o.dkdv_splits,
             selected_order: o.selected_order,
+            grid_limit: o.grid_limit,
         }
     }
 }
@@ -317,7 +320,8 @@ pub fn forward<R: CubeRuntime>(
         Some((i, s)) => (i.clone(), s.clone()),
         None => (dummy(&q, idx.dtype), dummy(&q, dtype)),
     };
-    let count = CubeCount::Static(p.n.div_ceil(t.tq) as u32, (p.b * p.groups()) as u32, 1);
+    let limit = p.run.grid_limit;
+    let count = grid(&q.client, p.n.div_ceil(t.tq), p.b * p.groups(), limit);
     let idt = idx.dtype;
     // SAFETY: every index the kernel forms is bounded by the shapes checked above.
     unsafe {
@@ -393,7 +397,7 @@ pub fn backward<R: CubeRuntime>(
     unsafe {
         attn::attn_delta::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(rows.div_ceil(256) as u32, 1, 1),
+            folded(&client, rows, 256, p.run.grid_limit),
             CubeDim::new_1d(256),
             out.into_tensor_arg(),
             dout.clone().into_tensor_arg(),
@@ -420,7 +424,12 @@ pub fn backward<R: CubeRuntime>(
         unsafe {
             attn::attn_bwd_dq::launch_unchecked::<R>(
                 &client,
-                CubeCount::Static(p.n.div_ceil(t.tq) as u32, (p.b * p.groups()) as u32, 1),
+                grid(
+                    &client,
+                    p.n.div_ceil(t.tq),
+                    p.b * p.groups(),
+                    p.run.grid_limit,
+                ),
                 CubeDim::new_1d(t.threads as u32),
                 q.clone().into_tensor_arg(),
                 k.clone().into_tensor_arg(),
@@ -454,7 +463,10 @@ pub fn backward<R: CubeRuntime>(
     let (offsets, entries) = if p.mode == SELECTED && p.count > 0 {
         csr(&idx, p, nb)
     } else {
-        (zeros_u32(&q, 2), zeros_u32(&q, 1))
+        (
+            zeros_u32(&q, 2, p.run.grid_limit),
+            zeros_u32(&q, 1, p.run.grid_limit),
+        )
     };
     let chunks = if p.mode == SELECTED {
         nb * p.sel.div_ceil(t.kc)
@@ -475,7 +487,7 @@ pub fn backward<R: CubeRuntime>(
     unsafe {
         attn::attn_bwd_dkdv::launch_unchecked::<R>(
             &client,
-            CubeCount::Static((chunks * splits) as u32, (p.b * p.kvh) as u32, 1),
+            grid(&client, chunks * splits, p.b * p.kvh, p.run.grid_limit),
             CubeDim::new_1d(t.threads as u32),
             q.into_tensor_arg(),
             k.into_tensor_arg(),
@@ -515,7 +527,7 @@ pub fn backward<R: CubeRuntime>(
         unsafe {
             attn::sum_splits::launch_unchecked::<R>(
                 &client,
-                CubeCount::Static(len.div_ceil(256) as u32, 1, 1),
+                folded(&client, len, 256, p.run.grid_limit),
                 CubeDim::new_1d(256),
                 part.clone().into_tensor_arg(),
                 out.clone().into_tensor_arg(),
@@ -561,11 +573,12 @@ pub(super) fn csr<R: CubeRuntime>(
     let client = idx.client.clone();
     let segments = p.b * p.kvh * nb;
     let total = p.b * p.groups() * p.n * p.count;
-    let counts = zeros_u32(idx, segments);
-    let cursor = zeros_u32(idx, segments);
+    let limit = p.run.grid_limit;
+    let counts = zeros_u32(idx, segments, limit);
+    let cursor = zeros_u32(idx, segments, limit);
     let offsets = empty(idx, vec![segments + 1], DType::U32);
     let entries = empty(idx, vec![total.max(1)], DType::U32);
-    let cubes = CubeCount::Static(total.div_ceil(256) as u32, 1, 1);
+    let cubes = folded(&client, total, 256, limit);
     let idt = idx.dtype;
     // SAFETY: one unit per selection, guarded by `total`; blocks are `< nb`.
     unsafe {
@@ -638,7 +651,7 @@ pub fn top_k<R: CubeRuntime>(
     unsafe {
         attn::top_k::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(rows.div_ceil(64).max(1) as u32, 1, 1),
+            folded(&client, rows, 64, 0),
             CubeDim::new_1d(64),
             x.into_tensor_arg(),
             values.clone().into_tensor_arg(),

@@ -95,7 +95,7 @@ pub(super) fn sum_dq_parts<R: CubeRuntime>(
     unsafe {
         attn::merge_parts::launch_unchecked::<R>(
             &client,
-            folded(total, 256),
+            folded(&client, total, 256, p.run.grid_limit),
             CubeDim::new_1d(256),
             idx.clone().into_tensor_arg(),
             dq_part.into_tensor_arg(),
@@ -125,15 +125,6 @@ fn splits(p: &Problem) -> usize {
     }
 }
 
-/// A 1-D launch of `units` units, `dim` per cube, folded into two grid dimensions of at most
-/// 65,535 cubes each (the Vulkan/Metal limit); kernels index by `ABSOLUTE_POS`, which counts
-/// across both, and guard against the padding.
-fn folded(units: usize, dim: usize) -> CubeCount {
-    let cubes = units.div_ceil(dim).max(1);
-    let x = cubes.min(65_535);
-    CubeCount::Static(x as u32, cubes.div_ceil(x) as u32, 1)
-}
-
 /// The selected forward of `p` by key block with tiling `t` (from [`chosen`]); `mma`: the
 /// tensor-core element, as the query-centric launch's.
 #[allow(clippy::too_many_arguments)]
@@ -154,7 +145,10 @@ pub(super) fn forward<R: CubeRuntime>(
     let nb = p.nk.div_ceil(p.sel);
     let (offsets, entries) = match &idx {
         Some(idx) if p.count > 0 => csr(idx, p, nb),
-        _ => (zeros_u32(&q, p.b * p.kvh * nb + 1), zeros_u32(&q, 1)),
+        _ => (
+            zeros_u32(&q, p.b * p.kvh * nb + 1, p.run.grid_limit),
+            zeros_u32(&q, 1, p.run.grid_limit),
+        ),
     };
     let idx = idx.unwrap_or_else(|| dummy(&q, int_dtype));
     let gates = gates
@@ -170,7 +164,7 @@ pub(super) fn forward<R: CubeRuntime>(
     unsafe {
         attn::attn_fwd_blocks::launch_unchecked::<R>(
             &client,
-            CubeCount::Static((nb * splits) as u32, (p.b * p.kvh) as u32, 1),
+            grid(&client, nb * splits, p.b * p.kvh, p.run.grid_limit),
             CubeDim::new_1d(t.threads as u32),
             q.into_tensor_arg(),
             k.into_tensor_arg(),
@@ -200,7 +194,7 @@ pub(super) fn forward<R: CubeRuntime>(
     unsafe {
         attn::merge_parts::launch_unchecked::<R>(
             &client,
-            folded(total, 256),
+            folded(&client, total, 256, p.run.grid_limit),
             CubeDim::new_1d(256),
             idx.into_tensor_arg(),
             part_out.into_tensor_arg(),

@@ -47,15 +47,47 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: Vec<usize>, dtype: DType) 
     )
 }
 
-fn zeros_u32<R: CubeRuntime>(like: &CubeTensor<R>, len: usize) -> CubeTensor<R> {
+/// The device's limits on the cubes of a grid, `(x, y, z)`, each capped at `limit` where that is
+/// set (`0`: the device's alone).
+fn grid_limits<R: CubeRuntime>(client: &ComputeClient<R>, limit: u32) -> (usize, usize, usize) {
+    let (x, y, z) = client.properties().hardware.max_cube_count;
+    let cap = |m: u32| if limit > 0 { m.min(limit) } else { m }.max(1) as usize;
+    (cap(x), cap(y), cap(z))
+}
+
+/// A grid of `x × y` cubes for the kernels that read their cube along x as
+/// [`crate::cube::attention::grid_x`]: where `x` exceeds the device's limit (65,535 on
+/// Vulkan and Metal; `limit` where set), it is folded into `x × z`, and the padding cubes
+/// (`grid_x() >= x`) end at once.
+fn grid<R: CubeRuntime>(client: &ComputeClient<R>, x: usize, y: usize, limit: u32) -> CubeCount {
+    let (lx, _, _) = grid_limits(client, limit);
+    let z = x.div_ceil(lx).max(1);
+    CubeCount::Static(x.div_ceil(z).max(1) as u32, y.max(1) as u32, z as u32)
+}
+
+/// A 1-D launch of `units` units, `dim` per cube, folded into x and y within the device's
+/// limits (`limit` where set): the kernels index by `ABSOLUTE_POS`, which counts across both,
+/// and guard against the padding.
+fn folded<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    units: usize,
+    dim: usize,
+    limit: u32,
+) -> CubeCount {
+    let (lx, _, _) = grid_limits(client, limit);
+    let cubes = units.div_ceil(dim).max(1);
+    let y = cubes.div_ceil(lx);
+    CubeCount::Static(cubes.div_ceil(y) as u32, y as u32, 1)
+}
+
+fn zeros_u32<R: CubeRuntime>(like: &CubeTensor<R>, len: usize, limit: u32) -> CubeTensor<R> {
     let buf = empty(like, vec![len.max(1)], DType::U32);
     let cube_dim = CubeDim::new_1d(256);
-    let cubes = len.div_ceil(256).max(1) as u32;
     // SAFETY: one unit per element, guarded by `len`.
     unsafe {
         crate::cube::attention::fill_zero::launch_unchecked::<R>(
             &buf.client,
-            CubeCount::Static(cubes, 1, 1),
+            folded(&buf.client, len, 256, limit),
             cube_dim,
             buf.clone().into_tensor_arg(),
             len,
