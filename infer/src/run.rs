@@ -307,7 +307,7 @@ fn step_breakdown<B: Backend>(
         TensorData::new(data, [tokens.len()])
     };
     let prompt_ids = Tensor::<B, 1, Int>::from_data(ids(prompt), device).reshape([1, prompt.len()]);
-    let (_, mut cache) = model.prefill(prompt_ids.clone(), steps);
+    let (_, mut cache) = model.prefill_last(prompt_ids.clone(), steps);
     let mut rng = SplitMix64(99);
     let mut token = prompt[prompt.len() - 1];
     let (mut step_s, mut read_s, mut sample_s) = (0.0, 0.0, 0.0);
@@ -328,7 +328,7 @@ fn step_breakdown<B: Backend>(
         read_s += (t2 - t1).as_secs_f64();
         sample_s += t2.elapsed().as_secs_f64();
     }
-    let (_, mut cache) = model.prefill(prompt_ids, steps);
+    let (_, mut cache) = model.prefill_last(prompt_ids, steps);
     let _ = B::sync(device);
     let id = Tensor::<B, 1, Int>::from_data(ids(&[token]), device);
     let t0 = Instant::now();

@@ -12,11 +12,15 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 
-use crate::attend::{attend, Attended};
+use crate::attend::{attend, Attended, MASK_VALUE};
 use crate::config::NsaConfig;
 use crate::kernels::Kernels;
 use crate::select::{importance, select_top, Selection};
 use crate::tensor_util::{greater_mask, linear, pad_zeros, windows};
+
+/// The most scores the tensor-op branch holds at once (per chunk of query positions): 2^23
+/// values, 32 MiB of f32.
+const SCORE_LIMIT: usize = 1 << 23;
 
 /// `Linear(block * dim_head → hidden) → ReLU → Linear(hidden → dim_head)`, shared by all heads.
 #[derive(Module, Debug)]
@@ -179,12 +183,82 @@ impl<B: Backend> Compressor<B> {
                 return done;
             }
         }
-        let comp = self.attend(kernels, q, ck, cv, 0, scale);
-        let selection = comp
-            .importance
-            .and_then(|logits| importance(logits, config, 0))
-            .and_then(|probs| select_top(kernels, probs, config));
-        (comp.out, selection)
+        self.attend_and_select_chunked(kernels, q, ck, cv, config, scale, SCORE_LIMIT)
+    }
+
+    /// [`Self::attend_and_select`] with tensor ops, in chunks of query positions whose scores
+    /// `[batch, heads, chunk, slots]` hold at most `limit` values: the branch and the block
+    /// importance are row by row, so any chunking gives the same result, and a long prompt's
+    /// prefill stays linear in memory (unchunked, the scores and the importance grow as
+    /// `seq × seq / stride`: 3.7 GB at 20k tokens for a model of width 32).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_and_select_chunked(
+        &self,
+        kernels: &Kernels<B>,
+        q: Tensor<B, 4>,
+        ck: Tensor<B, 4>,
+        cv: Tensor<B, 4>,
+        config: &NsaConfig,
+        scale: f64,
+        limit: usize,
+    ) -> (Tensor<B, 4>, Option<Selection<B>>) {
+        let [b, h, n, _] = q.dims();
+        let slots = ck.dims()[2];
+        let rows = (limit / (b * h * slots).max(1)).clamp(1, n.max(1));
+        let device = q.device();
+        let mut outs = Vec::new();
+        let mut selections = Vec::new();
+        for start in (0..n).step_by(rows) {
+            let len = rows.min(n - start);
+            let q = q.clone().narrow(2, start, len);
+            let (out, logits) =
+                self.attend_visible(kernels, q, ck.clone(), cv.clone(), start, scale);
+            outs.push(out);
+            // the blocks the chunk's queries cannot see yet have probability zero: the
+            // importance of the seen ones, padded with zeros to every complete block (whether a
+            // block can be selected at all depends on the keys alone: all chunks or none)
+            let all = config.sizes().selection_blocks(slots - self.num_mem());
+            let seen = logits.and_then(|logits| importance(logits, config, start));
+            let have = seen.as_ref().map_or(0, |p| p.dims()[3]);
+            let probs = match seen {
+                _ if all == 0 => None,
+                Some(p) if have == all => Some(p),
+                seen => {
+                    let hs = if config.query_heads_share_selected_kv {
+                        h / config.group_size()
+                    } else {
+                        h
+                    };
+                    let zeros = Tensor::zeros([b, hs, len, all - have], &device);
+                    Some(match seen {
+                        Some(p) if have > 0 => Tensor::cat(vec![p, zeros], 3),
+                        _ => zeros,
+                    })
+                }
+            };
+            selections.push(probs.and_then(|probs| select_top(kernels, probs, config)));
+        }
+        let cat = |parts: Vec<Tensor<B, 4>>| match parts.len() {
+            1 => parts.into_iter().next().expect("one part"),
+            _ => Tensor::cat(parts, 2),
+        };
+        let selection: Option<Vec<Selection<B>>> = selections.into_iter().collect();
+        let selection = selection.map(|parts| {
+            let mut indices = Vec::with_capacity(parts.len());
+            let mut scores = Vec::with_capacity(parts.len());
+            let mut valid = Vec::with_capacity(parts.len());
+            for s in parts {
+                indices.push(s.indices);
+                scores.push(s.scores);
+                valid.push(s.valid);
+            }
+            Selection {
+                indices: Tensor::cat(indices, 2),
+                scores: cat(scores),
+                valid: Tensor::cat(valid, 2),
+            }
+        });
+        (cat(outs), selection)
     }
 
     /// Attention of `q` `[batch, heads, seq, dim_head]` (rows at absolute positions
@@ -200,11 +274,50 @@ impl<B: Backend> Compressor<B> {
         offset: usize,
         scale: f64,
     ) -> Compressed<B> {
+        let [b, h, n, _] = q.dims();
+        let blocks = ck.dims()[2] - self.num_mem();
+        let device = q.device();
+        let (out, logits) = self.attend_visible(kernels, q, ck, cv, offset, scale);
+        // the blocks none of the queries sees, as masked logits
+        let seen = logits.as_ref().map_or(0, |l| l.dims()[3]);
+        let unseen = || Tensor::full([b, h, n, blocks - seen], MASK_VALUE, &device);
+        let importance = match logits {
+            _ if blocks == 0 => None,
+            Some(l) if seen == blocks => Some(l),
+            Some(l) => Some(Tensor::cat(vec![l, unseen()], 3)),
+            None => Some(unseen()),
+        };
+        Compressed { out, importance }
+    }
+
+    /// [`Self::attend`] over the slots that the last query sees (the memory and the blocks
+    /// ended before it): the output, and the importance logits of those blocks only
+    /// `[batch, heads, seq, seen]` (`None` when it sees none). The later blocks would only
+    /// be masked: left out, a chunk of queries early in a long prompt scores a fraction of the
+    /// blocks, and no masked logit goes through `exp`.
+    fn attend_visible(
+        &self,
+        kernels: &Kernels<B>,
+        q: Tensor<B, 4>,
+        ck: Tensor<B, 4>,
+        cv: Tensor<B, 4>,
+        offset: usize,
+        scale: f64,
+    ) -> (Tensor<B, 4>, Option<Tensor<B, 4>>) {
         let [b, h, n, d] = q.dims();
-        let [_, kvh, slots, _] = ck.dims();
+        let [_, kvh, all_slots, _] = ck.dims();
         let g = h / kvh;
         let m = self.num_mem();
-        let blocks = slots - m;
+        let all_blocks = all_slots - m;
+        // blocks ended by the last query (`(j + 1) * stride <= t`); at least one slot
+        let last = offset + n.max(1) - 1;
+        let slots = (m + all_blocks.min(last / self.stride)).max(1);
+        let (ck, cv) = if slots < all_slots {
+            (ck.narrow(2, 0, slots), cv.narrow(2, 0, slots))
+        } else {
+            (ck, cv)
+        };
+        let blocks = slots - m.min(slots);
         // at decode time every cached block ended before the query: no mask
         let all_visible = blocks * self.stride <= offset;
         let blocked = (blocks > 0 && !all_visible).then(|| {
@@ -224,10 +337,78 @@ impl<B: Backend> Compressor<B> {
             blocked,
             scale,
         );
-        let importance = (blocks > 0).then(|| sim.reshape([b, h, n, slots]).narrow(3, m, blocks));
-        Compressed {
-            out: out.reshape([b, h, n, d]),
-            importance,
+        let logits = (blocks > 0).then(|| sim.reshape([b, h, n, slots]).narrow(3, m, blocks));
+        (out.reshape([b, h, n, d]), logits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    type B = NdArray<f32>;
+
+    fn host<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().into_vec::<f32>().unwrap()
+    }
+
+    /// The branch in chunks of 1, 5 and 13 query positions (offsets that are multiples of
+    /// neither the stride nor the selection block) gives the output and the selection of one
+    /// chunk: the same blocks, the same validity, the same probabilities.
+    #[test]
+    fn chunked_queries_give_the_whole_branch_and_selection() {
+        let device = Default::default();
+        let kernels = Kernels::<B>::new(&crate::kernels::KernelOptions::tensor_ops());
+        for (h, kvh, n, share) in [(4, 2, 77, true), (2, 1, 50, false)] {
+            let mut config = NsaConfig::new(h * 8, 8, h, 4, 8, 4, 8, 2).with_kv_heads(kvh);
+            config.query_heads_share_selected_kv = share;
+            let comp = Compressor::<B>::new(&config, &device);
+            let normal = Distribution::Normal(0.0, 1.0);
+            let q = Tensor::<B, 4>::random([2, h, n, 8], normal, &device);
+            let k = Tensor::<B, 4>::random([2, kvh, n, 8], normal, &device);
+            let v = Tensor::<B, 4>::random([2, kvh, n, 8], normal, &device);
+            let (ck, cv) = comp.with_memory(2, comp.compress(&kernels, k, v));
+            let slots = ck.dims()[2];
+            let scale = 8f64.powf(-0.5);
+            let run = |limit: usize| {
+                let (out, sel) = comp.attend_and_select_chunked(
+                    &kernels,
+                    q.clone(),
+                    ck.clone(),
+                    cv.clone(),
+                    &config,
+                    scale,
+                    limit,
+                );
+                let sel = sel.expect("blocks to select");
+                let idx = sel
+                    .indices
+                    .into_data()
+                    .convert::<i64>()
+                    .into_vec::<i64>()
+                    .unwrap();
+                let valid = sel
+                    .valid
+                    .into_data()
+                    .convert::<bool>()
+                    .into_vec::<bool>()
+                    .unwrap();
+                (host(out), idx, valid, host(sel.scores))
+            };
+            let whole = run(usize::MAX);
+            for rows in [1, 5, 13] {
+                let part = run(2 * h * slots * rows);
+                assert_eq!(part.1, whole.1, "h{h} n{n}: blocks in chunks of {rows}");
+                assert_eq!(part.2, whole.2, "h{h} n{n}: validity in chunks of {rows}");
+                for (a, b) in [(&part.0, &whole.0), (&part.3, &whole.3)] {
+                    assert_eq!(a.len(), b.len());
+                    for (x, y) in a.iter().zip(b.iter()) {
+                        assert!((x - y).abs() <= 1e-6, "h{h} n{n} rows {rows}: {x} vs {y}");
+                    }
+                }
+            }
         }
     }
 }

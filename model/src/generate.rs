@@ -89,8 +89,7 @@ impl<B: Backend> Transformer<B> {
         let n = prompt.len();
         let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
-        let (logits, mut cache) = self.prefill(ids, max_new);
-        let mut last = logits.narrow(1, n - 1, 1).reshape([1, vocab]);
+        let (mut last, mut cache) = self.prefill_last(ids, max_new);
         let kernels = self.kernels();
         let on_device = kernels
             .fused()

@@ -225,6 +225,26 @@ impl<B: Backend> Transformer<B> {
     /// Logits of a prompt `[batch, seq]` → `[batch, seq, num_tokens]`, and the decode cache with
     /// room for `extra` more tokens (it grows beyond that if needed).
     pub fn prefill(&self, ids: Tensor<B, 2, Int>, extra: usize) -> (Tensor<B, 3>, Cache<B>) {
+        self.prefill_from(ids, extra, 0)
+    }
+
+    /// [`Self::prefill`] with the logits of the prompt's last position only, `[batch,
+    /// num_tokens]` (what generation needs: all positions' logits of a 100k-token prompt
+    /// would hold `seq × num_tokens` values, 8 GB at a vocabulary of 21k).
+    pub fn prefill_last(&self, ids: Tensor<B, 2, Int>, extra: usize) -> (Tensor<B, 2>, Cache<B>) {
+        let [b, len] = ids.dims();
+        let (logits, cache) = self.prefill_from(ids, extra, len.saturating_sub(1));
+        let vocab = logits.dims()[2];
+        (logits.reshape([b, vocab]), cache)
+    }
+
+    /// The prefill, with logits from position `first` on.
+    fn prefill_from(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        extra: usize,
+        first: usize,
+    ) -> (Tensor<B, 3>, Cache<B>) {
         let kernels = self.kernels();
         let len = ids.dims()[1];
         let mut x = self.token_emb.forward(ids);
@@ -235,6 +255,7 @@ impl<B: Backend> Transformer<B> {
             x = a + x;
             x = layer.ff.forward(&kernels, x.clone()) + x;
         }
+        let x = x.narrow(1, first, len - first);
         let logits = linear(&kernels, &self.to_logits, self.norm.forward(x));
         let rope = RopeTable::new(self.config.dim_head, len, extra.max(1), &logits.device());
         (logits, Cache { layers, len, rope })
