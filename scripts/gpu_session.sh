@@ -20,7 +20,8 @@
 #           and the training step with and without (NSA_MMA=0), a kernel profile
 #   final   the layer (bf16, f32, up to 128k) beside PyTorch SDPA and the reference NSA layer,
 #           and the training steps
-#   blocks  the selected branch by key block against by query: checks, layer beside SDPA, profile
+#   blocks  the selected branch by key block against by query (checks, layer beside SDPA,
+#           profile), split-K projections against one product, the dense baseline's kernel
 #   layer   one NSA layer (the setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
 #           (a cold machine compiles and autotunes for minutes before the first row finishes)
 #   evidence-layer  the published layer table and kernel checks, as benchmark records
@@ -280,6 +281,14 @@ for phase in "$@"; do
           --suite layer --impls nsa --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd \
           --runs 3 --warmup 1 --row-timeout 100 --json "$OUT/blocks-layer-$o.json"
       done
+      # the projections as one product per weight gradient (NSA_PROJECTION_ROWS=0) against
+      # the default batches of 4096 rows, and the dense baseline on the fused kernel
+      run blocks-layer-rows0 240 env NSA_PROJECTION_ROWS=0 /tmp/bin/nsa-bench --backend cuda \
+        --suite layer --impls nsa,full --lengths 16k,64k --precisions bf16 --passes fwd+bwd \
+        --runs 3 --warmup 1 --row-timeout 100 --json "$OUT/blocks-layer-rows0.json"
+      run blocks-layer-full 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls full \
+        --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd --runs 3 --warmup 1 \
+        --row-timeout 100 --json "$OUT/blocks-layer-full.json"
       run blocks-sdpa 120 python3 scripts/bench_reference.py --suite layer --impls sdpa \
         --lengths 4k,16k,64k --precisions bf16 --runs 3 --warmup 1 --json "$OUT/blocks-sdpa.json"
       run blocks-profile 120 env NSA_SELECTED_ORDER=block NSA_PROFILE_LOG="$OUT/blocks-profile.log" \
