@@ -206,6 +206,8 @@ impl<B: Backend> Compressor<B> {
         let slots = ck.dims()[2];
         let rows = (limit / (b * h * slots).max(1)).clamp(1, n.max(1));
         let device = q.device();
+        let sizes = config.sizes();
+        let all = sizes.selection_blocks(slots - self.num_mem());
         let mut outs = Vec::new();
         let mut selections = Vec::new();
         for start in (0..n).step_by(rows) {
@@ -217,18 +219,13 @@ impl<B: Backend> Compressor<B> {
             // the blocks the chunk's queries cannot see yet have probability zero: the
             // importance of the seen ones, padded with zeros to every complete block (whether a
             // block can be selected at all depends on the keys alone: all chunks or none)
-            let all = config.sizes().selection_blocks(slots - self.num_mem());
             let seen = logits.and_then(|logits| importance(logits, config, start));
             let have = seen.as_ref().map_or(0, |p| p.dims()[3]);
             let probs = match seen {
                 _ if all == 0 => None,
                 Some(p) if have == all => Some(p),
                 seen => {
-                    let hs = if config.query_heads_share_selected_kv {
-                        h / config.group_size()
-                    } else {
-                        h
-                    };
+                    let hs = sizes.selection_heads();
                     let zeros = Tensor::zeros([b, hs, len, all - have], &device);
                     Some(match seen {
                         Some(p) if have > 0 => Tensor::cat(vec![p, zeros], 3),

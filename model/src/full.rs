@@ -98,7 +98,7 @@ impl<B: Backend> FullAttention<B> {
         let keys = k.dims()[2];
         let g = h / self.kv_heads;
         let scale = (d as f64).powf(-0.5);
-        if let Some(out) = self.attend_fused(kernels, &q, &k, &v, offset) {
+        if let Some(out) = self.attend_fused(kernels, &q, &k, &v, offset, scale) {
             return linear(
                 kernels,
                 &self.to_out,
@@ -149,6 +149,7 @@ impl<B: Backend> FullAttention<B> {
         k: &Tensor<B, 4>,
         v: &Tensor<B, 4>,
         offset: usize,
+        scale: f64,
     ) -> Option<Tensor<B, 4>> {
         let [b, h, n, d] = q.dims();
         let kvh = self.kv_heads;
@@ -163,7 +164,7 @@ impl<B: Backend> FullAttention<B> {
             .reshape([b, g, kvh, n, d])
             .swap_dims(1, 2)
             .reshape([b, h, n, d]);
-        let out = fused.sliding_attention(&q, k, v, n, (d as f64).powf(-0.5))?;
+        let out = fused.sliding_attention(&q, k, v, n, scale)?;
         Some(
             out.reshape([b, kvh, g, n, d])
                 .swap_dims(1, 2)

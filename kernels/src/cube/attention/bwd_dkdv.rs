@@ -85,8 +85,9 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     let kvhead = CUBE_POS_Y as usize % kvh;
     // the queries of a chunk are shared by `splits` cubes; each writes its partial sums to its
     // own slice of `dk` / `dv` (`[splits, b, kvh, nk, d]`, summed by `sum_splits`)
-    let cid = grid_x() / splits;
-    let sp = grid_x() % splits;
+    let x = grid_x();
+    let cid = x / splits;
+    let sp = x % splits;
     let mut chunks = (nk + t.kc - 1) / t.kc;
     if t.mode == SELECTED {
         chunks = (nk + t.sel - 1) / t.sel * comptime!(t.sel.div_ceil(t.kc));

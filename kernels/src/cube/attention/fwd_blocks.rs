@@ -83,8 +83,9 @@ pub fn attn_fwd_blocks<F: Float, H: Float>(
     let b = CUBE_POS_Y as usize / kvh;
     let kvhead = CUBE_POS_Y as usize % kvh;
     let bkv = b * kvh + kvhead;
-    let block = grid_x() / splits;
-    let sp = grid_x() % splits;
+    let x = grid_x();
+    let block = x / splits;
+    let sp = x % splits;
     if block * kc >= nk {
         // a padding cube of a folded grid
         terminate!();
