@@ -108,8 +108,9 @@ fn commands(file: &str) -> Vec<(String, String, Vec<String>, bool)> {
                         None => (w[p + 1].clone(), Vec::new()),
                     }
                 }
-                _ => match w.first() {
-                    Some(p) if command_of(p).is_some() => (p.clone(), w[1..].to_vec()),
+                // a program by name or by path (`./target/release/nsa-train`)
+                _ => match w.first().map(|p| p.rsplit('/').next().unwrap_or(p)) {
+                    Some(p) if command_of(p).is_some() => (p.to_string(), w[1..].to_vec()),
                     _ => continue,
                 },
             };
