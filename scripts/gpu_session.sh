@@ -21,7 +21,9 @@
 #   final   the layer (bf16, f32, up to 128k) beside PyTorch SDPA and the reference NSA layer,
 #           and the training steps
 #   blocks  the selected branch by key block against by query (checks, layer beside SDPA,
-#           profile), split-K projections against one product, the dense baseline's kernel
+#           profile)
+#   blocks2 split-K projections against one product, the dense baseline's kernel, the checks
+#           with the selected branch by query
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
 #           (a cold machine compiles and autotunes for minutes before the first row finishes)
 #   evidence-layer  the published layer table and kernel checks, as benchmark records
@@ -273,27 +275,33 @@ for phase in "$@"; do
     blocks)
       # the selected branch by key block (NSA_SELECTED_ORDER=block) against by query: the
       # kernel checks on tensor cores, the layer beside PyTorch SDPA in the same call, and a
-      # kernel profile of the 64k fwd+bwd
-      for o in block query; do
-        run "blocks-check-$o" 120 env NSA_SELECTED_ORDER=$o /tmp/bin/nsa-bench --backend cuda \
-          --suite check --lengths 1k,4k --precisions bf16,f32 --json "$OUT/blocks-check-$o.json"
-        run "blocks-layer-$o" 240 env NSA_SELECTED_ORDER=$o /tmp/bin/nsa-bench --backend cuda \
-          --suite layer --impls nsa --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd \
-          --runs 3 --warmup 1 --row-timeout 100 --json "$OUT/blocks-layer-$o.json"
-      done
-      # the projections as one product per weight gradient (NSA_PROJECTION_ROWS=0) against
-      # the default batches of 4096 rows, and the dense baseline on the fused kernel
-      run blocks-layer-rows0 240 env NSA_PROJECTION_ROWS=0 /tmp/bin/nsa-bench --backend cuda \
-        --suite layer --impls nsa,full --lengths 16k,64k --precisions bf16 --passes fwd+bwd \
-        --runs 3 --warmup 1 --row-timeout 100 --json "$OUT/blocks-layer-rows0.json"
-      run blocks-layer-full 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls full \
-        --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd --runs 3 --warmup 1 \
-        --row-timeout 100 --json "$OUT/blocks-layer-full.json"
+      # kernel profile of the 64k fwd+bwd; records in $OUT/results (they come back row by row)
+      run blocks-check-block 120 env NSA_SELECTED_ORDER=block /tmp/bin/nsa-bench --backend cuda \
+        --suite check --lengths 1k,4k --precisions bf16,f32 --json "$(rec check-order-block)"
       run blocks-sdpa 120 python3 scripts/bench_reference.py --suite layer --impls sdpa \
-        --lengths 4k,16k,64k --precisions bf16 --runs 3 --warmup 1 --json "$OUT/blocks-sdpa.json"
-      run blocks-profile 120 env NSA_SELECTED_ORDER=block NSA_PROFILE_LOG="$OUT/blocks-profile.log" \
+        --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd --runs 5 --warmup 1 \
+        --commit "$COMMIT" --json "$(rec sdpa-layer)"
+      for o in block query; do
+        run "blocks-layer-$o" 200 env NSA_SELECTED_ORDER=$o /tmp/bin/nsa-bench --backend cuda \
+          --suite layer --impls nsa --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd \
+          --runs 5 --warmup 1 --row-timeout 100 --json "$(rec "layer-order-$o")"
+      done
+      run blocks-profile 90 env NSA_SELECTED_ORDER=block NSA_PROFILE_LOG="$OUT/blocks-profile.log" \
         /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa --lengths 64k \
         --precisions bf16 --passes fwd+bwd --runs 1 --warmup 1 --in-process
+      ;;
+    blocks2)
+      # the projections as one product per weight gradient (NSA_PROJECTION_ROWS=0) against
+      # the default batches of 4096 rows, the dense baseline on the fused kernel, and the
+      # kernel checks with the selected branch by query
+      run blocks-layer-rows0 200 env NSA_PROJECTION_ROWS=0 /tmp/bin/nsa-bench --backend cuda \
+        --suite layer --impls nsa --lengths 16k,64k --precisions bf16 --passes fwd+bwd \
+        --runs 5 --warmup 1 --row-timeout 100 --json "$(rec layer-projection-rows0)"
+      run blocks-layer-full 200 /tmp/bin/nsa-bench --backend cuda --suite layer --impls full \
+        --lengths 4k,16k,64k --precisions bf16 --passes fwd,fwd+bwd --runs 5 --warmup 1 \
+        --row-timeout 100 --json "$(rec layer-full-kernel)"
+      run blocks-check-query 120 env NSA_SELECTED_ORDER=query /tmp/bin/nsa-bench --backend cuda \
+        --suite check --lengths 1k,4k --precisions bf16,f32 --json "$(rec check-order-query)"
       ;;
     layer)
       export CUBECL_AUTOTUNE_LEVEL=minimal
