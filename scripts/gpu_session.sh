@@ -24,6 +24,8 @@
 #           profile)
 #   blocks2 split-K projections against one product, the dense baseline's kernel, the checks
 #           with the selected branch by query
+#   vulkan  wgpu (Vulkan) beside CUDA: layer 16k-128k f32, training step, decode, a 100K-token
+#           prompt (issue 27)
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
 #           (a cold machine compiles and autotunes for minutes before the first row finishes)
 #   evidence-layer  the published layer table and kernel checks, as benchmark records
@@ -83,10 +85,13 @@ run() { # name, timeout, command...
 # The reference fixture checkpoint on the three backends: logits compared with `compare`, then
 # greedy and seeded continuations (the device sampler on CUDA and Vulkan against the host's on
 # the CPU). The fixture has 64 tokens: a small BERT vocabulary (as infer/tests/common/mod.rs).
-fixture_checks() {
+fixture_vocab() {
   { printf '%s\n' '[PAD]' '[UNK]' '[CLS]' '[SEP]' '[MASK]'
     echo "的一是了我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会" |
       python3 -c 'import sys; print("\n".join(sys.stdin.read().strip()))'; } | head -n 60 >/tmp/vocab.txt
+}
+fixture_checks() {
+  fixture_vocab
   run import 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
     --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt --out /tmp/fixture-nsa
   run compare 120 /tmp/bin/nsa-infer compare --model /tmp/fixture-nsa --backends ndarray,cuda,wgpu
@@ -95,6 +100,20 @@ fixture_checks() {
       --prompt "我们来到大地上" --max-new-tokens 120 --greedy --no-echo
     run "sampled-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-nsa --backend "$be" \
       --prompt "我们来到大地上" --max-new-tokens 120 --seed 7 --no-echo
+  done
+}
+
+# A 100K-token prompt of the fixture model (imported with a 131,072-token context) on wgpu and
+# CUDA: time to first token and the decode speed after it, as `generate` prints them.
+fixture_long() {
+  fixture_vocab
+  run import-long 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
+    --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt \
+    --max-seq-len 131072 --out /tmp/fixture-long
+  python3 -c 'import random; v=open("/tmp/vocab.txt").read().split()[5:]; random.seed(1); print("".join(random.choice(v) for _ in range(100000)))' >/tmp/prompt-100k.txt
+  for be in wgpu cuda; do
+    run "long-$be" 150 /tmp/bin/nsa-infer generate --model /tmp/fixture-long --backend "$be" \
+      --max-new-tokens 64 --greedy --no-echo </tmp/prompt-100k.txt
   done
 }
 
@@ -302,6 +321,25 @@ for phase in "$@"; do
         --row-timeout 100 --json "$(rec layer-full-kernel)"
       run blocks-check-query 120 env NSA_SELECTED_ORDER=query /tmp/bin/nsa-bench --backend cuda \
         --suite check --lengths 1k,4k --precisions bf16,f32 --json "$(rec check-order-query)"
+      ;;
+    vulkan)
+      # issue 27: wgpu (Vulkan on the NVIDIA card) beside CUDA in the same call: the adapter's
+      # limits, the layer at 64k and 128k (launch sizes past 65,535 groups), the training step,
+      # decode, and a 100K-token prompt of the fixture model
+      run devices 60 /tmp/bin/nsa-infer devices
+      for be in wgpu cuda; do
+        run "vk-layer-$be" 200 /tmp/bin/nsa-bench --backend $be --suite layer --impls nsa \
+          --lengths 16k,64k,128k --precisions f32 --passes fwd,fwd+bwd --runs 3 --warmup 1 \
+          --row-timeout 120 --json "$(rec "layer-f32-$be")"
+      done
+      for be in wgpu cuda; do
+        run "vk-train-$be" 150 /tmp/bin/nsa-bench --backend $be --suite train \
+          --train-shapes 256x16,4096x1 --train-precisions f32 --runs 5 --warmup 2 \
+          --json "$(rec "train-$be")"
+        run "vk-decode-$be" 120 /tmp/bin/nsa-bench --suite decode --backend $be \
+          --json "$(rec "decode-$be")"
+      done
+      fixture_long
       ;;
     layer)
       export CUBECL_AUTOTUNE_LEVEL=minimal

@@ -118,6 +118,11 @@ pub struct DeviceArgs {
     /// logits then match the CPU to ~1e-5 instead of ~2e-3, decoding is slower).
     #[arg(long)]
     pub exact_matmul: bool,
+    /// Treat the device as refusing any single buffer above N MiB, as many Vulkan drivers and
+    /// Apple's Metal do at 128-256 MiB whatever the free memory (on wgpu the device is set up
+    /// to refuse them): shows that a command stays within such a limit on any machine.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub max_buffer_mib: Option<u64>,
 }
 
 #[derive(Args, Debug)]

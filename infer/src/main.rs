@@ -17,13 +17,21 @@ use nsa_model::kernels::KernelOptions;
 use nsa_model::TransformerConfig;
 use nsa_runtime::backend::{self, BackendChoice, BackendKind, DeviceRequest, Precision};
 use nsa_runtime::bundle::{self, Bundle};
+use nsa_runtime::failure::PanicHook;
 use nsa_runtime::kernel_cache::{self, Workload};
 use nsa_runtime::reference::{self, ReferenceArgs, ARGS_FILE};
 use nsa_runtime::tokenizer::Tokenizer;
 
+/// The panic hook, told the chosen device's buffer limit by [`select`].
+static PANIC_HOOK: std::sync::OnceLock<PanicHook> = std::sync::OnceLock::new();
+
 fn main() {
     let started = Instant::now();
-    nsa_runtime::failure::install_panic_hook("nsa-infer", nsa_runtime::failure::INFER_MEMORY_HINT);
+    let hook = nsa_runtime::failure::install_panic_hook(
+        "nsa-infer",
+        nsa_runtime::failure::INFER_MEMORY_HINT,
+    );
+    let _ = PANIC_HOOK.set(hook);
     nsa_runtime::backend::quiet_headless_probe();
     // argument errors: clap's whole message (usage, tips, --help pointer), exit 2
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
@@ -42,7 +50,11 @@ fn select(args: &DeviceArgs) -> Result<(BackendChoice, KernelOptions)> {
     let choice = backend::select(DeviceRequest {
         kind: args.backend,
         index: args.device,
-    })?;
+    })?
+    .limit_buffers(args.max_buffer_mib.map(|m| m << 20));
+    if let Some(hook) = PANIC_HOOK.get() {
+        hook.set_buffer_limit(choice.max_tensor_bytes);
+    }
     eprintln!(
         "backend: {} {} ({}), {}",
         choice.kind, choice.index, choice.device_name, choice.reason
@@ -483,6 +495,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             device: None,
             precision: Precision::F32,
             exact_matmul: !args.tf32,
+            max_buffer_mib: None,
         })?;
         let job = LogitsJob {
             config: b.config.clone(),
@@ -704,10 +717,15 @@ fn devices() {
     }
     match backend::probe_wgpu() {
         Ok(a) => a.iter().enumerate().for_each(|(i, a)| {
+            let l = &a.limits;
             println!(
-                "wgpu {i}: {}{}",
+                "wgpu {i}: {}{} (largest buffer {}, storage binding {}, {} workgroups per \
+                 dimension)",
                 a.name,
-                if a.software { " [software]" } else { "" }
+                if a.software { " [software]" } else { "" },
+                backend::mib(l.max_buffer),
+                backend::mib(l.max_binding),
+                l.max_groups
             )
         }),
         Err(e) => println!("wgpu: unavailable ({e})"),

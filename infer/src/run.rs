@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
+use nsa_model::head_loss::logits_budget;
 use nsa_model::interop::StateDict;
 use nsa_model::kernels::KernelOptions;
 use nsa_model::{LayerSelection, Sampling, SplitMix64, Transformer, TransformerConfig};
@@ -127,7 +127,7 @@ pub struct ScoreReport {
 impl OnBackend for ScoreJob {
     type Output = Result<ScoreReport>;
 
-    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Result<ScoreReport> {
+    fn run<B: Backend>(self, device: B::Device, choice: &BackendChoice) -> Result<ScoreReport> {
         let t0 = Instant::now();
         let model = model::<B>(&self.config, Some(self.weights), self.options, &device)?;
         let n = self.tokens.len();
@@ -154,11 +154,9 @@ impl OnBackend for ScoreJob {
                 .flat_map(|&s| self.tokens[s..s + len].iter().map(|&t| t as i64))
                 .collect();
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), &device);
-            let logits = model.forward(ids.clone().narrow(1, 0, len - 1));
-            let v = self.config.num_tokens;
-            let logp = log_softmax(logits.reshape([b * (len - 1), v]), 1);
-            let targets = ids.narrow(1, 1, len - 1).reshape([b * (len - 1), 1]);
-            let picked = logp.gather(1, targets);
+            // the logits a chunk of tokens at a time, within the device's buffer limit
+            let budget = logits_budget(choice.max_tensor_bytes);
+            let picked = model.next_token_log_probs(ids, budget);
             if self.per_token {
                 let values = picked
                     .clone()

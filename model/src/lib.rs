@@ -16,6 +16,7 @@ pub mod config;
 pub mod full;
 pub mod gates;
 pub mod generate;
+pub mod head_loss;
 pub mod inspect;
 pub mod interop;
 pub mod norm;

@@ -9,6 +9,7 @@ use burn::tensor::activation::log_softmax;
 use crate::cache::{Cache, LayerCache};
 use crate::config::{AttentionKind, ConfigError, TransformerConfig};
 use crate::full::FullAttention;
+use crate::head_loss;
 use crate::kernels::{FeedForwardParams, KernelOptions, Kernels, Projection};
 use crate::norm::RmsNorm;
 use crate::nsa::SparseAttention;
@@ -307,6 +308,47 @@ impl<B: Backend> Transformer<B> {
         let inputs = ids.clone().narrow(1, 0, n1 - 1);
         let targets = ids.narrow(1, 1, n1 - 1);
         cross_entropy(self.forward(inputs), targets).reshape([1])
+    }
+
+    /// [`Transformer::loss`] with the logits computed a chunk of tokens at a time, no chunk
+    /// of `[tokens, num_tokens]` logits larger than `max_logits_bytes` (see [`head_loss`]):
+    /// equal value and gradients, bounded memory, and within a device's limit for one buffer.
+    pub fn chunked_loss(&self, ids: Tensor<B, 2, Int>, max_logits_bytes: u64) -> Tensor<B, 1> {
+        let (h, targets) = self.next_token_rows(ids);
+        let chunk = self.logits_chunk(h.dims()[0], max_logits_bytes);
+        let bias = self.to_logits.bias.as_ref().map(|b| b.val());
+        head_loss::linear_cross_entropy(h, self.to_logits.weight.val(), bias, targets, chunk)
+    }
+
+    /// Natural log-probabilities `[batch * seq]` of the next tokens of `ids` `[batch, seq + 1]`
+    /// (row-major: window by window), the logits chunked as in [`Transformer::chunked_loss`].
+    pub fn next_token_log_probs(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        max_logits_bytes: u64,
+    ) -> Tensor<B, 1> {
+        let (h, targets) = self.next_token_rows(ids);
+        let chunk = self.logits_chunk(h.dims()[0], max_logits_bytes);
+        let bias = self.to_logits.bias.as_ref().map(|b| b.val());
+        head_loss::target_log_probs(h, self.to_logits.weight.val(), bias, targets, chunk)
+    }
+
+    /// The final hidden rows `[batch * seq, dim]` of `ids[:, :-1]` and their targets
+    /// `ids[:, 1:]` flattened to `[batch * seq]`.
+    fn next_token_rows(&self, ids: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
+        let [b, n1] = ids.dims();
+        let n = n1 - 1;
+        let inputs = ids.clone().narrow(1, 0, n);
+        let targets = ids.narrow(1, 1, n).reshape([b * n]);
+        let h = self.hidden(inputs);
+        let dim = h.dims()[2];
+        (h.reshape([b * n, dim]), targets)
+    }
+
+    /// Rows per chunk of logits for `rows` rows within `max_logits_bytes`.
+    fn logits_chunk(&self, rows: usize, max_logits_bytes: u64) -> usize {
+        let elem = core::mem::size_of::<B::FloatElem>();
+        head_loss::chunk_rows(rows, self.config.num_tokens, elem, max_logits_bytes)
     }
 }
 

@@ -12,6 +12,10 @@
 //! write leaves the previous files intact.
 
 use std::panic::PanicHookInfo;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::backend::mib;
 
 /// Exit code after the device ran out of memory.
 pub const EXIT_OUT_OF_MEMORY: i32 = 3;
@@ -42,12 +46,27 @@ pub fn is_out_of_memory(message: &str) -> bool {
     OUT_OF_MEMORY_MARKERS.iter().any(|m| lower.contains(m))
 }
 
+/// The size CubeCL's "can't allocate buffer of size: N" names, if the message has it.
+pub fn refused_buffer(message: &str) -> Option<u64> {
+    let lower = message.to_lowercase();
+    let rest = &lower[lower.find("can't allocate buffer of size")?..];
+    let digits: String = rest
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
 /// The one line printed for a panic with `message` at `location` in `tool`, and the exit code.
+/// `buffer_limit` is the device's largest single buffer when known: an allocation above it is
+/// reported as such, not as a lack of memory.
 pub fn describe_panic(
     tool: &str,
     message: &str,
     location: Option<&str>,
     memory_hint: &str,
+    buffer_limit: Option<u64>,
 ) -> (String, i32) {
     // the first non-empty line: CubeCL's errors continue with a backtrace
     let first = message
@@ -55,7 +74,20 @@ pub fn describe_panic(
         .map(str::trim)
         .find(|l| !l.is_empty())
         .unwrap_or("(no message)");
-    if is_out_of_memory(message) {
+    let over_limit = refused_buffer(message)
+        .zip(buffer_limit)
+        .filter(|&(size, limit)| size > limit);
+    if let Some((size, limit)) = over_limit {
+        (
+            format!(
+                "error: a {} buffer exceeds this device's {} limit for one buffer (the \
+                 device has not run out of memory); {memory_hint}",
+                mib(size),
+                mib(limit)
+            ),
+            EXIT_OUT_OF_MEMORY,
+        )
+    } else if is_out_of_memory(message) {
         (
             format!("error: the device ran out of memory ({first}); {memory_hint}"),
             EXIT_OUT_OF_MEMORY,
@@ -103,11 +135,33 @@ fn payload_text(info: &PanicHookInfo<'_>) -> String {
     }
 }
 
+/// The installed hook's view of the device: tell it the device's largest single buffer once
+/// the device is chosen ([`PanicHook::set_buffer_limit`]).
+#[derive(Debug, Clone, Default)]
+pub struct PanicHook {
+    /// The limit in bytes; 0 = unknown.
+    buffer_limit: Arc<AtomicU64>,
+}
+
+impl PanicHook {
+    /// Records the device's largest single buffer (`None`: no such limit).
+    pub fn set_buffer_limit(&self, bytes: Option<u64>) {
+        self.buffer_limit
+            .store(bytes.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn buffer_limit(&self) -> Option<u64> {
+        Some(self.buffer_limit.load(Ordering::Relaxed)).filter(|&b| b > 0)
+    }
+}
+
 /// Installs the hook for the binary `tool`. With `RUST_BACKTRACE` set, Rust's default report
 /// is printed first (for bug reports).
-pub fn install_panic_hook(tool: &'static str, memory_hint: &'static str) {
+pub fn install_panic_hook(tool: &'static str, memory_hint: &'static str) -> PanicHook {
     let default = std::panic::take_hook();
     let verbose = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+    let hook = PanicHook::default();
+    let device = hook.clone();
     std::panic::set_hook(Box::new(move |info| {
         if verbose {
             default(info);
@@ -116,10 +170,35 @@ pub fn install_panic_hook(tool: &'static str, memory_hint: &'static str) {
         let location = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()));
-        let (line, code) = describe_panic(tool, &message, location.as_deref(), memory_hint);
+        let (line, code) = describe_panic(
+            tool,
+            &message,
+            location.as_deref(),
+            memory_hint,
+            device.buffer_limit(),
+        );
         eprintln!("{line}");
-        std::process::exit(code);
+        exit_now(code);
     }));
+    hook
+}
+
+/// Ends the process from inside the panic hook. Often the panic is on a device thread (CubeCL's
+/// server): `std::process::exit` would run the atexit handlers there, and a driver's handler
+/// that touches already destroyed thread-local state panics again inside the hook, which
+/// aborts with SIGABRT instead of `code`. `_exit` ends the process without them (saved files
+/// are complete: they are written to a temporary name and renamed).
+fn exit_now(code: i32) -> ! {
+    #[cfg(unix)]
+    {
+        extern "C" {
+            fn _exit(status: i32) -> !;
+        }
+        // SAFETY: `_exit` takes any status and does not return
+        unsafe { _exit(code) }
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
 }
 
 #[cfg(test)]
@@ -155,7 +234,7 @@ mod tests {
         // the panic text of CubeCL's CUDA storage when cuMemAlloc fails
         let msg = "called `Result::unwrap()` on an `Err` value: can't allocate buffer of size: \
                    85899345920\nbacktrace:\n   0: cubecl_runtime::memory_management";
-        let (line, code) = describe_panic("nsa-train", msg, None, TRAIN_MEMORY_HINT);
+        let (line, code) = describe_panic("nsa-train", msg, None, TRAIN_MEMORY_HINT, None);
         assert_eq!(code, EXIT_OUT_OF_MEMORY);
         assert!(
             line.starts_with("error: the device ran out of memory"),
@@ -170,6 +249,33 @@ mod tests {
     }
 
     #[test]
+    fn a_buffer_over_the_device_limit_is_not_called_out_of_memory() {
+        let msg = "called `Result::unwrap()` on an `Err` value: can't allocate buffer of size: \
+                   173080576\nbacktrace:\n   0: cubecl_runtime::memory_management";
+        assert_eq!(refused_buffer(msg), Some(173_080_576));
+        let (line, code) = describe_panic("nsa-train", msg, None, TRAIN_MEMORY_HINT, Some(1 << 27));
+        assert_eq!(code, EXIT_OUT_OF_MEMORY);
+        assert!(
+            line.starts_with(
+                "error: a 165 MiB buffer exceeds this device's 128 MiB limit for one buffer"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("--batch-size") && !line.contains("ran out of memory"),
+            "{line}"
+        );
+        // within the limit (or no limit known): the device ran out of memory
+        for limit in [Some(1 << 30), None] {
+            let (line, _) = describe_panic("nsa-train", msg, None, TRAIN_MEMORY_HINT, limit);
+            assert!(
+                line.starts_with("error: the device ran out of memory"),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
     fn wgpu_and_launch_errors_are_memory_errors() {
         for msg in [
             "An out-of-memory error happened during launch\nCaused by:\n  x",
@@ -177,7 +283,7 @@ mod tests {
             "OutOfMemory { reason: \"\" }",
         ] {
             assert!(is_out_of_memory(msg), "{msg}");
-            let (line, code) = describe_panic("nsa-infer", msg, None, INFER_MEMORY_HINT);
+            let (line, code) = describe_panic("nsa-infer", msg, None, INFER_MEMORY_HINT, None);
             assert_eq!(code, EXIT_OUT_OF_MEMORY);
             assert!(line.contains("--max-new-tokens"), "{line}");
         }
@@ -190,6 +296,7 @@ mod tests {
             "index out of bounds: the len is 3 but the index is 7\nmore",
             Some("model/src/x.rs:10"),
             INFER_MEMORY_HINT,
+            Some(1 << 27),
         );
         assert_eq!(code, EXIT_INTERNAL);
         assert!(!is_out_of_memory("index out of bounds"));

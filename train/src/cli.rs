@@ -125,6 +125,11 @@ pub struct Cli {
     /// Stop with a checkpoint after this step (continue later with --resume)
     #[arg(long, value_name = "STEP")]
     pub stop_at: Option<u64>,
+    /// Treat the device as refusing any single buffer above N MiB, as many Vulkan drivers and
+    /// Apple's Metal do at 128-256 MiB whatever the free memory (on wgpu the device is set up
+    /// to refuse them): shows that a run stays within such a limit on any machine
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub max_buffer_mib: Option<u64>,
     /// Print the resolved configuration as TOML and exit
     #[arg(long)]
     pub print_config: bool,

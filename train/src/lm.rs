@@ -9,6 +9,8 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::train::metric::{Adaptor, LossInput};
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
+use nsa_model::head_loss::logits_budget;
+pub use nsa_model::head_loss::DEFAULT_LOGITS_BYTES;
 use nsa_model::Transformer;
 
 use crate::metrics::{GradNormInput, PerplexityInput, ThroughputInput};
@@ -20,6 +22,9 @@ pub struct LanguageModel<B: Backend> {
     pub transformer: Transformer<B>,
     /// Maximum global L2 norm of the gradient (0 = no clipping); not part of the record.
     pub grad_clip: f64,
+    /// The largest chunk of `[tokens, vocabulary]` logits, in bytes
+    /// ([`LanguageModel::with_logits_budget`]); not part of the record.
+    pub max_logits_bytes: u64,
 }
 
 impl<B: Backend> LanguageModel<B> {
@@ -28,7 +33,15 @@ impl<B: Backend> LanguageModel<B> {
         Self {
             transformer,
             grad_clip,
+            max_logits_bytes: DEFAULT_LOGITS_BYTES,
         }
+    }
+
+    /// Chunks the logits to at most `bytes` (a device's limit for one buffer) when that is
+    /// below the default of [`DEFAULT_LOGITS_BYTES`].
+    pub fn with_logits_budget(mut self, bytes: Option<u64>) -> Self {
+        self.max_logits_bytes = logits_budget(bytes);
+        self
     }
 }
 
@@ -125,29 +138,15 @@ impl<B: Backend> Adaptor<GradNormInput> for LmOutput<B> {
     }
 }
 
-/// Mean next-token cross-entropy of `ids` `[batch, seq + 1]`: the value of
-/// [`Transformer::loss`], computed as `logsumexp(logits) − logit(target)` with the target logit
-/// taken from the output weights (`h · W[:, target]`). This avoids the log-softmax and the
-/// gather (whose backward scatters into a zero tensor) over `[tokens, vocabulary]`, about a
-/// third of the cost of the loss on the CPU. Falls back to [`Transformer::loss`] if the output
-/// layer has a bias.
-pub fn lm_loss<B: Backend>(transformer: &Transformer<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    if transformer.to_logits.bias.is_some() {
-        return transformer.loss(ids);
-    }
-    let [b, n1] = ids.dims();
-    let n = n1 - 1;
-    let inputs = ids.clone().narrow(1, 0, n);
-    let targets = ids.narrow(1, 1, n).reshape([b * n]);
-    let hidden = transformer.hidden(inputs);
-    let dim = hidden.dims()[2];
-    let h = hidden.reshape([b * n, dim]);
-    let w = transformer.to_logits.weight.val(); // [dim, vocab]
-    let logits = h.clone().matmul(w.clone());
-    let max = logits.clone().detach().max_dim(1);
-    let lse = (logits - max.clone()).exp().sum_dim(1).log() + max;
-    let target = (h * w.transpose().select(0, targets)).sum_dim(1);
-    (lse - target).mean()
+/// Mean next-token cross-entropy of `ids` `[batch, seq + 1]`: the value and gradients of
+/// [`Transformer::loss`], with the logits computed a chunk of tokens at a time, no chunk larger
+/// than `max_logits_bytes` ([`Transformer::chunked_loss`]).
+pub fn lm_loss<B: Backend>(
+    transformer: &Transformer<B>,
+    ids: Tensor<B, 2, Int>,
+    max_logits_bytes: u64,
+) -> Tensor<B, 1> {
+    transformer.chunked_loss(ids, max_logits_bytes)
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -173,7 +172,7 @@ impl<B: AutodiffBackend> LanguageModel<B> {
         let mut losses = Vec::with_capacity(micro);
         for i in 0..micro {
             let ids = batch.ids.clone().narrow(0, i * per, per);
-            let loss = lm_loss(&self.transformer, ids);
+            let loss = lm_loss(&self.transformer, ids, self.max_logits_bytes);
             losses.push(loss.clone().inner());
             let scaled = if micro > 1 {
                 loss.div_scalar(micro as f64)
@@ -238,7 +237,7 @@ impl<B: Backend> InferenceStep for LanguageModel<B> {
     fn step(&self, batch: TokenBatch<B>) -> LmOutput<B> {
         let [rows, width] = batch.ids.dims();
         let shard = batch.shard;
-        let loss = lm_loss(&self.transformer, batch.ids);
+        let loss = lm_loss(&self.transformer, batch.ids, self.max_logits_bytes);
         let loss_value = scalar(loss.clone());
         LmOutput {
             loss,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Parser;
 use nsa_runtime::backend::DeviceRequest;
+use nsa_runtime::failure::PanicHook;
 use nsa_runtime::kernel_cache::{self, Workload};
 use nsa_train::cli::Cli;
 use nsa_train::config::{Overrides, TrainConfig};
@@ -69,7 +70,7 @@ fn check_resume_recipe(cli: &Cli, overrides: &Overrides, out: &Path) -> anyhow::
     Ok(())
 }
 
-fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+fn real_main(cli: Cli, panic_hook: PanicHook) -> anyhow::Result<ExitCode> {
     let overrides = cli.overrides();
     let preset_name = cli.preset.unwrap_or_default();
     let out = cli
@@ -111,6 +112,8 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         cache_dir: cli.cache_dir,
         interrupter: Default::default(),
         kernels: nsa_runtime::environment::kernel_options(std::env::vars_os())?,
+        max_buffer_bytes: cli.max_buffer_mib.map(|m| m << 20),
+        panic_hook,
     };
     let interrupter = options.interrupter.clone();
     let signals = Arc::new(AtomicUsize::new(0));
@@ -145,7 +148,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    nsa_runtime::failure::install_panic_hook("nsa-train", nsa_runtime::failure::TRAIN_MEMORY_HINT);
+    let panic_hook = nsa_runtime::failure::install_panic_hook(
+        "nsa-train",
+        nsa_runtime::failure::TRAIN_MEMORY_HINT,
+    );
     nsa_runtime::backend::quiet_headless_probe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -159,7 +165,7 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
-    match real_main(cli) {
+    match real_main(cli, panic_hook) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("{}", nsa_runtime::failure::error_line(e.chain()));

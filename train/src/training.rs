@@ -169,6 +169,10 @@ pub struct RunOptions {
     pub interrupter: Interrupter,
     /// How the model runs (fused kernels, tensor cores); the binary maps the `NSA_*` switches.
     pub kernels: nsa_model::kernels::KernelOptions,
+    /// The largest single buffer forced below the device's (`--max-buffer-mib`, for testing).
+    pub max_buffer_bytes: Option<u64>,
+    /// The binary's panic hook, told the device's buffer limit once the device is chosen.
+    pub panic_hook: nsa_runtime::failure::PanicHook,
 }
 
 impl RunOptions {
@@ -184,6 +188,8 @@ impl RunOptions {
             cache_dir: None,
             interrupter: Interrupter::new(),
             kernels: Default::default(),
+            max_buffer_bytes: None,
+            panic_hook: Default::default(),
         }
     }
 }
@@ -250,7 +256,8 @@ pub fn run(options: RunOptions) -> Result<RunSummary, TrainError> {
         saved_steps,
     } = resolve_config(&options)?;
     // the backend first: an unavailable one is refused before any work
-    let choice = choose_backend(&options, &config)?;
+    let choice = choose_backend(&options, &config)?.limit_buffers(options.max_buffer_bytes);
+    options.panic_hook.set_buffer_limit(choice.max_tensor_bytes);
 
     let dashboard =
         options.ui == UiMode::Auto && cfg!(feature = "tui") && std::io::stdout().is_terminal();
@@ -423,7 +430,11 @@ struct TrainWork(Prepared);
 impl OnAutodiffBackend for TrainWork {
     type Output = Result<FitOutcome, TrainError>;
 
-    fn run<B: AutodiffBackend>(self, devices: Vec<B::Device>, _: &BackendChoice) -> Self::Output {
+    fn run<B: AutodiffBackend>(
+        self,
+        devices: Vec<B::Device>,
+        choice: &BackendChoice,
+    ) -> Self::Output {
         let p = self.0;
         let device = devices[0].clone();
         let config = &p.config;
@@ -441,7 +452,8 @@ impl OnAutodiffBackend for TrainWork {
                 })?
                 .with_kernel_options(p.kernels)
         };
-        let model = LanguageModel::new(transformer, config.optim.grad_clip);
+        let model = LanguageModel::new(transformer, config.optim.grad_clip)
+            .with_logits_budget(choice.max_tensor_bytes);
         let o = &config.optim;
         let optim: Optim<B> = AdamWConfig::new()
             .with_beta_1(o.beta1 as f32)

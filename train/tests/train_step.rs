@@ -142,33 +142,42 @@ fn a_non_finite_loss_drops_the_step() {
     assert!(grads.is_empty(), "no gradient may reach the optimizer");
 }
 
+/// The training loss (logits chunked over the tokens, gradients formed chunk by chunk) has the
+/// value and gradients of the model's whole-logits loss, at the default budget and at budgets
+/// of 1 and 7 rows (7 does not divide the 128 rows).
 #[test]
 fn the_training_loss_is_the_models_loss() {
     let model = model(0.0);
     let ids = batch(4, 1).ids;
     let reference = model.transformer.loss(ids.clone());
-    let fast = lm_loss(&model.transformer, ids);
-    let (a, b) = (
-        reference.clone().into_scalar() as f64,
-        fast.clone().into_scalar() as f64,
-    );
-    assert!((a - b).abs() < 1e-5 * a, "{a} {b}");
-    // and so are the gradients
+    let a = reference.clone().into_scalar() as f64;
+    assert!(a.is_finite());
     let g1 = GradientsParams::from_grads(reference.backward(), &model);
-    let g2 = GradientsParams::from_grads(fast.backward(), &model);
-    let (x, y) = (flat(&model, &g1), flat(&model, &g2));
-    assert_eq!(x.len(), y.len());
-    let mut max = 0f32;
-    for (p, q) in x.iter().zip(&y) {
-        for (u, v) in p.iter().zip(q) {
-            let d = (u - v).abs();
-            // a NaN stays the largest difference
-            if d.is_nan() || d > max {
-                max = d;
+    let x = flat(&model, &g1);
+    let row = (model.transformer.config.num_tokens * 4) as u64;
+    for budget in [nsa_train::lm::DEFAULT_LOGITS_BYTES, row, 7 * row] {
+        let fast = lm_loss(&model.transformer, ids.clone(), budget);
+        let b = fast.clone().into_scalar() as f64;
+        assert!((a - b).abs() < 1e-5 * a, "{a} {b} (budget {budget})");
+        let g2 = GradientsParams::from_grads(fast.backward(), &model);
+        let y = flat(&model, &g2);
+        assert_eq!(x.len(), y.len());
+        let mut max = 0f32;
+        for (p, q) in x.iter().zip(&y) {
+            assert_eq!(p.len(), q.len());
+            for (u, v) in p.iter().zip(q) {
+                let d = (u - v).abs();
+                // a NaN stays the largest difference
+                if d.is_nan() || d > max {
+                    max = d;
+                }
             }
         }
+        assert!(
+            max < 1e-5,
+            "largest gradient difference {max} (budget {budget})"
+        );
     }
-    assert!(max < 1e-5, "largest gradient difference {max}");
 }
 
 /// Burn's multi-device train step with two replicas on the CPU device: the averaged,

@@ -33,7 +33,19 @@ pub trait OnAutodiffBackend {
 
 #[cfg(feature = "wgpu")]
 fn wgpu_device(choice: &BackendChoice) -> burn::backend::wgpu::WgpuDevice {
-    wgpu_device_at(choice.index)
+    limited(wgpu_device_at(choice.index), choice)
+}
+
+/// `device`, its memory pools capped first when the choice forces a buffer limit.
+#[cfg(feature = "wgpu")]
+fn limited(
+    device: burn::backend::wgpu::WgpuDevice,
+    choice: &BackendChoice,
+) -> burn::backend::wgpu::WgpuDevice {
+    if let Some(limit) = choice.forced_buffer_limit {
+        super::limits::init_wgpu_limited(&device, limit);
+    }
+    device
 }
 
 #[cfg(feature = "wgpu")]
@@ -154,7 +166,10 @@ pub fn dispatch_autodiff<W: OnAutodiffBackend>(
         #[cfg(feature = "wgpu")]
         BackendKind::Wgpu => {
             use burn::backend::wgpu::Wgpu;
-            let devices = indices.iter().map(|&i| wgpu_device_at(i)).collect();
+            let devices = indices
+                .iter()
+                .map(|&i| limited(wgpu_device_at(i), choice))
+                .collect();
             Ok(work.run::<Autodiff<Wgpu<f32>>>(devices, choice))
         }
         #[cfg(feature = "ndarray")]

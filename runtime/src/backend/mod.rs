@@ -18,12 +18,16 @@ use std::fmt;
 use std::str::FromStr;
 
 mod dispatch;
+mod limits;
 mod probe;
 
 pub use dispatch::{dispatch, register_kernels, OnBackend};
 #[cfg(feature = "autodiff")]
 pub use dispatch::{dispatch_autodiff, OnAutodiffBackend};
-pub use probe::{probe_cuda, probe_wgpu, quiet_headless_probe, Adapter, AdapterSlot};
+pub use limits::mib;
+pub use probe::{
+    probe_cuda, probe_wgpu, quiet_headless_probe, Adapter, AdapterLimits, AdapterSlot,
+};
 
 /// The backend names every help text lists, in this order.
 pub const BACKEND_NAMES: &str = "auto, cuda, wgpu, cpu or ndarray";
@@ -210,6 +214,24 @@ pub struct BackendChoice {
     /// just `[index]` otherwise. On the CPU backends an index may repeat: replicas of the
     /// model on the one CPU device (the data-parallel path without a speed-up, for testing).
     pub devices: Vec<usize>,
+    /// The largest single tensor the device allocates, in bytes: a wgpu adapter's storage
+    /// binding limit, or the limit forced by [`BackendChoice::limit_buffers`] when lower;
+    /// `None` where only the device memory bounds it (CUDA, the CPU).
+    pub max_tensor_bytes: Option<u64>,
+    /// A limit forced below the device's (`--max-buffer-mib`, for testing): on wgpu the
+    /// device's memory pools then refuse larger buffers.
+    pub forced_buffer_limit: Option<u64>,
+}
+
+impl BackendChoice {
+    /// Forces the largest single buffer down to `bytes` (no change for `None`).
+    pub fn limit_buffers(mut self, bytes: Option<u64>) -> Self {
+        if let Some(b) = bytes {
+            self.forced_buffer_limit = Some(b);
+            self.max_tensor_bytes = Some(self.max_tensor_bytes.map_or(b, |m| m.min(b)));
+        }
+        self
+    }
 }
 
 /// What `--device` asked for.
@@ -235,6 +257,8 @@ pub fn select(request: DeviceRequest) -> Result<BackendChoice, BackendError> {
                         device_name: devices[index].clone(),
                         reason: "auto: CUDA device found".into(),
                         devices: vec![index],
+                        max_tensor_bytes: None,
+                        forced_buffer_limit: None,
                     })
                 }
                 Ok(devices) => {
@@ -255,6 +279,8 @@ pub fn select(request: DeviceRequest) -> Result<BackendChoice, BackendError> {
                                 skipped.join("; ")
                             ),
                             devices: vec![index],
+                            max_tensor_bytes: Some(a.limits.max_tensor()),
+                            forced_buffer_limit: None,
                         });
                     }
                     skipped.push(format!(
@@ -276,6 +302,8 @@ pub fn select(request: DeviceRequest) -> Result<BackendChoice, BackendError> {
                     device_name: "CPU".into(),
                     reason: format!("auto: using the CPU ({})", skipped.join("; ")),
                     devices: vec![0],
+                    max_tensor_bytes: None,
+                    forced_buffer_limit: None,
                 })
             } else {
                 Err(BackendError::Unavailable {
@@ -300,6 +328,8 @@ pub fn select(request: DeviceRequest) -> Result<BackendChoice, BackendError> {
                 device_name: name.clone(),
                 reason: "requested".into(),
                 devices: vec![index],
+                max_tensor_bytes: None,
+                forced_buffer_limit: None,
             })
         }
         BackendKind::Wgpu => {
@@ -318,6 +348,8 @@ pub fn select(request: DeviceRequest) -> Result<BackendChoice, BackendError> {
                 device_name: a.name.clone(),
                 reason: "requested".into(),
                 devices: vec![index],
+                max_tensor_bytes: Some(a.limits.max_tensor()),
+                forced_buffer_limit: None,
             })
         }
         kind @ (BackendKind::Ndarray | BackendKind::Flex) => {
@@ -337,6 +369,8 @@ pub fn select(request: DeviceRequest) -> Result<BackendChoice, BackendError> {
                 device_name: "CPU".into(),
                 reason: "requested".into(),
                 devices: vec![0],
+                max_tensor_bytes: None,
+                forced_buffer_limit: None,
             })
         }
     }

@@ -84,6 +84,26 @@ pub struct Adapter {
     pub software: bool,
     /// Kind used to address it (`DiscreteGpu(n)`, ...).
     pub slot: AdapterSlot,
+    /// The adapter's limits (CubeCL requests the largest the adapter allows).
+    pub limits: AdapterLimits,
+}
+
+/// What one wgpu adapter allows, as reported when it is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdapterLimits {
+    /// Largest buffer, in bytes.
+    pub max_buffer: u64,
+    /// Largest storage buffer a kernel may bind, in bytes: the largest tensor CubeCL allocates.
+    pub max_binding: u64,
+    /// Workgroups per dimension of one dispatch.
+    pub max_groups: u32,
+}
+
+impl AdapterLimits {
+    /// The largest single tensor, in bytes.
+    pub fn max_tensor(&self) -> u64 {
+        self.max_buffer.min(self.max_binding)
+    }
 }
 
 /// How cubecl addresses an adapter.
@@ -145,10 +165,16 @@ pub fn probe_wgpu() -> Result<Vec<Adapter>, String> {
                     wgpu::DeviceType::VirtualGpu => AdapterSlot::Virtual(take(2)),
                     wgpu::DeviceType::Cpu | wgpu::DeviceType::Other => AdapterSlot::Cpu,
                 };
+                let l = a.limits();
                 Adapter {
                     name: format!("{} ({:?})", info.name, info.backend),
                     software: slot == AdapterSlot::Cpu,
                     slot,
+                    limits: AdapterLimits {
+                        max_buffer: l.max_buffer_size,
+                        max_binding: l.max_storage_buffer_binding_size,
+                        max_groups: l.max_compute_workgroups_per_dimension,
+                    },
                 }
             })
             .collect();
