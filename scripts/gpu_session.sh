@@ -327,11 +327,10 @@ for phase in "$@"; do
       # limits, the layer at 64k and 128k (launch sizes past 65,535 groups), the training step,
       # decode, and a 100K-token prompt of the fixture model
       run devices 60 /tmp/bin/nsa-infer devices
-      for be in wgpu cuda; do
-        run "vk-layer-$be" 200 /tmp/bin/nsa-bench --backend $be --suite layer --impls nsa \
-          --lengths 16k,64k,128k --precisions f32 --passes fwd,fwd+bwd --runs 3 --warmup 1 \
-          --row-timeout 120 --json "$(rec "layer-f32-$be")"
-      done
+      run vk-layer-wgpu 200 /tmp/bin/nsa-bench --backend wgpu --suite layer --impls nsa \
+        --lengths 16k,64k,128k --precisions f32 --passes fwd,fwd+bwd --runs 3 --warmup 1 \
+        --row-timeout 120 --json "$(rec layer-f32-wgpu)"
+      fixture_long
       for be in wgpu cuda; do
         run "vk-train-$be" 150 /tmp/bin/nsa-bench --backend $be --suite train \
           --train-shapes 256x16,4096x1 --train-precisions f32 --runs 5 --warmup 2 \
@@ -339,7 +338,9 @@ for phase in "$@"; do
         run "vk-decode-$be" 120 /tmp/bin/nsa-bench --suite decode --backend $be \
           --json "$(rec "decode-$be")"
       done
-      fixture_long
+      run vk-layer-cuda 120 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa \
+        --lengths 16k,64k,128k --precisions f32 --passes fwd,fwd+bwd --runs 3 --warmup 1 \
+        --row-timeout 60 --json "$(rec layer-f32-cuda)"
       ;;
     layer)
       export CUBECL_AUTOTUNE_LEVEL=minimal
