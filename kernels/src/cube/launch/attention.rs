@@ -298,7 +298,7 @@ pub fn forward<R: CubeRuntime>(
     let dtype = q.dtype;
     let mma = mma_for(&q.client, dtype, Pass::Fwd, p);
     let budget = shared_budget(&q.client);
-    if let Some(t) = super::by_block::chosen(p, budget, mma.map(|m| m.1)) {
+    if let Some(t) = super::by_block::chosen(p, dtype, budget, mma.map(|m| m.1)) {
         let idx = idx.map(into_contiguous);
         return super::by_block::forward(q, k, v, idx, gates, p, t, mma, int_dtype);
     }
@@ -409,7 +409,8 @@ pub fn backward<R: CubeRuntime>(
     }
 
     // dq (and dgates); by key block, the dk/dv kernel writes per-slot partials of dq instead
-    let dq_by_block = super::by_block::dq_by_block(p, gated);
+    let dkdv_mma = mma_for(&client, dtype, Pass::Dkdv, p);
+    let dq_by_block = super::by_block::dq_by_block(p, dtype, gated, dkdv_mma.as_ref().map(|m| m.1));
     let mma = mma_for(&client, dtype, Pass::Dq, p);
     let t = tiling(p, Pass::Dq, budget, mma.map(|m| m.1)).expect("checked by `supported`");
     let tile_elem = mma.map_or(dtype.into(), |m| m.0);
@@ -456,7 +457,7 @@ pub fn backward<R: CubeRuntime>(
     }
 
     // the queries of every key block (selected mode)
-    let mma = mma_for(&client, dtype, Pass::Dkdv, p);
+    let mma = dkdv_mma;
     let t = tiling(p, Pass::Dkdv, budget, mma.map(|m| m.1)).expect("checked by `supported`");
     let tile_elem = mma.map_or(dtype.into(), |m| m.0);
     let nb = p.nk.div_ceil(p.sel.max(1));

@@ -10,10 +10,36 @@ use crate::cube::attention::{self as attn, Tiling, SELECTED};
 use crate::cube::mma::FRAG;
 use crate::options::SelectedOrder;
 
-/// The tiling of the by-block forward for `p`, where the options choose it and the shape
-/// allows it; `None`: run by query.
-pub(super) fn chosen(p: &Problem, budget: usize, mma: Option<usize>) -> Option<Tiling> {
-    if p.mode != SELECTED || p.run.selected_order != SelectedOrder::ByBlock {
+/// Sequence length from which [`SelectedOrder::Auto`] runs half-precision selected attention by
+/// key block. Measured on an H100 (bf16, the issue-21 layer, commit e969256): fwd+bwd 21.1 /
+/// 53.3 / 265 ms by block against 22.1 / 73.9 / 311 ms by query at 4k / 16k / 64k, the forward
+/// alone 9.7 / 23.5 / 108 against 9.0 / 30.5 / 134 ms; by block holds per-slot partials (peak
+/// 1.6 GiB against 0.4 GiB at 4k), so short sequences stay by query.
+pub const AUTO_BLOCK_FROM: usize = 8192;
+
+/// Whether the selected branch of `p` (storage `dtype`) runs by key block: where the options
+/// ask for it, or for [`SelectedOrder::Auto`] with half-precision storage from
+/// [`AUTO_BLOCK_FROM`] positions on (f32 is not timed by block yet).
+pub(super) fn by_block(p: &Problem, dtype: DType) -> bool {
+    p.mode == SELECTED
+        && match p.run.selected_order {
+            SelectedOrder::ByBlock => true,
+            SelectedOrder::ByQuery => false,
+            SelectedOrder::Auto => {
+                matches!(dtype, DType::BF16 | DType::F16) && p.n >= AUTO_BLOCK_FROM
+            }
+        }
+}
+
+/// The tiling of the by-block forward for `p` (storage `dtype`), where [`by_block`] chooses it
+/// and the shape allows it; `None`: run by query.
+pub(super) fn chosen(
+    p: &Problem,
+    dtype: DType,
+    budget: usize,
+    mma: Option<usize>,
+) -> Option<Tiling> {
+    if !by_block(p, dtype) {
         return None;
     }
     tiling(p, budget, mma)
@@ -71,11 +97,19 @@ fn tiling(p: &Problem, budget: usize, mma: Option<usize>) -> Option<Tiling> {
     }
 }
 
-/// Whether the backward of `p` takes dq from the dk/dv kernel's per-slot partials: selected
-/// mode by block, some blocks selected, no gates (the gates' gradients come from the dq
-/// kernel).
-pub(super) fn dq_by_block(p: &Problem, gated: bool) -> bool {
-    p.mode == SELECTED && p.run.selected_order == SelectedOrder::ByBlock && p.count > 0 && !gated
+/// Whether the backward of `p` (storage `dtype`) takes dq from the dk/dv kernel's per-slot
+/// partials: selected mode by block ([`by_block`]), some blocks selected, no gates (the gates'
+/// gradients come from the dq kernel), and not on tf32 fragments (`dkdv_tile_bytes` 4): a
+/// partial `dS · K` sums terms that cancel (each row of `dS` sums to zero over the keys), and
+/// tf32 operands left 1e-2 relative errors in dq against the f32 tensor ops on an H100, where
+/// the query-centric dq kernel (f32 products) stays at 3e-4.
+pub(super) fn dq_by_block(
+    p: &Problem,
+    dtype: DType,
+    gated: bool,
+    dkdv_tile_bytes: Option<usize>,
+) -> bool {
+    by_block(p, dtype) && p.count > 0 && !gated && dkdv_tile_bytes != Some(4)
 }
 
 /// `dq` `[b, h, n, d]`: the sum of the valid slots' partials `dq_part` `[b, h, n, count + 1,
@@ -252,28 +286,46 @@ mod tests {
     fn the_block_order_runs_where_asked_and_the_shape_allows() {
         let budget = 48 * 1024;
         // tensor-core tiles (bf16) of 32 rows: 8 positions × 4 heads
-        let t = chosen(&layer(SelectedOrder::ByBlock), budget, Some(2)).expect("by block");
+        let bf16 = DType::BF16;
+        let block = layer(SelectedOrder::ByBlock);
+        let t = chosen(&block, bf16, budget, Some(2)).expect("by block");
         assert!(t.mma && t.rows() == 32 && t.kc == 64, "{t:?}");
         // scalar tiles within the budget
-        let t = chosen(&layer(SelectedOrder::ByBlock), budget, None).expect("scalar");
+        let t = chosen(&block, DType::F32, budget, None).expect("scalar");
         assert!(!t.mma && t.fwd_shared() + 16 * t.rows() <= budget, "{t:?}");
-        assert!(dq_by_block(&layer(SelectedOrder::ByBlock), false));
+        assert!(dq_by_block(&block, bf16, false, Some(2)));
+        assert!(dq_by_block(&block, DType::F32, false, None));
         // gates: dq (and the gates' gradient) by query; the forward still by block
-        assert!(!dq_by_block(&layer(SelectedOrder::ByBlock), true));
-        for order in [SelectedOrder::Auto, SelectedOrder::ByQuery] {
-            assert!(chosen(&layer(order), budget, Some(2)).is_none());
-            assert!(!dq_by_block(&layer(order), false));
-        }
+        assert!(!dq_by_block(&block, bf16, true, Some(2)));
+        // tf32 fragments: dq by query
+        assert!(!dq_by_block(&block, DType::F32, false, Some(4)));
+        // by query when asked
+        let query = layer(SelectedOrder::ByQuery);
+        assert!(chosen(&query, bf16, budget, Some(2)).is_none());
+        assert!(!dq_by_block(&query, bf16, false, Some(2)));
+        // auto: by block for half precision from AUTO_BLOCK_FROM positions, else by query
+        let auto = layer(SelectedOrder::Auto);
+        assert!(chosen(&auto, bf16, budget, Some(2)).is_some());
+        assert!(chosen(&auto, DType::F16, budget, Some(2)).is_some());
+        assert!(dq_by_block(&auto, bf16, false, Some(2)));
+        assert!(chosen(&auto, DType::F32, budget, Some(4)).is_none());
+        let short = Problem {
+            n: AUTO_BLOCK_FROM / 2,
+            nk: AUTO_BLOCK_FROM / 2,
+            ..layer(SelectedOrder::Auto)
+        };
+        assert!(chosen(&short, bf16, budget, Some(2)).is_none());
+        assert!(!dq_by_block(&short, bf16, false, Some(2)));
         // a selection per query head (not per kv head), blocks over 64 keys: by query
         let per_head = Problem {
             group_heads: 1,
             ..layer(SelectedOrder::ByBlock)
         };
-        assert!(chosen(&per_head, budget, Some(2)).is_none());
+        assert!(chosen(&per_head, bf16, budget, Some(2)).is_none());
         let long = Problem {
             sel: 128,
             ..layer(SelectedOrder::ByBlock)
         };
-        assert!(chosen(&long, budget, Some(2)).is_none());
+        assert!(chosen(&long, bf16, budget, Some(2)).is_none());
     }
 }
