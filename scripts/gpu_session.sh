@@ -22,6 +22,7 @@
 #           and the training steps
 #   blocks  the selected branch by key block against by query (checks, layer beside SDPA,
 #           profile)
+#   recheck the f32 kernel checks by key block
 #   blocks2 split-K projections against one product, the dense baseline's kernel, the checks
 #           with the selected branch by query
 #   vulkan  wgpu (Vulkan) beside CUDA: layer 16k-128k f32, training step, decode, a 100K-token
@@ -308,6 +309,12 @@ for phase in "$@"; do
       run blocks-profile 90 env NSA_SELECTED_ORDER=block NSA_PROFILE_LOG="$OUT/blocks-profile.log" \
         /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa --lengths 64k \
         --precisions bf16 --passes fwd+bwd --runs 1 --warmup 1 --in-process
+      ;;
+    recheck)
+      # the f32 kernel checks with the selected branch by key block (dq by query on tf32
+      # fragments since dfc08f7)
+      run recheck-block 90 env NSA_SELECTED_ORDER=block /tmp/bin/nsa-bench --backend cuda \
+        --suite check --lengths 1k,4k --precisions f32 --json "$(rec check-order-block-f32)"
       ;;
     blocks2)
       # the projections as one product per weight gradient (NSA_PROJECTION_ROWS=0) against

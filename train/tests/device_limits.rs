@@ -13,6 +13,9 @@ use std::process::Command;
 
 const TRAIN: &str = env!("CARGO_BIN_EXE_nsa-train");
 const MIB: u64 = 1 << 20;
+// the logits of one micro-batch of the tiny preset (16 × 128 tokens, 21,128 words, f32) do
+// not fit one buffer of the limit the test sets
+const _: () = assert!(16 * 128 * 21_128 * 4 > 64 * MIB);
 
 /// `nsa-infer`, built beside `nsa-train` by `cargo test --workspace`.
 fn nsa_infer() -> PathBuf {
@@ -141,10 +144,6 @@ fn a_64_mib_buffer_limit_trains_scores_and_generates_on_wgpu() {
     assert!(
         stdout.contains("2 steps of 16 x 1 x 128 tokens"),
         "{stdout}"
-    );
-    assert!(
-        16 * 128 * 21_128 * 4 > 64 * MIB,
-        "the logits must exceed the limit"
     );
     assert!(stdout.contains("step 2/2"), "{stdout}");
     let loss_at = stdout
