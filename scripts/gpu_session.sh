@@ -113,7 +113,7 @@ fixture_long() {
     --max-seq-len 131072 --out /tmp/fixture-long
   python3 -c 'import random; v=open("/tmp/vocab.txt").read().split()[5:]; random.seed(1); print("".join(random.choice(v) for _ in range(100000)))' >/tmp/prompt-100k.txt
   for be in wgpu cuda; do
-    run "long-$be" 150 /tmp/bin/nsa-infer generate --model /tmp/fixture-long --backend "$be" \
+    run "long-$be" 90 /tmp/bin/nsa-infer generate --model /tmp/fixture-long --backend "$be" \
       --max-new-tokens 64 --greedy --no-echo </tmp/prompt-100k.txt
   done
 }
@@ -334,19 +334,19 @@ for phase in "$@"; do
       # limits, the layer at 64k and 128k (launch sizes past 65,535 groups), the training step,
       # decode, and a 100K-token prompt of the fixture model
       run devices 60 /tmp/bin/nsa-infer devices
-      run vk-layer-wgpu 200 /tmp/bin/nsa-bench --backend wgpu --suite layer --impls nsa \
-        --lengths 16k,64k,128k --precisions f32 --passes fwd,fwd+bwd --runs 3 --warmup 1 \
-        --row-timeout 120 --json "$(rec layer-f32-wgpu)"
+      run vk-layer-wgpu 150 /tmp/bin/nsa-bench --backend wgpu --suite layer --impls nsa \
+        --lengths 16k,64k,128k --precisions f32 --passes fwd+bwd --runs 3 --warmup 1 \
+        --row-timeout 100 --json "$(rec layer-f32-wgpu)"
       fixture_long
       for be in wgpu cuda; do
-        run "vk-train-$be" 150 /tmp/bin/nsa-bench --backend $be --suite train \
-          --train-shapes 256x16,4096x1 --train-precisions f32 --runs 5 --warmup 2 \
+        run "vk-train-$be" 100 /tmp/bin/nsa-bench --backend $be --suite train \
+          --train-shapes 256x16,4096x1 --train-precisions f32 --runs 3 --warmup 1 \
           --json "$(rec "train-$be")"
-        run "vk-decode-$be" 120 /tmp/bin/nsa-bench --suite decode --backend $be \
+        run "vk-decode-$be" 60 /tmp/bin/nsa-bench --suite decode --backend $be --runs 3 \
           --json "$(rec "decode-$be")"
       done
-      run vk-layer-cuda 120 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa \
-        --lengths 16k,64k,128k --precisions f32 --passes fwd,fwd+bwd --runs 3 --warmup 1 \
+      run vk-layer-cuda 90 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa \
+        --lengths 16k,64k,128k --precisions f32 --passes fwd+bwd --runs 3 --warmup 1 \
         --row-timeout 60 --json "$(rec layer-f32-cuda)"
       ;;
     layer)
