@@ -22,6 +22,7 @@
 #           and the training steps
 #   blocks  the selected branch by key block against by query (checks, layer beside SDPA,
 #           profile)
+#   vulkan-min  the adapter's limits, the 64k/128k layer and a 100K-token prompt through Vulkan
 #   recheck the f32 kernel checks by key block
 #   blocks2 split-K projections against one product, the dense baseline's kernel, the checks
 #           with the selected branch by query
@@ -309,6 +310,21 @@ for phase in "$@"; do
       run blocks-profile 90 env NSA_SELECTED_ORDER=block NSA_PROFILE_LOG="$OUT/blocks-profile.log" \
         /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa --lengths 64k \
         --precisions bf16 --passes fwd+bwd --runs 1 --warmup 1 --in-process
+      ;;
+    vulkan-min)
+      # the launch-limit evidence alone (a short call): the adapter's limits, the layer at 64k
+      # and 128k through Vulkan, a 100K-token prompt through Vulkan
+      run devices 30 /tmp/bin/nsa-infer devices
+      run vk-layer-wgpu-long 120 /tmp/bin/nsa-bench --backend wgpu --suite layer --impls nsa \
+        --lengths 64k,128k --precisions f32 --passes fwd+bwd --runs 2 --warmup 1 \
+        --row-timeout 55 --json "$(rec layer-f32-wgpu-long)"
+      fixture_vocab
+      run import-long 30 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
+        --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt \
+        --max-seq-len 131072 --out /tmp/fixture-long
+      python3 -c 'import random; v=open("/tmp/vocab.txt").read().split()[5:]; random.seed(1); print("".join(random.choice(v) for _ in range(100000)))' >/tmp/prompt-100k.txt
+      run long-wgpu 60 /tmp/bin/nsa-infer generate --model /tmp/fixture-long --backend wgpu \
+        --max-new-tokens 64 --greedy --no-echo </tmp/prompt-100k.txt
       ;;
     recheck)
       # the f32 kernel checks with the selected branch by key block (dq by query on tf32
