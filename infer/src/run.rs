@@ -142,6 +142,8 @@ impl OnBackend for ScoreJob {
         let mut total = 0.0f64;
         let mut count = 0usize;
         let mut logprobs = vec![0.0f64; if self.per_token { n - 1 } else { 0 }];
+        // the logits a chunk of tokens at a time, within the device's buffer limit
+        let budget = logits_budget(choice.max_tensor_bytes);
         let mut batches: Vec<(Vec<usize>, usize)> = full
             .chunks(self.batch)
             .map(|c| (c.to_vec(), ctx + 1))
@@ -154,8 +156,6 @@ impl OnBackend for ScoreJob {
                 .flat_map(|&s| self.tokens[s..s + len].iter().map(|&t| t as i64))
                 .collect();
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, len]), &device);
-            // the logits a chunk of tokens at a time, within the device's buffer limit
-            let budget = logits_budget(choice.max_tensor_bytes);
             let picked = model.next_token_log_probs(ids, budget);
             if self.per_token {
                 let values = picked

@@ -198,22 +198,21 @@ mod tests {
         let (h, w, b) = leaves();
         let logits = h.clone().matmul(w.clone()) + b.clone().reshape([1, v]);
         let want = cross_entropy(logits.reshape([1, r, v]), t.clone().reshape([1, r]));
-        let g = want.backward();
-        let want_grads = [
-            h.grad(&g).unwrap(),
-            w.grad(&g).unwrap(),
-            b.grad(&g).unwrap().reshape([1, v]),
-        ];
+        let grads_of =
+            |loss: Tensor<A, 1>, (h, w, b): &(Tensor<A, 2>, Tensor<A, 2>, Tensor<A, 1>)| {
+                let g = loss.backward();
+                [
+                    h.grad(&g).unwrap(),
+                    w.grad(&g).unwrap(),
+                    b.grad(&g).unwrap().reshape([1, v]),
+                ]
+            };
+        let want_grads = grads_of(want.clone(), &(h, w, b));
         for chunk in [1, 5, 16, 37, 100] {
             let (h, w, b) = leaves();
             let got = linear_cross_entropy(h.clone(), w.clone(), Some(b.clone()), t.clone(), chunk);
             close(got.clone().reshape([1, 1]), want.clone().reshape([1, 1]));
-            let g = got.backward();
-            let got_grads = [
-                h.grad(&g).unwrap(),
-                w.grad(&g).unwrap(),
-                b.grad(&g).unwrap().reshape([1, v]),
-            ];
+            let got_grads = grads_of(got, &(h, w, b));
             for (a, b) in got_grads.into_iter().zip(want_grads.iter()) {
                 close(Tensor::from_inner(a), Tensor::from_inner(b.clone()));
             }
