@@ -78,6 +78,10 @@ pub struct KernelOptions {
     /// 65,535 on Vulkan and Metal). Longer grids are folded into a second dimension; tests set
     /// a small limit so that the folding runs at small sizes.
     pub grid_limit: u32,
+    /// Compressed rows per cube of a decode step's compressed branch (`0`: 256). Past that many
+    /// the branch runs in parts, one cube each, merged by the decode kernel; tests set a small
+    /// span so that the parts run at small sizes.
+    pub decode_span: usize,
 }
 
 impl Default for KernelOptions {
@@ -91,6 +95,7 @@ impl Default for KernelOptions {
             selected_order: SelectedOrder::Auto,
             projection_rows: 4096,
             grid_limit: 0,
+            decode_span: 0,
         }
     }
 }

@@ -848,7 +848,16 @@ fn decode_kernel_matches_the_tensor_op_step() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
-    for (name, c) in decode_configs() {
+    // each config in one kernel, and with the compressed branch in parts of one selection
+    // block (as long contexts run it)
+    let cases = decode_configs()
+        .into_iter()
+        .flat_map(|(name, c)| [(name, c.clone(), 0), (name, c, 1)]);
+    for (name, c, span) in cases {
+        let options = KernelOptions {
+            decode_span: span,
+            ..Default::default()
+        };
         let cpu_model = c
             .init::<NdArray>(&cpu)
             .unwrap()
@@ -857,7 +866,8 @@ fn decode_kernel_matches_the_tensor_op_step() {
             .init::<Wgpu>(&gpu)
             .unwrap()
             .load_reference(cpu_model.reference_state())
-            .unwrap();
+            .unwrap()
+            .with_kernel_options(options);
         let mut rng = Rng(11);
         let (b, total, prompt) = (2, 43, 3);
         let ids: Vec<i64> = (0..b * total).map(|_| rng.below(40) as i64).collect();
@@ -881,7 +891,7 @@ fn decode_kernel_matches_the_tensor_op_step() {
         let x = Tensor::<Wgpu, 3>::zeros([b, 1, dim], &gpu);
         let rotation = gpu_cache.rope.rotation(prompt, 1);
         let (cos, sin) = rotation.parts();
-        let handle = Kernels::<Wgpu>::new(&KernelOptions::default());
+        let handle = Kernels::<Wgpu>::new(&options);
         let kernels = handle.fused().expect("registered");
         let sizes = attn.config.sizes();
         let inputs = DecodeInputs {
@@ -984,8 +994,8 @@ fn decode_kernel_matches_the_tensor_op_step() {
             largest = largest.max(scale);
         }
         println!(
-            "decode kernel vs tensor-op step, {name}: max abs logit difference {worst:.2e} \
-             (largest logit {largest:.1})"
+            "decode kernel vs tensor-op step, {name}, span {span}: max abs logit difference \
+             {worst:.2e} (largest logit {largest:.1})"
         );
     }
 }

@@ -14,6 +14,18 @@
 //! output accumulators in registers. Barriers sit only in control flow that is uniform over
 //! the cube (loop bounds from scalars), as WGSL requires.
 //!
+//! Long contexts: the compressed branch grows with the context (`pos / stride` keys) while the
+//! other two do not, and one cube per selection head leaves most of a GPU idle. There
+//! [`nsa_decode_compressed`] runs it first in parts of a few hundred keys, one cube per
+//! `(batch, selection head, part)`, and writes each part's row statistics, unnormalised
+//! accumulators and block-importance logits; [`nsa_decode`] (with [`DecodeTiling::parts`])
+//! merges the parts as one online softmax and ranks the blocks from the logits in global memory.
+//! The importance logits do not depend on the softmax, so a part's are final; parts end at
+//! selection-block boundaries, so no block is split.
+//!
+//! Parts: `stats` `[b, h, parts, 2]` (row maximum, row sum), `pacc` `[b, h, parts, d]`, `imp`
+//! `[b, h / group_heads, complete]` (f32).
+//!
 //! Tensors (contiguous): `qkv` `[b, 1, width]` (queries of head `i` at `i * d`, un-rotated),
 //! `cos`, `sin` `[d]` (the position's rotation, as `rope::Rotation`), compressed `ck`, `cv`
 //! `[b, kvh, compressed_capacity, d]` (memory slots then blocks, `nc` valid), the rotated key/value cache `kc`,
@@ -36,6 +48,8 @@ const SINK: f32 = crate::rules::SINK_LOGIT;
 const VALID: f32 = crate::rules::VALID_PROBABILITY;
 /// Below every score (start of an arg-max).
 const LOWEST: f32 = -3.0e38;
+/// Above every score (the rank before the first).
+const HIGHEST: f32 = 3.0e38;
 /// The gate of a key slot that is not attended.
 const UNUSED: f32 = -1.0;
 
@@ -50,7 +64,8 @@ pub struct DecodeTiling {
     pub kc: usize,
     /// Most blocks selected (`num_selected_blocks`, at least 1).
     pub nsel: usize,
-    /// Selection-block scores the cube can hold in shared memory.
+    /// Selection-block scores the cube holds in shared memory: every complete block in one
+    /// kernel, a part's blocks in [`nsa_decode_compressed`] (1 when unused).
     pub fcap: usize,
     /// Keys of selected blocks are gated by their probability (`use_diff_topk`).
     pub gated: bool,
@@ -58,6 +73,9 @@ pub struct DecodeTiling {
     pub threads: usize,
     /// Write the new position's key and value into the caches first (the cube's kv head).
     pub write: bool,
+    /// The compressed branch was computed in parts by [`nsa_decode_compressed`]: combine its
+    /// partial results and rank the blocks from its importance logits in global memory.
+    pub parts: bool,
 }
 
 impl DecodeTiling {
@@ -360,6 +378,231 @@ fn finish_branch(
     sync_cube();
 }
 
+/// Step 1 of the decode step over compressed rows `first..last` of the cube's kv head (row
+/// offset `chead`): the rows' statistics `m_s`, `l_s` and accumulators `acc` (online softmax of
+/// the scaled, un-rotated queries `qs`), and the importance logits of the complete selection
+/// blocks (`blk < complete`) among the rows, added into `fsc[blk - blk0]`: logits averaged over
+/// the cube's heads and the `per_block` slots of a block (`imp_scale`). The rows must start and
+/// end at block boundaries (or at the memory slots and `nc`), so that each block is summed by
+/// one call.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn compressed_rows<F: Float>(
+    ck: &Tensor<F>,
+    cv: &Tensor<F>,
+    qs: &SharedMemory<f32>,
+    ks: &mut SharedMemory<f32>,
+    vs: &mut SharedMemory<f32>,
+    kg: &mut SharedMemory<f32>,
+    ps: &mut SharedMemory<f32>,
+    pp: &mut SharedMemory<f32>,
+    m_s: &mut SharedMemory<f32>,
+    l_s: &mut SharedMemory<f32>,
+    a_s: &mut SharedMemory<f32>,
+    acc: &mut Array<f32>,
+    fsc: &mut SharedMemory<f32>,
+    chead: usize,
+    first: usize,
+    last: usize,
+    mem: usize,
+    per_block: usize,
+    blk0: usize,
+    complete: usize,
+    imp_scale: f32,
+    #[comptime] t: DecodeTiling,
+) {
+    let kchunk = t.kc;
+    let nt = t.threads;
+    let tid = UNIT_POS as usize;
+    let chunks = (last - first + kchunk - 1) / kchunk;
+    for ci in 0..chunks {
+        let k0 = first + ci * kchunk;
+        let mut valid = last - k0;
+        if valid > kchunk {
+            valid = kchunk;
+        }
+        load_tile::<F>(ck, cv, ks, vs, kg, chead, k0, valid, t);
+        chunk_scores(qs, ks, kg, ps, pp, t);
+        let end = k0 + valid;
+        if end > mem {
+            let mut lo = 0usize;
+            if k0 > mem {
+                lo = (k0 - mem) / per_block;
+            }
+            let mut hi = (end - mem - 1) / per_block + 1;
+            if hi > complete {
+                hi = complete;
+            }
+            let mut blk = lo + tid;
+            while blk < hi {
+                let mut s = 0.0f32;
+                for u in 0..per_block {
+                    let slot = mem + blk * per_block + u;
+                    if slot >= k0 && slot < end {
+                        for rr in 0..t.group_heads {
+                            s += ps[rr * kchunk + slot - k0];
+                        }
+                    }
+                }
+                fsc[blk - blk0] += s * imp_scale;
+                blk += nt;
+            }
+        }
+        sync_cube();
+        chunk_update(vs, ps, m_s, l_s, a_s, acc, t);
+    }
+}
+
+/// The queries of the cube's rows, scaled: un-rotated into `qs` (the compressed branch) and,
+/// when `rotated`, rotated into `qr` (the other two).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_queries<F: Float>(
+    qkv: &Tensor<F>,
+    cos: &Tensor<F>,
+    sin: &Tensor<F>,
+    qs: &mut SharedMemory<f32>,
+    qr: &mut SharedMemory<f32>,
+    b: usize,
+    width: usize,
+    head0: usize,
+    scale: f32,
+    #[comptime] rotated: bool,
+    #[comptime] t: DecodeTiling,
+) {
+    let d = t.d;
+    let mut e = UNIT_POS as usize;
+    while e < comptime!(t.group_heads * t.d) {
+        let r = e / d;
+        let i = e % d;
+        let base = b * width + (head0 + r) * d;
+        let x = f32::cast_from(qkv[base + i]);
+        qs[e] = x * scale;
+        if rotated {
+            // the partner of feature `i` in its rotation pair
+            let partner = i + 1 - (i % 2) * 2;
+            let xp = f32::cast_from(qkv[base + partner]);
+            qr[e] = (x * f32::cast_from(cos[i]) + xp * f32::cast_from(sin[i])) * scale;
+        }
+        e += t.threads;
+    }
+}
+
+/// Step 1 of [`nsa_decode`] for long contexts, one part of the compressed rows per cube: grid
+/// `(b · h / group_heads, parts)`; part `y` takes the complete blocks `y · fcap ..` (`fcap` of
+/// them), part 0 also the memory slots and the last part also the rows after the last complete
+/// block. Writes the part's row statistics, unnormalised accumulators and importance logits
+/// (layouts in the module documentation).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn nsa_decode_compressed<F: Float>(
+    qkv: &Tensor<F>,
+    ck: &Tensor<F>,
+    cv: &Tensor<F>,
+    stats: &mut Tensor<f32>,
+    pacc: &mut Tensor<f32>,
+    imp: &mut Tensor<f32>,
+    width: usize,
+    h: usize,
+    kvh: usize,
+    nc: usize,
+    compressed_capacity: usize,
+    mem: usize,
+    per_block: usize,
+    scale: f32,
+    imp_scale: f32,
+    #[comptime] t: DecodeTiling,
+    #[define(F)] _dtype: StorageType,
+) {
+    let d = t.d;
+    let group_heads = t.group_heads;
+    let nt = t.threads;
+    let rows_d = comptime!(t.group_heads * t.d);
+    let accn = comptime!((t.group_heads * t.d).div_ceil(t.threads));
+    let tid = UNIT_POS as usize;
+    let hs = h / group_heads;
+    let cube = CUBE_POS_X as usize;
+    let b = cube / hs;
+    let head0 = (cube % hs) * group_heads;
+    let kvhead = head0 / (h / kvh);
+    let parts = CUBE_COUNT_Y as usize;
+    let part = CUBE_POS_Y as usize;
+
+    let mut qs = SharedMemory::<f32>::new(rows_d);
+    let mut qr = SharedMemory::<f32>::new(1usize);
+    let mut ks = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
+    let mut vs = SharedMemory::<f32>::new(comptime!(t.kc * (t.d + 1)));
+    let mut kg = SharedMemory::<f32>::new(t.kc);
+    let mut ps = SharedMemory::<f32>::new(comptime!(t.group_heads * t.kc));
+    let mut pp = SharedMemory::<f32>::new(comptime!(t.group_heads * t.kc * t.split()));
+    let mut m_s = SharedMemory::<f32>::new(group_heads);
+    let mut l_s = SharedMemory::<f32>::new(group_heads);
+    let mut a_s = SharedMemory::<f32>::new(group_heads);
+    let mut fsc = SharedMemory::<f32>::new(t.fcap);
+
+    load_queries::<F>(
+        qkv, qkv, qkv, &mut qs, &mut qr, b, width, head0, scale, false, t,
+    );
+    let mut j = tid;
+    while j < t.fcap {
+        fsc[j] = 0.0;
+        j += nt;
+    }
+    let mut r = tid;
+    while r < group_heads {
+        m_s[r] = NEG;
+        l_s[r] = 0.0;
+        r += nt;
+    }
+    let mut acc = Array::<f32>::new(accn);
+    #[unroll]
+    for it in 0..accn {
+        acc[it] = 0.0;
+    }
+    let complete = (nc - mem) / per_block;
+    let blk0 = part * t.fcap;
+    let mut blk1 = blk0 + t.fcap;
+    if blk1 > complete {
+        blk1 = complete;
+    }
+    let mut first = 0usize;
+    if part > 0 {
+        first = mem + blk0 * per_block;
+    }
+    let mut last = nc;
+    if part + 1 < parts {
+        last = mem + blk1 * per_block;
+    }
+    sync_cube();
+
+    let chead = (b * kvh + kvhead) * compressed_capacity;
+    compressed_rows::<F>(
+        ck, cv, &qs, &mut ks, &mut vs, &mut kg, &mut ps, &mut pp, &mut m_s, &mut l_s, &mut a_s,
+        &mut acc, &mut fsc, chead, first, last, mem, per_block, blk0, complete, imp_scale, t,
+    );
+
+    let mut r = tid;
+    while r < group_heads {
+        let at = ((b * h + head0 + r) * parts + part) * 2;
+        stats[at] = m_s[r];
+        stats[at + 1] = l_s[r];
+        r += nt;
+    }
+    #[unroll]
+    for it in 0..accn {
+        let e = tid + it * nt;
+        if e < rows_d {
+            let r = e / d;
+            pacc[((b * h + head0 + r) * parts + part) * d + e % d] = acc[it];
+        }
+    }
+    let mut j = blk0 + tid;
+    while j < blk1 {
+        imp[cube * complete + j] = fsc[j - blk0];
+        j += nt;
+    }
+}
+
 /// The decode step's attention; see the module documentation for the layout.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -375,6 +618,10 @@ pub fn nsa_decode<F: Float>(
     out: &mut Tensor<F>,
     tk: &mut Tensor<F>,
     tv: &mut Tensor<F>,
+    stats: &Tensor<f32>,
+    pacc: &Tensor<f32>,
+    imp: &Tensor<f32>,
+    parts: usize,
     ring: usize,
     slot: usize,
     width: usize,
@@ -425,17 +672,11 @@ pub fn nsa_decode<F: Float>(
     let mut ri = SharedMemory::<u32>::new(nt);
 
     // queries: un-rotated for the compressed branch, rotated for the other two, both scaled
+    load_queries::<F>(
+        qkv, cos, sin, &mut qs, &mut qr, b, width, head0, scale, true, t,
+    );
     let mut e = tid;
     while e < rows_d {
-        let r = e / d;
-        let i = e % d;
-        let base = b * width + (head0 + r) * d;
-        let x = f32::cast_from(qkv[base + i]);
-        // the partner of feature `i` in its rotation pair
-        let partner = i + 1 - (i % 2) * 2;
-        let xp = f32::cast_from(qkv[base + partner]);
-        qs[e] = x * scale;
-        qr[e] = (x * f32::cast_from(cos[i]) + xp * f32::cast_from(sin[i])) * scale;
         os[e] = 0.0;
         e += nt;
     }
@@ -445,9 +686,8 @@ pub fn nsa_decode<F: Float>(
         gs[e] = 1.0f32 / (1.0f32 + (-x).exp());
         e += nt;
     }
-    let complete = (nc - mem) / per_block;
     let mut j = tid;
-    while j < complete {
+    while j < t.fcap {
         fsc[j] = 0.0;
         j += nt;
     }
@@ -486,54 +726,54 @@ pub fn nsa_decode<F: Float>(
     sync_cube();
 
     // 1. compressed: memory and every complete block (all of them ended before `pos`), and the
-    //    selection blocks' importance: logits averaged over the cube's heads and the `per_block` slots
-    //    of a block
-    let chead = (b * kvh + kvhead) * compressed_capacity;
-    let chunks = (nc + kchunk - 1) / kchunk;
-    for ci in 0..chunks {
-        let k0 = ci * kchunk;
-        let mut valid = nc - k0;
-        if valid > kchunk {
-            valid = kchunk;
-        }
-        load_tile::<F>(ck, cv, &mut ks, &mut vs, &mut kg, chead, k0, valid, t);
-        chunk_scores(&qs, &ks, &kg, &mut ps, &mut pp, t);
-        let last = k0 + valid;
-        if last > mem {
-            let mut lo = 0usize;
-            if k0 > mem {
-                lo = (k0 - mem) / per_block;
-            }
-            let mut hi = (last - mem - 1) / per_block + 1;
-            if hi > complete {
-                hi = complete;
-            }
-            let mut blk = lo + tid;
-            while blk < hi {
-                let mut s = 0.0f32;
-                for u in 0..per_block {
-                    let slot = mem + blk * per_block + u;
-                    if slot >= k0 && slot < last {
-                        for rr in 0..group_heads {
-                            s += ps[rr * kchunk + slot - k0];
-                        }
-                    }
+    //    selection blocks' importance; in parts (computed before), merged here
+    let complete = (nc - mem) / per_block;
+    if t.parts {
+        let mut e = tid;
+        while e < rows_d {
+            let r = e / d;
+            let row = (b * h + head0 + r) * parts;
+            let mut mx = NEG.runtime();
+            for u in 0..parts {
+                let m = stats[(row + u) * 2];
+                if m > mx {
+                    mx = m;
                 }
-                fsc[blk] += s * imp_scale;
-                blk += nt;
             }
+            let mut l = 0.0f32;
+            let mut x = 0.0f32;
+            for u in 0..parts {
+                let w = (stats[(row + u) * 2] - mx).exp();
+                l += stats[(row + u) * 2 + 1] * w;
+                x += pacc[(row + u) * d + e % d] * w;
+            }
+            os[e] += gs[r * 3] * (x / l);
+            e += nt;
         }
         sync_cube();
-        chunk_update(&vs, &mut ps, &mut m_s, &mut l_s, &mut a_s, &mut acc, t);
+    } else {
+        let chead = (b * kvh + kvhead) * compressed_capacity;
+        compressed_rows::<F>(
+            ck, cv, &qs, &mut ks, &mut vs, &mut kg, &mut ps, &mut pp, &mut m_s, &mut l_s, &mut a_s,
+            &mut acc, &mut fsc, chead, 0usize, nc, mem, per_block, 0usize, complete, imp_scale, t,
+        );
+        finish_branch(&mut os, &gs, &mut m_s, &mut l_s, &mut acc, 0usize, t);
     }
-    finish_branch(&mut os, &gs, &mut m_s, &mut l_s, &mut acc, 0usize, t);
 
     // top-n blocks by importance (ties: the lower index); probability from a softmax that
-    // includes the constant sink slot, blocks at or below the validity threshold are not attended
+    // includes the constant sink slot, blocks at or below the validity threshold are not
+    // attended. Slot `n` takes the best block ranked after slot `n - 1`'s in the order (logit
+    // descending, index ascending), so nothing is marked as taken.
+    let ib = CUBE_POS_X as usize * complete;
     let mut mx = NEG.runtime();
     let mut j = tid;
     while j < complete {
-        let s = fsc[j];
+        let mut s = 0.0f32;
+        if t.parts {
+            s = imp[ib + j];
+        } else {
+            s = fsc[j];
+        }
         if s > mx {
             mx = s;
         }
@@ -543,17 +783,31 @@ pub fn nsa_decode<F: Float>(
     let mut sum = 0.0f32;
     let mut j = tid;
     while j < complete {
-        sum += (fsc[j] - m).exp();
+        let mut s = 0.0f32;
+        if t.parts {
+            s = imp[ib + j];
+        } else {
+            s = fsc[j];
+        }
+        sum += (s - m).exp();
         j += nt;
     }
     let z = (SINK - m).exp() + cube_sum(&mut rv, sum, nt, LANE);
+    let mut prev = HIGHEST.runtime();
+    let mut prev_at = 0u32;
     for slot in 0..topn {
         let mut bv = LOWEST.runtime();
         let mut bi = 0u32;
         let mut j = tid;
         while j < complete {
-            let s = fsc[j];
-            if s > bv {
+            let mut s = 0.0f32;
+            if t.parts {
+                s = imp[ib + j];
+            } else {
+                s = fsc[j];
+            }
+            let after = s < prev || (s == prev && j as u32 > prev_at);
+            if after && s > bv {
                 bv = s;
                 bi = j as u32;
             }
@@ -569,8 +823,9 @@ pub fn nsa_decode<F: Float>(
             chosen[slot] = blk;
             // the straight-through gate's forward value, as the tensor ops form it
             cgate[slot] = prob + (1.0f32 - prob);
-            fsc[usize::cast_from(at)] = NEG;
         }
+        prev = best;
+        prev_at = at;
         sync_cube();
     }
 

@@ -201,6 +201,7 @@ impl CubeOp for TopK {
 /// The decode step's attention ([`launch::decode`]): eight inputs → `[b, 1, h * d]`.
 struct Decode {
     p: DecodeProblem,
+    span: usize,
 }
 
 impl CubeOp for Decode {
@@ -213,7 +214,7 @@ impl CubeOp for Decode {
 
     fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>, _: DType) -> Vec<CubeTensor<R>> {
         let inputs: [CubeTensor<R>; 8] = inputs.try_into().expect("eight declared inputs");
-        vec![launch::decode(inputs, &self.p)]
+        vec![launch::decode(inputs, &self.p, self.span)]
     }
 }
 
@@ -380,10 +381,15 @@ pub fn top_k<B: KernelBackend>(x: FloatTensor<B>, k: usize) -> (FloatTensor<B>, 
     (next(&mut out).float(), next(&mut out).int())
 }
 
-/// The decode step's attention: inputs `[qkv, cos, sin, ck, cv, k, v, gate logits]`.
-pub fn decode<B: KernelBackend>(inputs: [FloatTensor<B>; 8], p: &DecodeProblem) -> FloatTensor<B> {
+/// The decode step's attention: inputs `[qkv, cos, sin, ck, cv, k, v, gate logits]`; the
+/// compressed branch in parts of `span` rows ([`launch::DECODE_SPAN`] for `0`).
+pub fn decode<B: KernelBackend>(
+    inputs: [FloatTensor<B>; 8],
+    p: &DecodeProblem,
+    span: usize,
+) -> FloatTensor<B> {
     let args = inputs.into_iter().map(Arg::Float).collect();
-    let op = Decode { p: p.clone() };
+    let op = Decode { p: p.clone(), span };
     next(&mut B::launch(op, args).into_iter()).float()
 }
 

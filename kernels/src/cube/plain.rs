@@ -213,7 +213,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         s: &BlockStep<'_, B>,
         buffers: [Tensor<B, 4>; 4],
     ) -> Result<(Tensor<B, 3>, [Tensor<B, 4>; 4]), [Tensor<B, 4>; 4]> {
-        match block_problem(s, &buffers) {
+        match block_problem(s, &buffers, self.options.decode_span) {
             Some(p) => {
                 let f1 = |t: Tensor<B, 1>| t.into_primitive().tensor();
                 let f2 = |t: Tensor<B, 2>| t.into_primitive().tensor();
@@ -272,7 +272,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
     }
 
     fn decode_attention(&self, s: &DecodeInputs<'_, B>) -> Option<Tensor<B, 3>> {
-        let p = decode_problem(s)?;
+        let p = decode_problem(s, self.options.decode_span)?;
         let (ck, cv) = (s.compressed.k, s.compressed.v);
         let (k, v) = (s.kv.k, s.kv.v);
         let gates = (s.gate_logits)();
@@ -288,6 +288,7 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
                 float3(&gates),
             ],
             &p,
+            self.options.decode_span,
         );
         Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }

@@ -261,10 +261,14 @@ pub(super) fn int_dtype<I: IntElement>() -> DType {
 
 pub(super) type CompressedOut<B> = (Tensor<B, 4>, Option<Selection<B>>);
 
-/// The decode kernel's problem for `s`, or `None` when it does not cover it.
-pub(super) fn decode_problem<B: KernelBackend>(s: &DecodeInputs<'_, B>) -> Option<DecodeProblem> {
+/// The decode kernel's problem for `s` (the compressed branch in parts of `span` rows), or
+/// `None` when it does not cover it.
+pub(super) fn decode_problem<B: KernelBackend>(
+    s: &DecodeInputs<'_, B>,
+    span: usize,
+) -> Option<DecodeProblem> {
     let p = DecodeProblem::of(s)?;
-    launch::decode_supported(&B::cube_client(&s.qkv.device()), &p).then_some(p)
+    launch::decode_supported(&B::cube_client(&s.qkv.device()), &p, span).then_some(p)
 }
 
 /// The launches of [`NsaKernels::decode_block`] for `s`, or `None` when one of them does not
@@ -272,6 +276,7 @@ pub(super) fn decode_problem<B: KernelBackend>(s: &DecodeInputs<'_, B>) -> Optio
 pub(super) fn block_problem<B: KernelBackend>(
     s: &BlockStep<'_, B>,
     buffers: &[Tensor<B, 4>; 4],
+    decode_span: usize,
 ) -> Option<BlockProblem> {
     let c = s.sizes;
     let dims = s.x.dims();
@@ -326,11 +331,12 @@ pub(super) fn block_problem<B: KernelBackend>(
             .into_iter()
             .chain(ff.iter().flat_map(|(a, b)| [a, b]))
             .all(|p| launch::row_supported(&client, p))
-        && launch::decode_supported(&client, &decode);
+        && launch::decode_supported(&client, &decode, decode_span);
     fits.then_some(BlockProblem {
         pair,
         write,
         decode,
+        decode_span,
         combine,
         ff,
     })

@@ -132,6 +132,8 @@ pub struct BlockProblem {
     pub pair: RowProblem,
     pub write: WriteProblem,
     pub decode: DecodeProblem,
+    /// Compressed rows per part of the decode step's compressed branch ([`DECODE_SPAN`] for `0`).
+    pub decode_span: usize,
     /// `combine_heads` with the residual.
     pub combine: RowProblem,
     /// `fc1` (normed, GELU) and `fc2` (residual).
@@ -160,6 +162,7 @@ pub fn decode_block<R: CubeRuntime>(
         t.buffers,
         &p.decode,
         &p.write,
+        p.decode_span,
     );
     let h = row_linear(att, None, t.w_comb, t.b_comb, Some(t.x), &p.combine);
     let out = match (t.ff, &p.ff) {

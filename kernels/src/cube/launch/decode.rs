@@ -5,26 +5,41 @@ use super::*;
 /// One decode step of a layer's attention ([`crate::cube::decode::nsa_decode`]).
 pub use crate::api::DecodeShape as DecodeProblem;
 
-/// The decode kernel's tiling for `p` within the shared-memory budget, if any.
-fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<crate::cube::decode::DecodeTiling> {
+/// Compressed rows one cube of a decode step's compressed branch takes by default (rounded down
+/// to whole selection blocks): a context with more complete blocks than that runs the branch in
+/// parts ([`crate::cube::decode::nsa_decode_compressed`]).
+pub const DECODE_SPAN: usize = 256;
+
+/// How a decode step runs: the kernel's tiling, and the parts of its compressed branch (1: in
+/// the one kernel).
+#[derive(Clone, Copy, Debug)]
+struct DecodePlan {
+    t: crate::cube::decode::DecodeTiling,
+    parts: usize,
+}
+
+/// The plan for `p` within the shared-memory budget, if any: parts of `span` compressed rows
+/// (`0`: [`DECODE_SPAN`]).
+fn decode_plan(p: &DecodeProblem, span: usize, budget: usize) -> Option<DecodePlan> {
+    let span = if span == 0 { DECODE_SPAN } else { span };
+    // blocks per part (and the importance logits a cube holds)
+    let per_part = (span / p.per_block.max(1)).max(1);
+    let parts = p.complete().div_ceil(per_part).max(1);
     let mut kc = 32;
     loop {
-        let mut t = crate::cube::decode::DecodeTiling {
+        let t = crate::cube::decode::DecodeTiling {
             d: p.d,
             group_heads: p.group_heads,
             kc,
             nsel: p.nsel.max(1),
-            fcap: 1,
+            fcap: per_part,
             gated: p.gated,
             threads: THREADS,
             write: false,
+            parts: parts > 1,
         };
-        let fixed = t.shared();
-        // the rest holds the selection-block scores, in steps of 1024 (each a compiled kernel)
-        let room = budget.saturating_sub(fixed) / 4 / 1024 * 1024;
-        if room >= 1024 {
-            t.fcap = room.min(8192);
-            return Some(t);
+        if t.shared() <= budget {
+            return Some(DecodePlan { t, parts });
         }
         if kc <= 8 {
             return None;
@@ -33,16 +48,26 @@ fn decode_tiling(p: &DecodeProblem, budget: usize) -> Option<crate::cube::decode
     }
 }
 
-/// Whether the decode kernel covers `p` (made by `DecodeShape::of`) on this device.
-pub fn decode_supported<R: CubeRuntime>(client: &ComputeClient<R>, p: &DecodeProblem) -> bool {
+/// Whether the decode kernel covers `p` (made by `DecodeShape::of`) on this device, with parts
+/// of `span` compressed rows.
+pub fn decode_supported<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    p: &DecodeProblem,
+    span: usize,
+) -> bool {
     // the shapes fit together (`DecodeShape::of`); what is left is the shared memory
-    decode_tiling(p, shared_budget(client)).is_some_and(|t| p.complete() <= t.fcap)
+    decode_plan(p, span, shared_budget(client)).is_some()
 }
 
 /// Runs the decode kernel: inputs `[qkv, cos, sin, ck, cv, k, v, gate logits]` (see
-/// [`super::decode`]), output `[b, 1, h * d]` in `qkv`'s dtype.
-pub fn decode<R: CubeRuntime>(inputs: [CubeTensor<R>; 8], p: &DecodeProblem) -> CubeTensor<R> {
-    launch_decode(inputs.map(into_contiguous), None, p)
+/// [`super::decode`]), output `[b, 1, h * d]` in `qkv`'s dtype; the compressed branch in parts
+/// of `span` rows.
+pub fn decode<R: CubeRuntime>(
+    inputs: [CubeTensor<R>; 8],
+    p: &DecodeProblem,
+    span: usize,
+) -> CubeTensor<R> {
+    launch_decode(inputs.map(into_contiguous), None, p, span)
 }
 
 /// [`decode`] that first writes the new position into the caches, as [`decode_write`] (one
@@ -53,6 +78,7 @@ pub fn decode_writing<R: CubeRuntime>(
     buffers: [CubeTensor<R>; 4],
     p: &DecodeProblem,
     w: &WriteProblem,
+    span: usize,
 ) -> (CubeTensor<R>, [CubeTensor<R>; 4]) {
     let [qkv, cos, sin, ck, cv, gates] = inputs.map(into_contiguous);
     let [kc, vc, tk, tv] = buffers.map(writable);
@@ -60,6 +86,7 @@ pub fn decode_writing<R: CubeRuntime>(
         [qkv, cos, sin, ck, cv, kc.clone(), vc.clone(), gates],
         Some(([tk.clone(), tv.clone()], w)),
         p,
+        span,
     );
     (out, [kc, vc, tk, tv])
 }
@@ -68,12 +95,56 @@ fn launch_decode<R: CubeRuntime>(
     inputs: [CubeTensor<R>; 8],
     write: Option<([CubeTensor<R>; 2], &WriteProblem)>,
     p: &DecodeProblem,
+    span: usize,
 ) -> CubeTensor<R> {
     let [qkv, cos, sin, ck, cv, k, v, gates] = inputs;
     let dtype = qkv.dtype;
-    let mut t =
-        decode_tiling(p, shared_budget(&qkv.client)).expect("checked by `decode_supported`");
+    let plan =
+        decode_plan(p, span, shared_budget(&qkv.client)).expect("checked by `decode_supported`");
+    let client = qkv.client.clone();
+    let selection_heads = p.b * p.h / p.group_heads;
+    let imp_scale = (1.0 / (p.group_heads * p.per_block) as f64) as f32;
+    let [stats, pacc, imp] = if plan.parts > 1 {
+        let rows = p.b * p.h * plan.parts;
+        let stats = empty(&qkv, vec![rows * 2], DType::F32);
+        let pacc = empty(&qkv, vec![rows * p.d], DType::F32);
+        let imp = empty(&qkv, vec![selection_heads * p.complete()], DType::F32);
+        // SAFETY: part `y` reads compressed rows below `nc <= compressed_capacity` and writes
+        // its own rows of `stats`, `pacc` and its blocks (`< complete`) of `imp`.
+        unsafe {
+            crate::cube::decode::nsa_decode_compressed::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(selection_heads as u32, plan.parts as u32, 1),
+                CubeDim::new_1d(plan.t.threads as u32),
+                qkv.clone().into_tensor_arg(),
+                ck.clone().into_tensor_arg(),
+                cv.clone().into_tensor_arg(),
+                stats.clone().into_tensor_arg(),
+                pacc.clone().into_tensor_arg(),
+                imp.clone().into_tensor_arg(),
+                p.width,
+                p.h,
+                p.kvh,
+                p.nc,
+                p.compressed_capacity,
+                p.mem,
+                p.per_block,
+                p.scale as f32,
+                imp_scale,
+                plan.t,
+                dtype.into(),
+            );
+        }
+        [stats, pacc, imp]
+    } else {
+        [(); 3].map(|()| dummy(&qkv, DType::F32))
+    };
+    let mut t = plan.t;
     t.write = write.is_some();
+    if plan.parts > 1 {
+        // the importance logits are read from `imp`
+        t.fcap = 1;
+    }
     let out = empty(&qkv, vec![p.b, 1, p.h * p.d], dtype);
     let (ring, slot) = write.as_ref().map_or((0, 0), |(_, w)| (w.ring, w.slot));
     let [tk, tv] = match write {
@@ -83,13 +154,13 @@ fn launch_decode<R: CubeRuntime>(
         }
         None => [dummy(&qkv, dtype), dummy(&qkv, dtype)],
     };
-    let client = qkv.client.clone();
     // SAFETY: rows read are below `nc <= compressed_capacity` (compressed) and `pos < cap` (cache); the
-    // selected blocks are complete blocks before the own one; `complete <= fcap`.
+    // selected blocks are complete blocks before the own one; `complete <= fcap` in one kernel,
+    // the parts' buffers as written above otherwise.
     unsafe {
         crate::cube::decode::nsa_decode::launch_unchecked::<R>(
             &client,
-            CubeCount::Static((p.b * p.h / p.group_heads) as u32, 1, 1),
+            CubeCount::Static(selection_heads as u32, 1, 1),
             CubeDim::new_1d(t.threads as u32),
             qkv.into_tensor_arg(),
             cos.into_tensor_arg(),
@@ -102,6 +173,10 @@ fn launch_decode<R: CubeRuntime>(
             out.clone().into_tensor_arg(),
             tk.into_tensor_arg(),
             tv.into_tensor_arg(),
+            stats.into_tensor_arg(),
+            pacc.into_tensor_arg(),
+            imp.into_tensor_arg(),
+            plan.parts,
             ring,
             slot,
             p.width,
@@ -117,7 +192,7 @@ fn launch_decode<R: CubeRuntime>(
             p.window,
             p.topn,
             p.scale as f32,
-            (1.0 / (p.group_heads * p.per_block) as f64) as f32,
+            imp_scale,
             t,
             dtype.into(),
         );
@@ -187,4 +262,52 @@ pub fn decode_write<R: CubeRuntime>(
         );
     }
     [kc, vc, tk, tv]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A decode step of the seed config (8 heads of 64, stride 16, blocks of 16, 4 selected)
+    /// at position `pos`.
+    fn seed_step(pos: usize) -> DecodeProblem {
+        let nc = 1 + (pos + 1).saturating_sub(16) / 16;
+        DecodeProblem {
+            b: 1,
+            h: 8,
+            kvh: 8,
+            d: 64,
+            group_heads: 1,
+            width: 24 * 64,
+            pos,
+            nc,
+            compressed_capacity: nc,
+            cap: pos + 1,
+            mem: 1,
+            per_block: 1,
+            sel: 16,
+            window: 16,
+            topn: 4,
+            nsel: 4,
+            gated: false,
+            scale: 0.125,
+        }
+    }
+
+    #[test]
+    fn long_contexts_split_the_compressed_branch_and_fit_any_length() {
+        let budget = 48 * 1024;
+        // up to a span of complete blocks, one kernel
+        let short = decode_plan(&seed_step(4000), 0, budget).unwrap();
+        assert_eq!((short.parts, short.t.parts), (1, false));
+        // 100K tokens (6,250 blocks): 25 parts of 256 blocks, which no shared-memory array
+        // of one cube held before
+        let long = decode_plan(&seed_step(100_000), 0, budget).unwrap();
+        assert_eq!((long.parts, long.t.parts, long.t.fcap), (25, true, 256));
+        let huge = decode_plan(&seed_step(1 << 20), 0, budget).unwrap();
+        assert_eq!(huge.parts, 256);
+        // a span of one row makes a part of each block
+        let tiny = decode_plan(&seed_step(100), 1, budget).unwrap();
+        assert_eq!(tiny.parts, seed_step(100).complete());
+    }
 }
