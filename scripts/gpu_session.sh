@@ -26,6 +26,10 @@
 #   recheck the f32 kernel checks by key block
 #   blocks2 split-K projections against one product, the dense baseline's kernel, the checks
 #           with the selected branch by query
+#   longdecode  decode at batch 1 with 4k-100K tokens of context, NSA beside the dense model, the
+#           compressed branch in parts against dfc08f7's one kernel (.gpu/nsa-bench-dfc08f7.xz),
+#           device memory sampled by nvidia-smi (issue 22)
+#   longtrain  training steps of the seed model at 16k and 64k tokens, NSA and dense (issue 22)
 #   vulkan  wgpu (Vulkan) beside CUDA: layer 16k-128k f32, training step, decode, a 100K-token
 #           prompt (issue 27)
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
@@ -82,6 +86,18 @@ run() { # name, timeout, command...
     mkdir -p "$FINAL/results" && cp -f "$OUT"/results/*.json "$FINAL/results/"
   fi
   cp -f "$OUT/session.log" "$FINAL/"
+}
+
+# [run] with the device memory in use sampled every 100 ms: the largest value, in MiB, goes to
+# the log and to $OUT/NAME.peak (nvidia-smi's figure: the process's pool and context included).
+run_peak() { # name, timeout, command...
+  local name=$1
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT/$name.mem" 2>/dev/null &
+  local sampler=$!
+  run "$@"
+  kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+  sort -n "$OUT/$name.mem" | tail -1 >"$OUT/$name.peak"
+  log "$name: peak device memory $(cat "$OUT/$name.peak") MiB (nvidia-smi)"
 }
 
 # The reference fixture checkpoint on the three backends: logits compared with `compare`, then
@@ -344,6 +360,31 @@ for phase in "$@"; do
         --row-timeout 100 --json "$(rec layer-full-kernel)"
       run blocks-check-query 120 env NSA_SELECTED_ORDER=query /tmp/bin/nsa-bench --backend cuda \
         --suite check --lengths 1k,4k --precisions bf16,f32 --json "$(rec check-order-query)"
+      ;;
+    longdecode)
+      # issue 22: decode speed with long contexts, ours (NSA and dense, f32 and bf16) in one call
+      for n in 4096 16384 65536 100000; do
+        run_peak "ld-nsa-$n" 90 /tmp/bin/nsa-bench --suite decode --backend cuda --prompt-len $n \
+          -n 256 --runs 3 --json "$(rec "decode-long-nsa-$n")"
+      done
+      run_peak ld-nsa-bf16-100000 90 /tmp/bin/nsa-bench --suite decode --backend cuda \
+        --precision bf16 --prompt-len 100000 -n 256 --runs 3 --json "$(rec decode-long-nsa-bf16-100000)"
+      for n in 65536 100000; do
+        run "ld-old-$n" 90 /tmp/bin/nsa-bench-dfc08f7 --suite decode --backend cuda \
+          --prompt-len $n -n 128 --runs 2 --json "$(rec "decode-long-dfc08f7-$n")"
+      done
+      for n in 4096 16384 65536 100000; do
+        run_peak "ld-full-$n" 120 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
+          --prompt-len $n -n 128 --runs 2 --json "$(rec "decode-long-full-$n")"
+      done
+      run_peak ld-nsa-wgpu-100000 150 /tmp/bin/nsa-bench --suite decode --backend wgpu \
+        --prompt-len 100000 -n 256 --runs 3 --json "$(rec decode-long-nsa-wgpu-100000)"
+      ;;
+    longtrain)
+      # issue 22: training steps of the seed model at 16k and 64k tokens, NSA and dense
+      run_peak lt-train 500 /tmp/bin/nsa-bench --backend cuda --suite train --impls nsa,full \
+        --train-shapes 16384x1,65536x1 --train-precisions f32 --runs 3 --warmup 1 \
+        --row-timeout 120 --json "$(rec train-long)"
       ;;
     vulkan)
       # issue 27: wgpu (Vulkan on the NVIDIA card) beside CUDA in the same call: the adapter's

@@ -168,6 +168,9 @@ pub struct GenerateArgs {
     /// log-probability, why it stopped) instead of the streamed text.
     #[arg(long)]
     pub json: bool,
+    /// Print the memory the run held at the end (device pool, process peak RSS).
+    #[arg(long)]
+    pub stats: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }
@@ -250,6 +253,9 @@ pub struct ScoreArgs {
     /// The result as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Print the memory the run held at the end (device pool, process peak RSS).
+    #[arg(long)]
+    pub stats: bool,
     #[command(flatten)]
     pub device: DeviceArgs,
 }

@@ -24,6 +24,7 @@ use nsa_runtime::backend::{BackendChoice, OnBackend};
 use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
+use crate::memory::{check_cache_fits, free_for_caches, MemoryStats};
 use crate::run::{generation_room, model, prompt_ids};
 use crate::stream::Streamer;
 
@@ -105,6 +106,8 @@ pub struct GenerateJob {
     pub json: bool,
     /// Process start, for the time to first token.
     pub started: Instant,
+    /// Sample the memory held (`--stats`).
+    pub stats: bool,
 }
 
 /// What a generation run measured.
@@ -120,6 +123,9 @@ pub struct GenerateReport {
     pub generate_s: f64,
     /// Why each prompt's generation ended.
     pub stops: Vec<StopReason>,
+    /// The memory held, with `--stats`: sampled after each prompt's first token (the prefill's
+    /// working set is then at its largest) and at its end.
+    pub memory: Option<MemoryStats>,
 }
 
 /// One generated token in the JSON output.
@@ -219,15 +225,22 @@ impl<'a> Stopper<'a> {
 impl GenerateJob {
     /// Generates the continuation of `prompt` (seed `seed`), printing it as it comes (text
     /// mode) or as one JSON line at the end.
+    #[allow(clippy::too_many_arguments)]
     fn one<B: Backend>(
         &self,
         model: &Transformer<B>,
+        device: &B::Device,
+        place: (Option<u64>, &BackendChoice),
         prompt: &str,
         seed: u64,
         report: &mut GenerateReport,
     ) -> Result<()> {
         let ids = prompt_ids(&self.tokenizer, prompt, self.raw_prompt)?;
         let max_new = self.max_new.min(generation_room(&self.config, ids.len())?);
+        let (free, choice) = place;
+        check_cache_fits::<B>(&self.config, ids.len(), max_new, free, choice)?;
+        let mut memory = report.memory.take();
+        let mut first = true;
         let mut out = std::io::stdout().lock();
         if self.echo_prompt && !self.json {
             write!(out, "{prompt}")?;
@@ -244,6 +257,12 @@ impl GenerateJob {
                 report
                     .first_token_s
                     .get_or_insert_with(|| started.elapsed().as_secs_f64());
+                if first {
+                    first = false;
+                    if let Some(m) = memory.as_mut() {
+                        m.sample(device);
+                    }
+                }
                 let piece = streamer.push(g.id);
                 if piece.is_empty() && self.tokenizer.decode_with(&[g.id], true).is_empty() {
                     report.special += 1;
@@ -264,6 +283,10 @@ impl GenerateJob {
         if let Some(e) = write_error {
             return Err(e).context("writing to stdout");
         }
+        if let Some(m) = memory.as_mut() {
+            m.sample(device);
+        }
+        report.memory = memory;
         report.tokens += new.len();
         let reason = stopper
             .reason
@@ -301,14 +324,18 @@ impl GenerateJob {
 impl OnBackend for GenerateJob {
     type Output = Result<GenerateReport>;
 
-    fn run<B: Backend>(self, device: B::Device, _: &BackendChoice) -> Result<GenerateReport> {
+    fn run<B: Backend>(self, device: B::Device, choice: &BackendChoice) -> Result<GenerateReport> {
         let model = model::<B>(
             &self.config,
             Some(self.weights.clone()),
             self.options,
             &device,
         )?;
-        let mut report = GenerateReport::default();
+        let mut report = GenerateReport {
+            memory: self.stats.then(MemoryStats::default),
+            ..Default::default()
+        };
+        let place = (free_for_caches(choice), choice);
         let t0 = Instant::now();
         match &self.prompts {
             Prompts::Given(prompts) => {
@@ -318,6 +345,8 @@ impl OnBackend for GenerateJob {
                     }
                     self.one(
                         &model,
+                        &device,
+                        place,
                         &prompt.text,
                         self.seed.wrapping_add(i as u64),
                         &mut report,
@@ -346,13 +375,18 @@ impl OnBackend for GenerateJob {
                         continue;
                     }
                     // a prompt that does not fit is said and skipped, the session goes on
-                    let fits = prompt_ids(&self.tokenizer, prompt, self.raw_prompt)
-                        .and_then(|ids| generation_room(&self.config, ids.len()));
+                    let fits =
+                        prompt_ids(&self.tokenizer, prompt, self.raw_prompt).and_then(|ids| {
+                            let room = generation_room(&self.config, ids.len())?;
+                            let new = self.max_new.min(room);
+                            check_cache_fits::<B>(&self.config, ids.len(), new, place.0, choice)
+                        });
                     if let Err(e) = fits {
                         eprintln!("error: {e}");
                         continue;
                     }
-                    self.one(&model, prompt, self.seed.wrapping_add(turn), &mut report)?;
+                    let seed = self.seed.wrapping_add(turn);
+                    self.one(&model, &device, place, prompt, seed, &mut report)?;
                     turn += 1;
                 }
             }

@@ -6,6 +6,7 @@ pub mod bench_cli;
 pub mod cli;
 pub mod generate;
 pub mod logits_file;
+pub mod memory;
 pub mod record;
 pub mod run;
 pub mod stream;

@@ -196,6 +196,7 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
         echo_prompt: !args.no_echo,
         json: args.json,
         started,
+        stats: args.stats,
     };
     let report = backend::dispatch(&choice, args.device.precision, job)??;
     if let Some(t) = report.first_token_s {
@@ -210,6 +211,9 @@ fn generate(args: GenerateArgs, started: Instant) -> Result<()> {
             report.tokens as f64 / report.generate_s.max(1e-9),
             t
         );
+    }
+    if let Some(m) = report.memory {
+        eprintln!("{m}");
     }
     Ok(())
 }
@@ -262,6 +266,7 @@ fn score(args: ScoreArgs) -> Result<()> {
         context,
         batch: args.batch_size,
         per_token: args.per_token,
+        stats: args.stats,
     };
     let r = backend::dispatch(&choice, args.device.precision, job)??;
     let name = args.file.display().to_string();
@@ -288,6 +293,9 @@ fn score(args: ScoreArgs) -> Result<()> {
             "seconds": r.seconds,
             "context": context,
         });
+        if let Some(m) = r.memory {
+            out["memory"] = serde_json::to_value(m)?;
+        }
         if args.per_token {
             out["per_token"] = serde_json::Value::Array(per_token);
         }
@@ -306,6 +314,9 @@ fn score(args: ScoreArgs) -> Result<()> {
         "{name}: {} tokens, mean NLL {:.4} nats/token, perplexity {:.2} ({:.1} s)",
         r.tokens, r.nll, r.perplexity, r.seconds
     );
+    if let Some(m) = r.memory {
+        eprintln!("{m}");
+    }
     Ok(())
 }
 

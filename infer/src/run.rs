@@ -16,6 +16,8 @@ use nsa_runtime::bundle::build_model;
 use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
+use crate::memory::MemoryStats;
+
 /// Builds the model on `device` from host weights, or with random weights when `weights` is
 /// `None` (benchmarks).
 pub(crate) fn model<B: Backend>(
@@ -105,6 +107,8 @@ pub struct ScoreJob {
     pub batch: usize,
     /// Keep every predicted token's log-probability.
     pub per_token: bool,
+    /// Sample the memory held (`--stats`).
+    pub stats: bool,
 }
 
 /// Result of scoring.
@@ -122,6 +126,9 @@ pub struct ScoreReport {
     /// token `i + 1` of the stream (the first token is not predicted).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub logprobs: Vec<f64>,
+    /// The memory held, with `--stats` (sampled after every batch of windows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStats>,
 }
 
 impl OnBackend for ScoreJob {
@@ -142,6 +149,7 @@ impl OnBackend for ScoreJob {
         let mut total = 0.0f64;
         let mut count = 0usize;
         let mut logprobs = vec![0.0f64; if self.per_token { n - 1 } else { 0 }];
+        let mut memory = self.stats.then(MemoryStats::default);
         // the logits a chunk of tokens at a time, within the device's buffer limit
         let budget = logits_budget(choice.max_tensor_bytes);
         let mut batches: Vec<(Vec<usize>, usize)> = full
@@ -172,6 +180,9 @@ impl OnBackend for ScoreJob {
             let sum: f64 = picked.sum().into_scalar().elem();
             total -= sum;
             count += b * (len - 1);
+            if let Some(m) = memory.as_mut() {
+                m.sample(&device);
+            }
         }
         let nll = total / count as f64;
         Ok(ScoreReport {
@@ -180,6 +191,7 @@ impl OnBackend for ScoreJob {
             perplexity: nll.exp(),
             seconds: t0.elapsed().as_secs_f64(),
             logprobs,
+            memory,
         })
     }
 }

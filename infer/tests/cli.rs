@@ -659,3 +659,95 @@ fn nsa_bench_decode_writes_its_record_and_runs_alone() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("runs alone"), "{err}");
 }
+
+/// A generation whose caches cannot fit where the model lives is refused before any work, with
+/// one line naming what it needs, what is free and what to change; `--stats` prints the memory
+/// a run held.
+#[test]
+fn memory_is_checked_up_front_and_reported_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let vocab = small_vocab(d);
+    let good = d.join("good");
+    import(&good, &vocab);
+    // a model that claims a context of 2^40 tokens: 2^40 new tokens need ~2^49 bytes of caches
+    let huge = d.join("huge");
+    copy_dir(&good, &huge);
+    let path = huge.join("model.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["max_seq_len"] = serde_json::json!(1u64 << 40);
+    std::fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let h = huge.to_str().unwrap();
+    let n = (1u64 << 40).to_string();
+    refused(
+        &[
+            "generate",
+            "-m",
+            h,
+            "--backend",
+            "cpu",
+            "-p",
+            "我",
+            "-n",
+            &n,
+        ],
+        None,
+        &["the caches of", "GiB", "free", "--max-new-tokens"],
+    );
+    // interactive: the prompt is refused and the session goes on (ends at end of input, exit 0)
+    let (code, _, err) = nsa_infer(
+        &["generate", "-m", h, "--backend", "cpu", "-i", "-n", &n],
+        Some("我们\n".as_bytes()),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("error: the caches of"), "{err}");
+
+    // --stats: the memory line, on the CPU the process's peak
+    let g = good.to_str().unwrap();
+    let (code, _, err) = nsa_infer(
+        &[
+            "generate",
+            "-m",
+            g,
+            "--backend",
+            "cpu",
+            "-p",
+            "我们",
+            "-n",
+            "4",
+            "--greedy",
+            "--stats",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("memory:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("process peak RSS"), "{line}");
+    let text = d.join("text.txt");
+    std::fs::write(&text, "我们来到大地上，他们说的是中国。").unwrap();
+    let (code, out, err) = nsa_infer(
+        &[
+            "score",
+            "-m",
+            g,
+            "--backend",
+            "cpu",
+            text.to_str().unwrap(),
+            "--json",
+            "--stats",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        report["memory"]["peak_rss_bytes"]
+            .as_u64()
+            .is_some_and(|b| b > 0),
+        "{out}"
+    );
+}

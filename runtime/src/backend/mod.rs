@@ -19,12 +19,14 @@ use std::str::FromStr;
 
 mod dispatch;
 mod limits;
+mod memory;
 mod probe;
 
 pub use dispatch::{dispatch, register_kernels, OnBackend};
 #[cfg(feature = "autodiff")]
 pub use dispatch::{dispatch_autodiff, OnAutodiffBackend};
 pub use limits::mib;
+pub use memory::{device_pool, free_memory, human_bytes, peak_rss};
 pub use probe::{
     probe_cuda, probe_wgpu, quiet_headless_probe, Adapter, AdapterLimits, AdapterSlot,
 };
