@@ -1,7 +1,7 @@
 //! Decoding on Burn's `flex` CPU backend with the registered kernels (`kernels::register_flex`:
-//! row products, in-place cache writes, the one-call decode attention) gives the logits of the
-//! tensor-op path, and prefill (many rows) is left to the tensor ops. Its own test binary: it
-//! switches the process-wide kernel registry.
+//! row products, in-place cache writes, the one-call decode attention, and the prefill's
+//! compressed branch and selection row by row) gives the logits of the tensor-op path. Its own
+//! test binary: it switches the process-wide kernel registry.
 #![cfg(feature = "flex")]
 
 mod common;
@@ -118,8 +118,26 @@ fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
         let d = max_diff(&plain, &fast);
         assert!(d < 1e-5, "{name}: max logit difference {d}");
         assert!(d > 0.0, "{name}: the decode steps did not take the kernels");
-        // the prefill logits (many rows) come from the tensor ops either way
-        assert_eq!(plain[0], fast[0], "{name}");
+
+        // a longer prompt's prefill (every position's logits): the compressed branch and the
+        // selection row by row against the tensor ops (past many strides and selection blocks;
+        // a length that is a multiple of nothing)
+        let long: Vec<i64> = if name == EXACT_TIES {
+            vec![7; 151]
+        } else {
+            (0..151).map(|i| (i * 53 + 3) % vocab).collect()
+        };
+        let all = |m: &Transformer<B>| {
+            let ids =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(long.clone(), [1, 151]), &device);
+            vec![m.prefill(ids, 0).0.into_data().into_vec::<f32>().unwrap()]
+        };
+        let fast_prefill = all(&model);
+        let plain_prefill = all(&model
+            .clone()
+            .with_kernel_options(KernelOptions::tensor_ops()));
+        let d = max_diff(&plain_prefill, &fast_prefill);
+        assert!(d < 1e-5, "{name}: prefill, max logit difference {d}");
 
         // each kernel answers for the first layer of a prefilled cache
         let handle = Kernels::<B>::new(&KernelOptions::default());
@@ -161,6 +179,17 @@ fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
         assert!(
             k.decode_attention(&inputs).is_some(),
             "{name}: decode_attention"
+        );
+        let q = Tensor::<B, 4>::random(
+            [1, heads, n, d],
+            burn::tensor::Distribution::Default,
+            &device,
+        );
+        let (ck, cv) = layer.compressed.all();
+        assert!(
+            k.compressed_and_selection(&q, &ck, &cv, inputs.num_mem, inputs.sizes, inputs.scale)
+                .is_some(),
+            "{name}: compressed_and_selection"
         );
         let (kb, vb) = layer.kv.buffers();
         let buffers = [

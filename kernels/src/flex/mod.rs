@@ -18,11 +18,14 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 use self::decode::{decode_attention, DecodeData};
-use crate::api::{DecodeInputs, DecodeShape, NsaKernels, RowLinear};
+use self::prefill::{PrefillOut, PrefillShape};
+use crate::api::{DecodeInputs, DecodeShape, NsaKernels, RowLinear, Selection};
 use crate::dispatch::write_rows_with_slice_assign;
 use crate::options::KernelOptions;
+use crate::rules::SparseSizes;
 
 mod decode;
+mod prefill;
 
 /// The `flex` implementation of [`NsaKernels`]: the decode step's projections
 /// ([`NsaKernels::linear_row`], [`NsaKernels::row_linear`]), cache writes
@@ -204,6 +207,58 @@ impl NsaKernels<Flex> for FlexKernels {
             out[i] = Some(written);
         }
         Ok(out.map(|t| Tensor::from_primitive(TensorPrimitive::Float(t.expect("written")))))
+    }
+
+    /// A prefill's compressed branch and selection, row by row ([`prefill`]): the tensor ops
+    /// form `seq × blocks` scores, masks and probabilities, in chunks.
+    fn compressed_and_selection(
+        &self,
+        q: &Tensor<Flex, 4>,
+        ck: &Tensor<Flex, 4>,
+        cv: &Tensor<Flex, 4>,
+        num_mem: usize,
+        sizes: &SparseSizes,
+        scale: f64,
+    ) -> Option<(Tensor<Flex, 4>, Option<Selection<Flex>>)> {
+        let [b, h, n, d] = q.dims();
+        let [kb, kvh, slots, kd] = ck.dims();
+        let fits = (kb, kvh, kd) == (b, sizes.kv_heads, d)
+            && ck.dims() == cv.dims()
+            && h == sizes.heads
+            && d == sizes.dim_head
+            && sizes.kv_heads > 0
+            && h % sizes.kv_heads == 0
+            // a query before every block would see no slot at all
+            && num_mem >= 1
+            && slots >= num_mem
+            && [q.dtype(), ck.dtype(), cv.dtype()] == [DType::F32; 3];
+        if !fits {
+            return None;
+        }
+        let (qt, kt, vt) = (float(q.clone()), float(ck.clone()), float(cv.clone()));
+        let p = PrefillShape {
+            b,
+            n,
+            slots,
+            mem: num_mem,
+            sizes: *sizes,
+            scale: scale as f32,
+        };
+        let PrefillOut {
+            out,
+            count,
+            indices,
+            scores,
+            valid,
+        } = prefill::compressed_and_selection(&p, qt.as_slice()?, kt.as_slice()?, vt.as_slice()?);
+        let device = q.device();
+        let shape = [b, sizes.selection_heads(), n, count];
+        let selection = (count > 0).then(|| Selection {
+            indices: Tensor::from_data(TensorData::new(indices, shape), &device),
+            scores: flex_tensor(scores, shape),
+            valid: Tensor::from_data(TensorData::new(valid, shape), &device),
+        });
+        Some((flex_tensor(out, [b, h, n, d]), selection))
     }
 
     fn decode_attention(&self, s: &DecodeInputs<'_, Flex>) -> Option<Tensor<Flex, 3>> {
