@@ -29,6 +29,7 @@
 #   longdecode  decode at batch 1 with 4k-100K tokens of context, NSA beside the dense model, the
 #           compressed branch in parts against dfc08f7's one kernel (.gpu/nsa-bench-dfc08f7.xz),
 #           device memory sampled by nvidia-smi (issue 22)
+#   memcheck  --stats on a 100K-token prompt, and the refusal of caches that cannot fit
 #   longtrain  training steps of the seed model at 16k and 64k tokens, NSA and dense (issue 22)
 #   vulkan  wgpu (Vulkan) beside CUDA: layer 16k-128k f32, training step, decode, a 100K-token
 #           prompt (issue 27)
@@ -369,16 +370,30 @@ for phase in "$@"; do
       done
       run_peak ld-nsa-bf16-100000 90 /tmp/bin/nsa-bench --suite decode --backend cuda \
         --precision bf16 --prompt-len 100000 -n 256 --runs 3 --json "$(rec decode-long-nsa-bf16-100000)"
-      for n in 65536 100000; do
-        run "ld-old-$n" 90 /tmp/bin/nsa-bench-dfc08f7 --suite decode --backend cuda \
-          --prompt-len $n -n 128 --runs 2 --json "$(rec "decode-long-dfc08f7-$n")"
-      done
+      # before: one cube per selection head, and past 8,192 blocks the tensor-op step
+      run ld-old-100000 90 /tmp/bin/nsa-bench-dfc08f7 --suite decode --backend cuda \
+        --prompt-len 100000 -n 128 --runs 2 --json "$(rec decode-long-dfc08f7-100000)"
       for n in 4096 16384 65536 100000; do
         run_peak "ld-full-$n" 120 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
           --prompt-len $n -n 128 --runs 2 --json "$(rec "decode-long-full-$n")"
       done
-      run_peak ld-nsa-wgpu-100000 150 /tmp/bin/nsa-bench --suite decode --backend wgpu \
+      run_peak ld-nsa-wgpu-100000 120 /tmp/bin/nsa-bench --suite decode --backend wgpu \
         --prompt-len 100000 -n 256 --runs 3 --json "$(rec decode-long-nsa-wgpu-100000)"
+      ;;
+    memcheck)
+      # issue 22: --stats on a 100K-token prompt (CUDA, wgpu), and the up-front refusal of a
+      # generation whose caches cannot fit the device's free memory
+      fixture_vocab
+      run import-huge 60 /tmp/bin/nsa-infer import --weights assets/fixtures/transformer_nsa.pt \
+        --args assets/fixtures/transformer_nsa.args.json --tokenizer /tmp/vocab.txt \
+        --max-seq-len 1099511627776 --out /tmp/fixture-huge
+      run mem-refuse 60 /tmp/bin/nsa-infer generate -m /tmp/fixture-huge --backend cuda \
+        -p "我们" -n 1099511627000
+      python3 -c 'import random; v=open("/tmp/vocab.txt").read().split()[5:]; random.seed(1); print("".join(random.choice(v) for _ in range(100000)))' >/tmp/prompt-100k.txt
+      for be in cuda wgpu; do
+        run_peak "mem-stats-$be" 90 /tmp/bin/nsa-infer generate -m /tmp/fixture-huge \
+          --backend "$be" -n 256 --greedy --no-echo --stats </tmp/prompt-100k.txt
+      done
       ;;
     longtrain)
       # issue 22: training steps of the seed model at 16k and 64k tokens, NSA and dense

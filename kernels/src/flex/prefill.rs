@@ -88,7 +88,9 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
             for (ri, t) in rows.clone().enumerate() {
                 // memory and the blocks ended before `t` (`rules::compressed_visible`)
                 let seen = p.mem + compressed_blocks(t, s.stride).min(blocks);
-                imp.iter_mut().for_each(|x| *x = 0.0);
+                // selection blocks whose compression blocks are all visible
+                let vis = ((seen - p.mem) / pf).min(complete);
+                imp[..vis].iter_mut().for_each(|x| *x = 0.0);
                 for r in 0..gs {
                     let head = sh * gs + r;
                     let qr = &q[((b * h + head) * n + t) * d..][..d];
@@ -110,14 +112,12 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
                     }
                     o.iter_mut().for_each(|x| *x /= sum);
                     // the heads' logits summed per selection block
-                    for (blk, x) in imp.iter_mut().enumerate() {
+                    for (blk, x) in imp[..vis].iter_mut().enumerate() {
                         let first = p.mem + blk * pf;
-                        if first + pf <= seen {
-                            *x += logits[first..first + pf].iter().sum::<f32>();
-                        }
+                        *x += logits[first..first + pf].iter().sum::<f32>();
                     }
                 }
-                select_row(&mut imp, &mut picks, t, seen - p.mem, gs * pf, count, s);
+                select_row(&mut imp[..vis], &mut picks, t, gs * pf, count, s);
             }
             (outs, picks)
         })
@@ -153,34 +153,31 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
     }
 }
 
-/// The top-`count` blocks of one query row (at `t`, `seen` compression blocks visible) from
-/// `imp`, its selection blocks' summed logits (`terms` each), appended to `picks` as
-/// `(block, probability)`.
+/// The top-`count` blocks of one query row (at `t`) from `imp`, the summed logits (`terms`
+/// each) of its selection blocks whose compression blocks are all visible (the later ones are
+/// masked), appended to `picks` as `(block, probability)`.
 fn select_row(
     imp: &mut [f32],
     picks: &mut Vec<(usize, f32)>,
     t: usize,
-    seen: usize,
     terms: usize,
     count: usize,
     s: &SparseSizes,
 ) {
     let pf = s.per_selection();
     let own = own_block(t, s.selection_block);
-    // blocks whose compression blocks are all visible and that are not the query's own
-    let open = |blk: usize| (blk + 1) * pf <= seen && !(pf > 1 && blk == own);
+    // the query's own block is left to the selected branch's causal part
+    let open = |blk: usize| !(pf > 1 && blk == own);
     let inv = 1.0 / terms as f32;
     let mut m = SINK_LOGIT;
-    let mut any = 0;
     for (blk, x) in imp.iter_mut().enumerate() {
         if open(blk) {
             *x *= inv;
             m = m.max(*x);
-            any = blk + 1;
         }
     }
     let mut z = (SINK_LOGIT - m).exp();
-    for (blk, x) in imp[..any].iter_mut().enumerate() {
+    for (blk, x) in imp.iter_mut().enumerate() {
         if open(blk) {
             *x = (*x - m).exp();
             z += *x;
@@ -188,10 +185,9 @@ fn select_row(
             *x = 0.0;
         }
     }
-    imp[any..].iter_mut().for_each(|x| *x = 0.0);
     // the best `count` positive probabilities (ranked), then zero ones by index
     let start = picks.len();
-    for (blk, &e) in imp[..any].iter().enumerate() {
+    for (blk, &e) in imp.iter().enumerate() {
         let prob = e / z;
         if prob <= 0.0 {
             continue;
@@ -214,7 +210,7 @@ fn select_row(
     }
     let mut blk = 0;
     while picks.len() - start < count {
-        let positive = blk < any && imp[blk] / z > 0.0;
+        let positive = blk < imp.len() && imp[blk] / z > 0.0;
         if !positive {
             picks.push((blk, 0.0));
         }
