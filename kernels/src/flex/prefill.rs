@@ -67,6 +67,22 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
     let mut scores = vec![0.0f32; p.b * hs * n * count];
     let mut valid = vec![false; p.b * hs * n * count];
 
+    // keys and values transposed, `[b, kvh, d, slots]`: a query's scores and its output are
+    // then sums over contiguous runs of slots (vectorised), not dot products of `d` features
+    let transpose = |x: &[f32]| {
+        let mut t = vec![0.0f32; x.len()];
+        for (bh, head) in x.chunks_exact(p.slots * d).enumerate() {
+            let th = &mut t[bh * p.slots * d..(bh + 1) * p.slots * d];
+            for (j, row) in head.chunks_exact(d).enumerate() {
+                for (i, &x) in row.iter().enumerate() {
+                    th[i * p.slots + j] = x;
+                }
+            }
+        }
+        t
+    };
+    let (kt, vt) = (transpose(ck), transpose(cv));
+
     // one task per (batch, selection head, ROWS query rows); each writes its own rows
     let tasks: Vec<(usize, usize, usize)> = (0..p.b)
         .flat_map(|b| (0..hs).flat_map(move |sh| (0..n.div_ceil(ROWS)).map(move |c| (b, sh, c))))
@@ -76,14 +92,17 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
         .map(|&(b, sh, c)| {
             let rows = c * ROWS..((c + 1) * ROWS).min(n);
             let kv = sh * gs / g;
-            let kbase = (b * kvh + kv) * p.slots;
-            let (k, v) = (
-                &ck[kbase * d..(kbase + p.slots) * d],
-                &cv[kbase * d..(kbase + p.slots) * d],
-            );
+            let at = (b * kvh + kv) * p.slots * d;
+            let heads = Transposed {
+                k: &kt[at..at + p.slots * d],
+                v: &vt[at..at + p.slots * d],
+                slots: p.slots,
+                d,
+            };
             let mut outs = vec![0.0f32; rows.len() * gs * d];
             let mut picks = Vec::with_capacity(rows.len() * count);
             let mut logits = vec![0.0f32; p.slots];
+            let mut weights = vec![0.0f32; p.slots];
             let mut imp = vec![0.0f32; complete];
             for (ri, t) in rows.clone().enumerate() {
                 // memory and the blocks ended before `t` (`rules::compressed_visible`)
@@ -94,27 +113,13 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
                 for r in 0..gs {
                     let head = sh * gs + r;
                     let qr = &q[((b * h + head) * n + t) * d..][..d];
-                    // scores, softmax, output
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, l) in logits[..seen].iter_mut().enumerate() {
-                        let kr = &k[j * d..(j + 1) * d];
-                        *l = qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * p.scale;
-                        max = max.max(*l);
-                    }
                     let o = &mut outs[(ri * gs + r) * d..][..d];
-                    let mut sum = 0.0f32;
-                    for (j, &l) in logits[..seen].iter().enumerate() {
-                        let w = (l - max).exp();
-                        sum += w;
-                        for (oi, vi) in o.iter_mut().zip(&v[j * d..(j + 1) * d]) {
-                            *oi += w * vi;
-                        }
-                    }
-                    o.iter_mut().for_each(|x| *x /= sum);
+                    let (l, w) = (&mut logits[..seen], &mut weights[..seen]);
+                    heads.attend(qr, p.scale, l, w, o);
                     // the heads' logits summed per selection block
                     for (blk, x) in imp[..vis].iter_mut().enumerate() {
                         let first = p.mem + blk * pf;
-                        *x += logits[first..first + pf].iter().sum::<f32>();
+                        *x += l[first..first + pf].iter().sum::<f32>();
                     }
                 }
                 select_row(&mut imp[..vis], &mut picks, t, gs * pf, count, s);
@@ -215,5 +220,151 @@ fn select_row(
             picks.push((blk, 0.0));
         }
         blk += 1;
+    }
+}
+
+/// One kv head's keys and values, transposed: feature `i` of slot `j` at `i * slots + j`.
+struct Transposed<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    slots: usize,
+    d: usize,
+}
+
+/// Lanes of the vectorised loops (one AVX register of f32).
+const LANES: usize = 8;
+
+impl Transposed<'_> {
+    /// Attention of the query `q` (`d` features) over the first `l.len()` slots: their scaled
+    /// logits into `l`, the softmax-weighted sum of their values into `o`; `w` is scratch.
+    fn attend(&self, q: &[f32], scale: f32, l: &mut [f32], w: &mut [f32], o: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled with.
+            unsafe { self.attend_avx2(q, scale, l, w, o) };
+            return;
+        }
+        self.attend_plain(q, scale, l, w, o);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(
+        &self,
+        q: &[f32],
+        scale: f32,
+        l: &mut [f32],
+        w: &mut [f32],
+        o: &mut [f32],
+    ) {
+        self.attend_plain(q, scale, l, w, o);
+    }
+
+    #[inline(always)]
+    fn attend_plain(&self, q: &[f32], scale: f32, l: &mut [f32], w: &mut [f32], o: &mut [f32]) {
+        let seen = l.len();
+        // logits: feature by feature over the slots
+        l.iter_mut().for_each(|x| *x = 0.0);
+        for (i, &qi) in q.iter().enumerate() {
+            let row = &self.k[i * self.slots..i * self.slots + seen];
+            for (x, &k) in l.iter_mut().zip(row) {
+                *x += qi * k;
+            }
+        }
+        let mut lanes = [f32::NEG_INFINITY; LANES];
+        let mut chunks = l.chunks_exact_mut(LANES);
+        for c in &mut chunks {
+            for (m, x) in lanes.iter_mut().zip(c.iter_mut()) {
+                *x *= scale;
+                *m = m.max(*x);
+            }
+        }
+        let mut max = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        for x in chunks.into_remainder() {
+            *x *= scale;
+            max = max.max(*x);
+        }
+        // weights and their sum
+        let mut sums = [0.0f32; LANES];
+        let mut wc = w.chunks_exact_mut(LANES);
+        let mut lc = l.chunks_exact(LANES);
+        for (wv, lv) in (&mut wc).zip(&mut lc) {
+            for ((s, x), &y) in sums.iter_mut().zip(wv.iter_mut()).zip(lv) {
+                *x = exp_neg(y - max);
+                *s += *x;
+            }
+        }
+        let mut sum: f32 = sums.iter().sum();
+        for (x, &y) in wc.into_remainder().iter_mut().zip(lc.remainder()) {
+            *x = exp_neg(y - max);
+            sum += *x;
+        }
+        // output: per feature, the weighted sum of the values over the slots
+        for (i, oi) in o.iter_mut().enumerate() {
+            let row = &self.v[i * self.slots..i * self.slots + seen];
+            let mut acc = [0.0f32; LANES];
+            let mut rc = row.chunks_exact(LANES);
+            let mut wc = w.chunks_exact(LANES);
+            for (rv, wv) in (&mut rc).zip(&mut wc) {
+                for ((a, &r), &x) in acc.iter_mut().zip(rv).zip(wv) {
+                    *a += x * r;
+                }
+            }
+            let mut total: f32 = acc.iter().sum();
+            for (&r, &x) in rc.remainder().iter().zip(wc.remainder()) {
+                total += x * r;
+            }
+            *oi = total / sum;
+        }
+    }
+}
+
+/// `exp(x)` for `x <= 0` (a logit minus its row's maximum), to about 2 ulp: `2^n · p(r)` with
+/// `x = n ln 2 + r`, `|r| <= ln 2 / 2`, a degree-6 polynomial for `e^r`, written without
+/// library calls so that the loops around it vectorise. Below -87.3 (where `expf` is
+/// subnormal) it is 0; NaN stays NaN.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 · 2^23: adding and subtracting it rounds to an integer
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.max(-87.3);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let e = p * scale;
+    // a NaN stays NaN
+    if x > -87.3 {
+        e
+    } else if x <= -87.3 {
+        0.0
+    } else {
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_polynomial_exp_is_expf_to_a_few_ulp() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (a, b) = (exp_neg(x) as f64, (x as f64).exp());
+            worst = worst.max(((a - b) / b).abs());
+            x += 0.001_37;
+        }
+        assert!(worst < 5e-7, "relative error {worst}");
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert_eq!(exp_neg(-100.0), 0.0);
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert!(exp_neg(f32::NAN).is_nan());
     }
 }
