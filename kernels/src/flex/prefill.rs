@@ -97,7 +97,6 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
                 k: &kt[at..at + p.slots * d],
                 v: &vt[at..at + p.slots * d],
                 slots: p.slots,
-                d,
             };
             let mut outs = vec![0.0f32; rows.len() * gs * d];
             let mut picks = Vec::with_capacity(rows.len() * count);
@@ -228,7 +227,6 @@ struct Transposed<'a> {
     k: &'a [f32],
     v: &'a [f32],
     slots: usize,
-    d: usize,
 }
 
 /// Lanes of the vectorised loops (one AVX register of f32).
