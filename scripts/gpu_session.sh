@@ -363,20 +363,21 @@ for phase in "$@"; do
         --suite check --lengths 1k,4k --precisions bf16,f32 --json "$(rec check-order-query)"
       ;;
     longdecode)
-      # issue 22: decode speed with long contexts, ours (NSA and dense, f32 and bf16) in one call
+      # issue 22: decode speed with long contexts, ours (NSA and dense, f32 and bf16) in one
+      # call, the most wanted rows first (a call cut short keeps the records made so far)
       for n in 4096 16384 65536 100000; do
         run_peak "ld-nsa-$n" 90 /tmp/bin/nsa-bench --suite decode --backend cuda --prompt-len $n \
           -n 256 --runs 3 --json "$(rec "decode-long-nsa-$n")"
       done
-      run_peak ld-nsa-bf16-100000 90 /tmp/bin/nsa-bench --suite decode --backend cuda \
-        --precision bf16 --prompt-len 100000 -n 256 --runs 3 --json "$(rec decode-long-nsa-bf16-100000)"
+      run_peak ld-full-65536 100 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
+        --prompt-len 65536 -n 128 --runs 2 --json "$(rec decode-long-full-65536)"
       # before: one cube per selection head, and past 8,192 blocks the tensor-op step
       run ld-old-100000 90 /tmp/bin/nsa-bench-dfc08f7 --suite decode --backend cuda \
         --prompt-len 100000 -n 128 --runs 2 --json "$(rec decode-long-dfc08f7-100000)"
-      for n in 65536 100000; do
-        run_peak "ld-full-$n" 100 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
-          --prompt-len $n -n 128 --runs 2 --json "$(rec "decode-long-full-$n")"
-      done
+      run_peak ld-full-100000 100 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
+        --prompt-len 100000 -n 128 --runs 2 --json "$(rec decode-long-full-100000)"
+      run_peak ld-nsa-bf16-100000 90 /tmp/bin/nsa-bench --suite decode --backend cuda \
+        --precision bf16 --prompt-len 100000 -n 256 --runs 3 --json "$(rec decode-long-nsa-bf16-100000)"
       run_peak ld-nsa-wgpu-100000 100 /tmp/bin/nsa-bench --suite decode --backend wgpu \
         --prompt-len 100000 -n 128 --runs 2 --json "$(rec decode-long-nsa-wgpu-100000)"
       ;;

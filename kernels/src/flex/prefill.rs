@@ -49,6 +49,10 @@ pub struct PrefillOut {
 /// Query rows per task.
 const ROWS: usize = 64;
 
+/// A task's outputs `[rows, heads of the selection head, d]` and picks `[rows, count]`
+/// (block, probability).
+type TaskOut = (Vec<f32>, Vec<(usize, f32)>);
+
 /// The compressed branch and the selection of `q` `[b, h, n, d]` over `ck`, `cv`
 /// `[b, kvh, slots, d]` (contiguous f32).
 pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f32]) -> PrefillOut {
@@ -87,7 +91,7 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
     let tasks: Vec<(usize, usize, usize)> = (0..p.b)
         .flat_map(|b| (0..hs).flat_map(move |sh| (0..n.div_ceil(ROWS)).map(move |c| (b, sh, c))))
         .collect();
-    let results: Vec<(Vec<f32>, Vec<(usize, f32)>)> = tasks
+    let results: Vec<TaskOut> = tasks
         .par_iter()
         .map(|&(b, sh, c)| {
             let rows = c * ROWS..((c + 1) * ROWS).min(n);
