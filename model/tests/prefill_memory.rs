@@ -2,8 +2,9 @@
 //! the peak of bytes allocated while a tiny NSA model prefills 8,192 tokens against 2,048,
 //! counted by this test binary's own allocator. Quadratic work (the compressed scores and the
 //! block importance of every query over every block, all positions' logits) would make the
-//! ratio about 16; linear, about 4. The only test of its binary, so that nothing else
-//! allocates meanwhile.
+//! ratio about 16; linear, about 4. On ndarray with the tensor ops, and on flex with its
+//! prefill kernel (the CPU backend of `nsa-infer`). The only test of its binary, so that
+//! nothing else allocates meanwhile.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,7 +42,7 @@ static ALLOCATOR: Counting = Counting;
 type B = NdArray<f32>;
 
 /// Bytes allocated at the peak of one prefill of `n` tokens, above what was live before.
-fn prefill_peak(model: &nsa_model::Transformer<B>, n: usize) -> usize {
+fn prefill_peak<B: Backend>(model: &nsa_model::Transformer<B>, n: usize) -> usize {
     let device = Default::default();
     let ids: Vec<i64> = (0..n).map(|i| ((i * 7919) % 61) as i64).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
@@ -75,14 +76,29 @@ fn prefill_memory_grows_linearly_with_the_prompt() {
     s.selection_block_size = 8;
     s.num_selected_blocks = 2;
     let model = c.init::<B>(&device).unwrap();
+    linear("ndarray, tensor ops", &model);
+    // the CPU backend of `nsa-infer --backend cpu`: flex, with its prefill kernel
+    #[cfg(feature = "flex")]
+    {
+        nsa_model::kernels::register_flex();
+        let device = Default::default();
+        let model = c.init::<burn::backend::Flex>(&device).unwrap();
+        linear("flex, its kernels", &model);
+    }
+}
+
+/// The peak of an 8,192-token prefill of `model` is less than 6 times a 2,048-token one's.
+fn linear<B: Backend>(name: &str, model: &nsa_model::Transformer<B>) {
     // warm-up: one-time allocations (thread pools, tables) do not count
-    prefill_peak(&model, 512);
-    let small = prefill_peak(&model, 2048);
-    let large = prefill_peak(&model, 8192);
+    prefill_peak(model, 512);
+    let small = prefill_peak(model, 2048);
+    let large = prefill_peak(model, 8192);
     let ratio = large as f64 / small as f64;
-    println!("prefill peak: 2048 tokens {small} B, 8192 tokens {large} B, ratio {ratio:.2}");
+    println!(
+        "{name}: prefill peak: 2048 tokens {small} B, 8192 tokens {large} B, ratio {ratio:.2}"
+    );
     assert!(
         ratio < 6.0,
-        "prefill memory grows faster than linearly: ratio {ratio:.2}"
+        "{name}: prefill memory grows faster than linearly: ratio {ratio:.2}"
     );
 }
