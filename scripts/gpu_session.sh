@@ -29,6 +29,7 @@
 #   longdecode  decode at batch 1 with 4k-100K tokens of context, NSA beside the dense model, the
 #           compressed branch in parts against dfc08f7's one kernel (.gpu/nsa-bench-dfc08f7.xz),
 #           device memory sampled by nvidia-smi (issue 22)
+#   longmin  the NSA decode rows of longdecode at 100K and 64K only
 #   memcheck  --stats on a 100K-token prompt, and the refusal of caches that cannot fit
 #   longtrain  training steps of the seed model at 16k and 64k tokens, NSA and dense (issue 22)
 #   vulkan  wgpu (Vulkan) beside CUDA: layer 16k-128k f32, training step, decode, a 100K-token
@@ -380,6 +381,13 @@ for phase in "$@"; do
         --precision bf16 --prompt-len 100000 -n 256 --runs 3 --json "$(rec decode-long-nsa-bf16-100000)"
       run_peak ld-nsa-wgpu-100000 100 /tmp/bin/nsa-bench --suite decode --backend wgpu \
         --prompt-len 100000 -n 128 --runs 2 --json "$(rec decode-long-nsa-wgpu-100000)"
+      ;;
+    longmin)
+      # the two rows the decode change is for, when little device time is left
+      for n in 100000 65536; do
+        run_peak "ld-nsa-$n" 60 /tmp/bin/nsa-bench --suite decode --backend cuda --prompt-len $n \
+          -n 256 --runs 3 --json "$(rec "decode-long-nsa-$n")"
+      done
       ;;
     memcheck)
       # issue 22: --stats on a 100K-token prompt (CUDA, wgpu), and the up-front refusal of a
