@@ -300,10 +300,11 @@ mod tests {
         // up to a span of complete blocks, one kernel
         let short = decode_plan(&seed_step(4000), 0, budget).unwrap();
         assert_eq!((short.parts, short.t.parts), (1, false));
-        // 100K tokens (6,250 blocks): 25 parts of 256 blocks, which no shared-memory array
-        // of one cube held before
+        // 100K tokens (6,250 blocks): 25 parts of 256 blocks on 25 cubes per selection head
         let long = decode_plan(&seed_step(100_000), 0, budget).unwrap();
         assert_eq!((long.parts, long.t.parts, long.t.fcap), (25, true, 256));
+        // 1M tokens: one cube of one kernel held the importance of at most 7,168 blocks of
+        // this shape in shared memory (115K tokens); in parts, any length fits
         let huge = decode_plan(&seed_step(1 << 20), 0, budget).unwrap();
         assert_eq!(huge.parts, 256);
         // a span of one row makes a part of each block
