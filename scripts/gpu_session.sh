@@ -372,7 +372,7 @@ for phase in "$@"; do
       done
       run_peak ld-full-65536 100 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
         --prompt-len 65536 -n 128 --runs 2 --json "$(rec decode-long-full-65536)"
-      # before: one cube per selection head, and past 8,192 blocks the tensor-op step
+      # before: one cube per selection head (one kernel; past 7,168 blocks of this shape, the tensor-op step)
       run ld-old-100000 90 /tmp/bin/nsa-bench-dfc08f7 --suite decode --backend cuda \
         --prompt-len 100000 -n 128 --runs 2 --json "$(rec decode-long-dfc08f7-100000)"
       run_peak ld-full-100000 100 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
