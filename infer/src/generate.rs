@@ -24,9 +24,10 @@ use nsa_runtime::backend::{BackendChoice, OnBackend};
 use nsa_runtime::tokenizer::Tokenizer;
 use serde::Serialize;
 
-use crate::memory::{check_cache_fits, free_for_caches, MemoryStats};
+use crate::memory::{check_cache_fits, MemoryStats};
 use crate::run::{generation_room, model, prompt_ids};
 use crate::stream::Streamer;
+use nsa_runtime::backend::free_memory;
 
 /// One prompt and where it came from (for errors: `--prompts FILE line 3`).
 pub struct Prompt {
@@ -335,7 +336,8 @@ impl OnBackend for GenerateJob {
             memory: self.stats.then(MemoryStats::default),
             ..Default::default()
         };
-        let place = (free_for_caches(choice), choice);
+        // measured with the model loaded: its weights count as used
+        let place = (free_memory(choice), choice);
         let t0 = Instant::now();
         match &self.prompts {
             Prompts::Given(prompts) => {

@@ -6,7 +6,7 @@ use burn::prelude::*;
 use burn::tensor::Element;
 use nsa_model::cache::cache_bytes;
 use nsa_model::TransformerConfig;
-use nsa_runtime::backend::{device_pool, free_memory, human_bytes, peak_rss, BackendChoice};
+use nsa_runtime::backend::{device_pool, human_bytes, peak_rss, BackendChoice};
 use serde::Serialize;
 
 /// The most memory a run was seen to hold: the device pool (CubeCL's reserved bytes, and the
@@ -57,14 +57,9 @@ impl std::fmt::Display for MemoryStats {
     }
 }
 
-/// Free memory where `choice`'s caches will live ([`free_memory`]): measured once the model is
-/// loaded, so that its weights are counted as used.
-pub fn free_for_caches(choice: &BackendChoice) -> Option<u64> {
-    free_memory(choice)
-}
-
 /// Refuses a generation of `prompt + new` tokens (batch 1) whose caches need more than
-/// `free` bytes (see [`free_for_caches`]), with what to change; `Ok` where `free` is unknown.
+/// `free` bytes ([`nsa_runtime::backend::free_memory`], measured once the model is loaded so that its weights count
+/// as used), with what to change; `Ok` where `free` is unknown.
 pub fn check_cache_fits<B: Backend>(
     config: &TransformerConfig,
     prompt: usize,

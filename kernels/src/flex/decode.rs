@@ -1,5 +1,5 @@
 //! The decode step's attention on the CPU, over plain slices: the same algorithm as the CubeCL
-//! decode kernel (`cube/decode.rs`) for Burn's `flex` backend, where the ≈ 130 tensor ops it
+//! decode kernel (`cube/decode/`) for Burn's `flex` backend, where the ≈ 130 tensor ops it
 //! replaces per layer cost more in dispatch and allocation than the arithmetic (a few thousand
 //! multiply-adds per head).
 //!

@@ -86,6 +86,10 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
         t
     };
     let (kt, vt) = (transpose(ck), transpose(cv));
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
 
     // one task per (batch, selection head, ROWS query rows); each writes its own rows
     let tasks: Vec<(usize, usize, usize)> = (0..p.b)
@@ -101,6 +105,7 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
                 k: &kt[at..at + p.slots * d],
                 v: &vt[at..at + p.slots * d],
                 slots: p.slots,
+                avx2,
             };
             let mut outs = vec![0.0f32; rows.len() * gs * d];
             let mut picks = Vec::with_capacity(rows.len() * count);
@@ -231,6 +236,8 @@ struct Transposed<'a> {
     k: &'a [f32],
     v: &'a [f32],
     slots: usize,
+    /// The CPU has AVX2 and FMA (checked once per call, not per row).
+    avx2: bool,
 }
 
 /// Lanes of the vectorised loops (one AVX register of f32).
@@ -241,8 +248,8 @@ impl Transposed<'_> {
     /// logits into `l`, the softmax-weighted sum of their values into `o`; `w` is scratch.
     fn attend(&self, q: &[f32], scale: f32, l: &mut [f32], w: &mut [f32], o: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled with.
+        if self.avx2 {
+            // SAFETY: the CPU has the features the function is compiled with (`avx2`).
             unsafe { self.attend_avx2(q, scale, l, w, o) };
             return;
         }

@@ -10,28 +10,7 @@ use nsa_runtime::backend::Precision;
 
 use crate::rows::{Job, Row};
 
-/// Device memory held by CubeCL's allocator (`bytes_reserved`, `bytes_in_use`).
-pub fn memory_usage<D: 'static>(device: &D) -> Option<(u64, u64)> {
-    #[allow(unused_variables)]
-    let any = device as &dyn std::any::Any;
-    #[cfg(feature = "cuda")]
-    if let Some(d) = any.downcast_ref::<burn::backend::cuda::CudaDevice>() {
-        use burn::cubecl::Runtime;
-        let u = burn::cubecl::cuda::CudaRuntime::client(d)
-            .memory_usage()
-            .ok()?;
-        return Some((u.bytes_reserved, u.bytes_in_use));
-    }
-    #[cfg(feature = "wgpu")]
-    if let Some(d) = any.downcast_ref::<burn::backend::wgpu::WgpuDevice>() {
-        use burn::cubecl::Runtime;
-        let u = burn::backend::wgpu::WgpuRuntime::client(d)
-            .memory_usage()
-            .ok()?;
-        return Some((u.bytes_reserved, u.bytes_in_use));
-    }
-    None
-}
+pub use nsa_runtime::backend::device_pool;
 
 pub fn sync<B: Backend>(device: &B::Device) {
     if let Err(e) = B::sync(device) {
@@ -57,7 +36,7 @@ pub fn time_row<B: Backend>(job: &Job, device: &B::Device, mut row: Row, run: im
     row.kernels = Some(kernels::registered::<B>() && job.options.fused);
     sync::<B>(device);
     let mut times = Vec::new();
-    let mut peak = memory_usage(device).map(|m| m.0);
+    let mut peak = device_pool(device).map(|m| m.0);
     for i in 0..job.warmup + job.runs {
         let t = Instant::now();
         run();
@@ -69,7 +48,7 @@ pub fn time_row<B: Backend>(job: &Job, device: &B::Device, mut row: Row, run: im
         if i >= job.warmup {
             times.push(ms);
         }
-        if let Some((reserved, _)) = memory_usage(device) {
+        if let Some((reserved, _)) = device_pool(device) {
             peak = Some(peak.unwrap_or(0).max(reserved));
         }
     }

@@ -8,7 +8,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 use nsa_model::{kernels, TransformerConfig};
 
-use crate::measure::{memory_usage, stats, sync};
+use crate::measure::{device_pool, stats, sync};
 use crate::rows::{row_of, Job, Row};
 
 pub fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Instant) -> Row {
@@ -45,7 +45,7 @@ pub fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Ins
         sync::<B>(device);
         times.push(t.elapsed().as_secs_f64() * 1e3);
         ends.push(started.elapsed().as_secs_f64());
-        if let Some((reserved, _)) = memory_usage(device) {
+        if let Some((reserved, _)) = device_pool(device) {
             peak = Some(peak.unwrap_or(0).max(reserved));
         }
     }
