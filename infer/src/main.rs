@@ -63,6 +63,7 @@ fn select(args: &DeviceArgs) -> Result<(BackendChoice, KernelOptions)> {
     let options = nsa_runtime::environment::kernel_options(std::env::vars_os())?;
     let options = KernelOptions {
         exact_matmul: args.exact_matmul,
+        prefill_chunk: args.prefill_chunk.unwrap_or(options.prefill_chunk),
         ..options
     };
     Ok((choice, options))
@@ -507,6 +508,7 @@ fn compare(args: CompareArgs) -> Result<()> {
             precision: Precision::F32,
             exact_matmul: !args.tf32,
             max_buffer_mib: None,
+            prefill_chunk: None,
         })?;
         let job = LogitsJob {
             config: b.config.clone(),

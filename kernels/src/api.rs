@@ -93,27 +93,33 @@ pub struct DeviceSampling {
 /// `None` for a case it does not handle; the caller then uses the tensor-op path. Arguments and
 /// results are exactly those of the tensor-op function each method replaces.
 pub trait NsaKernels<B: Backend>: Send + Sync {
-    /// The selected branch (`nsa_model::select::selected_attention`): rotated `q` `[batch, heads, seq, dim_head]`, rotated
-    /// `k` and `v` `[batch, kv_heads, seq, dim_head]`, the selected blocks → `[batch, heads, seq,
-    /// dim_head]`.
+    /// The selected branch (`nsa_model::select::selected_attention`): rotated `q` `[batch,
+    /// heads, seq, dim_head]` at positions `start..start + seq`, rotated `k` and `v` `[batch,
+    /// kv_heads, keys, dim_head]` at positions `0..keys` (`keys >= start + seq`: a chunk of a
+    /// prompt's queries over all its keys; `start` 0 and `keys == seq` for a whole sequence),
+    /// the selected blocks → `[batch, heads, seq, dim_head]`.
+    #[allow(clippy::too_many_arguments)]
     fn selected_attention(
         &self,
         _q: &Tensor<B, 4>,
         _k: &Tensor<B, 4>,
         _v: &Tensor<B, 4>,
         _selection: Option<&Selection<B>>,
+        _start: usize,
         _sizes: &SparseSizes,
         _scale: f64,
     ) -> Option<Tensor<B, 4>> {
         None
     }
 
-    /// The sliding branch (`nsa_model::sliding::sliding_attention`).
+    /// The sliding branch (`nsa_model::sliding::sliding_attention`), queries at `start..` and
+    /// keys at `0..` as in [`NsaKernels::selected_attention`].
     fn sliding_attention(
         &self,
         _q: &Tensor<B, 4>,
         _k: &Tensor<B, 4>,
         _v: &Tensor<B, 4>,
+        _start: usize,
         _window: usize,
         _scale: f64,
     ) -> Option<Tensor<B, 4>> {
@@ -126,17 +132,20 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         None
     }
 
-    /// The compressed branch and the block selection it drives, for a whole sequence (queries
-    /// at positions `0..seq`): `q` `[batch, heads, seq, dim_head]` (not rotated), memory +
+    /// The compressed branch and the block selection it drives, for queries at positions
+    /// `start..start + seq` (a whole sequence from 0, or a chunk of a prompt's queries over the
+    /// compressed keys of the whole prompt): `q` `[batch, heads, seq, dim_head]` (not rotated), memory +
     /// compressed keys/values `ck`, `cv` `[batch, kv_heads, mem + blocks, dim_head]` → the
     /// branch output (as the model's `Compressor::attend`) and the selection (as its
     /// `select::importance` then `select::select_top`), without
     /// materialising the `[seq, blocks]` importance logits.
+    #[allow(clippy::too_many_arguments)]
     fn compressed_and_selection(
         &self,
         _q: &Tensor<B, 4>,
         _ck: &Tensor<B, 4>,
         _cv: &Tensor<B, 4>,
+        _start: usize,
         _num_mem: usize,
         _sizes: &SparseSizes,
         _scale: f64,

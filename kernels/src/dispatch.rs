@@ -147,7 +147,7 @@ mod tests {
         let k = on.fused().expect("registered");
         let device = Default::default();
         let q = Tensor::<NdArray, 4>::zeros([1, 1, 1, 2], &device);
-        assert!(k.sliding_attention(&q, &q, &q, 4, 1.0).is_none());
+        assert!(k.sliding_attention(&q, &q, &q, 0, 4, 1.0).is_none());
         assert!(Kernels::<NdArray>::new(&KernelOptions::tensor_ops())
             .fused()
             .is_none());

@@ -82,7 +82,17 @@ pub struct KernelOptions {
     /// the branch runs in parts, one cube each, merged by the decode kernel; tests set a small
     /// span so that the parts run at small sizes.
     pub decode_span: usize,
+    /// Query positions per chunk of a prompt's prefill (`0`: the whole prompt at once). Each
+    /// layer of a chunked prefill keeps its keys and values (the decode cache) and the layer's
+    /// input and output for the whole prompt, everything else for one chunk only: memory
+    /// linear in the prompt with a small constant, where one pass holds a dozen
+    /// `[seq, dim]`-sized tensors and the feed-forward's `[seq, 4 dim]`.
+    pub prefill_chunk: usize,
 }
+
+/// [`KernelOptions::prefill_chunk`] by default: 8,192 positions (a prompt up to that length
+/// runs in one piece).
+pub const DEFAULT_PREFILL_CHUNK: usize = 8192;
 
 impl Default for KernelOptions {
     fn default() -> Self {
@@ -96,6 +106,7 @@ impl Default for KernelOptions {
             projection_rows: 4096,
             grid_limit: 0,
             decode_span: 0,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         }
     }
 }
@@ -110,7 +121,8 @@ impl KernelOptions {
     }
 
     /// These options with the `NSA_*` switches among `vars` applied (`NSA_KERNELS`,
-    /// `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`, `NSA_PROJECTION_ROWS`); other variables are ignored, an invalid value is an
+    /// `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`, `NSA_PROJECTION_ROWS`,
+    /// `NSA_PREFILL_CHUNK`); other variables are ignored, an invalid value is an
     /// error. The binaries pass their environment.
     pub fn with_switches<'a>(
         mut self,
@@ -126,6 +138,7 @@ impl KernelOptions {
                 }
                 "NSA_SELECTED_ORDER" => self.selected_order = parse_order(value)?,
                 "NSA_PROJECTION_ROWS" => self.projection_rows = parse_rows(value)?,
+                "NSA_PREFILL_CHUNK" => self.prefill_chunk = parse_chunk(value)?,
                 _ => {}
             }
         }
@@ -214,11 +227,23 @@ pub fn parse_rows(value: &str) -> Result<usize, SwitchError> {
     })
 }
 
-/// Checks the value of switch `name` (a flag, `NSA_MMA`, `NSA_SELECTED_ORDER` or
-/// `NSA_PROJECTION_ROWS`); `Ok` for a variable that is not a switch.
+/// Positions per prefill chunk from `NSA_PREFILL_CHUNK`: a count, `0` for the whole prompt.
+pub fn parse_chunk(value: &str) -> Result<usize, SwitchError> {
+    value.trim().parse().map_err(|_| SwitchError {
+        name: "NSA_PREFILL_CHUNK".into(),
+        value: value.into(),
+        expected: "expected a number of positions (0: the whole prompt)",
+    })
+}
+
+/// Checks the value of switch `name` (a flag, `NSA_MMA`, `NSA_SELECTED_ORDER`,
+/// `NSA_PROJECTION_ROWS` or `NSA_PREFILL_CHUNK`); `Ok` for a variable that is not a switch.
 pub fn check(name: &str, value: &str) -> Result<(), SwitchError> {
     if name == "NSA_PROJECTION_ROWS" {
         return parse_rows(value).map(drop);
+    }
+    if name == "NSA_PREFILL_CHUNK" {
+        return parse_chunk(value).map(drop);
     }
     if name == "NSA_MMA" {
         return parse_mma(value).map(drop);
@@ -253,6 +278,7 @@ mod tests {
         assert!(check("NSA_SELECTED_ORDER", "blocks").is_err());
         assert_eq!(parse_rows("0"), Ok(0));
         assert!(check("NSA_PROJECTION_ROWS", "-1").is_err());
+        assert!(check("NSA_PREFILL_CHUNK", "4k").is_err());
     }
 
     #[test]

@@ -97,6 +97,21 @@ impl<B: Backend> KvBuffer<B> {
         }
     }
 
+    /// An empty buffer with room for `capacity` rows rounded up to a multiple of `align`, which
+    /// its capacity stays a multiple of ([`Self::aligned`]).
+    pub fn empty_aligned(
+        shape: [usize; 3],
+        capacity: usize,
+        align: usize,
+        device: &B::Device,
+    ) -> Self {
+        let align = align.max(1);
+        Self {
+            align,
+            ..Self::empty(shape, capacity.max(1).div_ceil(align) * align, device)
+        }
+    }
+
     /// Key/value heads.
     pub fn heads(&self) -> usize {
         self.k.dims()[1]

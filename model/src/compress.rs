@@ -109,22 +109,38 @@ impl<B: Backend> Compressor<B> {
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
     ) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-        let [b, kvh, n, d] = k.dims();
-        let count = n / self.stride;
-        if count == 0 {
-            return None;
-        }
+        let count = k.dims()[2] / self.stride;
+        (count > 0).then(|| self.compress_blocks(kernels, k, v, 0, count))
+    }
+
+    /// Blocks `first..first + count` of [`Self::compress`] (`[batch, kv_heads, count,
+    /// dim_head]` each) from `k`, `v` `[batch, kv_heads, seq, dim_head]` (un-rotated) holding
+    /// every position up to the last block's end: a long prompt's blocks a chunk at a time.
+    pub fn compress_blocks(
+        &self,
+        kernels: &Kernels<B>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        first: usize,
+        count: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, kvh, _, d] = k.dims();
         let overlap = self.block - self.stride;
+        // the rows from the first block's start, `first * stride - overlap` (zeros before 0)
+        let from = first * self.stride;
+        let lo = from.saturating_sub(overlap);
+        let zeros = overlap - (from - lo);
         let pool = |x: Tensor<B, 4>, pos: Tensor<B, 3>, mlp: &CompressMlp<B>| {
-            let x = pad_zeros(x.narrow(2, 0, count * self.stride), 2, overlap, 0);
+            let rows = from - lo + count * self.stride;
+            let x = pad_zeros(x.narrow(2, lo, rows), 2, zeros, 0);
             let pos = pos.unsqueeze_dim::<4>(1).unsqueeze::<5>();
             let blocks = windows(x, self.block, self.stride, count) + pos;
             mlp.forward(kernels, blocks.reshape([b, kvh, count, self.block * d]))
         };
-        Some((
+        (
             pool(k, self.k_intrablock_positions.val(), &self.k_compress),
             pool(v, self.v_intrablock_positions.val(), &self.v_compress),
-        ))
+        )
     }
 
     /// Pools one block `[batch, kv_heads, block, dim_head]` (the decode path).
@@ -163,27 +179,31 @@ impl<B: Backend> Compressor<B> {
         }
     }
 
-    /// [`Self::attend`] for a whole sequence (queries at positions `0..seq`) and the block
-    /// selection it drives ([`importance`], then [`select_top`]): the branch output and the
-    /// selected blocks. A registered fused kernel does both without materialising the
+    /// [`Self::attend`] for queries at positions `start..start + seq` (a whole sequence from 0,
+    /// or a chunk of a prompt's queries over the compressed keys of the whole prompt) and the
+    /// block selection it drives ([`importance`], then [`select_top`]): the branch output and
+    /// the selected blocks. A registered fused kernel does both without materialising the
     /// `[seq, blocks]` importance logits.
+    #[allow(clippy::too_many_arguments)]
     pub fn attend_and_select(
         &self,
         kernels: &Kernels<B>,
         q: Tensor<B, 4>,
         ck: Tensor<B, 4>,
         cv: Tensor<B, 4>,
+        start: usize,
         config: &NsaConfig,
         scale: f64,
     ) -> (Tensor<B, 4>, Option<Selection<B>>) {
         if let Some(fused) = kernels.fused() {
             let sizes = config.sizes();
-            let done = fused.compressed_and_selection(&q, &ck, &cv, self.num_mem(), &sizes, scale);
+            let mem = self.num_mem();
+            let done = fused.compressed_and_selection(&q, &ck, &cv, start, mem, &sizes, scale);
             if let Some(done) = done {
                 return done;
             }
         }
-        self.attend_and_select_chunked(kernels, q, ck, cv, config, scale, SCORE_LIMIT)
+        self.attend_and_select_chunked(kernels, q, ck, cv, start, config, scale, SCORE_LIMIT)
     }
 
     /// [`Self::attend_and_select`] with tensor ops, in chunks of query positions whose scores
@@ -198,6 +218,7 @@ impl<B: Backend> Compressor<B> {
         q: Tensor<B, 4>,
         ck: Tensor<B, 4>,
         cv: Tensor<B, 4>,
+        first: usize,
         config: &NsaConfig,
         scale: f64,
         limit: usize,
@@ -213,13 +234,13 @@ impl<B: Backend> Compressor<B> {
         for start in (0..n).step_by(rows) {
             let len = rows.min(n - start);
             let q = q.clone().narrow(2, start, len);
-            let (out, logits) =
-                self.attend_visible(kernels, q, ck.clone(), cv.clone(), start, scale);
+            let at = first + start;
+            let (out, logits) = self.attend_visible(kernels, q, ck.clone(), cv.clone(), at, scale);
             outs.push(out);
             // the blocks the chunk's queries cannot see yet have probability zero: the
             // importance of the seen ones, padded with zeros to every complete block (whether a
             // block can be selected at all depends on the keys alone: all chunks or none)
-            let seen = logits.and_then(|logits| importance(logits, config, start));
+            let seen = logits.and_then(|logits| importance(logits, config, at));
             let have = seen.as_ref().map_or(0, |p| p.dims()[3]);
             let probs = match seen {
                 _ if all == 0 => None,
@@ -375,6 +396,7 @@ mod tests {
                     q.clone(),
                     ck.clone(),
                     cv.clone(),
+                    0,
                     &config,
                     scale,
                     limit,

@@ -164,7 +164,7 @@ impl<B: Backend> FullAttention<B> {
             .reshape([b, g, kvh, n, d])
             .swap_dims(1, 2)
             .reshape([b, h, n, d]);
-        let out = fused.sliding_attention(&q, k, v, n, scale)?;
+        let out = fused.sliding_attention(&q, k, v, 0, n, scale)?;
         Some(
             out.reshape([b, kvh, g, n, d])
                 .swap_dims(1, 2)

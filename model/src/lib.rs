@@ -21,6 +21,7 @@ pub mod inspect;
 pub mod interop;
 pub mod norm;
 pub mod nsa;
+pub mod prefill;
 pub mod rope;
 pub mod sampling;
 pub mod select;

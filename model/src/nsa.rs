@@ -176,9 +176,15 @@ impl<B: Backend> SparseAttention<B> {
         let compressed = self.compress.compress(kernels, k.clone(), v.clone());
         let (ck, cv) = self.compress.with_memory(b, compressed);
         // (with the block selection it drives: one fused kernel where registered)
-        let (comp, selection) =
-            self.compress
-                .attend_and_select(kernels, q.clone(), ck.clone(), cv.clone(), c, scale);
+        let (comp, selection) = self.compress.attend_and_select(
+            kernels,
+            q.clone(),
+            ck.clone(),
+            cv.clone(),
+            0,
+            c,
+            scale,
+        );
 
         // 2. selected (rotary on queries and keys from here on)
         let rotation = Rotation::new(d, 0, n, &q.device());
@@ -186,19 +192,11 @@ impl<B: Backend> SparseAttention<B> {
         let k_rot = rotation.apply(k.clone());
         let cache = cache_extra.map(|extra| {
             let l = c.compress_block_size;
-            // the last `l` un-rotated keys/values (zeros before the start) as the decode ring:
-            // position `p` in row `p % l`
-            let tail = |t: Tensor<B, 4>| {
-                let t = pad_zeros(t, 2, l.saturating_sub(n), 0);
-                let len = t.dims()[2];
-                // row `i` holds position `n - l + i`; rolled so that it sits in row `(n + i) % l`
-                t.narrow(2, len - l, l).roll_dim(l - n % l, 2)
-            };
             NsaCache {
                 kv: KvBuffer::aligned(k_rot.clone(), v.clone(), extra, c.selection_block_size),
                 compressed: KvBuffer::new(ck, cv, extra / c.compress_block_sliding_stride + 1),
-                tail_k: tail(k),
-                tail_v: tail(v.clone()),
+                tail_k: decode_ring(k, l),
+                tail_v: decode_ring(v.clone(), l),
                 gather: None,
             }
         });
@@ -209,12 +207,13 @@ impl<B: Backend> SparseAttention<B> {
             k.clone(),
             v.clone(),
             selection,
+            0,
             c,
             scale,
         );
 
         // 3. sliding window
-        let sliding = sliding_attention(kernels, q, k, v, c.sliding_window_size, scale);
+        let sliding = sliding_attention(kernels, q, k, v, 0, c.sliding_window_size, scale);
 
         (self.mix(kernels, x, [comp, selected, sliding]), cache)
     }
@@ -536,4 +535,15 @@ pub(crate) fn attend_one<B: Backend>(
     )
     .out
     .reshape([b, h, 1, d])
+}
+
+/// The decode ring of a prompt's last `l` un-rotated keys or values: `t` `[batch, kv_heads,
+/// seq, dim_head]` → `[batch, kv_heads, l, dim_head]` with position `p` in row `p % l` (zeros
+/// for positions before the start), what [`SparseAttention::step`] pools a block from.
+pub(crate) fn decode_ring<B: Backend>(t: Tensor<B, 4>, l: usize) -> Tensor<B, 4> {
+    let n = t.dims()[2];
+    let t = pad_zeros(t, 2, l.saturating_sub(n), 0);
+    let len = t.dims()[2];
+    // row `i` holds position `n - l + i`; rolled so that it sits in row `(n + i) % l`
+    t.narrow(2, len - l, l).roll_dim(l - n % l, 2)
 }

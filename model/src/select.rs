@@ -142,27 +142,31 @@ pub fn top_blocks<B: Backend>(x: Tensor<B, 4>, n: usize) -> (Tensor<B, 4>, Tenso
     (x.gather(3, indices.clone()), indices)
 }
 
-/// Selected attention of rotated `q` `[batch, heads, seq, dim_head]` over rotated `k` and `v`
-/// `[batch, kv_heads, seq, dim_head]` (queries and keys at the same positions `0..seq`):
-/// each query sees its selected blocks and the causal part of its own block.
-/// Returns `[batch, heads, seq, dim_head]`.
+/// Selected attention of rotated `q` `[batch, heads, seq, dim_head]` at positions
+/// `start..start + seq` over rotated `k` and `v` `[batch, kv_heads, keys, dim_head]` at
+/// positions `0..keys` (`keys >= start + seq`; `start` 0 and `keys == seq` for a whole sequence,
+/// else a chunk of a prompt's queries over its keys): each query sees its selected blocks and
+/// the causal part of its own block. Returns `[batch, heads, seq, dim_head]`.
+#[allow(clippy::too_many_arguments)]
 pub fn selected_attention<B: Backend>(
     kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     selection: Option<Selection<B>>,
+    start: usize,
     config: &NsaConfig,
     scale: f64,
 ) -> Tensor<B, 4> {
     if let Some(fused) = kernels.fused() {
         let sizes = config.sizes();
-        let out = fused.selected_attention(&q, &k, &v, selection.as_ref(), &sizes, scale);
+        let out = fused.selected_attention(&q, &k, &v, selection.as_ref(), start, &sizes, scale);
         if let Some(out) = out {
             return out;
         }
     }
-    selected_attention_tensor_ops(kernels, q, k, v, selection, config, scale, GATHER_LIMIT)
+    let limit = GATHER_LIMIT;
+    selected_attention_tensor_ops(kernels, q, k, v, selection, start, config, scale, limit)
 }
 
 /// The most values the tensor-op selected attention gathers at once (per keys and per values):
@@ -180,21 +184,27 @@ fn selected_attention_tensor_ops<B: Backend>(
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     selection: Option<Selection<B>>,
+    start: usize,
     config: &NsaConfig,
     scale: f64,
     limit: usize,
 ) -> Tensor<B, 4> {
     let [b, h, n, d] = q.dims();
-    let kvh = k.dims()[1];
+    let [_, kvh, keys, _] = k.dims();
     let g = h / kvh;
     let sel = config.selection_block_size;
-    let padded = round_up(n, sel);
-    let nb = padded / sel;
+    // the queries from the start of the first one's block: `lead` zero rows in front, so that
+    // row `i` sits at position `first + i` with `first` a multiple of the block
+    let lead = start % sel;
+    let first = start - lead;
+    let padded = round_up(lead + n, sel);
+    let key_rows = round_up(keys, sel);
+    let nb = key_rows / sel;
     let device = q.device();
     let (q, k, v) = (
-        pad_zeros(q, 2, 0, padded - n),
-        pad_zeros(k, 2, 0, padded - n),
-        pad_zeros(v, 2, 0, padded - n),
+        pad_zeros(q, 2, lead, padded - lead - n),
+        pad_zeros(k, 2, 0, key_rows - keys),
+        pad_zeros(v, 2, 0, key_rows - keys),
     );
     let share = config.query_heads_share_selected_kv;
     let hs = if share { kvh } else { h };
@@ -202,7 +212,7 @@ fn selected_attention_tensor_ops<B: Backend>(
 
     // own block, causal inside the block
     let own_idx: Vec<i64> = (0..padded)
-        .map(|i| rules::own_block(i, sel) as i64)
+        .map(|i| rules::own_block(first + i, sel) as i64)
         .collect();
     let own_idx =
         int_tensor::<B, 4>(own_idx, [1, 1, padded, 1], &device).expand([b, hs, padded, 1]);
@@ -214,20 +224,23 @@ fn selected_attention_tensor_ops<B: Backend>(
     let (indices, blocked, gates) = match selection {
         Some(s) => {
             let count = s.indices.dims()[3];
-            let pad_rows = padded - n;
-            let indices = if pad_rows > 0 {
-                Tensor::cat(
-                    vec![s.indices, Tensor::zeros([b, hs, pad_rows, count], &device)],
-                    2,
-                )
-            } else {
-                s.indices
+            let pad_rows = padded - lead - n;
+            // the padding rows (in front and behind) select block 0, not valid
+            let around = |x: Tensor<B, 4, Int>| {
+                let mut parts = Vec::with_capacity(3);
+                if lead > 0 {
+                    parts.push(Tensor::zeros([b, hs, lead, count], &device));
+                }
+                parts.push(x);
+                if pad_rows > 0 {
+                    parts.push(Tensor::zeros([b, hs, pad_rows, count], &device));
+                }
+                Tensor::cat(parts, 2)
             };
-            let valid = if pad_rows > 0 {
-                let none = Tensor::<B, 4, Int>::zeros([b, hs, pad_rows, count], &device).bool();
-                Tensor::cat(vec![s.valid, none], 2)
+            let (indices, valid) = if lead + pad_rows > 0 {
+                (around(s.indices), around(s.valid.int()).bool())
             } else {
-                s.valid
+                (s.indices, s.valid)
             };
             let sel_blocked = valid
                 .bool_not()
@@ -236,7 +249,7 @@ fn selected_attention_tensor_ops<B: Backend>(
                 .reshape([b, hs, padded, count * sel]);
             let gates = config.use_diff_topk.then(|| {
                 let ones = Tensor::<B, 4>::ones([b, hs, padded, 1], &device);
-                Tensor::cat(vec![pad_zeros(s.scores, 2, 0, pad_rows), ones], 3)
+                Tensor::cat(vec![pad_zeros(s.scores, 2, lead, pad_rows), ones], 3)
             });
             (
                 Tensor::cat(vec![indices, own_idx], 3),
@@ -291,7 +304,7 @@ fn selected_attention_tensor_ops<B: Backend>(
     };
     out.swap_dims(2, 3)
         .reshape([b, h, padded, d])
-        .narrow(2, 0, n)
+        .narrow(2, lead, n)
 }
 
 /// Selected attention of the newest query `[batch, heads, 1, dim_head]` (rotated, at position
@@ -432,6 +445,7 @@ mod tests {
                 k.clone(),
                 v.clone(),
                 Some(selection()),
+                0,
                 &config,
                 0.3,
                 usize::MAX,
@@ -440,14 +454,48 @@ mod tests {
             let rows = b * hs * 3 * 8 * d * 7;
             let chunked = selected_attention_tensor_ops(
                 &kernels,
-                q,
-                k,
-                v,
+                q.clone(),
+                k.clone(),
+                v.clone(),
                 Some(selection()),
+                0,
                 &config,
                 0.3,
                 rows,
             );
+            // queries 13..29 (not block-aligned at either end) over all the keys: those rows
+            let (from, len) = (13, 16);
+            let part_of = |x: Selection<B>| Selection {
+                indices: x.indices.narrow(2, from, len),
+                scores: x.scores.narrow(2, from, len),
+                valid: x.valid.narrow(2, from, len),
+            };
+            let rows_of = selected_attention_tensor_ops(
+                &kernels,
+                q.clone().narrow(2, from, len),
+                k.clone(),
+                v.clone(),
+                Some(part_of(selection())),
+                from,
+                &config,
+                0.3,
+                usize::MAX,
+            );
+            let expected: Vec<f32> = whole
+                .clone()
+                .narrow(2, from, len)
+                .into_data()
+                .to_vec()
+                .unwrap();
+            let got: Vec<f32> = rows_of.into_data().to_vec().unwrap();
+            assert_eq!(got.len(), expected.len());
+            for (x, y) in got.iter().zip(&expected) {
+                // (a NaN fails the comparison)
+                assert!(
+                    (x - y).abs() <= 1e-6,
+                    "share {share} diff {diff}: {x} vs {y}"
+                );
+            }
             let whole: Vec<f32> = whole.into_data().to_vec().unwrap();
             let chunked: Vec<f32> = chunked.into_data().to_vec().unwrap();
             let worst = whole

@@ -12,9 +12,40 @@ use crate::kernels::Kernels;
 use crate::rules::in_window;
 use crate::tensor_util::{bool_tensor, pad_zeros, round_up, windows};
 
-/// `q` `[batch, heads, seq, dim_head]`, `k`, `v` `[batch, kv_heads, seq, dim_head]` (rotated,
-/// same positions) → `[batch, heads, seq, dim_head]`.
+/// `q` `[batch, heads, seq, dim_head]` at positions `start..start + seq`, `k`, `v` `[batch,
+/// kv_heads, keys, dim_head]` at positions `0..keys` (rotated; `keys >= start + seq`) →
+/// `[batch, heads, seq, dim_head]`. `start` 0 and `keys == seq`: a whole sequence; else a chunk
+/// of a prompt's queries over its keys.
 pub fn sliding_attention<B: Backend>(
+    kernels: &Kernels<B>,
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    start: usize,
+    window: usize,
+    scale: f64,
+) -> Tensor<B, 4> {
+    if let Some(fused) = kernels.fused() {
+        if let Some(out) = fused.sliding_attention(&q, &k, &v, start, window, scale) {
+            return out;
+        }
+    }
+    let n = q.dims()[2];
+    if start > 0 || k.dims()[2] != n {
+        // the chunk as the end of a sequence that starts `lead` positions earlier: the keys
+        // from `lo` on (all its queries can see) and as many zero queries in front
+        let lo = start.saturating_sub(window);
+        let lead = start - lo;
+        let (k, v) = (k.narrow(2, lo, lead + n), v.narrow(2, lo, lead + n));
+        let q = pad_zeros(q, 2, lead, 0);
+        let out = sliding_attention(kernels, q, k, v, 0, window, scale);
+        return out.narrow(2, lead, n);
+    }
+    sliding_whole(kernels, q, k, v, window, scale)
+}
+
+/// [`sliding_attention`] of a whole sequence with tensor ops.
+fn sliding_whole<B: Backend>(
     kernels: &Kernels<B>,
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -22,11 +53,6 @@ pub fn sliding_attention<B: Backend>(
     window: usize,
     scale: f64,
 ) -> Tensor<B, 4> {
-    if let Some(fused) = kernels.fused() {
-        if let Some(out) = fused.sliding_attention(&q, &k, &v, window, scale) {
-            return out;
-        }
-    }
     let [b, h, n, d] = q.dims();
     let kvh = k.dims()[1];
     let g = h / kvh;

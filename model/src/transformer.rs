@@ -248,13 +248,26 @@ impl<B: Backend> Transformer<B> {
     ) -> (Tensor<B, 3>, Cache<B>) {
         let kernels = self.kernels();
         let len = ids.dims()[1];
+        // a prompt longer than the options' chunk runs in chunks of query positions
+        let chunk = self.kernel_options.prefill_chunk;
+        let chunked = chunk > 0 && len > chunk;
         let mut x = self.token_emb.forward(ids);
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (a, cache) = layer.attn.prefill(&kernels, x.clone(), extra);
-            layers.push(cache);
-            x = a + x;
-            x = layer.ff.forward(&kernels, x.clone()) + x;
+            match &layer.attn {
+                Attention::Nsa(a) if chunked => {
+                    let (out, cache) =
+                        a.prefill_block_chunked(&kernels, x, &layer.ff, extra, chunk);
+                    layers.push(LayerCache::Nsa(cache));
+                    x = out;
+                }
+                attn => {
+                    let (a, cache) = attn.prefill(&kernels, x.clone(), extra);
+                    layers.push(cache);
+                    x = a + x;
+                    x = layer.ff.forward(&kernels, x.clone()) + x;
+                }
+            }
         }
         let x = x.narrow(1, first, len - first);
         let logits = linear(&kernels, &self.to_logits, self.norm.forward(x));

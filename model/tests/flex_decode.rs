@@ -187,7 +187,7 @@ fn decoding_with_the_flex_kernels_equals_the_tensor_ops() {
         );
         let (ck, cv) = layer.compressed.all();
         assert!(
-            k.compressed_and_selection(&q, &ck, &cv, inputs.num_mem, inputs.sizes, inputs.scale)
+            k.compressed_and_selection(&q, &ck, &cv, 0, inputs.num_mem, inputs.sizes, inputs.scale)
                 .is_some(),
             "{name}: compressed_and_selection"
         );

@@ -164,12 +164,22 @@ fn run_selected<B: AutodiffBackend>(
             &k,
             &v,
             sel.as_ref(),
+            0,
             &config.sizes(),
             scale,
         );
         assert!(fused.is_some(), "the selected-attention kernel declined");
     }
-    let out = selected_attention(&handle, q.clone(), k.clone(), v.clone(), sel, config, scale);
+    let out = selected_attention(
+        &handle,
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        sel,
+        0,
+        config,
+        scale,
+    );
     let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
     let grads = loss.backward();
     Grads {
@@ -333,10 +343,10 @@ fn run_sliding<B: AutodiffBackend>(
         let fused = handle
             .fused()
             .unwrap()
-            .sliding_attention(&q, &k, &v, window, scale);
+            .sliding_attention(&q, &k, &v, 0, window, scale);
         assert!(fused.is_some(), "the sliding-window kernel declined");
     }
-    let out = sliding_attention(&handle, q.clone(), k.clone(), v.clone(), window, scale);
+    let out = sliding_attention(&handle, q.clone(), k.clone(), v.clone(), 0, window, scale);
     let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
     let grads = loss.backward();
     Grads {
@@ -412,7 +422,7 @@ fn run_full<B: AutodiffBackend>(
         let fused = handle
             .fused()
             .unwrap()
-            .sliding_attention(&q, &k, &k, n, 1.0);
+            .sliding_attention(&q, &k, &k, 0, n, 1.0);
         assert!(fused.is_some(), "the kernel declined dense attention");
     }
     let x = to_tensor::<B, 3>(x, device).require_grad();
@@ -490,6 +500,7 @@ fn run_compressed<B: AutodiffBackend>(
             &q,
             &ck,
             &cv,
+            0,
             compressor.num_mem(),
             &config.sizes(),
             scale,
@@ -497,7 +508,7 @@ fn run_compressed<B: AutodiffBackend>(
         assert!(fused.is_some(), "the compressed kernel declined");
     }
     let (out, selection) =
-        compressor.attend_and_select(&handle, q.clone(), ck.clone(), cv.clone(), config, scale);
+        compressor.attend_and_select(&handle, q.clone(), ck.clone(), cv.clone(), 0, config, scale);
     let loss = (out.clone() * to_tensor::<B, 4>(w, device)).sum();
     let grads = loss.backward();
     let selection = selection.map(|s| {

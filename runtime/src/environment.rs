@@ -6,7 +6,7 @@
 use nsa_model::kernels::switches;
 
 /// The variables: the kernel switches ([`switches::FLAGS`], `NSA_MMA`, `NSA_SELECTED_ORDER`,
-/// `NSA_PROJECTION_ROWS`) and these.
+/// `NSA_PROJECTION_ROWS`, `NSA_PREFILL_CHUNK`) and these.
 const OTHERS: &[(&str, &str)] = &[
     (
         "NSA_MMA",
@@ -19,6 +19,10 @@ const OTHERS: &[(&str, &str)] = &[
     (
         "NSA_PROJECTION_ROWS",
         "rows per batch of a long projection (split-K weight gradients; 0: one batch)",
+    ),
+    (
+        "NSA_PREFILL_CHUNK",
+        "prompt positions per prefill chunk (0: the whole prompt; nsa-infer: --prefill-chunk)",
     ),
     ("NSA_CACHE_DIR", "directory of the kernel and token caches"),
     ("NSA_PROFILE_LOG", "file for CubeCL's per-kernel timings"),
@@ -70,7 +74,7 @@ pub fn check_vars(
 
 /// The kernel options of the run: the defaults with the switches among `vars` applied
 /// (`NSA_KERNELS`, `NSA_DECODE_BLOCK`, `NSA_MMA`, `NSA_SELECTED_ORDER`,
-/// `NSA_PROJECTION_ROWS`); an invalid value is an error.
+/// `NSA_PROJECTION_ROWS`, `NSA_PREFILL_CHUNK`); an invalid value is an error.
 pub fn kernel_options(
     vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
 ) -> Result<nsa_model::kernels::KernelOptions, EnvironmentError> {

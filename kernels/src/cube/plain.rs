@@ -29,12 +29,14 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         k: &Tensor<B, 4>,
         v: &Tensor<B, 4>,
         selection: Option<&Selection<B>>,
+        start: usize,
         sizes: &SparseSizes,
         scale: f64,
     ) -> Option<Tensor<B, 4>> {
         let (idx, gates) = selection_parts(selection, sizes);
         let count = idx.as_ref().map_or(0, |i| i.dims()[3]);
-        let p = selected_problem(q, k, count, gates.is_some(), sizes, scale, self.run())?;
+        let run = self.run();
+        let p = selected_problem(q, k, start, count, gates.is_some(), sizes, scale, run)?;
         let f = ops::attn_forward::<B>(
             [float_of(q), float_of(k), float_of(v)],
             idx.map(|i| i.into_primitive()),
@@ -49,10 +51,11 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         q: &Tensor<B, 4>,
         k: &Tensor<B, 4>,
         v: &Tensor<B, 4>,
+        start: usize,
         window: usize,
         scale: f64,
     ) -> Option<Tensor<B, 4>> {
-        let p = sliding_problem(q, k, window, scale, self.run())?;
+        let p = sliding_problem(q, k, start, window, scale, self.run())?;
         let f = ops::attn_forward::<B>([float_of(q), float_of(k), float_of(v)], None, None, &p);
         Some(Tensor::from_primitive(TensorPrimitive::Float(f.out)))
     }
@@ -298,11 +301,12 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         q: &Tensor<B, 4>,
         ck: &Tensor<B, 4>,
         cv: &Tensor<B, 4>,
+        start: usize,
         num_mem: usize,
         sizes: &SparseSizes,
         scale: f64,
     ) -> Option<CompressedOut<B>> {
-        let p = compressed_problem(q, ck, num_mem, sizes, scale, self.run())?;
+        let p = compressed_problem(q, ck, start, num_mem, sizes, scale, self.run())?;
         let f = ops::attn_forward::<B>([float_of(q), float_of(ck), float_of(cv)], None, None, &p);
         let selection = f.selection.map(|(blocks, scores)| {
             selection_of(

@@ -22,10 +22,24 @@ pub(super) fn supported<B: KernelBackend>(q: &Tensor<B, 4>, p: &Problem) -> bool
     launch::supported(&B::cube_client(&q.device()), p)
 }
 
-/// The problem for the selected branch, or `None` when the kernels do not cover it.
+/// The query rows and key rows of `q`, `k` when the queries sit at `start..` and the keys at
+/// `0..` (every query's own key among them), or `None`.
+fn rows_from<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    start: usize,
+) -> Option<(usize, usize)> {
+    let (n, nk) = (q.dims()[2], k.dims()[2]);
+    (start + n <= nk).then_some((n, nk))
+}
+
+/// The problem for the selected branch (queries at `start..`, keys at `0..`), or `None` when
+/// the kernels do not cover it.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn selected_problem<B: KernelBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
+    start: usize,
     count: usize,
     gated: bool,
     sizes: &SparseSizes,
@@ -37,6 +51,7 @@ pub(super) fn selected_problem<B: KernelBackend>(
     if !is_float(q.dtype()) || k.dtype() != q.dtype() || kvh == 0 || !h.is_multiple_of(kvh) {
         return None;
     }
+    let (_, nk) = rows_from(q, k, start)?;
     let hs = if sizes.share_selection { kvh } else { h };
     let p = Problem {
         mode: SELECTED,
@@ -44,7 +59,8 @@ pub(super) fn selected_problem<B: KernelBackend>(
         h,
         kvh,
         n,
-        nk: n,
+        q0: start,
+        nk,
         d,
         group_heads: h / hs,
         count,
@@ -59,9 +75,11 @@ pub(super) fn selected_problem<B: KernelBackend>(
     supported(q, &p).then_some(p)
 }
 
+/// The problem for the sliding branch (queries at `start..`, keys at `0..`), or `None`.
 pub(super) fn sliding_problem<B: KernelBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
+    start: usize,
     window: usize,
     scale: f64,
     run: RunChoices,
@@ -71,13 +89,15 @@ pub(super) fn sliding_problem<B: KernelBackend>(
     if !is_float(q.dtype()) || k.dtype() != q.dtype() || kvh == 0 || !h.is_multiple_of(kvh) {
         return None;
     }
+    let (_, nk) = rows_from(q, k, start)?;
     let p = Problem {
         mode: SLIDING,
         b,
         h,
         kvh,
         n,
-        nk: n,
+        q0: start,
+        nk,
         d,
         group_heads: h / kvh,
         count: 0,
@@ -93,11 +113,12 @@ pub(super) fn sliding_problem<B: KernelBackend>(
 }
 
 /// The compressed branch over memory + compressed `ck` `[b, kvh, mem + blocks, d]` for queries
-/// at `0..n`, with the block selection fused in when the config selects (and its scores need
-/// no gradient: not with `use_diff_topk`).
+/// at `start..start + n`, with the block selection fused in when the config selects (and its
+/// scores need no gradient: not with `use_diff_topk`).
 pub(super) fn compressed_problem<B: KernelBackend>(
     q: &Tensor<B, 4>,
     ck: &Tensor<B, 4>,
+    start: usize,
     num_mem: usize,
     sizes: &SparseSizes,
     scale: f64,
@@ -131,6 +152,7 @@ pub(super) fn compressed_problem<B: KernelBackend>(
         h,
         kvh,
         n,
+        q0: start,
         nk: slots,
         d,
         group_heads: g,

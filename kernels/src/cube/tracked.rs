@@ -172,13 +172,27 @@ where
         k: &Tensor<Autodiff<B, C>, 4>,
         v: &Tensor<Autodiff<B, C>, 4>,
         selection: Option<&Selection<Autodiff<B, C>>>,
+        start: usize,
         sizes: &SparseSizes,
         scale: f64,
     ) -> Option<Tensor<Autodiff<B, C>, 4>> {
+        // the backward takes whole sequences
+        if start != 0 {
+            return None;
+        }
         let (idx, gates) = selection_parts(selection, sizes);
         let count = idx.as_ref().map_or(0, |i| i.dims()[3]);
         let (q0, k0) = (inner(q), inner(k));
-        let p = selected_problem(&q0, &k0, count, gates.is_some(), sizes, scale, self.run())?;
+        let p = selected_problem(
+            &q0,
+            &k0,
+            0,
+            count,
+            gates.is_some(),
+            sizes,
+            scale,
+            self.run(),
+        )?;
         Some(tracked_attention(q, k, v, idx, gates, p).0)
     }
 
@@ -187,10 +201,14 @@ where
         q: &Tensor<Autodiff<B, C>, 4>,
         k: &Tensor<Autodiff<B, C>, 4>,
         v: &Tensor<Autodiff<B, C>, 4>,
+        start: usize,
         window: usize,
         scale: f64,
     ) -> Option<Tensor<Autodiff<B, C>, 4>> {
-        let p = sliding_problem(&inner(q), &inner(k), window, scale, self.run())?;
+        if start != 0 {
+            return None;
+        }
+        let p = sliding_problem(&inner(q), &inner(k), 0, window, scale, self.run())?;
         Some(tracked_attention(q, k, v, None, None, p).0)
     }
 
@@ -199,11 +217,16 @@ where
         q: &Tensor<Autodiff<B, C>, 4>,
         ck: &Tensor<Autodiff<B, C>, 4>,
         cv: &Tensor<Autodiff<B, C>, 4>,
+        start: usize,
         num_mem: usize,
         sizes: &SparseSizes,
         scale: f64,
     ) -> Option<CompressedOut<Autodiff<B, C>>> {
-        let p = compressed_problem(&inner(q), &inner(ck), num_mem, sizes, scale, self.run())?;
+        if start != 0 {
+            return None;
+        }
+        let run = self.run();
+        let p = compressed_problem(&inner(q), &inner(ck), 0, num_mem, sizes, scale, run)?;
         Some(tracked_attention(q, ck, cv, None, None, p))
     }
 }

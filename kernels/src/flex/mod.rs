@@ -216,6 +216,7 @@ impl NsaKernels<Flex> for FlexKernels {
         q: &Tensor<Flex, 4>,
         ck: &Tensor<Flex, 4>,
         cv: &Tensor<Flex, 4>,
+        start: usize,
         num_mem: usize,
         sizes: &SparseSizes,
         scale: f64,
@@ -239,6 +240,7 @@ impl NsaKernels<Flex> for FlexKernels {
         let p = PrefillShape {
             b,
             n,
+            start,
             slots,
             mem: num_mem,
             sizes: *sizes,

@@ -5,7 +5,7 @@
 //!
 //! Legend: `b` batch, `h` query heads, `kvh` key/value heads, `g = h / kvh`, `hs` selection
 //! heads (`kvh` when a group shares its selection, else `h`), `n` queries (positions
-//! `0..n`), `d` features per head, `mem` memory slots, `slots = mem + blocks`, `pf` compression
+//! `start..start + n`), `d` features per head, `mem` memory slots, `slots = mem + blocks`, `pf` compression
 //! blocks per selection block, `complete` selection blocks, `count` blocks selected per query.
 //!
 //! For the query at `t` and one selection head: the scores of its heads over the visible slots
@@ -27,8 +27,10 @@ use crate::rules::{
 #[derive(Clone, Copy, Debug)]
 pub struct PrefillShape {
     pub b: usize,
-    /// Queries (positions `0..n`).
+    /// Queries (positions `start..start + n`).
     pub n: usize,
+    /// The position of the first query.
+    pub start: usize,
     /// Memory + compressed rows of `ck`, `cv`.
     pub slots: usize,
     pub mem: usize,
@@ -113,8 +115,10 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
             let mut weights = vec![0.0f32; p.slots];
             let mut imp = vec![0.0f32; complete];
             for (ri, t) in rows.clone().enumerate() {
-                // memory and the blocks ended before `t` (`rules::compressed_visible`)
-                let seen = p.mem + compressed_blocks(t, s.stride).min(blocks);
+                // the row's position
+                let pos = p.start + t;
+                // memory and the blocks ended before it (`rules::compressed_visible`)
+                let seen = p.mem + compressed_blocks(pos, s.stride).min(blocks);
                 // selection blocks whose compression blocks are all visible
                 let vis = ((seen - p.mem) / pf).min(complete);
                 imp[..vis].iter_mut().for_each(|x| *x = 0.0);
@@ -130,7 +134,7 @@ pub fn compressed_and_selection(p: &PrefillShape, q: &[f32], ck: &[f32], cv: &[f
                         *x += l[first..first + pf].iter().sum::<f32>();
                     }
                 }
-                select_row(&mut imp[..vis], &mut picks, t, gs * pf, count, s);
+                select_row(&mut imp[..vis], &mut picks, pos, gs * pf, count, s);
             }
             (outs, picks)
         })

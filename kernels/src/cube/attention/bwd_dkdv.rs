@@ -80,7 +80,13 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     let aper = comptime!(t.bwd_acc_tiles().div_ceil(t.threads));
     let accn = comptime!(t.bwd_acc_tiles().div_ceil(t.threads) * t.pr * t.pd);
     let tid = UNIT_POS as usize;
-    let ks = Keys { n, nk, span, mem };
+    let ks = Keys {
+        n,
+        q0: 0,
+        nk,
+        span,
+        mem,
+    };
     let b = CUBE_POS_Y as usize / kvh;
     let kvhead = CUBE_POS_Y as usize % kvh;
     // the queries of a chunk are shared by `splits` cubes; each writes its partial sums to its

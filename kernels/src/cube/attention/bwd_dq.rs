@@ -85,7 +85,13 @@ pub fn attn_bwd_dq<F: Float, I: Int, H: Float>(
     let accn = comptime!(t.out_tiles().div_ceil(t.threads) * t.pr * t.pd);
     let subs = comptime!(t.sel.div_ceil(t.kc));
     let tid = UNIT_POS as usize;
-    let ks = Keys { n, nk, span, mem };
+    let ks = Keys {
+        n,
+        q0: 0,
+        nk,
+        span,
+        mem,
+    };
     let qc = query_cube(h, kvh, n, t);
     let t0 = qc.t0;
     if t0 >= n {

@@ -13,7 +13,8 @@ use super::topk::{init_ranking, rank_blocks, write_selection};
 use super::{NEG, NEG_HALF};
 
 /// Forward. Grid: x = query tile (`tq` positions), y = `b * groups + group` where a group is
-/// `group_heads` consecutive heads. Writes `out` and the log-sum-exp `lse` of every row.
+/// `group_heads` consecutive heads. Writes `out` and the log-sum-exp `lse` of every row. Query
+/// row `i` is at position `q0 + i` (a chunk of a prompt's queries over all its keys).
 ///
 /// 1. Load the cube's queries (times `scale`), reset the running statistics.
 /// 2. Per chunk of keys: load the K/V tile; scores in register tiles of `qr × qk` (keys strided
@@ -35,6 +36,7 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
     sel_idx: &mut Tensor<I>,
     sel_score: &mut Tensor<F>,
     n: usize,
+    q0: usize,
     nk: usize,
     h: usize,
     kvh: usize,
@@ -65,7 +67,13 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
     let stiles = comptime!(if t.mma { 0 } else { t.score_tiles() });
     let otiles = comptime!(t.out_tiles());
     let tid = UNIT_POS as usize;
-    let ks = Keys { n, nk, span, mem };
+    let ks = Keys {
+        n,
+        q0,
+        nk,
+        span,
+        mem,
+    };
     let qc = query_cube(h, kvh, n, t);
     let t0 = qc.t0;
     if t0 >= n {
@@ -185,7 +193,7 @@ pub fn attn_fwd<F: Float, I: Int, H: Float>(
 
         if t.select {
             rank_blocks(
-                &p_s, &mut fs_s, &mut topv, &mut topi, &mut mi_s, &mut zi_s, c.kstart, t0, n, mem,
+                &p_s, &mut fs_s, &mut topv, &mut topi, &mut mi_s, &mut zi_s, c.kstart, t0, &ks,
                 complete, t,
             );
         }

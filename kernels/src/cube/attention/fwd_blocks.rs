@@ -76,6 +76,7 @@ pub fn attn_fwd_blocks<F: Float, H: Float>(
     // (the window and the memory slots do not enter the selected mode's visibility)
     let ks = Keys {
         n,
+        q0: 0,
         nk,
         span: n,
         mem: n,

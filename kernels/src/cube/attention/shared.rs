@@ -11,11 +11,13 @@ use super::super::mma::{acc_stride, tile_stride};
 use super::tiling::Tiling;
 use super::{SELECTED, SLIDING};
 
-/// The runtime key range of a launch: `n` query positions, `nk` keys, the window or
-/// compression stride `span`, `mem` memory slots ([`super::COMPRESSED`]).
+/// The runtime key range of a launch: `n` query rows, the first of them at position `q0`
+/// (a chunk of a prompt's queries over all its keys; 0 for a whole sequence), `nk` keys, the
+/// window or compression stride `span`, `mem` memory slots ([`super::COMPRESSED`]).
 #[derive(CubeType, Clone, Copy)]
 pub struct Keys {
     pub n: usize,
+    pub q0: usize,
     pub nk: usize,
     pub span: usize,
     pub mem: usize,
@@ -107,14 +109,15 @@ pub fn visible(
     ok
 }
 
-/// Whether row `r` of a query-centric cube (position `t0 + r / group_heads`) sees key `j` of chunk `c`.
+/// Whether row `r` of a query-centric cube (query row `t0 + r / group_heads`, at position
+/// `q0` further) sees key `j` of chunk `c`.
 #[cube]
 pub fn sees(r: usize, j: usize, t0: usize, c: &Chunk, ks: &Keys, #[comptime] t: Tiling) -> bool {
     let tt = t0 + r / t.group_heads;
     tt < ks.n
         && visible(
             c.kstart + j,
-            tt,
+            ks.q0 + tt,
             ks.nk,
             ks.span,
             ks.mem,
@@ -125,7 +128,7 @@ pub fn sees(r: usize, j: usize, t0: usize, c: &Chunk, ks: &Keys, #[comptime] t: 
         )
 }
 
-/// First key position a sliding/compressed cube starting at query `t0` visits.
+/// First key position a sliding/compressed cube whose first query is at position `t0` visits.
 #[cube]
 fn first_key(t0: usize, span: usize, #[comptime] mode: u32) -> usize {
     let mut lo = 0usize;
@@ -135,7 +138,7 @@ fn first_key(t0: usize, span: usize, #[comptime] mode: u32) -> usize {
     lo
 }
 
-/// Number of key chunks a query-centric cube visits (`t0`: its first query position).
+/// Number of key chunks a query-centric cube visits (`t0`: its first query row).
 #[cube]
 pub fn chunk_count(t0: usize, count: usize, ks: &Keys, #[comptime] t: Tiling) -> usize {
     let kc = t.kc;
@@ -143,13 +146,14 @@ pub fn chunk_count(t0: usize, count: usize, ks: &Keys, #[comptime] t: Tiling) ->
     if last > ks.n {
         last = ks.n;
     }
-    last -= 1;
+    // the position of the cube's last query
+    last = last - 1 + ks.q0;
     let mut chunks = 0usize;
     if t.mode == SELECTED {
         let subs = comptime!(t.sel.div_ceil(t.kc));
         chunks = (count + 1) * subs;
     } else if t.mode == SLIDING {
-        let lo = first_key(t0, ks.span, t.mode);
+        let lo = first_key(ks.q0 + t0, ks.span, t.mode);
         chunks = (last + 1 - lo + kc - 1) / kc;
     } else {
         // memory chunks, then chunks of compressed blocks (aligned to selection blocks)
@@ -162,7 +166,7 @@ pub fn chunk_count(t0: usize, count: usize, ks: &Keys, #[comptime] t: Tiling) ->
     chunks
 }
 
-/// Where chunk `ci` of a query-centric cube lies (selected: its block from `idx` and its gate
+/// Where chunk `ci` of a query-centric cube (first query row `t0`) lies (selected: its block from `idx` and its gate
 /// from `gates`, both `[b, hs, n, count]`, at row `sel_row`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -203,10 +207,10 @@ pub fn chunk_at<F: Float, I: Int>(
             }
         } else {
             own = true;
-            kstart = (t0 / sel) * sel + sub * kc;
+            kstart = ((ks.q0 + t0) / sel) * sel + sub * kc;
         }
     } else if t.mode == SLIDING {
-        kstart = first_key(t0, ks.span, t.mode) + ci * kc;
+        kstart = first_key(ks.q0 + t0, ks.span, t.mode) + ci * kc;
     } else {
         let mem_chunks = (ks.mem + kc - 1) / kc;
         if ci < mem_chunks {

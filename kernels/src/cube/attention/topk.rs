@@ -4,6 +4,7 @@
 
 use cubecl::prelude::*;
 
+use super::shared::Keys;
 use super::tiling::Tiling;
 use super::{NEG, NEG_HALF};
 
@@ -40,7 +41,8 @@ pub fn init_ranking(
 /// Selection (compressed forward): scores of the selection blocks that lie in this chunk of
 /// compressed slots (logits in `p_s`, averaged over the `sel_group` heads of a selection group and
 /// the `per_block` slots of a block), folded into each importance row's top-k and softmax normaliser.
-/// Block `j` competes for the query at `t` when it ends at or before `t` (`(j + 1) * sel <= t`;
+/// Block `j` competes for the query at position `t` (row `t0 + ..` plus `ks.q0`) when it ends
+/// at or before `t` (`(j + 1) * sel <= t`;
 /// the query's own block and later ones have probability zero in the reference).
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -53,11 +55,12 @@ pub fn rank_blocks(
     zi_s: &mut SharedMemory<f32>,
     kstart: usize,
     t0: usize,
-    n: usize,
-    mem: usize,
+    ks: &Keys,
     complete: usize,
     #[comptime] t: Tiling,
 ) {
+    let n = ks.n;
+    let mem = ks.mem;
     let nt = t.threads;
     let tid = UNIT_POS as usize;
     let per_block = t.per_block;
@@ -88,9 +91,11 @@ pub fn rank_blocks(
         let mut ir = tid;
         while ir < irows {
             let tt = t0 + ir / ns;
+            // the row's position
+            let pos = ks.q0 + tt;
             for fb in 0..nfb {
                 let j = first + fb;
-                if tt < n && j < complete && (j + 1) * t.sel <= tt {
+                if tt < n && j < complete && (j + 1) * t.sel <= pos {
                     let s = fs_s[ir * nfb + fb];
                     let mo = mi_s[ir];
                     if s > mo {

@@ -16,6 +16,9 @@ pub struct Problem {
     pub h: usize,
     pub kvh: usize,
     pub n: usize,
+    /// The position of the first query row (a chunk of a prompt's queries over all its keys;
+    /// 0 for a whole sequence, the only case the backward and the by-block forward take).
+    pub q0: usize,
     /// Key rows.
     pub nk: usize,
     pub d: usize,
@@ -339,6 +342,7 @@ pub fn forward<R: CubeRuntime>(
             sel_idx.into_tensor_arg(),
             sel_score.into_tensor_arg(),
             p.n,
+            p.q0,
             p.nk,
             p.h,
             p.kvh,
@@ -376,6 +380,7 @@ pub fn backward<R: CubeRuntime>(
     CubeTensor<R>,
     Option<CubeTensor<R>>,
 ) {
+    assert_eq!(p.q0, 0, "the backward takes whole sequences");
     let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
     let (out, dout) = (into_contiguous(out), into_contiguous(dout));
     let dtype = q.dtype;

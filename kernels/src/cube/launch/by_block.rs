@@ -39,7 +39,7 @@ pub(super) fn chosen(
     budget: usize,
     mma: Option<usize>,
 ) -> Option<Tiling> {
-    if !by_block(p, dtype) {
+    if p.q0 != 0 || !by_block(p, dtype) {
         return None;
     }
     tiling(p, budget, mma)
@@ -265,6 +265,7 @@ mod tests {
             h: 16,
             kvh: 4,
             n: 65_536,
+            q0: 0,
             nk: 65_536,
             d: 64,
             group_heads: 4,
@@ -327,5 +328,12 @@ mod tests {
             ..layer(SelectedOrder::ByBlock)
         };
         assert!(chosen(&long, bf16, budget, Some(2)).is_none());
+        // a chunk of a prompt's queries (not from position 0): by query
+        let chunk = Problem {
+            q0: 4096,
+            nk: 65_536 + 4096,
+            ..layer(SelectedOrder::ByBlock)
+        };
+        assert!(chosen(&chunk, bf16, budget, Some(2)).is_none());
     }
 }
