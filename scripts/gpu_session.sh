@@ -31,6 +31,8 @@
 #           device memory sampled by nvidia-smi (issue 22)
 #   longmin  the NSA decode rows of longdecode at 100K and 64K only
 #   memcheck  --stats on a 100K-token prompt, and the refusal of caches that cannot fit
+#   prefill  a 100K-token prompt prefilled in chunks against one piece: device memory and time
+#           (CUDA f32, bf16, wgpu)
 #   longtrain  training steps of the seed model at 16k and 64k tokens, NSA and dense (issue 22)
 #   vulkan  wgpu (Vulkan) beside CUDA: layer 16k-128k f32, training step, decode, a 100K-token
 #           prompt (issue 27)
@@ -401,6 +403,20 @@ for phase in "$@"; do
       python3 -c 'import random; v=open("/tmp/vocab.txt").read().split()[5:]; random.seed(1); print("".join(random.choice(v) for _ in range(100000)))' >/tmp/prompt-100k.txt
       run_peak mem-stats-cuda 60 /tmp/bin/nsa-infer generate -m /tmp/fixture-huge \
         --backend cuda -n 256 --greedy --no-echo --stats </tmp/prompt-100k.txt
+      ;;
+    prefill)
+      # issue 22: a 100K-token prompt's prefill in chunks (the default, 8,192 positions) against
+      # one piece (NSA_PREFILL_CHUNK=0), same binary, device memory sampled by nvidia-smi
+      for c in 8192 0; do
+        run_peak "pf-f32-c$c" 90 env NSA_PREFILL_CHUNK=$c /tmp/bin/nsa-bench --suite decode \
+          --backend cuda --prompt-len 100000 -n 256 --runs 3 --json "$(rec "prefill-f32-100000-c$c")"
+      done
+      run_peak pf-bf16-c8192 90 /tmp/bin/nsa-bench --suite decode --backend cuda --precision bf16 \
+        --prompt-len 100000 -n 256 --runs 3 --json "$(rec prefill-bf16-100000-c8192)"
+      run_peak pf-f32-c2048 90 env NSA_PREFILL_CHUNK=2048 /tmp/bin/nsa-bench --suite decode \
+        --backend cuda --prompt-len 100000 -n 256 --runs 3 --json "$(rec prefill-f32-100000-c2048)"
+      run_peak pf-wgpu-c8192 120 /tmp/bin/nsa-bench --suite decode --backend wgpu \
+        --prompt-len 100000 -n 128 --runs 2 --json "$(rec prefill-wgpu-100000-c8192)"
       ;;
     longtrain)
       # issue 22: training steps of the seed model at 16k and 64k tokens, NSA and dense

@@ -20,8 +20,9 @@
 //!    the gates, the output projection, the residual and the feed-forward → the block's
 //!    output rows `s..s + c`.
 //!
-//! What one block holds besides the caches: its input and output `[b, n, dim]` and the scratch
-//! keys `[b, kvh, n, d]` (step 1–2 only), and one chunk's working set.
+//! What one block holds besides the caches: its input and output `[b, n, dim]` (the output
+//! written a chunk of rows at a time), the scratch keys `[b, kvh, n, d]` (steps 1–2 only), and
+//! one chunk's working set.
 
 use burn::prelude::*;
 
@@ -88,20 +89,20 @@ impl<B: Backend> SparseAttention<B> {
         let (ck, cv) = self.compress.with_memory(b, compressed);
 
         // 3. the queries a chunk at a time over every key
+        // (the output's rows written in place: `[b, 1, n, dim]`)
         let (keys, vals) = kv.buffers();
-        let mut outs = Vec::new();
+        let dim = x.dims()[2];
+        let mut out = Tensor::zeros([b, 1, n, dim], &device);
         for (s, len) in spans() {
             let xs = x.clone().narrow(1, s, len);
             let normed = self.normed(xs.clone());
             let q = self.qkv(kernels, normed.clone()).q;
             let branches = self.branches_from(kernels, q, (&ck, &cv), (keys, vals), s, scale);
             let h = self.mix(kernels, normed, branches) + xs;
-            outs.push(ff.forward(kernels, h.clone()) + h);
+            let rows = ff.forward(kernels, h.clone()) + h;
+            out = kernels.write_rows(out, s, rows.unsqueeze_dim(1));
         }
-        let out = match outs.len() {
-            1 => outs.pop().expect("one chunk"),
-            _ => Tensor::cat(outs, 1),
-        };
+        let out = out.reshape([b, n, dim]);
         let cache = NsaCache {
             kv,
             compressed: KvBuffer::new(ck, cv, extra / stride + 1),

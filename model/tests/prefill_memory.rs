@@ -76,7 +76,20 @@ fn prefill_memory_grows_linearly_with_the_prompt() {
     s.selection_block_size = 8;
     s.num_selected_blocks = 2;
     let model = c.init::<B>(&device).unwrap();
-    linear("ndarray, tensor ops", &model);
+    let whole = linear("ndarray, tensor ops", &model);
+    // in chunks of 512 positions: linear too, and a smaller peak (one chunk's working set)
+    let options = nsa_model::kernels::KernelOptions {
+        prefill_chunk: 512,
+        ..Default::default()
+    };
+    let chunked = linear(
+        "ndarray, chunks of 512",
+        &model.clone().with_kernel_options(options),
+    );
+    assert!(
+        chunked < whole,
+        "chunks of 512: peak {chunked} B, not below one piece's {whole} B"
+    );
     // the CPU backend of `nsa-infer --backend cpu`: flex, with its prefill kernel
     #[cfg(feature = "flex")]
     {
@@ -87,8 +100,9 @@ fn prefill_memory_grows_linearly_with_the_prompt() {
     }
 }
 
-/// The peak of an 8,192-token prefill of `model` is less than 6 times a 2,048-token one's.
-fn linear<B: Backend>(name: &str, model: &nsa_model::Transformer<B>) {
+/// The peak of an 8,192-token prefill of `model` is less than 6 times a 2,048-token one's;
+/// returns the former.
+fn linear<B: Backend>(name: &str, model: &nsa_model::Transformer<B>) -> usize {
     // warm-up: one-time allocations (thread pools, tables) do not count
     prefill_peak(model, 512);
     let small = prefill_peak(model, 2048);
@@ -101,4 +115,5 @@ fn linear<B: Backend>(name: &str, model: &nsa_model::Transformer<B>) {
         ratio < 6.0,
         "{name}: prefill memory grows faster than linearly: ratio {ratio:.2}"
     );
+    large
 }
