@@ -408,7 +408,7 @@ for phase in "$@"; do
       # issue 22: a 100K-token prompt's prefill in chunks (the default, 8,192 positions) against
       # one piece (NSA_PREFILL_CHUNK=0), same binary, device memory sampled by nvidia-smi
       for c in 8192 0; do
-        run_peak "pf-f32-c$c" 90 env NSA_PREFILL_CHUNK=$c /tmp/bin/nsa-bench --suite decode \
+        run_peak "pf-f32-c$c" 150 env NSA_PREFILL_CHUNK=$c /tmp/bin/nsa-bench --suite decode \
           --backend cuda --prompt-len 100000 -n 256 --runs 3 --json "$(rec "prefill-f32-100000-c$c")"
       done
       run_peak pf-bf16-c8192 90 /tmp/bin/nsa-bench --suite decode --backend cuda --precision bf16 \
