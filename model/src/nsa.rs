@@ -172,50 +172,66 @@ impl<B: Backend> SparseAttention<B> {
         let scale = self.scale();
         let c = &self.config;
 
-        // 1. compressed
+        // the compressed keys and values, the rotated keys (and the decode cache from them)
         let compressed = self.compress.compress(kernels, k.clone(), v.clone());
         let (ck, cv) = self.compress.with_memory(b, compressed);
-        // (with the block selection it drives: one fused kernel where registered)
+        let k_rot = Rotation::new(d, 0, n, &q.device()).apply(k.clone());
+        let branches = self.branches(kernels, q, (&ck, &cv), (&k_rot, &v), 0, scale);
+        let cache = cache_extra.map(|extra| {
+            let l = c.compress_block_size;
+            NsaCache {
+                kv: KvBuffer::aligned(k_rot, v.clone(), extra, c.selection_block_size),
+                compressed: KvBuffer::new(ck, cv, extra / c.compress_block_sliding_stride + 1),
+                tail_k: decode_ring(k, l),
+                tail_v: decode_ring(v, l),
+                gather: None,
+            }
+        });
+        (self.mix(kernels, x, branches), cache)
+    }
+
+    /// The three branches of queries `q` `[batch, heads, c, dim_head]` (un-rotated) at
+    /// positions `start..start + c`, over the memory and compressed keys/values `(ck, cv)`
+    /// and the rotated keys and values `(k, v)` `[batch, kv_heads, rows, dim_head]` of every
+    /// position before and in the chunk (rows past those: never seen):
+    ///
+    /// 1. compressed, with the block selection it drives (one fused kernel where registered);
+    /// 2. selected (rotary on the queries from here on);
+    /// 3. sliding window.
+    pub(crate) fn branches(
+        &self,
+        kernels: &Kernels<B>,
+        q: Tensor<B, 4>,
+        (ck, cv): (&Tensor<B, 4>, &Tensor<B, 4>),
+        (k, v): (&Tensor<B, 4>, &Tensor<B, 4>),
+        start: usize,
+        scale: f64,
+    ) -> [Tensor<B, 4>; 3] {
+        let c = &self.config;
+        let [_, _, len, d] = q.dims();
         let (comp, selection) = self.compress.attend_and_select(
             kernels,
             q.clone(),
             ck.clone(),
             cv.clone(),
-            0,
+            start,
             c,
             scale,
         );
-
-        // 2. selected (rotary on queries and keys from here on)
-        let rotation = Rotation::new(d, 0, n, &q.device());
-        let q = rotation.apply(q);
-        let k_rot = rotation.apply(k.clone());
-        let cache = cache_extra.map(|extra| {
-            let l = c.compress_block_size;
-            NsaCache {
-                kv: KvBuffer::aligned(k_rot.clone(), v.clone(), extra, c.selection_block_size),
-                compressed: KvBuffer::new(ck, cv, extra / c.compress_block_sliding_stride + 1),
-                tail_k: decode_ring(k, l),
-                tail_v: decode_ring(v.clone(), l),
-                gather: None,
-            }
-        });
-        let k = k_rot;
+        let q = Rotation::new(d, start, len, &q.device()).apply(q);
+        let (k, v) = (k.clone(), v.clone());
         let selected = selected_attention(
             kernels,
             q.clone(),
             k.clone(),
             v.clone(),
             selection,
-            0,
+            start,
             c,
             scale,
         );
-
-        // 3. sliding window
-        let sliding = sliding_attention(kernels, q, k, v, 0, c.sliding_window_size, scale);
-
-        (self.mix(kernels, x, [comp, selected, sliding]), cache)
+        let sliding = sliding_attention(kernels, q, k, v, start, c.sliding_window_size, scale);
+        [comp, selected, sliding]
     }
 
     /// Decodes one token: `x` `[batch, 1, dim]` at position `cache.kv.len()`, rotated by

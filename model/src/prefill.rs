@@ -15,8 +15,8 @@
 //!    dropped;
 //! 3. per chunk of `c` query positions starting at `s`: the queries again (one more product of
 //!    the chunk's rows), the three branches with the queries at `s..s + c` over every key of
-//!    the prompt ([`Compressor::attend_and_select`], [`selected_attention`],
-//!    [`sliding_attention`] with `start = s`: the fused kernels where the backend has them),
+//!    the prompt (the layer's branches with `start = s`: the fused kernels where the backend
+//!    has them),
 //!    the gates, the output projection, the residual and the feed-forward → the block's
 //!    output rows `s..s + c`.
 //!
@@ -27,12 +27,9 @@
 use burn::prelude::*;
 
 use crate::cache::{KvBuffer, NsaCache};
-use crate::compress::Compressor;
 use crate::kernels::Kernels;
 use crate::nsa::{decode_ring, SparseAttention};
 use crate::rope::Rotation;
-use crate::select::selected_attention;
-use crate::sliding::sliding_attention;
 use crate::transformer::FeedForward;
 
 impl<B: Backend> SparseAttention<B> {
@@ -97,7 +94,7 @@ impl<B: Backend> SparseAttention<B> {
             let xs = x.clone().narrow(1, s, len);
             let normed = self.normed(xs.clone());
             let q = self.qkv(kernels, normed.clone()).q;
-            let branches = self.branches_from(kernels, q, (&ck, &cv), (keys, vals), s, scale);
+            let branches = self.branches(kernels, q, (&ck, &cv), (keys, vals), s, scale);
             let h = self.mix(kernels, normed, branches) + xs;
             let rows = ff.forward(kernels, h.clone()) + h;
             out = kernels.write_rows(out, s, rows.unsqueeze_dim(1));
@@ -111,46 +108,5 @@ impl<B: Backend> SparseAttention<B> {
             gather: None,
         };
         (out, cache)
-    }
-
-    /// The three branches of queries `q` `[batch, heads, c, dim_head]` (un-rotated) at
-    /// positions `start..start + c`, over the memory and compressed keys/values `(ck, cv)`
-    /// and the rotated keys and values `(k, v)` `[batch, kv_heads, rows, dim_head]` of every
-    /// position before and in the chunk (rows past those: never seen).
-    fn branches_from(
-        &self,
-        kernels: &Kernels<B>,
-        q: Tensor<B, 4>,
-        (ck, cv): (&Tensor<B, 4>, &Tensor<B, 4>),
-        (k, v): (&Tensor<B, 4>, &Tensor<B, 4>),
-        start: usize,
-        scale: f64,
-    ) -> [Tensor<B, 4>; 3] {
-        let c = &self.config;
-        let [_, _, len, d] = q.dims();
-        let compressor: &Compressor<B> = &self.compress;
-        let (comp, selection) = compressor.attend_and_select(
-            kernels,
-            q.clone(),
-            ck.clone(),
-            cv.clone(),
-            start,
-            c,
-            scale,
-        );
-        let q = Rotation::new(d, start, len, &q.device()).apply(q);
-        let (k, v) = (k.clone(), v.clone());
-        let selected = selected_attention(
-            kernels,
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            selection,
-            start,
-            c,
-            scale,
-        );
-        let sliding = sliding_attention(kernels, q, k, v, start, c.sliding_window_size, scale);
-        [comp, selected, sliding]
     }
 }

@@ -14,29 +14,16 @@ use nsa_model::cache::LayerCache;
 use nsa_model::kernels::KernelOptions;
 use nsa_model::{Comparison, Transformer, TransformerConfig};
 
-/// Configs the chunks must get right: GQA with a shared selection and several compression
-/// slots per selection block, a selection per head, straight-through gates, overlapping
-/// compression blocks with one slot per selection block and a window longer than a chunk.
+/// Configs the chunks must get right: those of the decode kernel's tests
+/// ([`common::random::decode_configs`]: GQA with a shared selection and several compression
+/// slots per selection block, selection blocks longer than a kernel chunk, a selection per
+/// head, straight-through gates, one slot per block), and a window longer than most chunks.
 fn configs() -> Vec<(&'static str, TransformerConfig)> {
-    let base = common::random::small_decode_config;
-    let shared = base();
-    let mut separate = base();
-    separate.sparse.query_heads_share_selected_kv = false;
-    let mut gated = base();
-    gated.sparse.use_diff_topk = true;
-    let mut plain = base();
-    plain.heads = 2;
-    plain.kv_heads = Some(2);
-    plain.sparse.selection_block_size = 4;
-    plain.sparse.sliding_window_size = 11;
-    plain.sparse.num_selected_blocks = 3;
-    plain.sparse.num_compressed_mem_kv = 2;
-    vec![
-        ("gqa shared selection", shared),
-        ("selection per head", separate),
-        ("diff top-k gates", gated),
-        ("one slot per block, long window", plain),
-    ]
+    let mut configs = common::random::decode_configs();
+    let mut long_window = common::random::small_decode_config();
+    long_window.sparse.sliding_window_size = 11;
+    configs.push(("long window", long_window));
+    configs
 }
 
 /// What a prefill hands over, on the host: the last logits, every layer's cache rows

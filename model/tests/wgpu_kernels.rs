@@ -817,35 +817,6 @@ fn randomise<B: Backend>(device: &B::Device) -> common::random::Randomise<B> {
     }
 }
 
-/// Small transformer configs whose decode steps the decode kernel covers: GQA with shared
-/// selection and several compression slots per selection block, separate selections per head,
-/// straight-through gated keys, and one slot per block with as many kv heads as heads.
-fn decode_configs() -> Vec<(&'static str, nsa_model::TransformerConfig)> {
-    let base = common::random::small_decode_config;
-    let shared = base();
-    let mut separate = base();
-    separate.sparse.query_heads_share_selected_kv = false;
-    let mut gated = base();
-    gated.sparse.use_diff_topk = true;
-    let mut plain = base();
-    plain.heads = 2;
-    plain.kv_heads = Some(2);
-    plain.sparse.selection_block_size = 4;
-    plain.sparse.sliding_window_size = 6;
-    plain.sparse.num_selected_blocks = 3;
-    plain.sparse.num_compressed_mem_kv = 2;
-    // a selection block spans two of the kernel's 32-key chunks
-    let mut long = base();
-    long.sparse.selection_block_size = 36;
-    vec![
-        ("gqa shared selection", shared),
-        ("selection blocks longer than a chunk", long),
-        ("selection per head", separate),
-        ("diff top-k gates", gated),
-        ("one slot per block, no gqa", plain),
-    ]
-}
-
 /// The one-kernel decode step on wgpu against the tensor-op decode step on the CPU, same
 /// weights, batch 2: logits at every position (lengths cross stride, compression-block and
 /// selection-block boundaries, the top-n fills up and then competes), and the kernel is
@@ -861,7 +832,7 @@ fn decode_kernel_matches_the_tensor_op_step() {
     let cpu = Default::default();
     // each config in one kernel, and with the compressed branch in parts of one selection
     // block (as long contexts run it)
-    let cases = decode_configs()
+    let cases = common::random::decode_configs()
         .into_iter()
         .flat_map(|(name, c)| [(name, c.clone(), 0), (name, c, 1)]);
     for (name, c, span) in cases {
@@ -1112,7 +1083,7 @@ fn decode_writes_leave_a_shared_cache_alone() {
     register();
     let gpu = WgpuDevice::default();
     let cpu = Default::default();
-    let (_, c) = decode_configs().remove(0);
+    let (_, c) = common::random::decode_configs().remove(0);
     let cpu_model = c
         .init::<NdArray>(&cpu)
         .unwrap()
@@ -1224,7 +1195,7 @@ fn generation_on_the_device_equals_the_host_loop() {
 
     register();
     let gpu = WgpuDevice::default();
-    let (_, c) = decode_configs().remove(0);
+    let (_, c) = common::random::decode_configs().remove(0);
     let model = c
         .init::<Wgpu>(&gpu)
         .unwrap()

@@ -22,15 +22,11 @@ pub(super) fn supported<B: KernelBackend>(q: &Tensor<B, 4>, p: &Problem) -> bool
     launch::supported(&B::cube_client(&q.device()), p)
 }
 
-/// The query rows and key rows of `q`, `k` when the queries sit at `start..` and the keys at
-/// `0..` (every query's own key among them), or `None`.
-fn rows_from<B: Backend>(
-    q: &Tensor<B, 4>,
-    k: &Tensor<B, 4>,
-    start: usize,
-) -> Option<(usize, usize)> {
-    let (n, nk) = (q.dims()[2], k.dims()[2]);
-    (start + n <= nk).then_some((n, nk))
+/// The key rows of `k` when the queries of `q` sit at `start..` and the keys at `0..` (every
+/// query's own key among them), or `None`.
+fn key_rows<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, start: usize) -> Option<usize> {
+    let nk = k.dims()[2];
+    (start + q.dims()[2] <= nk).then_some(nk)
 }
 
 /// The problem for the selected branch (queries at `start..`, keys at `0..`), or `None` when
@@ -51,7 +47,7 @@ pub(super) fn selected_problem<B: KernelBackend>(
     if !is_float(q.dtype()) || k.dtype() != q.dtype() || kvh == 0 || !h.is_multiple_of(kvh) {
         return None;
     }
-    let (_, nk) = rows_from(q, k, start)?;
+    let nk = key_rows(q, k, start)?;
     let hs = if sizes.share_selection { kvh } else { h };
     let p = Problem {
         mode: SELECTED,
@@ -89,7 +85,7 @@ pub(super) fn sliding_problem<B: KernelBackend>(
     if !is_float(q.dtype()) || k.dtype() != q.dtype() || kvh == 0 || !h.is_multiple_of(kvh) {
         return None;
     }
-    let (_, nk) = rows_from(q, k, start)?;
+    let nk = key_rows(q, k, start)?;
     let p = Problem {
         mode: SLIDING,
         b,

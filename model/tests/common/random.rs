@@ -88,3 +88,32 @@ pub fn small_decode_config() -> nsa_model::TransformerConfig {
     s.num_compressed_mem_kv = 1;
     c
 }
+
+/// Small transformer configs whose decode steps the decode kernel covers: GQA with shared
+/// selection and several compression slots per selection block, separate selections per head,
+/// straight-through gated keys, and one slot per block with as many kv heads as heads.
+pub fn decode_configs() -> Vec<(&'static str, nsa_model::TransformerConfig)> {
+    let base = small_decode_config;
+    let shared = base();
+    let mut separate = base();
+    separate.sparse.query_heads_share_selected_kv = false;
+    let mut gated = base();
+    gated.sparse.use_diff_topk = true;
+    let mut plain = base();
+    plain.heads = 2;
+    plain.kv_heads = Some(2);
+    plain.sparse.selection_block_size = 4;
+    plain.sparse.sliding_window_size = 6;
+    plain.sparse.num_selected_blocks = 3;
+    plain.sparse.num_compressed_mem_kv = 2;
+    // a selection block spans two of the kernel's 32-key chunks
+    let mut long = base();
+    long.sparse.selection_block_size = 36;
+    vec![
+        ("gqa shared selection", shared),
+        ("selection blocks longer than a chunk", long),
+        ("selection per head", separate),
+        ("diff top-k gates", gated),
+        ("one slot per block, no gqa", plain),
+    ]
+}
