@@ -58,6 +58,13 @@ pub struct Cli {
     /// Training-step shapes as SEQxBATCH.
     #[arg(long, value_delimiter = ',', default_value = "256x16,4096x1")]
     pub train_shapes: Vec<String>,
+    /// How the training step computes its loss and gradients: `plain` (unchunked logits, one
+    /// graph: the published rows), `chunked` (logits a chunk at a time, as nsa-train does),
+    /// `recompute` (chunked, each block recomputed in the backward pass: nsa-train
+    /// --recompute).
+    #[arg(long, value_delimiter = ',', default_value = "plain",
+          value_parser = ["plain", "chunked", "recompute"])]
+    pub train_modes: Vec<String>,
     /// Precisions of the training step (f32 is what nsa-train uses).
     #[arg(long, value_delimiter = ',', default_value = "f32")]
     pub train_precisions: Vec<Precision>,

@@ -22,6 +22,7 @@ pub mod interop;
 pub mod norm;
 pub mod nsa;
 pub mod prefill;
+pub mod recompute;
 pub mod rope;
 pub mod sampling;
 pub mod select;

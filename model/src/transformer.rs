@@ -140,6 +140,14 @@ pub struct Block<B: Backend> {
     pub ff: FeedForward<B>,
 }
 
+impl<B: Backend> Block<B> {
+    /// `[batch, seq, dim]` → `[batch, seq, dim]`: `h = x + attention(x)`, then `h + ff(h)`.
+    pub fn forward(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = self.attn.forward(kernels, x.clone()) + x;
+        self.ff.forward(kernels, h.clone()) + h
+    }
+}
+
 /// The language model.
 #[derive(Module, Debug)]
 pub struct Transformer<B: Backend> {
@@ -217,8 +225,7 @@ impl<B: Backend> Transformer<B> {
     fn hidden_with(&self, kernels: &Kernels<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let mut x = self.token_emb.forward(ids);
         for layer in &self.layers {
-            x = layer.attn.forward(kernels, x.clone()) + x;
-            x = layer.ff.forward(kernels, x.clone()) + x;
+            x = layer.forward(kernels, x);
         }
         self.norm.forward(x)
     }
@@ -359,7 +366,7 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Rows per chunk of logits for `rows` rows within `max_logits_bytes`.
-    fn logits_chunk(&self, rows: usize, max_logits_bytes: u64) -> usize {
+    pub(crate) fn logits_chunk(&self, rows: usize, max_logits_bytes: u64) -> usize {
         let elem = core::mem::size_of::<B::FloatElem>();
         head_loss::chunk_rows(rows, self.config.num_tokens, elem, max_logits_bytes)
     }

@@ -87,6 +87,11 @@ pub struct Cli {
     /// Micro-batches per optimizer step (gradient accumulation)
     #[arg(long, value_name = "N")]
     pub grad_accum: Option<usize>,
+    /// Recompute each block's activations in the backward pass (activation checkpointing):
+    /// one block's memory instead of the whole model's, about a third more work, same
+    /// gradients; for long sequences (`train.recompute`)
+    #[arg(long)]
+    pub recompute: bool,
     /// Peak learning rate
     #[arg(long, value_name = "LR")]
     pub lr: Option<f64>,
@@ -144,6 +149,7 @@ impl Cli {
             lr: self.lr,
             seq_len: self.seq_len,
             grad_accum: self.grad_accum,
+            recompute: self.recompute,
             seed: self.seed,
             eval_every: self.eval_every,
             sample_every: self.sample_every,

@@ -270,6 +270,11 @@ pub struct LoopConfig {
     /// Micro-batches per optimizer step (their gradients are averaged).
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// (activation checkpointing): the memory of one block's graph instead of the whole
+    /// model's, for about a third more work; same gradients. For long sequences.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub recompute: bool,
     /// Seed of the initialisation, the data order and the samples.
     #[serde(default)]
     pub seed: u64,
@@ -297,6 +302,10 @@ pub struct LoopConfig {
     /// Stop after this many consecutive skipped steps.
     #[serde(default = "default_max_non_finite")]
     pub max_non_finite: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn one() -> usize {
@@ -426,8 +435,9 @@ impl TrainConfig {
 
     /// Keys a resumed run may change (`--steps`, `--eval-every`, `--sample-every`,
     /// `--log-every`, and the schedule's length recorded when `--steps` changes).
-    pub const RESUMABLE_KEYS: [&'static str; 5] = [
+    pub const RESUMABLE_KEYS: [&'static str; 6] = [
         "train.steps",
+        "train.recompute",
         "train.eval_every",
         "train.sample_every",
         "train.log_every",

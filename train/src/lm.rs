@@ -25,6 +25,9 @@ pub struct LanguageModel<B: Backend> {
     /// The largest chunk of `[tokens, vocabulary]` logits, in bytes
     /// ([`LanguageModel::with_logits_budget`]); not part of the record.
     pub max_logits_bytes: u64,
+    /// Recompute each block in the backward pass ([`LanguageModel::with_recompute`]); not part
+    /// of the record.
+    pub recompute: bool,
 }
 
 impl<B: Backend> LanguageModel<B> {
@@ -34,7 +37,16 @@ impl<B: Backend> LanguageModel<B> {
             transformer,
             grad_clip,
             max_logits_bytes: DEFAULT_LOGITS_BYTES,
+            recompute: false,
         }
+    }
+
+    /// Recomputes each block's activations in the backward pass instead of keeping them
+    /// (activation checkpointing, [`Transformer::loss_backward_recomputed`]): the same
+    /// gradients with the memory of one block's graph.
+    pub fn with_recompute(mut self, recompute: bool) -> Self {
+        self.recompute = recompute;
+        self
     }
 
     /// Chunks the logits to at most `bytes` (a device's limit for one buffer) when that is
@@ -172,6 +184,17 @@ impl<B: AutodiffBackend> LanguageModel<B> {
         let mut losses = Vec::with_capacity(micro);
         for i in 0..micro {
             let ids = batch.ids.clone().narrow(0, i * per, per);
+            if self.recompute {
+                let scale = 1.0 / micro as f64;
+                let loss = self.transformer.loss_backward_recomputed(
+                    ids,
+                    self.max_logits_bytes,
+                    scale,
+                    |g| accumulator.accumulate(self, GradientsParams::from_grads(g, self)),
+                );
+                losses.push(loss);
+                continue;
+            }
             let loss = lm_loss(&self.transformer, ids, self.max_logits_bytes);
             losses.push(loss.clone().inner());
             let scaled = if micro > 1 {
@@ -180,7 +203,7 @@ impl<B: AutodiffBackend> LanguageModel<B> {
                 loss
             };
             let grads = GradientsParams::from_grads(scaled.backward(), self);
-            if micro == 1 {
+            if micro == 1 && !self.recompute {
                 single = Some(grads);
             } else {
                 accumulator.accumulate(self, grads);

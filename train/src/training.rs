@@ -453,7 +453,8 @@ impl OnAutodiffBackend for TrainWork {
                 .with_kernel_options(p.kernels)
         };
         let model = LanguageModel::new(transformer, config.optim.grad_clip)
-            .with_logits_budget(choice.max_tensor_bytes);
+            .with_logits_budget(choice.max_tensor_bytes)
+            .with_recompute(t.recompute);
         let o = &config.optim;
         let optim: Optim<B> = AdamWConfig::new()
             .with_beta_1(o.beta1 as f32)

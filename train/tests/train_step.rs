@@ -8,6 +8,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use nsa_model::AttentionKind;
 use nsa_runtime::tokenizer::bert_base_chinese;
 use nsa_train::lm::{global_grad_norm, lm_loss, LanguageModel, TokenBatch};
 
@@ -219,6 +220,66 @@ fn data_parallel_step_equals_one_device() {
                 }
             }
             assert!(max < 1e-5, "{case}: largest gradient difference {max}");
+        }
+    }
+}
+
+/// Largest absolute difference between two sets of gradients (NaN if any value is NaN).
+fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut max = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.len(), y.len());
+        for (p, q) in x.iter().zip(y) {
+            let d = (p - q).abs();
+            if d.is_nan() || d > max {
+                max = d;
+            }
+        }
+    }
+    max
+}
+
+#[test]
+fn recomputed_blocks_give_the_gradients_of_one_graph() {
+    for attention in [AttentionKind::Nsa, AttentionKind::Full] {
+        let model = {
+            static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+            let device = Default::default();
+            B::seed(&device, 5);
+            let mut config = common::tiny_config().model_config(21128).unwrap();
+            // three blocks: the gradient flows through recomputed blocks into earlier ones
+            config.depth = 3;
+            config.attention = attention;
+            LanguageModel::new(config.init::<B>(&device).unwrap(), 0.0)
+        };
+        let recomputing = model.clone().with_recompute(true);
+        for micro in [1, 2] {
+            let (g, o) = model.gradients(batch(4, micro));
+            let (gr, or) = recomputing.gradients(batch(4, micro));
+            let (a, b) = (flat(&model, &g), flat(&model, &gr));
+            // every parameter has a gradient: embedding, 3 blocks, norm, output layer
+            let params = model.num_params();
+            let counted: usize = a.iter().map(Vec::len).sum();
+            assert_eq!(
+                counted, params,
+                "{attention:?}: gradients of every parameter"
+            );
+            assert!(
+                (o.loss_value - or.loss_value).abs() < 1e-5,
+                "{attention:?}, {micro} micro-batches: loss {} against {}",
+                o.loss_value,
+                or.loss_value
+            );
+            let max = largest_difference(&a, &b);
+            assert!(
+                max < 1e-5,
+                "{attention:?}, {micro} micro-batches: largest gradient difference {max}"
+            );
+            let norm = o.grad_norm.unwrap();
+            assert!(norm > 1e-3, "{norm}");
+            assert!((or.grad_norm.unwrap() - norm).abs() < 1e-4 * norm);
         }
     }
 }

@@ -19,6 +19,8 @@ pub struct Overrides {
     pub seq_len: Option<usize>,
     /// `--grad-accum`.
     pub grad_accum: Option<usize>,
+    /// `--recompute`.
+    pub recompute: bool,
     /// `--seed`.
     pub seed: Option<u64>,
     /// `--eval-every`.
@@ -77,6 +79,9 @@ impl TrainConfig {
         }
         if let Some(v) = o.grad_accum {
             self.train.grad_accum = v;
+        }
+        if o.recompute {
+            self.train.recompute = true;
         }
         if let Some(v) = o.seed {
             self.train.seed = v;

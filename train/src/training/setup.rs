@@ -392,12 +392,17 @@ pub(super) fn report_start(reporter: &Reporter, r: &StartReport<'_>) -> String {
     let schedule = WarmupCosine::from_config(&config.optim, t.steps);
     let planned = schedule.planned_steps();
     reporter.line(format!(
-        "training: {} steps of {} x {} x {} tokens, AdamW lr {:.1e} (warmup {}, cosine to {:.1e}{}), clip {}, seed {}; \
+        "training: {} steps of {} x {} x {} tokens{}, AdamW lr {:.1e} (warmup {}, cosine to {:.1e}{}), clip {}, seed {}; \
          log lines every {} steps show the mean loss of those steps (metrics.csv has every step){}",
         t.steps,
         t.batch_size,
         t.grad_accum,
         seq_len,
+        if t.recompute {
+            " (blocks recomputed in the backward pass)"
+        } else {
+            ""
+        },
         config.optim.lr,
         config.optim.warmup_steps.min(planned),
         config.optim.lr * config.optim.min_lr_ratio,

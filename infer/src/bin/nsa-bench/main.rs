@@ -216,10 +216,16 @@ fn train_suite(plan: &Plan<'_>, rows: &mut Vec<Row>) -> Result<()> {
             // `--impls` picks the attention of the training rows too
             let wanted = |imp: &&str| cli.impls.iter().any(|i| i == imp);
             for imp in ["nsa", "full"].into_iter().filter(wanted) {
-                let j = plan.job("train", imp, precision, seq, batch, "train-step");
-                let row = execute(cli, &j);
-                print_row(&row);
-                rows.push(row);
+                for mode in &cli.train_modes {
+                    let pass = match mode.as_str() {
+                        "plain" => "train-step".to_string(),
+                        other => format!("train-step-{other}"),
+                    };
+                    let j = plan.job("train", imp, precision, seq, batch, &pass);
+                    let row = execute(cli, &j);
+                    print_row(&row);
+                    rows.push(row);
+                }
             }
         }
     }
@@ -236,6 +242,7 @@ fn write_record(plan: &Plan<'_>, rows: &[Row], path: &std::path::Path) -> Result
         "impls": cli.impls,
         "passes": cli.passes,
         "train_shapes": cli.train_shapes,
+        "train_modes": cli.train_modes,
         "layer": cli.layer,
         "warmup": cli.warmup,
         "runs": cli.runs(),

@@ -1,12 +1,16 @@
-//! The train suite: a training step of the seed model (forward, backward, AdamW).
+//! The train suite: a training step of the seed model (forward, backward, AdamW). The row's
+//! pass says how the loss and gradients are computed: `train-step` (unchunked logits, one
+//! graph), `train-step-chunked` (the logits a chunk at a time, as nsa-train does) and
+//! `train-step-recompute` (chunked, each block recomputed in the backward pass).
 
 use std::time::Instant;
 
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
-use nsa_model::{kernels, TransformerConfig};
+use nsa_model::head_loss::DEFAULT_LOGITS_BYTES;
+use nsa_model::{kernels, Transformer, TransformerConfig};
 
 use crate::measure::{device_pool, stats, sync};
 use crate::rows::{row_of, Job, Row};
@@ -39,8 +43,7 @@ pub fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Ins
     for _ in 0..job.warmup + job.runs {
         sync::<B>(device);
         let t = Instant::now();
-        let loss = model.loss(ids.clone());
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let grads = gradients(&model, ids.clone(), &job.pass);
         model = optim.step(1e-4, model, grads);
         sync::<B>(device);
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -64,4 +67,26 @@ pub fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Ins
         .map(|(_, e)| *e);
     row.status = "ok".into();
     row
+}
+
+/// The gradients of one step's loss, computed as the row's pass says.
+fn gradients<B: AutodiffBackend>(
+    model: &Transformer<B>,
+    ids: Tensor<B, 2, Int>,
+    pass: &str,
+) -> GradientsParams {
+    match pass {
+        "train-step-chunked" => {
+            let loss = model.chunked_loss(ids, DEFAULT_LOGITS_BYTES);
+            GradientsParams::from_grads(loss.backward(), model)
+        }
+        "train-step-recompute" => {
+            let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
+            model.loss_backward_recomputed(ids, DEFAULT_LOGITS_BYTES, 1.0, |g| {
+                accumulator.accumulate(model, GradientsParams::from_grads(g, model))
+            });
+            accumulator.grads()
+        }
+        _ => GradientsParams::from_grads(model.loss(ids).backward(), model),
+    }
 }
