@@ -37,6 +37,7 @@
 #           without recomputing the blocks (issue 22)
 #   vulkan  wgpu (Vulkan) beside CUDA: layer 16k-128k f32, training step, decode, a 100K-token
 #           prompt (issue 27)
+#   long22  the prefill and longtrain rows that matter most, within one device call
 #   passkey the seed model trained at 8k tokens on passkey documents, then asked for the passkey at
 #           4k-64k tokens (scripts/passkey.py; issue 22)
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
@@ -450,6 +451,23 @@ for phase in "$@"; do
       run vk-layer-cuda 90 /tmp/bin/nsa-bench --backend cuda --suite layer --impls nsa \
         --lengths 16k,64k,128k --precisions f32 --passes fwd+bwd --runs 3 --warmup 1 \
         --row-timeout 60 --json "$(rec layer-f32-cuda)"
+      ;;
+    long22)
+      # issue 22 in one short call: the 100K-token prefill in chunks against one piece (CUDA f32,
+      # bf16 in chunks), then training steps at 4k-64k tokens (NSA: logits chunked, with and
+      # without recomputed blocks; dense: logits chunked)
+      for c in 8192 0; do
+        run_peak "pf-f32-c$c" 100 env NSA_PREFILL_CHUNK=$c /tmp/bin/nsa-bench --suite decode \
+          --backend cuda --prompt-len 100000 -n 256 --runs 2 --json "$(rec "prefill-f32-100000-c$c")"
+      done
+      run_peak pf-bf16-c8192 60 /tmp/bin/nsa-bench --suite decode --backend cuda --precision bf16 \
+        --prompt-len 100000 -n 256 --runs 2 --json "$(rec prefill-bf16-100000-c8192)"
+      run_peak lt-nsa 200 /tmp/bin/nsa-bench --backend cuda --suite train --impls nsa \
+        --train-shapes 4096x1,16384x1,65536x1 --train-modes chunked,recompute \
+        --train-precisions f32 --runs 2 --warmup 1 --row-timeout 90 --json "$(rec train-long-nsa)"
+      run_peak lt-full 100 /tmp/bin/nsa-bench --backend cuda --suite train --impls full \
+        --train-shapes 4096x1,16384x1,65536x1 --train-modes chunked --train-precisions f32 \
+        --runs 2 --warmup 1 --row-timeout 45 --json "$(rec train-long-full)"
       ;;
     passkey)
       # issue 22: a passkey hidden in filler text (scripts/passkey.py): the seed model trained on
