@@ -3,18 +3,18 @@
 
 A document is filler text with a five-digit passkey stated once and asked for at the end:
 
-    <filler> 密码是 4 8 2 1 3 。记住它。 <filler> 密码是什么?密码是 4 8 2 1 3 。
+    <filler> 密钥：4 8 2 1 3 。 <filler> 密钥是什么？密钥：4 8 2 1 3 。
 
 (bert-base-chinese: one token per character, digit and punctuation mark). The filler is a few
 sentences repeated, so everything but the passkey is predictable; the digits after the second
-"密码是" can only come from the first. The sliding window of the seed model is 16 tokens: any
+"密钥：" can only come from the first (neither "：" nor a digit occurs in the filler). The sliding window of the seed model is 16 tokens: any
 passkey further back must be reached through the compressed and selected branches.
 
     passkey.py corpus OUT_DIR --tokens N [--seed S] [--min-len A] [--max-len B]
         training documents (log-uniform lengths in [A, B] tokens, the passkey at a uniform
         depth), about N tokens in all, in text files of OUT_DIR
     passkey.py prompts OUT_DIR --lengths 16384,32768,65536 --depths 0.1,0.5,0.9 --trials K
-        evaluation prompts (each ends with the question's "密码是") and answers.json
+        evaluation prompts (each ends with the question's "密钥：") and answers.json
     passkey.py grade OUT_DIR
         reads OUT_DIR/NAME.out (what `nsa-infer generate --greedy --no-echo` printed for
         NAME.txt), prints the accuracy per length and depth, writes OUT_DIR/grades.json;
@@ -36,11 +36,11 @@ FILLER = [
     "我们走吧。",
     "来来回回。",
 ]
-STATE = "密码是 {} 。记住它。"
-ASK = "密码是什么?密码是"
+STATE = "密钥：{} 。"
+ASK = "密钥是什么？密钥："
 ANSWER = " {} 。"
 # tokens of the pieces (one per character; digits separated by spaces are one token each)
-STATE_TOKENS = len("密码是") + 5 + len("。记住它。")
+STATE_TOKENS = len("密钥：") + 5 + len("。")
 ASK_TOKENS = len(ASK)
 ANSWER_TOKENS = 5 + 1
 

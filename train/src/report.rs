@@ -347,6 +347,9 @@ impl Estimate {
     }
 }
 
+/// Tokens per micro-batch from which [`start_notes`] mentions `--recompute`.
+pub const LONG_SEQUENCE_TOKENS: usize = 16_384;
+
 /// The notes printed before the first step of a session at `step`, and what to do about a
 /// slow run (the hint of [`Estimate::lines`]):
 ///
@@ -354,7 +357,9 @@ impl Estimate {
 ///    at the schedule's final rate; a shorter one ends before the schedule does;
 /// 2. a GPU recipe (the `seed` model size, 10,000 steps or more) on the CPU is flagged at
 ///    once: a bare `nsa-train` on a machine without a GPU would otherwise start a run of
-///    months with no word about it.
+///    months with no word about it;
+/// 3. micro-batches of [`LONG_SEQUENCE_TOKENS`] tokens or more without `--recompute` are
+///    told about it.
 pub fn start_notes(config: &TrainConfig, step: u64, cpu: bool) -> (Vec<String>, String) {
     let t = &config.train;
     let schedule = WarmupCosine::from_config(&config.optim, t.steps);
@@ -383,6 +388,15 @@ pub fn start_notes(config: &TrainConfig, step: u64, cpu: bool) -> (Vec<String>, 
              follows after the first steps)",
             thousands(t.steps),
             config.model.dim
+        ));
+    }
+    if t.batch_size * config.data.seq_len >= LONG_SEQUENCE_TOKENS && !t.recompute {
+        notes.push(format!(
+            "memory: micro-batches of {} x {} tokens keep every block's activations for the \
+             backward pass; --recompute keeps one block's (about a third more work, the same \
+             gradients)",
+            t.batch_size,
+            thousands(config.data.seq_len as u64)
         ));
     }
     let hint = match (cpu, small) {
@@ -468,5 +482,19 @@ mod tests {
         assert!(start_notes(&seed, 0, false).0.is_empty());
         let tiny = TrainConfig::preset(Preset::Tiny);
         assert!(start_notes(&tiny, 0, true).0.is_empty());
+
+        // long micro-batches are told about --recompute, unless it is on
+        let mut long = TrainConfig::preset(Preset::Seed);
+        long.data.seq_len = 65_536;
+        long.train.batch_size = 1;
+        let notes = start_notes(&long, 0, false).0;
+        assert!(
+            notes.len() == 1
+                && notes[0].contains("1 x 65,536 tokens")
+                && notes[0].contains("--recompute"),
+            "{notes:?}"
+        );
+        long.train.recompute = true;
+        assert!(start_notes(&long, 0, false).0.is_empty());
     }
 }
