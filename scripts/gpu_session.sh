@@ -453,18 +453,18 @@ for phase in "$@"; do
         --row-timeout 60 --json "$(rec layer-f32-cuda)"
       ;;
     long22)
-      # issue 22 in one short call: the 100K-token prefill in chunks against one piece (CUDA f32,
-      # bf16 in chunks), then training steps at 4k-64k tokens (NSA: logits chunked, with and
-      # without recomputed blocks; dense: logits chunked)
-      for c in 8192 0; do
-        run_peak "pf-f32-c$c" 100 env NSA_PREFILL_CHUNK=$c /tmp/bin/nsa-bench --suite decode \
-          --backend cuda --prompt-len 100000 -n 256 --runs 2 --json "$(rec "prefill-f32-100000-c$c")"
-      done
-      run_peak pf-bf16-c8192 60 /tmp/bin/nsa-bench --suite decode --backend cuda --precision bf16 \
-        --prompt-len 100000 -n 256 --runs 2 --json "$(rec prefill-bf16-100000-c8192)"
+      # issue 22 in one short call, the rows never measured first: the 100K-token prefill in
+      # chunks (CUDA f32), training steps at 4k-64k tokens (NSA: logits chunked, with and without
+      # recomputed blocks), the one-piece prefill, bf16 in chunks, then dense training steps
+      run_peak pf-f32-c8192 100 env NSA_PREFILL_CHUNK=8192 /tmp/bin/nsa-bench --suite decode \
+        --backend cuda --prompt-len 100000 -n 256 --runs 2 --json "$(rec prefill-f32-100000-c8192)"
       run_peak lt-nsa 200 /tmp/bin/nsa-bench --backend cuda --suite train --impls nsa \
         --train-shapes 4096x1,16384x1,65536x1 --train-modes chunked,recompute \
         --train-precisions f32 --runs 2 --warmup 1 --row-timeout 90 --json "$(rec train-long-nsa)"
+      run_peak pf-f32-c0 100 env NSA_PREFILL_CHUNK=0 /tmp/bin/nsa-bench --suite decode \
+        --backend cuda --prompt-len 100000 -n 256 --runs 2 --json "$(rec prefill-f32-100000-c0)"
+      run_peak pf-bf16-c8192 60 /tmp/bin/nsa-bench --suite decode --backend cuda --precision bf16 \
+        --prompt-len 100000 -n 256 --runs 2 --json "$(rec prefill-bf16-100000-c8192)"
       run_peak lt-full 100 /tmp/bin/nsa-bench --backend cuda --suite train --impls full \
         --train-shapes 4096x1,16384x1,65536x1 --train-modes chunked --train-precisions f32 \
         --runs 2 --warmup 1 --row-timeout 45 --json "$(rec train-long-full)"
