@@ -247,6 +247,9 @@ pub struct BenchReport {
     /// generated token (Linux; empty elsewhere). A thread near `wall_us` is what limits the
     /// decode loop on the host side.
     pub threads: Vec<(String, f64)>,
+    /// The device pool after the cold and warm runs (one generation's caches alive at a time;
+    /// the pool keeps what it reserved, so this is their peak) and the process's peak RSS.
+    pub memory: MemoryStats,
 }
 
 /// CPU time of every thread of this process: `(thread id, name, seconds)` from
@@ -338,6 +341,8 @@ fn step_breakdown<B: Backend>(
         read_s += (t2 - t1).as_secs_f64();
         sample_s += t2.elapsed().as_secs_f64();
     }
+    // one generation's caches at a time (both prefills' would double the process's peak)
+    drop(cache);
     let (_, mut cache) = model.prefill_last(prompt_ids, steps);
     let _ = B::sync(device);
     let id = Tensor::<B, 1, Int>::from_data(ids(&[token]), device);
@@ -401,6 +406,8 @@ impl OnBackend for BenchJob {
         }
         let tokens = (self.runs * self.new_tokens).max(1) as f64;
         let wall_us = t_warm.elapsed().as_secs_f64() * 1e6 / tokens;
+        let mut memory = MemoryStats::default();
+        memory.sample(&device);
         let threads = busy_threads(&before, &thread_times(), tokens, wall_us);
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -421,6 +428,7 @@ impl OnBackend for BenchJob {
             tokens_per_s: median(rates.clone()),
             tokens_per_s_all: rates,
             prefill_s_all: prefills,
+            memory,
             prompt_len: self.prompt_len,
             new_tokens: self.new_tokens,
             breakdown,

@@ -86,6 +86,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<()> {
         r.prompt_len,
         r.prefill_s * 1e3
     );
+    println!("{} (after the timed runs)", r.memory);
     let d = &r.breakdown;
     println!(
         "per token: step call {:.0} µs, wait for the logits {:.0} µs, sampling {:.0} µs; \
