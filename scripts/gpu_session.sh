@@ -429,7 +429,7 @@ for phase in "$@"; do
       for s in 4096x1 16384x1 65536x1; do
         run_peak "lt-$s" 280 /tmp/bin/nsa-bench --backend cuda --suite train --impls nsa,full \
           --train-shapes "$s" --train-modes chunked,recompute --train-precisions f32 --runs 3 \
-          --warmup 1 --row-timeout 120 --json "$(rec "train-long-$s")"
+          --warmup 2 --row-timeout 120 --json "$(rec "train-long-$s")"
       done
       ;;
     vulkan)
@@ -460,14 +460,14 @@ for phase in "$@"; do
         --backend cuda --prompt-len 100000 -n 256 --runs 2 --json "$(rec prefill-f32-100000-c8192)"
       run_peak lt-nsa 200 /tmp/bin/nsa-bench --backend cuda --suite train --impls nsa \
         --train-shapes 4096x1,16384x1,65536x1 --train-modes chunked,recompute \
-        --train-precisions f32 --runs 2 --warmup 1 --row-timeout 90 --json "$(rec train-long-nsa)"
+        --train-precisions f32 --runs 2 --warmup 2 --row-timeout 90 --json "$(rec train-long-nsa)"
       run_peak pf-f32-c0 100 env NSA_PREFILL_CHUNK=0 /tmp/bin/nsa-bench --suite decode \
         --backend cuda --prompt-len 100000 -n 256 --runs 2 --json "$(rec prefill-f32-100000-c0)"
       run_peak pf-bf16-c8192 60 /tmp/bin/nsa-bench --suite decode --backend cuda --precision bf16 \
         --prompt-len 100000 -n 256 --runs 2 --json "$(rec prefill-bf16-100000-c8192)"
       run_peak lt-full 100 /tmp/bin/nsa-bench --backend cuda --suite train --impls full \
         --train-shapes 4096x1,16384x1,65536x1 --train-modes chunked --train-precisions f32 \
-        --runs 2 --warmup 1 --row-timeout 45 --json "$(rec train-long-full)"
+        --runs 2 --warmup 2 --row-timeout 45 --json "$(rec train-long-full)"
       ;;
     passkey)
       # issue 22: a passkey hidden in filler text (scripts/passkey.py): the seed model trained on
