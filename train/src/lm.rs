@@ -203,7 +203,7 @@ impl<B: AutodiffBackend> LanguageModel<B> {
                 loss
             };
             let grads = GradientsParams::from_grads(scaled.backward(), self);
-            if micro == 1 && !self.recompute {
+            if micro == 1 {
                 single = Some(grads);
             } else {
                 accumulator.accumulate(self, grads);

@@ -18,11 +18,21 @@ type B = Autodiff<NdArray<f32>>;
 /// this binary run in parallel threads, so seeding and initialising happen under one lock (without
 /// it, two threads interleaving their draws made the clipping test compare different models).
 fn model(clip: f64) -> LanguageModel<B> {
+    model_of(clip, 3, |_| {})
+}
+
+/// [`model`] from `seed`, with `change` applied to the tiny model config.
+fn model_of(
+    clip: f64,
+    seed: u64,
+    change: impl FnOnce(&mut nsa_model::TransformerConfig),
+) -> LanguageModel<B> {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
     let device = Default::default();
-    B::seed(&device, 3);
-    let config = common::tiny_config().model_config(21128).unwrap();
+    B::seed(&device, seed);
+    let mut config = common::tiny_config().model_config(21128).unwrap();
+    change(&mut config);
     LanguageModel::new(config.init::<B>(&device).unwrap(), clip)
 }
 
@@ -243,17 +253,11 @@ fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 #[test]
 fn recomputed_blocks_give_the_gradients_of_one_graph() {
     for attention in [AttentionKind::Nsa, AttentionKind::Full] {
-        let model = {
-            static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-            let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
-            let device = Default::default();
-            B::seed(&device, 5);
-            let mut config = common::tiny_config().model_config(21128).unwrap();
-            // three blocks: the gradient flows through recomputed blocks into earlier ones
-            config.depth = 3;
-            config.attention = attention;
-            LanguageModel::new(config.init::<B>(&device).unwrap(), 0.0)
-        };
+        // three blocks: the gradient flows through recomputed blocks into earlier ones
+        let model = model_of(0.0, 5, |c| {
+            c.depth = 3;
+            c.attention = attention;
+        });
         let mut recomputing = None;
         for micro in [1, 2] {
             let (g, o) = model.gradients(batch(4, micro));
