@@ -26,12 +26,14 @@ pub(crate) fn model<B: Backend>(
     options: KernelOptions,
     device: &B::Device,
 ) -> Result<Transformer<B>> {
-    let model = match weights {
-        Some(w) => {
-            build_model::<B>(config, w, device).context("the weights do not match model.json")?
-        }
-        None => config.init::<B>(device)?,
-    };
+    // the weights stay for the whole run: exactly sized buffers
+    let model = Transformer::with_exact_weights(device, || -> Result<Transformer<B>> {
+        Ok(match weights {
+            Some(w) => build_model::<B>(config, w, device)
+                .context("the weights do not match model.json")?,
+            None => config.init::<B>(device)?,
+        })
+    })?;
     Ok(model.with_kernel_options(options))
 }
 

@@ -82,11 +82,11 @@ pub struct KernelOptions {
     /// the branch runs in parts, one cube each, merged by the decode kernel; tests set a small
     /// span so that the parts run at small sizes.
     pub decode_span: usize,
-    /// Query positions per chunk of a prompt's prefill (`0`: the whole prompt at once). Each
-    /// layer of a chunked prefill keeps its keys and values (the decode cache) and the layer's
-    /// input and output for the whole prompt, everything else for one chunk only: memory
-    /// linear in the prompt with a small constant, where one pass holds a dozen
-    /// `[seq, dim]`-sized tensors and the feed-forward's `[seq, 4 dim]`.
+    /// Positions per chunk of a prompt's prefill (`0`: the whole prompt at once). A chunked
+    /// prefill of an NSA model runs each chunk through every block, writing the decode caches
+    /// (allocated once, for the whole generation) as it goes: besides the caches it holds one
+    /// chunk's working set, where one pass holds a dozen `[seq, dim]`-sized tensors and the
+    /// feed-forward's `[seq, 4 dim]` per layer.
     pub prefill_chunk: usize,
 }
 

@@ -124,17 +124,32 @@ impl<B: Backend> Compressor<B> {
         first: usize,
         count: usize,
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, kvh, _, d] = k.dims();
         let overlap = self.block - self.stride;
         // the rows from the first block's start, `first * stride - overlap` (zeros before 0)
         let from = first * self.stride;
         let lo = from.saturating_sub(overlap);
         let zeros = overlap - (from - lo);
+        let rows = from - lo + count * self.stride;
+        let window = |x: Tensor<B, 4>| pad_zeros(x.narrow(2, lo, rows), 2, zeros, 0);
+        self.pool_windows(kernels, window(k), window(v), count)
+    }
+
+    /// `count` consecutive blocks from `k`, `v` `[batch, kv_heads, (count - 1) * stride +
+    /// block, dim_head]` (un-rotated) whose row 0 is the first block's first position (zeros
+    /// for positions before the sequence's start) → `[batch, kv_heads, count, dim_head]` each:
+    /// the one rule of a compressed key and value, whichever part of a sequence holds them.
+    pub fn pool_windows(
+        &self,
+        kernels: &Kernels<B>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        count: usize,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let [b, kvh, _, d] = k.dims();
+        let rows = (count.max(1) - 1) * self.stride + self.block;
         let pool = |x: Tensor<B, 4>, pos: Tensor<B, 3>, mlp: &CompressMlp<B>| {
-            let rows = from - lo + count * self.stride;
-            let x = pad_zeros(x.narrow(2, lo, rows), 2, zeros, 0);
             let pos = pos.unsqueeze_dim::<4>(1).unsqueeze::<5>();
-            let blocks = windows(x, self.block, self.stride, count) + pos;
+            let blocks = windows(x.narrow(2, 0, rows), self.block, self.stride, count) + pos;
             mlp.forward(kernels, blocks.reshape([b, kvh, count, self.block * d]))
         };
         (

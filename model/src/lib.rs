@@ -19,6 +19,7 @@ pub mod generate;
 pub mod head_loss;
 pub mod inspect;
 pub mod interop;
+pub mod memory;
 pub mod norm;
 pub mod nsa;
 pub mod prefill;

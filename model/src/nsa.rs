@@ -558,8 +558,15 @@ pub(crate) fn attend_one<B: Backend>(
 /// for positions before the start), what [`SparseAttention::step`] pools a block from.
 pub(crate) fn decode_ring<B: Backend>(t: Tensor<B, 4>, l: usize) -> Tensor<B, 4> {
     let n = t.dims()[2];
+    ring_ending(t, l, n)
+}
+
+/// [`decode_ring`] of rows `t` `[batch, kv_heads, rows, dim_head]` whose last is position
+/// `end - 1` (and which hold zeros for positions before the start, if any).
+pub(crate) fn ring_ending<B: Backend>(t: Tensor<B, 4>, l: usize, end: usize) -> Tensor<B, 4> {
+    let n = t.dims()[2];
     let t = pad_zeros(t, 2, l.saturating_sub(n), 0);
     let len = t.dims()[2];
-    // row `i` holds position `n - l + i`; rolled so that it sits in row `(n + i) % l`
-    t.narrow(2, len - l, l).roll_dim(l - n % l, 2)
+    // row `i` holds position `end - l + i`; rolled so that it sits in row `(end + i) % l`
+    t.narrow(2, len - l, l).roll_dim(l - end % l, 2)
 }

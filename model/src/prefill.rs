@@ -1,111 +1,150 @@
-//! A long prompt's prefill in chunks of query positions, in memory linear in the prompt with a
-//! small constant: the same outputs and decode cache as the one-piece prefill
-//! ([`SparseAttention::prefill`], then the block's feed-forward).
+//! A long prompt's prefill a chunk of positions at a time through every block: the same
+//! outputs and decode cache as the one-piece prefill ([`SparseAttention::prefill`], then the
+//! block's feed-forward), in memory of the caches plus one chunk's working set.
 //!
-//! Legend: `b` batch, `n` prompt positions, `c` positions per chunk, `dim` model width, `h`
-//! query heads, `kvh` key/value heads, `d` features per head.
+//! Legend: `b` batch, `n` prompt positions, `c` positions of a chunk starting at `s`, `dim`
+//! model width, `h` query heads, `kvh` key/value heads, `d` features per head, `l`
+//! compression block, `m` memory slots.
 //!
-//! Per NSA block, with `x` `[b, n, dim]` the block's input:
+//! The decode cache of every layer is allocated first, for the prompt and the tokens to come
+//! ([`SparseAttention::empty_cache`], in exactly sized device buffers). Then per chunk, the
+//! embedding of its tokens goes through every block ([`SparseAttention::extend_block`]):
 //!
-//! 1. keys and values, a chunk of rows at a time: rotated keys and values into the decode
-//!    cache (allocated once, for the prompt and the tokens to come), un-rotated keys into a
-//!    scratch buffer `[b, kvh, n, d]`;
-//! 2. the compressed keys and values of every complete block, a chunk of blocks at a time
-//!    (the scratch buffer and the cached values are their input), then the scratch buffer is
-//!    dropped;
-//! 3. per chunk of `c` query positions starting at `s`: the queries again (one more product of
-//!    the chunk's rows), the three branches with the queries at `s..s + c` over every key of
-//!    the prompt (the layer's branches with `start = s`: the fused kernels where the backend
-//!    has them),
-//!    the gates, the output projection, the residual and the feed-forward → the block's
-//!    output rows `s..s + c`.
+//! 1. the block's queries, keys and values of the chunk's rows; the rotated keys and the values
+//!    written into the cache after the `s` rows it holds;
+//! 2. the compression blocks that end in the chunk, pooled from the ring of the `l` positions
+//!    before `s` (un-rotated keys and values) followed by the chunk's; the ring then holds the
+//!    chunk's last `l` positions;
+//! 3. the three branches with the chunk's queries at `s..s + c` over the cache (every key up to
+//!    `s + c`: the layer's branches with `start = s`, the fused kernels where the backend has
+//!    them), the gates, the output projection, the residual and the feed-forward → the
+//!    block's output rows, the next block's input.
 //!
-//! What one block holds besides the caches: its input and output `[b, n, dim]` (the output
-//! written a chunk of rows at a time), the scratch keys `[b, kvh, n, d]` (steps 1–2 only), and
-//! one chunk's working set.
+//! What a prefill holds besides the caches is one chunk's working set: nothing grows with the
+//! prompt except the caches (the logits of the positions asked for aside).
 
 use burn::prelude::*;
 
 use crate::cache::{KvBuffer, NsaCache};
 use crate::kernels::Kernels;
-use crate::nsa::{decode_ring, SparseAttention};
+use crate::memory::exact_allocation;
+use crate::nsa::{ring_ending, SparseAttention};
 use crate::rope::Rotation;
 use crate::transformer::FeedForward;
 
 impl<B: Backend> SparseAttention<B> {
-    /// The block of this attention and `ff` over a prompt `x` `[batch, seq, dim]`, `chunk`
-    /// query positions at a time (at least 1): the block's output `x + a + ff(x + a)` (`a` the
-    /// attention of `x`) `[batch, seq, dim]` and the layer's decode cache with room for
-    /// `extra` more tokens, as [`Self::prefill`] and the feed-forward give them in one piece.
-    pub fn prefill_block_chunked(
+    /// An empty decode cache with room for `capacity` positions at batch `batch`: keys and
+    /// values (a whole number of selection blocks), the memory slots followed by room for
+    /// every compression block of `capacity` positions, and a compression ring of zeros. The
+    /// two large buffers are exactly sized ([`exact_allocation`]).
+    pub fn empty_cache(
+        &self,
+        kernels: &Kernels<B>,
+        batch: usize,
+        capacity: usize,
+        device: &B::Device,
+    ) -> NsaCache<B> {
+        let c = &self.config;
+        let (kvh, d) = (c.kv_heads(), c.dim_head);
+        let shape = [batch, kvh, d];
+        let sel = c.selection_block_size;
+        let m = self.compress.num_mem();
+        let slots = m + capacity / c.compress_block_sliding_stride + 1;
+        let (kv, compressed) = exact_allocation::<B, _>(device, || {
+            (
+                KvBuffer::empty_aligned(shape, capacity, sel, device),
+                KvBuffer::empty(shape, slots, device),
+            )
+        });
+        let compressed = match m {
+            0 => compressed,
+            _ => {
+                let (mk, mv) = self.compress.with_memory(batch, None);
+                compressed.push(kernels, mk, mv)
+            }
+        };
+        let ring = || Tensor::zeros([batch, kvh, c.compress_block_size, d], device);
+        NsaCache {
+            kv,
+            compressed,
+            tail_k: ring(),
+            tail_v: ring(),
+            gather: None,
+        }
+    }
+
+    /// The block of this attention and `ff` over `x` `[b, c, dim]`, the `c` positions after
+    /// the `s` that `cache` holds: the block's output `x + a + ff(x + a)` `[b, c, dim]` (`a` the
+    /// attention of `x` over every position up to its own) and the cache holding `s + c`
+    /// positions. A prompt's chunks through this give what [`Self::prefill`] and the
+    /// feed-forward give in one piece.
+    pub fn extend_block(
         &self,
         kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         ff: &FeedForward<B>,
-        extra: usize,
-        chunk: usize,
+        cache: NsaCache<B>,
     ) -> (Tensor<B, 3>, NsaCache<B>) {
-        let [b, n, _] = x.dims();
+        let [_, n, _] = x.dims();
         let c = &self.config;
-        let (kvh, d) = (c.kv_heads(), c.dim_head);
-        let chunk = chunk.clamp(1, n.max(1));
-        let spans = || (0..n).step_by(chunk).map(move |s| (s, chunk.min(n - s)));
+        let (d, l, stride) = (
+            c.dim_head,
+            c.compress_block_size,
+            c.compress_block_sliding_stride,
+        );
         let device = x.device();
-        let scale = self.scale();
-
-        // 1. keys and values into the cache (rotated keys) and the scratch (un-rotated keys)
-        let sel = c.selection_block_size;
-        let capacity = (n + extra).max(1).div_ceil(sel) * sel;
-        let mut kv = KvBuffer::empty_aligned([b, kvh, d], capacity, sel, &device);
-        let mut raw_k = Tensor::zeros([b, kvh, n, d], &device);
-        for (s, len) in spans() {
-            let xs = self.normed(x.clone().narrow(1, s, len));
-            let qkv = self.qkv(kernels, xs);
-            let rotated = Rotation::new(d, s, len, &device).apply(qkv.k.clone());
-            kv = kv.push(kernels, rotated, qkv.v);
-            raw_k = kernels.write_rows(raw_k, s, qkv.k);
-        }
-        let (_, values) = kv.all();
-
-        // 2. compressed keys and values, `chunk` positions' blocks at a time
-        let stride = c.compress_block_sliding_stride;
-        let blocks = n / stride;
-        let per = (chunk / stride).max(1);
-        let mut parts = Vec::new();
-        for first in (0..blocks).step_by(per) {
-            let count = per.min(blocks - first);
-            let (k, v) = (raw_k.clone(), values.clone());
-            parts.push(self.compress.compress_blocks(kernels, k, v, first, count));
-        }
-        let compressed = (!parts.is_empty()).then(|| {
-            let (ks, vs): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-            (Tensor::cat(ks, 2), Tensor::cat(vs, 2))
-        });
-        let l = c.compress_block_size;
-        let (tail_k, tail_v) = (decode_ring(raw_k, l), decode_ring(values, l));
-        let (ck, cv) = self.compress.with_memory(b, compressed);
-
-        // 3. the queries a chunk at a time over every key
-        // (the output's rows written in place: `[b, 1, n, dim]`)
-        let (keys, vals) = kv.buffers();
-        let dim = x.dims()[2];
-        let mut out = Tensor::zeros([b, 1, n, dim], &device);
-        for (s, len) in spans() {
-            let xs = x.clone().narrow(1, s, len);
-            let normed = self.normed(xs.clone());
-            let q = self.qkv(kernels, normed.clone()).q;
-            let branches = self.branches(kernels, q, (&ck, &cv), (keys, vals), s, scale);
-            let h = self.mix(kernels, normed, branches) + xs;
-            let rows = ff.forward(kernels, h.clone()) + h;
-            out = kernels.write_rows(out, s, rows.unsqueeze_dim(1));
-        }
-        let out = out.reshape([b, n, dim]);
-        let cache = NsaCache {
+        let NsaCache {
             kv,
-            compressed: KvBuffer::new(ck, cv, extra / stride + 1),
+            compressed,
             tail_k,
             tail_v,
-            gather: None,
+            gather,
+        } = cache;
+        let s = kv.len();
+
+        // 1. queries, keys and values; the rotated keys and the values into the cache
+        let normed = self.normed(x.clone());
+        let qkv = self.qkv(kernels, normed.clone());
+        let rotated = Rotation::new(d, s, n, &device).apply(qkv.k.clone());
+        let kv = kv.push(kernels, rotated, qkv.v.clone());
+
+        // 2. the blocks that end in the chunk, from positions `s - l..s + c` (the ring in
+        //    position order: the oldest, `s - l`, sits in row `s % l`)
+        let window = |ring: Tensor<B, 4>, rows: Tensor<B, 4>| {
+            Tensor::cat(vec![ring.roll_dim(s % l, 2), rows], 2)
+        };
+        let (wk, wv) = (window(tail_k, qkv.k), window(tail_v, qkv.v));
+        let (first, end) = (s / stride, (s + n) / stride);
+        let compressed = match end - first {
+            0 => compressed,
+            count => {
+                // block `first` starts at `(first + 1) * stride - l`, row `(first + 1) * stride - s`
+                let at = (first + 1) * stride - s;
+                let rows = wk.dims()[2] - at;
+                let (nk, nv) = self.compress.pool_windows(
+                    kernels,
+                    wk.clone().narrow(2, at, rows),
+                    wv.clone().narrow(2, at, rows),
+                    count,
+                );
+                compressed.push(kernels, nk, nv)
+            }
+        };
+        let (tail_k, tail_v) = (ring_ending(wk, l, s + n), ring_ending(wv, l, s + n));
+
+        // 3. the branches of the chunk's queries over every key up to theirs, the mix, the
+        //    residual and the feed-forward
+        let (ck, cv) = compressed.all();
+        let (keys, values) = kv.buffers();
+        let branches = self.branches(kernels, qkv.q, (&ck, &cv), (keys, values), s, self.scale());
+        let h = self.mix(kernels, normed, branches) + x;
+        let out = ff.forward(kernels, h.clone()) + h;
+        let cache = NsaCache {
+            kv,
+            compressed,
+            tail_k,
+            tail_v,
+            gather,
         };
         (out, cache)
     }

@@ -254,31 +254,56 @@ impl<B: Backend> Transformer<B> {
         first: usize,
     ) -> (Tensor<B, 3>, Cache<B>) {
         let kernels = self.kernels();
-        let len = ids.dims()[1];
-        // a prompt longer than the options' chunk runs in chunks of query positions
+        let [b, len] = ids.dims();
+        let device = ids.device();
+        let rope = RopeTable::new(self.config.dim_head, len, extra.max(1), &device);
+        // a prompt longer than the options' chunk runs a chunk at a time through every block
         let chunk = self.kernel_options.prefill_chunk;
-        let chunked = chunk > 0 && len > chunk;
+        let sparse: Option<Vec<&SparseAttention<B>>> = self
+            .layers
+            .iter()
+            .map(|layer| match &layer.attn {
+                Attention::Nsa(a) => Some(a),
+                Attention::Full(_) => None,
+            })
+            .collect();
+        if let Some(sparse) = sparse.filter(|_| chunk > 0 && len > chunk) {
+            let mut caches: Vec<_> = sparse
+                .iter()
+                .map(|a| a.empty_cache(&kernels, b, len + extra, &device))
+                .collect();
+            let mut kept = Vec::new();
+            for s in (0..len).step_by(chunk) {
+                let n = chunk.min(len - s);
+                let mut x = self.token_emb.forward(ids.clone().narrow(1, s, n));
+                let mut next = Vec::with_capacity(caches.len());
+                for ((a, layer), cache) in sparse.iter().zip(&self.layers).zip(caches) {
+                    let (out, cache) = a.extend_block(&kernels, x, &layer.ff, cache);
+                    next.push(cache);
+                    x = out;
+                }
+                caches = next;
+                // the rows from `first` on
+                if s + n > first {
+                    let from = first.saturating_sub(s);
+                    kept.push(x.narrow(1, from, n - from));
+                }
+            }
+            let x = Tensor::cat(kept, 1);
+            let logits = linear(&kernels, &self.to_logits, self.norm.forward(x));
+            let layers = caches.into_iter().map(LayerCache::Nsa).collect();
+            return (logits, Cache { layers, len, rope });
+        }
         let mut x = self.token_emb.forward(ids);
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            match &layer.attn {
-                Attention::Nsa(a) if chunked => {
-                    let (out, cache) =
-                        a.prefill_block_chunked(&kernels, x, &layer.ff, extra, chunk);
-                    layers.push(LayerCache::Nsa(cache));
-                    x = out;
-                }
-                attn => {
-                    let (a, cache) = attn.prefill(&kernels, x.clone(), extra);
-                    layers.push(cache);
-                    x = a + x;
-                    x = layer.ff.forward(&kernels, x.clone()) + x;
-                }
-            }
+            let (a, cache) = layer.attn.prefill(&kernels, x.clone(), extra);
+            layers.push(cache);
+            x = a + x;
+            x = layer.ff.forward(&kernels, x.clone()) + x;
         }
         let x = x.narrow(1, first, len - first);
         let logits = linear(&kernels, &self.to_logits, self.norm.forward(x));
-        let rope = RopeTable::new(self.config.dim_head, len, extra.max(1), &logits.device());
         (logits, Cache { layers, len, rope })
     }
 
