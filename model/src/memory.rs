@@ -14,32 +14,39 @@ use crate::transformer::Transformer;
 
 /// Runs `make` with the device's allocations exactly sized (one buffer of its own size each,
 /// from the persistent pool) and returns what it made.
+///
+/// Two windows: `make` in one, then a sync in another. Burn ends each of its own persistent
+/// windows (a parameter's initialisation, a record's loading) by switching back to the pools,
+/// also inside ours, and a lazy backend (fusion) allocates only when it runs the operations:
+/// the sync in a window of its own runs what `make` queued with exact allocations.
 pub fn exact_allocation<B: Backend, T: Send>(
     device: &B::Device,
     make: impl FnOnce() -> T + Send,
 ) -> T {
-    B::memory_persistent_allocations(device, make, |make| {
-        let made = make();
-        // a lazy backend (fusion) allocates when it runs the operations: within the call
+    let made = B::memory_persistent_allocations(device, make, |make| make());
+    B::memory_persistent_allocations(device, (), |()| {
         let _ = B::sync(device);
-        made
-    })
+    });
+    made
 }
 
-/// Touches every parameter, so that a lazily initialised one is made now.
-struct Touch;
+/// Makes every parameter (a lazily initialised one is made now), each in its own
+/// [`exact_allocation`].
+struct Touch<'a, B: Backend> {
+    device: &'a B::Device,
+}
 
-impl<B: Backend> ModuleVisitor<B> for Touch {
+impl<B: Backend> ModuleVisitor<B> for Touch<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let _ = param.val();
+        exact_allocation::<B, _>(self.device, || param.val());
     }
 
     fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<B, D, Int>>) {
-        let _ = param.val();
+        exact_allocation::<B, _>(self.device, || param.val());
     }
 
     fn visit_bool<const D: usize>(&mut self, param: &Param<Tensor<B, D, Bool>>) {
-        let _ = param.val();
+        exact_allocation::<B, _>(self.device, || param.val());
     }
 }
 
@@ -52,10 +59,8 @@ impl<B: Backend> Transformer<B> {
         device: &B::Device,
         make: impl FnOnce() -> Result<Self, E> + Send,
     ) -> Result<Self, E> {
-        exact_allocation::<B, _>(device, || {
-            let model = make()?;
-            model.visit(&mut Touch);
-            Ok(model)
-        })
+        let model = exact_allocation::<B, _>(device, make)?;
+        model.visit(&mut Touch { device });
+        Ok(model)
     }
 }
