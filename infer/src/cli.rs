@@ -124,7 +124,7 @@ pub struct DeviceArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub max_buffer_mib: Option<u64>,
     /// Prefill a prompt longer than N tokens N query positions at a time (0: in one piece;
-    /// default 8192). Each chunk attends to every earlier token, with the same result; memory
+    /// default 2048). Each chunk attends to every earlier token, with the same result; memory
     /// then grows with the prompt by little more than the decode cache (a 100K-token prompt in
     /// one piece holds a dozen activations of the whole prompt per layer).
     #[arg(long, value_name = "N")]

@@ -90,9 +90,11 @@ pub struct KernelOptions {
     pub prefill_chunk: usize,
 }
 
-/// [`KernelOptions::prefill_chunk`] by default: 8,192 positions (a prompt up to that length
-/// runs in one piece).
-pub const DEFAULT_PREFILL_CHUNK: usize = 8192;
+/// [`KernelOptions::prefill_chunk`] by default: 2,048 positions (a prompt up to that length
+/// runs in one piece). On an H100 the seed model's 100K-token prompt then needs 3.7 GB of
+/// device memory in f32 against 5.4 GB in chunks of 8,192 (whose `[8192, 4 dim]` activations
+/// take CubeCL's larger pages), for 22 % more prefill time (`benchmarks/issue22-prefill/`).
+pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
 impl Default for KernelOptions {
     fn default() -> Self {

@@ -76,7 +76,14 @@ fn prefill_memory_grows_linearly_with_the_prompt() {
     s.selection_block_size = 8;
     s.num_selected_blocks = 2;
     let model = c.init::<B>(&device).unwrap();
-    let whole = linear("ndarray, tensor ops", &model);
+    let one_piece = nsa_model::kernels::KernelOptions {
+        prefill_chunk: 0,
+        ..Default::default()
+    };
+    let whole = linear(
+        "ndarray, tensor ops",
+        &model.clone().with_kernel_options(one_piece),
+    );
     // in chunks of 512 positions: linear too, and a smaller peak (one chunk's working set)
     let options = nsa_model::kernels::KernelOptions {
         prefill_chunk: 512,
