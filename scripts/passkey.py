@@ -11,8 +11,11 @@ sentences repeated, so everything but the passkey is predictable; the digits aft
 passkey further back must be reached through the compressed and selected branches.
 
     passkey.py corpus OUT_DIR --tokens N [--seed S] [--min-len A] [--max-len B]
+                      [--long-share P --long-min C]
         training documents (log-uniform lengths in [A, B] tokens, the passkey at a uniform
-        depth), about N tokens in all, in text files of OUT_DIR
+        depth), about N tokens in all, in text files of OUT_DIR; with --long-share, a document
+        is short (log-uniform in [A, C]) or, with probability P, long (log-uniform in [C, B]):
+        many short documents put many more answers into a step than a single range does
     passkey.py prompts OUT_DIR --lengths 16384,32768,65536 --depths 0.1,0.5,0.9 --trials K
         evaluation prompts (each ends with the question's "密钥：") and answers.json
     passkey.py grade OUT_DIR
@@ -79,6 +82,7 @@ def corpus(args):
     os.makedirs(args.out, exist_ok=True)
     total, part, docs = 0, 0, []
     lo, hi = math.log(args.min_len), math.log(args.max_len)
+    split = math.log(args.long_min) if args.long_share > 0 else None
 
     def flush():
         nonlocal part, docs
@@ -89,7 +93,12 @@ def corpus(args):
             docs = []
 
     while total < args.tokens:
-        length = int(math.exp(rng.uniform(lo, hi)))
+        if split is None:
+            length = int(math.exp(rng.uniform(lo, hi)))
+        elif rng.random() < args.long_share:
+            length = int(math.exp(rng.uniform(split, hi)))
+        else:
+            length = int(math.exp(rng.uniform(lo, split)))
         text, _ = document(length, rng.random(), rng)
         docs.append(text)
         total += length
@@ -150,6 +159,8 @@ def main():
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--min-len", type=int, default=64)
     c.add_argument("--max-len", type=int, default=8192)
+    c.add_argument("--long-share", type=float, default=0.0)
+    c.add_argument("--long-min", type=int, default=1024)
     c.set_defaults(run=corpus)
     q = sub.add_parser("prompts")
     q.add_argument("out")
