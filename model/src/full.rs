@@ -185,7 +185,18 @@ impl<B: Backend> FullAttention<B> {
     /// [`Self::forward`] through `kernels`.
     pub fn forward_with(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let rotation = Rotation::new(self.dim_head, 0, x.dims()[1], &x.device());
-        let [q, k, v] = self.project(kernels, self.norm.forward(x), &rotation);
+        self.forward_rotated(kernels, x, &rotation)
+    }
+
+    /// [`Self::forward_with`] with the `rotation` of positions `0..seq` (one for every layer
+    /// of a model: its table is computed on the host).
+    pub fn forward_rotated(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+    ) -> Tensor<B, 3> {
+        let [q, k, v] = self.project(kernels, self.norm.forward(x), rotation);
         self.attend_keys(kernels, q, k, v, 0)
     }
 

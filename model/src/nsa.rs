@@ -141,7 +141,19 @@ impl<B: Backend> SparseAttention<B> {
 
     /// [`Self::forward`] through `kernels`.
     pub fn forward_with(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.forward_inner(kernels, x, None).0
+        let rotation = Rotation::new(self.config.dim_head, 0, x.dims()[1], &x.device());
+        self.forward_rotated(kernels, x, &rotation)
+    }
+
+    /// [`Self::forward_with`] with the `rotation` of positions `0..seq` (one for every layer
+    /// of a model: its table is computed on the host).
+    pub fn forward_rotated(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+    ) -> Tensor<B, 3> {
+        self.forward_inner(kernels, x, None, rotation).0
     }
 
     /// Forward over a prompt that also returns the decode cache, with room for `extra` tokens.
@@ -156,7 +168,8 @@ impl<B: Backend> SparseAttention<B> {
         x: Tensor<B, 3>,
         extra: usize,
     ) -> (Tensor<B, 3>, NsaCache<B>) {
-        let (out, cache) = self.forward_inner(kernels, x, Some(extra));
+        let rotation = Rotation::new(self.config.dim_head, 0, x.dims()[1], &x.device());
+        let (out, cache) = self.forward_inner(kernels, x, Some(extra), &rotation);
         (out, cache.expect("cache requested"))
     }
 
@@ -165,18 +178,19 @@ impl<B: Backend> SparseAttention<B> {
         kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         cache_extra: Option<usize>,
+        rotation: &Rotation<B>,
     ) -> (Tensor<B, 3>, Option<NsaCache<B>>) {
         let x = self.normed(x);
         let Qkv { q, k, v } = self.qkv(kernels, x.clone());
-        let [b, _, n, d] = q.dims();
+        let b = q.dims()[0];
         let scale = self.scale();
         let c = &self.config;
 
         // the compressed keys and values, the rotated keys (and the decode cache from them)
         let compressed = self.compress.compress(kernels, k.clone(), v.clone());
         let (ck, cv) = self.compress.with_memory(b, compressed);
-        let k_rot = Rotation::new(d, 0, n, &q.device()).apply(k.clone());
-        let branches = self.branches(kernels, q, (&ck, &cv), (&k_rot, &v), 0, scale);
+        let k_rot = rotation.apply(k.clone());
+        let branches = self.branches(kernels, q, (&ck, &cv), (&k_rot, &v), 0, rotation, scale);
         let cache = cache_extra.map(|extra| {
             let l = c.compress_block_size;
             NsaCache {
@@ -193,7 +207,8 @@ impl<B: Backend> SparseAttention<B> {
     /// The three branches of queries `q` `[batch, heads, c, dim_head]` (un-rotated) at
     /// positions `start..start + c`, over the memory and compressed keys/values `(ck, cv)`
     /// and the rotated keys and values `(k, v)` `[batch, kv_heads, rows, dim_head]` of every
-    /// position before and in the chunk (rows past those: never seen):
+    /// position before and in the chunk (rows past those: never seen); `rotation` is that of
+    /// positions `start..start + c`:
     ///
     /// 1. compressed, with the block selection it drives (one fused kernel where registered);
     /// 2. selected (rotary on the queries from here on);
@@ -205,10 +220,10 @@ impl<B: Backend> SparseAttention<B> {
         (ck, cv): (&Tensor<B, 4>, &Tensor<B, 4>),
         (k, v): (&Tensor<B, 4>, &Tensor<B, 4>),
         start: usize,
+        rotation: &Rotation<B>,
         scale: f64,
     ) -> [Tensor<B, 4>; 3] {
         let c = &self.config;
-        let [_, _, len, d] = q.dims();
         let (comp, selection) = self.compress.attend_and_select(
             kernels,
             q.clone(),
@@ -218,7 +233,7 @@ impl<B: Backend> SparseAttention<B> {
             c,
             scale,
         );
-        let q = Rotation::new(d, start, len, &q.device()).apply(q);
+        let q = rotation.apply(q);
         let (k, v) = (k.clone(), v.clone());
         let selected = selected_attention(
             kernels,

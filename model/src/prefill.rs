@@ -76,23 +76,20 @@ impl<B: Backend> SparseAttention<B> {
     /// The block of this attention and `ff` over `x` `[b, c, dim]`, the `c` positions after
     /// the `s` that `cache` holds: the block's output `x + a + ff(x + a)` `[b, c, dim]` (`a` the
     /// attention of `x` over every position up to its own) and the cache holding `s + c`
-    /// positions. A prompt's chunks through this give what [`Self::prefill`] and the
-    /// feed-forward give in one piece.
+    /// positions; `rotation` is that of positions `s..s + c` (the same for every block). A
+    /// prompt's chunks through this give what [`Self::prefill`] and the feed-forward give in
+    /// one piece.
     pub fn extend_block(
         &self,
         kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         ff: &FeedForward<B>,
         cache: NsaCache<B>,
+        rotation: &Rotation<B>,
     ) -> (Tensor<B, 3>, NsaCache<B>) {
         let [_, n, _] = x.dims();
         let c = &self.config;
-        let (d, l, stride) = (
-            c.dim_head,
-            c.compress_block_size,
-            c.compress_block_sliding_stride,
-        );
-        let device = x.device();
+        let (l, stride) = (c.compress_block_size, c.compress_block_sliding_stride);
         let NsaCache {
             kv,
             compressed,
@@ -105,7 +102,7 @@ impl<B: Backend> SparseAttention<B> {
         // 1. queries, keys and values; the rotated keys and the values into the cache
         let normed = self.normed(x.clone());
         let qkv = self.qkv(kernels, normed.clone());
-        let rotated = Rotation::new(d, s, n, &device).apply(qkv.k.clone());
+        let rotated = rotation.apply(qkv.k.clone());
         let kv = kv.push(kernels, rotated, qkv.v.clone());
 
         // 2. the blocks that end in the chunk, from positions `s - l..s + c` (the ring in
@@ -136,7 +133,16 @@ impl<B: Backend> SparseAttention<B> {
         //    residual and the feed-forward
         let (ck, cv) = compressed.all();
         let (keys, values) = kv.buffers();
-        let branches = self.branches(kernels, qkv.q, (&ck, &cv), (keys, values), s, self.scale());
+        let kv_all = (keys, values);
+        let branches = self.branches(
+            kernels,
+            qkv.q,
+            (&ck, &cv),
+            kv_all,
+            s,
+            rotation,
+            self.scale(),
+        );
         let h = self.mix(kernels, normed, branches) + x;
         let out = ff.forward(kernels, h.clone()) + h;
         let cache = NsaCache {

@@ -49,11 +49,13 @@ impl<B: AutodiffBackend> Transformer<B> {
         // 1. the forward pass without a graph, keeping each block's input
         let plain = self.valid().with_kernel_options(self.kernel_options);
         let plain_kernels = plain.kernels();
+        let device = inputs.device();
+        let plain_rotation = plain.rotation(0, n, &device);
         let mut x = plain.token_emb.forward(inputs.clone().inner());
         let mut saved = Vec::with_capacity(plain.layers.len());
         for layer in &plain.layers {
             saved.push(x.clone());
-            x = layer.forward(&plain_kernels, x);
+            x = layer.forward_rotated(&plain_kernels, x, &plain_rotation);
         }
         drop(plain);
 
@@ -76,9 +78,10 @@ impl<B: AutodiffBackend> Transformer<B> {
         sink(grads);
 
         // 3. each block again, from the last, with a graph
+        let rotation = self.rotation(0, n, &device);
         for (layer, x) in self.layers.iter().zip(saved).rev() {
             let x = Tensor::<B, 3>::from_inner(x).require_grad();
-            let out = layer.forward(&kernels, x.clone());
+            let out = layer.forward_rotated(&kernels, x.clone(), &rotation);
             let mut grads = (out * Tensor::from_inner(grad)).sum().backward();
             grad = leaf_grad(&x, &mut grads);
             sink(grads);

@@ -11,20 +11,43 @@ pub fn frequencies(dim_head: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Cosines and sines of the rotation angles of positions `offset..offset + n`, row-major
-/// `[n, dim_head / 2]`.
-fn angles(dim_head: usize, offset: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+/// The tables of positions `offset..offset + n`, row-major `[n, 2 · dim_head / 2]`: cosines
+/// `[c₀, c₀, c₁, c₁, …]` and signed sines `[−s₀, s₀, −s₁, s₁, …]`. Every value is computed on
+/// its own (angle `position · frequency` in f32, then its cosine and sine), so splitting the
+/// rows over threads gives the same tables; a long range is split over the machine's threads
+/// (65,536 positions of 64 features: ≈ 60 ms on one core).
+fn tables(dim_head: usize, offset: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
     let freqs = frequencies(dim_head);
-    let mut cos = Vec::with_capacity(n * freqs.len());
-    let mut sin = Vec::with_capacity(n * freqs.len());
-    for p in 0..n {
-        let pos = (p + offset) as f32;
-        for f in &freqs {
-            let angle = pos * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
+    let width = 2 * freqs.len();
+    let mut cos = vec![0f32; n * width];
+    let mut sin = vec![0f32; n * width];
+    if width == 0 || n == 0 {
+        return (cos, sin);
     }
+    let fill = |first: usize, cos: &mut [f32], sin: &mut [f32]| {
+        let rows = cos.chunks_mut(width).zip(sin.chunks_mut(width));
+        for (r, (c_row, s_row)) in rows.enumerate() {
+            let pos = (offset + first + r) as f32;
+            for (k, f) in freqs.iter().enumerate() {
+                let angle = pos * f;
+                let (c, s) = (angle.cos(), angle.sin());
+                c_row[2 * k] = c;
+                c_row[2 * k + 1] = c;
+                s_row[2 * k] = -s;
+                s_row[2 * k + 1] = s;
+            }
+        }
+    };
+    let threads = match n * width {
+        v if v < 1 << 16 => 1,
+        _ => std::thread::available_parallelism().map_or(1, |t| t.get().min(16)),
+    };
+    let per = n.div_ceil(threads) * width;
+    std::thread::scope(|scope| {
+        for (i, (c, s)) in cos.chunks_mut(per).zip(sin.chunks_mut(per)).enumerate() {
+            scope.spawn(move || fill(i * per / width, c, s));
+        }
+    });
     (cos, sin)
 }
 
@@ -73,9 +96,7 @@ pub struct RopeTable<B: Backend> {
 impl<B: Backend> RopeTable<B> {
     /// A table for positions `start..start + len`.
     pub fn new(dim_head: usize, start: usize, len: usize, device: &B::Device) -> Self {
-        let (cos, sin) = angles(dim_head, start, len);
-        let cos: Vec<f32> = cos.iter().flat_map(|&c| [c, c]).collect();
-        let sin: Vec<f32> = sin.iter().flat_map(|&s| [-s, s]).collect();
+        let (cos, sin) = tables(dim_head, start, len);
         // in the backend's float type: an f32 table on an f64 backend would compute in f32
         let t = |v: Vec<f32>| {
             Tensor::from_data(
@@ -115,4 +136,30 @@ impl<B: Backend> RopeTable<B> {
 pub fn rotate<B: Backend>(x: Tensor<B, 4>, offset: usize) -> Tensor<B, 4> {
     let [_, _, n, d] = x.dims();
     Rotation::new(d, offset, n, &x.device()).apply(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tables of a range split over threads hold, row by row, the cosine and sine of each
+    /// position's angles (the interleaved layout), as computed one value at a time.
+    #[test]
+    fn tables_match_each_position_computed_alone() {
+        for (d, offset, n) in [(64, 0, 5), (64, 100_003, 2_049), (8, 7, 40_000), (6, 3, 1)] {
+            let (cos, sin) = tables(d, offset, n);
+            assert_eq!((cos.len(), sin.len()), (n * d, n * d));
+            let freqs = frequencies(d);
+            for p in [0, 1, n / 3, n / 2 + 1, n - 1] {
+                for (k, f) in freqs.iter().enumerate() {
+                    let angle = (offset + p) as f32 * f;
+                    let at = p * d + 2 * k;
+                    assert_eq!(cos[at], angle.cos(), "cos d {d} pos {p} freq {k}");
+                    assert_eq!(cos[at + 1], angle.cos());
+                    assert_eq!(sin[at], -angle.sin(), "sin d {d} pos {p} freq {k}");
+                    assert_eq!(sin[at + 1], angle.sin());
+                }
+            }
+        }
+    }
 }

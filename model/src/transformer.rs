@@ -29,9 +29,28 @@ pub enum Attention<B: Backend> {
 impl<B: Backend> Attention<B> {
     /// `[batch, seq, dim]` → `[batch, seq, dim]` (causal).
     pub fn forward(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let rotation = Rotation::new(self.dim_head(), 0, x.dims()[1], &x.device());
+        self.forward_rotated(kernels, x, &rotation)
+    }
+
+    /// [`Self::forward`] with the `rotation` of positions `0..seq`.
+    pub fn forward_rotated(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+    ) -> Tensor<B, 3> {
         match self {
-            Self::Nsa(a) => a.forward_with(kernels, x),
-            Self::Full(a) => a.forward_with(kernels, x),
+            Self::Nsa(a) => a.forward_rotated(kernels, x, rotation),
+            Self::Full(a) => a.forward_rotated(kernels, x, rotation),
+        }
+    }
+
+    /// Features per head.
+    fn dim_head(&self) -> usize {
+        match self {
+            Self::Nsa(a) => a.config.dim_head,
+            Self::Full(a) => a.dim_head,
         }
     }
 
@@ -143,7 +162,19 @@ pub struct Block<B: Backend> {
 impl<B: Backend> Block<B> {
     /// `[batch, seq, dim]` → `[batch, seq, dim]`: `h = x + attention(x)`, then `h + ff(h)`.
     pub fn forward(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.attn.forward(kernels, x.clone()) + x;
+        let rotation = Rotation::new(self.attn.dim_head(), 0, x.dims()[1], &x.device());
+        self.forward_rotated(kernels, x, &rotation)
+    }
+
+    /// [`Self::forward`] with the `rotation` of positions `0..seq`: a model computes one for
+    /// all its blocks ([`Transformer::rotation`]).
+    pub fn forward_rotated(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+    ) -> Tensor<B, 3> {
+        let h = self.attn.forward_rotated(kernels, x.clone(), rotation) + x;
         self.ff.forward(kernels, h.clone()) + h
     }
 }
@@ -223,11 +254,19 @@ impl<B: Backend> Transformer<B> {
     }
 
     fn hidden_with(&self, kernels: &Kernels<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let rotation = self.rotation(0, ids.dims()[1], &ids.device());
         let mut x = self.token_emb.forward(ids);
         for layer in &self.layers {
-            x = layer.forward(kernels, x);
+            x = layer.forward_rotated(kernels, x, &rotation);
         }
         self.norm.forward(x)
+    }
+
+    /// The rotary rotation of positions `start..start + n`, computed once for every block
+    /// (its cosines and sines are computed on the host: at 65,536 positions, ≈ 60 ms each
+    /// time).
+    pub fn rotation(&self, start: usize, n: usize, device: &B::Device) -> Rotation<B> {
+        Rotation::new(self.config.dim_head, start, n, device)
     }
 
     /// Logits of a prompt `[batch, seq]` → `[batch, seq, num_tokens]`, and the decode cache with
@@ -276,9 +315,10 @@ impl<B: Backend> Transformer<B> {
             for s in (0..len).step_by(chunk) {
                 let n = chunk.min(len - s);
                 let mut x = self.token_emb.forward(ids.clone().narrow(1, s, n));
+                let rotation = self.rotation(s, n, &device);
                 let mut next = Vec::with_capacity(caches.len());
                 for ((a, layer), cache) in sparse.iter().zip(&self.layers).zip(caches) {
-                    let (out, cache) = a.extend_block(&kernels, x, &layer.ff, cache);
+                    let (out, cache) = a.extend_block(&kernels, x, &layer.ff, cache, &rotation);
                     next.push(cache);
                     x = out;
                 }
