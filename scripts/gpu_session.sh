@@ -42,6 +42,8 @@
 #   long22  the prefill and longtrain rows that matter most, within one device call
 #   passkey a small NSA model trained at 8k tokens on passkey documents, then asked for the passkey
 #           at 4k-64k tokens (scripts/passkey.py; issue 22); PK_ATTN=full: the dense control
+#   rope    the shared rotary table (a91ca0a) against .gpu/old/nsa-bench.xz: 64k training step,
+#           100K-token prefill on CUDA and Vulkan (issue 22)
 #   diag-train  which allocations make CubeCL's pool grow in a 64k training step with recomputed
 #           blocks (scripts/diag_pages.sh with MODE=train; issue 22)
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
@@ -64,6 +66,10 @@ t0=$(date +%s)
 since() { echo $(( $(date +%s) - t0 ))s; }
 
 for f in .gpu/*.xz; do xz -dc "$f" >"/tmp/bin/$(basename "$f" .xz)"; done
+# an earlier build to compare with in the same call: .gpu/old/NAME.xz → /tmp/bin/NAME-old
+for f in .gpu/old/*.xz; do
+  [ -e "$f" ] && xz -dc "$f" >"/tmp/bin/$(basename "$f" .xz)-old"
+done
 chmod +x /tmp/bin/*
 if ls .gpu/cache.tgz.part-* >/dev/null 2>&1; then
   mkdir -p "$NSA_CACHE_DIR" && cat .gpu/cache.tgz.part-* | tar -xzf - -C "$NSA_CACHE_DIR"
@@ -523,6 +529,22 @@ for phase in "$@"; do
       python3 scripts/passkey.py grade $pk/eval 2>&1 | tee "$OUT/passkey-$attn.txt" | tee -a "$OUT/session.log"
       cp $pk/eval/grades.json "$OUT/passkey-$attn-grades.json"
       rm -rf $pk
+      ;;
+    rope)
+      # issue 22: one rotary table per forward pass and per prefill chunk (a91ca0a) against the
+      # build before (.gpu/old/nsa-bench.xz), same call: the seed model's training step at 64k
+      # tokens (blocks recomputed, and not), the 100K-token prefill on CUDA and through Vulkan
+      for v in "" -old; do
+        run_peak "rt-64k$v" 200 /tmp/bin/nsa-bench$v --backend cuda --suite train --impls nsa \
+          --train-shapes 65536x1 --train-modes recompute,chunked --train-precisions f32 --runs 3 \
+          --warmup 2 --row-timeout 90 --json "$(rec "train-64k-rope$v")"
+      done
+      for v in "" -old; do
+        run_peak "pf5-f32$v" 90 /tmp/bin/nsa-bench$v --suite decode --backend cuda \
+          --prompt-len 100000 -n 256 --runs 2 --json "$(rec "prefill5$v-f32-100000-c2048")"
+        run_peak "pf5-wgpu$v" 120 /tmp/bin/nsa-bench$v --suite decode --backend wgpu \
+          --prompt-len 100000 -n 256 --runs 2 --json "$(rec "prefill5$v-wgpu-100000-c2048")"
+      done
       ;;
     diag-train)
       run diag-train 200 env MODE=train OUT="$OUT/diag-train" bash scripts/diag_pages.sh

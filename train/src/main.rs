@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -15,6 +15,9 @@ use nsa_train::cli::Cli;
 use nsa_train::config::{Overrides, TrainConfig};
 use nsa_train::strategy::{is_run_dir, EndReason};
 use nsa_train::training::{run, RunOptions, Start, UiMode};
+
+/// Signals this close to the first stop request are that request again ([`main`]'s handler).
+const SAME_REQUEST: Duration = Duration::from_secs(1);
 
 /// Refuses `--preset`, `--config` and recipe flags given with `--resume` unless they resolve
 /// to the run's saved configuration (so the command that started a run, plus `--resume`,
@@ -116,18 +119,27 @@ fn real_main(cli: Cli, panic_hook: PanicHook) -> anyhow::Result<ExitCode> {
         panic_hook,
     };
     let interrupter = options.interrupter.clone();
-    let signals = Arc::new(AtomicUsize::new(0));
+    // The first Ctrl-C / SIGTERM stops with a checkpoint; another one quits at once, unless it
+    // comes within `SAME_REQUEST` of the first: `timeout` (and job schedulers) send SIGTERM to
+    // the process and then to its process group, so one request arrives twice.
+    let first_signal = Mutex::new(None::<Instant>);
     ctrlc::set_handler(move || {
-        if signals.fetch_add(1, Ordering::SeqCst) == 0 {
-            interrupter.stop(Some("Ctrl-C / SIGTERM"));
-            eprintln!("\nstopping: saving a checkpoint (Ctrl-C again quits at once)");
-        } else {
-            // the dashboard may hold the terminal
-            nsa_train::dashboard::restore_terminal();
-            eprintln!(
-                "\nstopped at once: the run continues from its last checkpoint with --resume"
-            );
-            std::process::exit(130);
+        let mut first = first_signal.lock().unwrap_or_else(|e| e.into_inner());
+        match *first {
+            None => {
+                *first = Some(Instant::now());
+                interrupter.stop(Some("Ctrl-C / SIGTERM"));
+                eprintln!("\nstopping: saving a checkpoint (Ctrl-C again quits at once)");
+            }
+            Some(at) if at.elapsed() < SAME_REQUEST => {}
+            Some(_) => {
+                // the dashboard may hold the terminal
+                nsa_train::dashboard::restore_terminal();
+                eprintln!(
+                    "\nstopped at once: the run continues from its last checkpoint with --resume"
+                );
+                std::process::exit(130);
+            }
         }
     })
     .context("cannot install the Ctrl-C handler")?;

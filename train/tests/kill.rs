@@ -203,3 +203,61 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
         saved.step + 2
     );
 }
+
+/// One stop request that arrives twice at once, as `timeout` sends it (SIGTERM to the process,
+/// then to its process group), stops the run with a checkpoint; it does not quit at once.
+#[test]
+fn sigterm_twice_at_once_is_one_stop_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = common::small_corpus(d, 400);
+    let cache = d.join("cache");
+    let mut config = common::tiny_config();
+    config.data.paths = vec![corpus];
+    config.train.steps = 100_000;
+    config.train.eval_every = 50_000;
+    config.train.sample_every = 0;
+    config.train.log_every = 1;
+    let config_path = d.join("sigterm.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let out = d.join("run");
+    let err_path = d.join("stderr.txt");
+    let mut child = command(&cache)
+        .arg("--config")
+        .arg(&config_path)
+        .args(["--no-tui", "--out"])
+        .arg(&out)
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(120) {
+        let rows = read_csv(&out.join("metrics.csv"))
+            .map(|r| r.len())
+            .unwrap_or(0);
+        if rows >= 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = child.id().to_string();
+    for _ in 0..2 {
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+    }
+    let code = child.wait().unwrap().code();
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(
+        code,
+        Some(130),
+        "interrupted runs exit with 130; stderr:\n{err}"
+    );
+    assert!(
+        err.contains("stopping: saving a checkpoint") && !err.contains("stopped at once"),
+        "one request, a graceful stop; stderr:\n{err}"
+    );
+    let saved = latest(&checkpoint_dir(&out))
+        .unwrap()
+        .expect("a checkpoint was saved on SIGTERM");
+    assert!(saved.step >= 3, "checkpoint at step {}", saved.step);
+}
