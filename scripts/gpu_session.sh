@@ -44,6 +44,7 @@
 #           at 4k-64k tokens (scripts/passkey.py; issue 22); PK_ATTN=full: the dense control
 #   rope    the shared rotary table (a91ca0a) against .gpu/old/nsa-bench.xz: 64k training step,
 #           100K-token prefill on CUDA and Vulkan (issue 22)
+#   train64 the 64k training step, this build against .gpu/old/nsa-bench.xz (issue 22)
 #   diag-train  which allocations make CubeCL's pool grow in a 64k training step with recomputed
 #           blocks (scripts/diag_pages.sh with MODE=train; issue 22)
 #   layer   one NSA layer (the issue's setting, bf16) on CUDA: fwd, then fwd+bwd, long row limits
@@ -544,6 +545,15 @@ for phase in "$@"; do
           --prompt-len 100000 -n 256 --runs 2 --json "$(rec "prefill5$v-f32-100000-c2048")"
         run_peak "pf5-wgpu$v" 120 /tmp/bin/nsa-bench$v --suite decode --backend wgpu \
           --prompt-len 100000 -n 256 --runs 2 --json "$(rec "prefill5$v-wgpu-100000-c2048")"
+      done
+      ;;
+    train64)
+      # issue 22: the seed model's training step at 64k tokens (blocks recomputed, and not),
+      # this build against .gpu/old/nsa-bench.xz in the same call
+      for v in "" -old; do
+        run_peak "t64$v" 150 /tmp/bin/nsa-bench$v --backend cuda --suite train --impls nsa \
+          --train-shapes 65536x1 --train-modes recompute,chunked --train-precisions f32 --runs 3 \
+          --warmup 2 --row-timeout 70 --json "$(rec "train-64k$v")"
       done
       ;;
     diag-train)
