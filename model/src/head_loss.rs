@@ -87,7 +87,6 @@ pub fn linear_cross_entropy<B: Backend>(
             grad_w = grad_w.map(|gw| gw + hc.transpose().matmul(g));
         }
         start += c;
-        settle::<B>(&device, start < r);
     }
     let loss = total * inv_r;
     if !tracked {
@@ -126,24 +125,10 @@ pub fn target_log_probs<B: Backend>(
             let hc = h.clone().narrow(0, start, c);
             let tc = targets.clone().narrow(0, start, c).reshape([c, 1]);
             let (_, _, lse, target) = chunk_logits(hc, weight.clone(), b.clone(), tc);
-            let part = target - lse;
-            settle::<B>(&part.device(), start + c < r);
-            part
+            target - lse
         })
         .collect();
     Tensor::cat(parts, 0).reshape([r])
-}
-
-/// Runs what the chunks queued so far before the next chunk is queued (`more`: one follows).
-///
-/// A lazy backend (Burn's fusion on CUDA and wgpu) runs queued operations later, and then
-/// allocated every chunk's `[c, v]` buffers before it freed one: in a training step of 65,536
-/// tokens on an H200, CubeCL's pool made 39 pages of 586 MB (23 GB) for the head's chunks of
-/// 67 MB. Run chunk by chunk, one chunk's buffers are alive at a time. Elsewhere a no-op.
-fn settle<B: Backend>(device: &B::Device, more: bool) {
-    if more {
-        let _ = B::sync(device);
-    }
 }
 
 /// One chunk's logits, kept as the pieces of their softmax: `exp(logits − max)` `[c, v]`, its
