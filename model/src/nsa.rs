@@ -183,14 +183,13 @@ impl<B: Backend> SparseAttention<B> {
         let x = self.normed(x);
         let Qkv { q, k, v } = self.qkv(kernels, x.clone());
         let b = q.dims()[0];
-        let scale = self.scale();
         let c = &self.config;
 
         // the compressed keys and values, the rotated keys (and the decode cache from them)
         let compressed = self.compress.compress(kernels, k.clone(), v.clone());
         let (ck, cv) = self.compress.with_memory(b, compressed);
         let k_rot = rotation.apply(k.clone());
-        let branches = self.branches(kernels, q, (&ck, &cv), (&k_rot, &v), 0, rotation, scale);
+        let branches = self.branches(kernels, q, (&ck, &cv), (&k_rot, &v), 0, rotation);
         let cache = cache_extra.map(|extra| {
             let l = c.compress_block_size;
             NsaCache {
@@ -221,9 +220,9 @@ impl<B: Backend> SparseAttention<B> {
         (k, v): (&Tensor<B, 4>, &Tensor<B, 4>),
         start: usize,
         rotation: &Rotation<B>,
-        scale: f64,
     ) -> [Tensor<B, 4>; 3] {
         let c = &self.config;
+        let scale = self.scale();
         let (comp, selection) = self.compress.attend_and_select(
             kernels,
             q.clone(),

@@ -134,15 +134,7 @@ impl<B: Backend> SparseAttention<B> {
         let (ck, cv) = compressed.all();
         let (keys, values) = kv.buffers();
         let kv_all = (keys, values);
-        let branches = self.branches(
-            kernels,
-            qkv.q,
-            (&ck, &cv),
-            kv_all,
-            s,
-            rotation,
-            self.scale(),
-        );
+        let branches = self.branches(kernels, qkv.q, (&ck, &cv), kv_all, s, rotation);
         let h = self.mix(kernels, normed, branches) + x;
         let out = ff.forward(kernels, h.clone()) + h;
         let cache = NsaCache {
