@@ -163,6 +163,16 @@ DAY=$(date -u +%F)
 COMMIT=$(/tmp/bin/nsa-bench --version 2>/dev/null | sed -n 's/.*(\(.*\)).*/\1/p')
 rec() { mkdir -p "$OUT/results"; echo "$OUT/results/$DAY-$CARD-$1.json"; }
 
+# issue 22: the seed model's training step at 64k tokens (blocks recomputed, and not), this
+# build and then .gpu/old/nsa-bench.xz, one record each: NAME.json and NAME-old.json
+train64_rows() { # name
+  for v in "" -old; do
+    run_peak "t64$v" 200 /tmp/bin/nsa-bench$v --backend cuda --suite train --impls nsa \
+      --train-shapes 65536x1 --train-modes recompute,chunked --train-precisions f32 --runs 3 \
+      --warmup 2 --row-timeout 90 --json "$(rec "$1$v")"
+  done
+}
+
 for phase in "$@"; do
   case $phase in
     evidence-layer)
@@ -533,13 +543,9 @@ for phase in "$@"; do
       ;;
     rope)
       # issue 22: one rotary table per forward pass and per prefill chunk (a91ca0a) against the
-      # build before (.gpu/old/nsa-bench.xz), same call: the seed model's training step at 64k
-      # tokens (blocks recomputed, and not), the 100K-token prefill on CUDA and through Vulkan
-      for v in "" -old; do
-        run_peak "rt-64k$v" 200 /tmp/bin/nsa-bench$v --backend cuda --suite train --impls nsa \
-          --train-shapes 65536x1 --train-modes recompute,chunked --train-precisions f32 --runs 3 \
-          --warmup 2 --row-timeout 90 --json "$(rec "train-64k-rope$v")"
-      done
+      # build before (.gpu/old/nsa-bench.xz), same call: the 64k training step (train64's
+      # rows), the 100K-token prefill on CUDA and through Vulkan
+      train64_rows "train-64k-rope"
       for v in "" -old; do
         run_peak "pf5-f32$v" 90 /tmp/bin/nsa-bench$v --suite decode --backend cuda \
           --prompt-len 100000 -n 256 --runs 2 --json "$(rec "prefill5$v-f32-100000-c2048")"
@@ -548,13 +554,7 @@ for phase in "$@"; do
       done
       ;;
     train64)
-      # issue 22: the seed model's training step at 64k tokens (blocks recomputed, and not),
-      # this build against .gpu/old/nsa-bench.xz in the same call
-      for v in "" -old; do
-        run_peak "t64$v" 150 /tmp/bin/nsa-bench$v --backend cuda --suite train --impls nsa \
-          --train-shapes 65536x1 --train-modes recompute,chunked --train-precisions f32 --runs 3 \
-          --warmup 2 --row-timeout 70 --json "$(rec "train-64k$v")"
-      done
+      train64_rows "train-64k"
       ;;
     diag-train)
       run diag-train 200 env MODE=train OUT="$OUT/diag-train" bash scripts/diag_pages.sh

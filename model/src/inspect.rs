@@ -107,6 +107,7 @@ impl<B: Backend> Transformer<B> {
     /// and layers that select nothing), computed on this backend.
     pub fn selections(&self, ids: Tensor<B, 2, Int>) -> Vec<Option<LayerSelection>> {
         let kernels = self.kernels();
+        let rotation = self.rotation(0, ids.dims()[1], &ids.device());
         let mut x = self.token_emb.forward(ids);
         let mut out = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -114,8 +115,7 @@ impl<B: Backend> Transformer<B> {
                 Attention::Nsa(a) => a.selections(x.clone()),
                 Attention::Full(_) => None,
             });
-            x = layer.attn.forward(&kernels, x.clone()) + x;
-            x = layer.ff.forward(&kernels, x.clone()) + x;
+            x = layer.forward(&kernels, x, &rotation);
         }
         out
     }

@@ -55,7 +55,7 @@ impl<B: AutodiffBackend> Transformer<B> {
         let mut saved = Vec::with_capacity(plain.layers.len());
         for layer in &plain.layers {
             saved.push(x.clone());
-            x = layer.forward_rotated(&plain_kernels, x, &plain_rotation);
+            x = layer.forward(&plain_kernels, x, &plain_rotation);
         }
         drop(plain);
 
@@ -81,7 +81,7 @@ impl<B: AutodiffBackend> Transformer<B> {
         let rotation = self.rotation(0, n, &device);
         for (layer, x) in self.layers.iter().zip(saved).rev() {
             let x = Tensor::<B, 3>::from_inner(x).require_grad();
-            let out = layer.forward_rotated(&kernels, x.clone(), &rotation);
+            let out = layer.forward(&kernels, x.clone(), &rotation);
             let mut grads = (out * Tensor::from_inner(grad)).sum().backward();
             grad = leaf_grad(&x, &mut grads);
             sink(grads);

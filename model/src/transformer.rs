@@ -27,14 +27,9 @@ pub enum Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
-    /// `[batch, seq, dim]` → `[batch, seq, dim]` (causal).
-    pub fn forward(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let rotation = Rotation::new(self.dim_head(), 0, x.dims()[1], &x.device());
-        self.forward_rotated(kernels, x, &rotation)
-    }
-
-    /// [`Self::forward`] with the `rotation` of positions `0..seq`.
-    pub fn forward_rotated(
+    /// `[batch, seq, dim]` → `[batch, seq, dim]` (causal), with the `rotation` of positions
+    /// `0..seq` ([`Transformer::rotation`]: one for every block).
+    pub fn forward(
         &self,
         kernels: &Kernels<B>,
         x: Tensor<B, 3>,
@@ -43,14 +38,6 @@ impl<B: Backend> Attention<B> {
         match self {
             Self::Nsa(a) => a.forward_rotated(kernels, x, rotation),
             Self::Full(a) => a.forward_rotated(kernels, x, rotation),
-        }
-    }
-
-    /// Features per head.
-    fn dim_head(&self) -> usize {
-        match self {
-            Self::Nsa(a) => a.config.dim_head,
-            Self::Full(a) => a.dim_head,
         }
     }
 
@@ -160,21 +147,16 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    /// `[batch, seq, dim]` → `[batch, seq, dim]`: `h = x + attention(x)`, then `h + ff(h)`.
-    pub fn forward(&self, kernels: &Kernels<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let rotation = Rotation::new(self.attn.dim_head(), 0, x.dims()[1], &x.device());
-        self.forward_rotated(kernels, x, &rotation)
-    }
-
-    /// [`Self::forward`] with the `rotation` of positions `0..seq`: a model computes one for
-    /// all its blocks ([`Transformer::rotation`]).
-    pub fn forward_rotated(
+    /// `[batch, seq, dim]` → `[batch, seq, dim]`: `h = x + attention(x)`, then `h + ff(h)`;
+    /// `rotation` is that of positions `0..seq` ([`Transformer::rotation`]: one for every
+    /// block).
+    pub fn forward(
         &self,
         kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         rotation: &Rotation<B>,
     ) -> Tensor<B, 3> {
-        let h = self.attn.forward_rotated(kernels, x.clone(), rotation) + x;
+        let h = self.attn.forward(kernels, x.clone(), rotation) + x;
         self.ff.forward(kernels, h.clone()) + h
     }
 }
@@ -257,14 +239,13 @@ impl<B: Backend> Transformer<B> {
         let rotation = self.rotation(0, ids.dims()[1], &ids.device());
         let mut x = self.token_emb.forward(ids);
         for layer in &self.layers {
-            x = layer.forward_rotated(kernels, x, &rotation);
+            x = layer.forward(kernels, x, &rotation);
         }
         self.norm.forward(x)
     }
 
-    /// The rotary rotation of positions `start..start + n`, computed once for every block
-    /// (its cosines and sines are computed on the host: at 65,536 positions, ≈ 60 ms each
-    /// time).
+    /// The rotary rotation of positions `start..start + n`, made once for all blocks (its
+    /// cosines and sines are computed on the host).
     pub fn rotation(&self, start: usize, n: usize, device: &B::Device) -> Rotation<B> {
         Rotation::new(self.config.dim_head, start, n, device)
     }

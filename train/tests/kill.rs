@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nsa_runtime::bundle::WEIGHTS_FILE;
@@ -144,10 +144,9 @@ fn sigkill_at_random_moments_then_resume_reproduces_the_run() {
     }
 }
 
-#[test]
-fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A long tiny-preset run in `d/run` (checkpoints only when stopped), started in the
+/// background with its standard error in `stderr`; returns once it has logged 3 steps.
+fn start_long_run(d: &Path, stderr: Stdio) -> (Child, PathBuf, PathBuf) {
     let corpus = common::small_corpus(d, 400);
     let cache = d.join("cache");
     let mut config = common::tiny_config();
@@ -156,17 +155,17 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     config.train.eval_every = 50_000;
     config.train.sample_every = 0;
     config.train.log_every = 1;
-    let config_path = d.join("ctrl-c.toml");
+    let config_path = d.join("long.toml");
     std::fs::write(&config_path, config.to_toml()).unwrap();
     let out = d.join("run");
-    let mut child = command(&cache)
+    let child = command(&cache)
         .arg("--config")
         .arg(&config_path)
         .args(["--no-tui", "--out"])
         .arg(&out)
+        .stderr(stderr)
         .spawn()
         .unwrap();
-    // wait until a few steps are logged, then SIGINT as a terminal's Ctrl-C would
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(120) {
         let rows = read_csv(&out.join("metrics.csv"))
@@ -177,11 +176,24 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    (child, out, cache)
+}
+
+/// Sends `signal` (`-INT`, `-TERM`) to `child` with `kill`.
+fn signal(child: &Child, signal: &str) {
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    // a few steps logged, then SIGINT as a terminal's Ctrl-C would
+    let (mut child, out, cache) = start_long_run(dir.path(), Stdio::null());
+    signal(&child, "-INT");
     let code = child.wait().unwrap().code();
     assert_eq!(code, Some(130), "interrupted runs exit with 130");
     let saved = latest(&checkpoint_dir(&out))
@@ -209,41 +221,11 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
 #[test]
 fn sigterm_twice_at_once_is_one_stop_request() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let corpus = common::small_corpus(d, 400);
-    let cache = d.join("cache");
-    let mut config = common::tiny_config();
-    config.data.paths = vec![corpus];
-    config.train.steps = 100_000;
-    config.train.eval_every = 50_000;
-    config.train.sample_every = 0;
-    config.train.log_every = 1;
-    let config_path = d.join("sigterm.toml");
-    std::fs::write(&config_path, config.to_toml()).unwrap();
-    let out = d.join("run");
-    let err_path = d.join("stderr.txt");
-    let mut child = command(&cache)
-        .arg("--config")
-        .arg(&config_path)
-        .args(["--no-tui", "--out"])
-        .arg(&out)
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(120) {
-        let rows = read_csv(&out.join("metrics.csv"))
-            .map(|r| r.len())
-            .unwrap_or(0);
-        if rows >= 3 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let pid = child.id().to_string();
+    let err_path = dir.path().join("stderr.txt");
+    let stderr = Stdio::from(std::fs::File::create(&err_path).unwrap());
+    let (mut child, out, _) = start_long_run(dir.path(), stderr);
     for _ in 0..2 {
-        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(status.success());
+        signal(&child, "-TERM");
     }
     let code = child.wait().unwrap().code();
     let err = std::fs::read_to_string(&err_path).unwrap();
