@@ -1,5 +1,6 @@
-//! Properties that hold for any config: causality, gradients against finite differences, and
-//! that the parity harness notices a wrong setting (so the parity tests can fail).
+//! Properties that hold for any config: causality, refused invalid configs, and that the parity
+//! harness notices a wrong setting (so the parity tests can fail). Gradients against finite
+//! differences are in `gradients.rs`.
 
 mod common;
 
