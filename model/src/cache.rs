@@ -16,7 +16,8 @@ use crate::rope::RopeTable;
 /// batch `batch`, `elem_bytes` per value, as the prefill sizes them: every layer keeps the
 /// keys and values of every position (NSA: rounded up to whole selection blocks), and NSA also
 /// its compressed keys and values (the memory slots and one per stride, and one more) and the
-/// ring of the last compression block. The prefill's working set comes on top.
+/// ring of the last compression block; DSA also the indexer's key of every position. The
+/// prefill's working set comes on top.
 pub fn cache_bytes(
     config: &TransformerConfig,
     batch: usize,
@@ -29,6 +30,12 @@ pub fn cache_bytes(
     let s = &config.sparse;
     let rows = match config.attention {
         AttentionKind::Full => tokens,
+        // the indexer keys, in units of one key/value row
+        AttentionKind::Dsa => {
+            let index = config.dsa.index_dim_head(config.dim_head) as u128;
+            let kv_row = (config.kv_heads() * config.dim_head) as u128;
+            tokens + (tokens * index).div_ceil(2 * kv_row.max(1))
+        }
         AttentionKind::Nsa => {
             let sel = s.selection_block_size.max(1) as u128;
             let stride = s.compress_block_sliding_stride.max(1) as u128;
@@ -254,6 +261,16 @@ pub struct FullCache<B: Backend> {
     pub kv: KvBuffer<B>,
 }
 
+/// Cache of one DeepSeek-sparse-attention layer.
+#[derive(Debug, Clone)]
+pub struct DsaCache<B: Backend> {
+    /// Rotated keys and values of every position so far.
+    pub kv: KvBuffer<B>,
+    /// The indexer's key of every position so far, `[batch, len, index width]` (appended with
+    /// a copy per token: the indexer reads all of them anyway).
+    pub index_keys: Tensor<B, 3>,
+}
+
 /// Cache of one layer.
 #[derive(Debug, Clone)]
 pub enum LayerCache<B: Backend> {
@@ -261,6 +278,8 @@ pub enum LayerCache<B: Backend> {
     Nsa(NsaCache<B>),
     /// Dense attention.
     Full(FullCache<B>),
+    /// DeepSeek sparse attention.
+    Dsa(DsaCache<B>),
 }
 
 /// Decode state of a whole model.
@@ -296,6 +315,7 @@ mod tests {
                     kv(&c.kv) + kv(&c.compressed) + bytes(&c.tail_k) + bytes(&c.tail_v)
                 }
                 LayerCache::Full(c) => kv(&c.kv),
+                LayerCache::Dsa(c) => kv(&c.kv) + c.index_keys.shape().num_elements() as u64 * 4,
             })
             .sum()
     }
@@ -303,7 +323,7 @@ mod tests {
     #[test]
     fn the_cache_estimate_covers_what_the_prefill_allocates() {
         let device = Default::default();
-        for attention in [AttentionKind::Nsa, AttentionKind::Full] {
+        for attention in [AttentionKind::Nsa, AttentionKind::Full, AttentionKind::Dsa] {
             let mut c = TransformerConfig::new(40, 32, 2);
             c.dim_head = 8;
             c.heads = 4;
@@ -320,7 +340,11 @@ mod tests {
                 let ids: Vec<i64> = (0..n).map(|i| (i % 40) as i64).collect();
                 let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
                 let (_, cache) = model.prefill(ids, extra);
-                let real = held(&cache);
+                let mut real = held(&cache);
+                if attention == AttentionKind::Dsa {
+                    // the indexer keys of the new tokens are appended as they come
+                    real += (extra * c.dim_head * 4 * c.depth) as u64;
+                }
                 let estimate = cache_bytes(&c, 1, n + extra, 4);
                 // at most a few rows per layer above (rounding of the compressed capacity)
                 let row = 2 * 2 * 8 * 4 * 2;

@@ -40,6 +40,16 @@ pub enum ConfigError {
         /// Compression stride.
         stride: usize,
     },
+    /// The indexer's heads are narrower than the rotary part they carry, or odd.
+    #[error(
+        "`dsa.index_dim_head` ({width}) must be even and at least `dim_head` ({dim_head}): its first `dim_head` features carry the rotary embedding"
+    )]
+    IndexHeadTooNarrow {
+        /// The indexer's head width.
+        width: usize,
+        /// The model's head width.
+        dim_head: usize,
+    },
     /// `dim_head` must be even for the rotary embedding.
     #[error("`dim_head` ({0}) must be even (rotary embeddings rotate pairs of features)")]
     OddHeadDim(usize),
@@ -64,6 +74,9 @@ pub enum AttentionKind {
     Nsa,
     /// Dense causal attention (the baseline).
     Full,
+    /// DeepSeek sparse attention: a lightning indexer picks each query's top-k tokens, a
+    /// sliding window and a learned gate mix in ([`crate::dsa`]).
+    Dsa,
 }
 
 impl std::str::FromStr for AttentionKind {
@@ -72,8 +85,9 @@ impl std::str::FromStr for AttentionKind {
         match s.to_ascii_lowercase().as_str() {
             "nsa" | "sparse" => Ok(Self::Nsa),
             "full" | "dense" => Ok(Self::Full),
+            "dsa" => Ok(Self::Dsa),
             other => Err(format!(
-                "unknown attention kind `{other}`: expected `nsa` or `full`"
+                "unknown attention kind `{other}`: expected `nsa`, `dsa` or `full`"
             )),
         }
     }
@@ -84,6 +98,7 @@ impl std::fmt::Display for AttentionKind {
         f.write_str(match self {
             Self::Nsa => "nsa",
             Self::Full => "full",
+            Self::Dsa => "dsa",
         })
     }
 }
@@ -322,6 +337,75 @@ impl Default for SparseSettings {
     }
 }
 
+/// The DeepSeek-sparse-attention settings of a [`TransformerConfig`] (`[model.dsa]`; used when
+/// `attention = "dsa"`), named after DeepSeek-V3.2-Exp's `index_n_heads`, `index_head_dim` and
+/// `index_topk`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DsaSettings {
+    /// Heads of the lightning indexer (each query's own weights mix them).
+    #[serde(default = "index_heads_default")]
+    pub index_heads: usize,
+    /// Width of one indexer head; `None` means the model's `dim_head`. Its first `dim_head`
+    /// features carry the rotary embedding, the rest none (DeepSeek's rope/nope split).
+    #[serde(default)]
+    pub index_dim_head: Option<usize>,
+    /// Tokens each query attends to in the global branch (its own token always among them).
+    #[serde(default = "top_k_default")]
+    pub top_k: usize,
+    /// Local branch: each query also sees itself and the `window` tokens before it, mixed with
+    /// the global branch by a learned sigmoid gate per head; 0 = no local branch, no gate.
+    #[serde(default = "window_default")]
+    pub window: usize,
+}
+
+fn index_heads_default() -> usize {
+    4
+}
+fn top_k_default() -> usize {
+    2048
+}
+fn window_default() -> usize {
+    64
+}
+
+impl Default for DsaSettings {
+    /// 4 indexer heads of the model's head width, DeepSeek's top-k of 2,048 tokens, the seed
+    /// article's local window of 64.
+    fn default() -> Self {
+        Self {
+            index_heads: index_heads_default(),
+            index_dim_head: None,
+            top_k: top_k_default(),
+            window: window_default(),
+        }
+    }
+}
+
+impl DsaSettings {
+    /// The indexer's head width for a model of `dim_head`.
+    pub fn index_dim_head(&self, dim_head: usize) -> usize {
+        self.index_dim_head.unwrap_or(dim_head)
+    }
+
+    /// Checks every constraint for a model of `dim_head`.
+    pub fn validate(&self, dim_head: usize) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("dsa.index_heads", self.index_heads),
+            ("dsa.top_k", self.top_k),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        let width = self.index_dim_head(dim_head);
+        if width < dim_head || !width.is_multiple_of(2) {
+            return Err(ConfigError::IndexHeadTooNarrow { width, dim_head });
+        }
+        Ok(())
+    }
+}
+
 /// A decoder-only transformer LM (the reference's `transformer.py::Transformer`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -350,6 +434,9 @@ pub struct TransformerConfig {
     /// Sparse-attention settings (used when `attention = "nsa"`).
     #[serde(default)]
     pub sparse: SparseSettings,
+    /// DeepSeek-sparse-attention settings (used when `attention = "dsa"`).
+    #[serde(default)]
+    pub dsa: DsaSettings,
     /// The context the model was trained for (tokens); `None` = not recorded. The model itself
     /// runs at any length; inference refuses prompts longer than this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -376,6 +463,7 @@ impl TransformerConfig {
             ff_expansion_factor: 4.0,
             attention: AttentionKind::Nsa,
             sparse: SparseSettings::default(),
+            dsa: DsaSettings::default(),
             max_seq_len: None,
         }
     }
@@ -436,8 +524,10 @@ impl TransformerConfig {
         if self.max_seq_len == Some(0) {
             return Err(ConfigError::Zero("max_seq_len"));
         }
-        if self.attention == AttentionKind::Nsa {
-            self.nsa().validate()?;
+        match self.attention {
+            AttentionKind::Nsa => self.nsa().validate()?,
+            AttentionKind::Dsa => self.dsa.validate(self.dim_head)?,
+            AttentionKind::Full => {}
         }
         Ok(())
     }
@@ -489,6 +579,25 @@ mod tests {
         let mut t = TransformerConfig::new(100, 32, 2);
         t.depth = 0;
         assert_eq!(t.validate(), Err(ConfigError::Zero("depth")));
+        let mut t = TransformerConfig::new(100, 32, 2);
+        t.attention = AttentionKind::Dsa;
+        t.dim_head = 16;
+        t.validate().unwrap();
+        t.dsa.top_k = 0;
+        assert_eq!(t.validate(), Err(ConfigError::Zero("dsa.top_k")));
+        t.dsa.top_k = 8;
+        t.dsa.index_dim_head = Some(8);
+        assert!(matches!(
+            t.validate(),
+            Err(ConfigError::IndexHeadTooNarrow {
+                width: 8,
+                dim_head: 16
+            })
+        ));
+        t.dsa.index_dim_head = Some(17);
+        assert!(t.validate().is_err());
+        t.dsa.index_dim_head = Some(24);
+        t.validate().unwrap();
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl<B: Backend> Transformer<B> {
         for layer in &self.layers {
             out.push(match &layer.attn {
                 Attention::Nsa(a) => a.selections(x.clone()),
-                Attention::Full(_) => None,
+                Attention::Full(_) | Attention::Dsa(_) => None,
             });
             x = layer.forward(&kernels, x, &rotation);
         }

@@ -13,6 +13,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::compress::CompressMlp;
+use crate::dsa::DsaAttention;
 use crate::full::FullAttention;
 use crate::norm::RmsNorm;
 use crate::nsa::SparseAttention;
@@ -361,6 +362,43 @@ impl<B: Backend> FullAttention<B> {
     }
 }
 
+/// A DSA layer in the naming of our PyTorch reference (`scripts/dsa_reference.py`): the dense
+/// layer's tensors, then `indexer.{to_q, to_k, k_norm, to_weights}` and `to_gate`.
+impl<B: Backend> DsaAttention<B> {
+    fn load_reference(mut self, r: &mut Reader, prefix: &str) -> Result<Self, LoadError> {
+        let p = |s: &str| format!("{prefix}{s}");
+        self.attn = self.attn.load_reference(r, prefix)?;
+        let ix = &mut self.indexer;
+        ix.to_q = r.linear(&p("indexer.to_q"), ix.to_q.clone())?;
+        ix.to_k = r.linear(&p("indexer.to_k"), ix.to_k.clone())?;
+        ix.k_norm.gamma = r.param(&p("indexer.k_norm.weight"), ix.k_norm.gamma.clone())?;
+        if let Some(beta) = ix.k_norm.beta.take() {
+            ix.k_norm.beta = Some(r.param(&p("indexer.k_norm.bias"), beta)?);
+        }
+        ix.to_weights = r.linear(&p("indexer.to_weights"), ix.to_weights.clone())?;
+        if let Some(gate) = self.to_gate.take() {
+            self.to_gate = Some(r.linear(&p("to_gate"), gate)?);
+        }
+        Ok(self)
+    }
+
+    fn write_reference<E: Extract<B>>(&self, w: &mut Writer<E>, prefix: &str, values: bool) {
+        let p = |s: &str| format!("{prefix}{s}");
+        self.attn.write_reference(w, prefix, values);
+        let ix = &self.indexer;
+        w.linear(&p("indexer.to_q"), &ix.to_q);
+        w.linear(&p("indexer.to_k"), &ix.to_k);
+        w.put(p("indexer.k_norm.weight"), &ix.k_norm.gamma);
+        if let Some(beta) = &ix.k_norm.beta {
+            w.put(p("indexer.k_norm.bias"), beta);
+        }
+        w.linear(&p("indexer.to_weights"), &ix.to_weights);
+        if let Some(gate) = &self.to_gate {
+            w.linear(&p("to_gate"), gate);
+        }
+    }
+}
+
 impl<B: Backend> Transformer<B> {
     /// Loads a reference `Transformer` state dict (all of it: leftover tensors are an error).
     pub fn load_reference(mut self, mut dict: StateDict) -> Result<Self, LoadError> {
@@ -371,6 +409,9 @@ impl<B: Backend> Transformer<B> {
                 Attention::Nsa(a) => Attention::Nsa(a.load_reference(&mut dict, &prefix)?),
                 Attention::Full(a) => {
                     Attention::Full(a.load_reference(&mut Reader { dict: &mut dict }, &prefix)?)
+                }
+                Attention::Dsa(a) => {
+                    Attention::Dsa(a.load_reference(&mut Reader { dict: &mut dict }, &prefix)?)
                 }
             };
             let mut r = Reader { dict: &mut dict };
@@ -396,6 +437,7 @@ impl<B: Backend> Transformer<B> {
             match &layer.attn {
                 Attention::Nsa(a) => a.write_reference(w, &prefix, values),
                 Attention::Full(a) => a.write_reference(w, &prefix, values),
+                Attention::Dsa(a) => a.write_reference(w, &prefix, values),
             }
             let ff = format!("layers.{i}.1.");
             w.put(format!("{ff}0.weight"), &layer.ff.norm.weight);

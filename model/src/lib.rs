@@ -6,13 +6,15 @@
 //!
 //! One file per concern: [`compress`], [`select`] and [`sliding`] are the three branches,
 //! [`gates`] mixes them, [`attend`] is the one attention core they share, [`nsa`] is the layer,
-//! [`full`] the dense baseline and [`transformer`] the LM.
+//! [`full`] the dense baseline, [`dsa`] DeepSeek sparse attention (lightning indexer + top-k
+//! tokens) and [`transformer`] the LM.
 
 pub mod attend;
 pub mod cache;
 pub mod compare;
 pub mod compress;
 pub mod config;
+pub mod dsa;
 pub mod full;
 pub mod gates;
 pub mod generate;
@@ -38,7 +40,10 @@ pub use nsa_kernels::rules;
 
 pub use cache::Cache;
 pub use compare::{CompareError, Comparison};
-pub use config::{AttentionKind, ConfigError, NsaConfig, SparseSettings, TransformerConfig};
+pub use config::{
+    AttentionKind, ConfigError, DsaSettings, NsaConfig, SparseSettings, TransformerConfig,
+};
+pub use dsa::{DsaAttention, DsaStage};
 pub use full::FullAttention;
 pub use generate::{GenerateError, Generated};
 pub use inspect::LayerSelection;

@@ -8,6 +8,7 @@ use burn::tensor::activation::log_softmax;
 
 use crate::cache::{Cache, LayerCache};
 use crate::config::{AttentionKind, ConfigError, TransformerConfig};
+use crate::dsa::{DsaAttention, DsaStage};
 use crate::full::FullAttention;
 use crate::head_loss;
 use crate::kernels::{FeedForwardParams, KernelOptions, Kernels, Projection};
@@ -24,6 +25,8 @@ pub enum Attention<B: Backend> {
     Nsa(SparseAttention<B>),
     /// Dense causal attention.
     Full(FullAttention<B>),
+    /// DeepSeek sparse attention.
+    Dsa(DsaAttention<B>),
 }
 
 impl<B: Backend> Attention<B> {
@@ -35,9 +38,27 @@ impl<B: Backend> Attention<B> {
         x: Tensor<B, 3>,
         rotation: &Rotation<B>,
     ) -> Tensor<B, 3> {
+        self.forward_staged(kernels, x, rotation, DsaStage::Sparse, false)
+            .0
+    }
+
+    /// [`Self::forward`] with a DSA layer's global branch of `stage` and, when `indexer_loss`
+    /// is set, its indexer loss ([`crate::dsa::kl`]; `None` for the other kinds).
+    pub fn forward_staged(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+        stage: DsaStage,
+        indexer_loss: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
         match self {
-            Self::Nsa(a) => a.forward_rotated(kernels, x, rotation),
-            Self::Full(a) => a.forward_rotated(kernels, x, rotation),
+            Self::Nsa(a) => (a.forward_rotated(kernels, x, rotation), None),
+            Self::Full(a) => (a.forward_rotated(kernels, x, rotation), None),
+            Self::Dsa(a) => {
+                let out = a.forward_rotated(kernels, x, rotation, stage, indexer_loss);
+                (out.out, out.indexer_loss)
+            }
         }
     }
 
@@ -57,6 +78,10 @@ impl<B: Backend> Attention<B> {
                 let (out, cache) = a.prefill_with(kernels, x, extra);
                 (out, LayerCache::Full(cache))
             }
+            Self::Dsa(a) => {
+                let (out, cache) = a.prefill_with(kernels, x, extra);
+                (out, LayerCache::Dsa(cache))
+            }
         }
     }
 
@@ -65,6 +90,7 @@ impl<B: Backend> Attention<B> {
         match self {
             Self::Nsa(a) => a.kernel_options = options,
             Self::Full(a) => a.kernel_options = options,
+            Self::Dsa(a) => a.kernel_options = options,
         }
     }
 
@@ -87,6 +113,10 @@ impl<B: Backend> Attention<B> {
             (Self::Full(a), LayerCache::Full(c)) => {
                 let (out, cache) = a.step(kernels, x.clone(), c, rotation);
                 (ff.step(kernels, out + x), LayerCache::Full(cache))
+            }
+            (Self::Dsa(a), LayerCache::Dsa(c)) => {
+                let (out, cache) = a.step(kernels, x.clone(), c, rotation);
+                (ff.step(kernels, out + x), LayerCache::Dsa(cache))
             }
             _ => panic!("layer cache of the wrong attention kind"),
         }
@@ -156,8 +186,24 @@ impl<B: Backend> Block<B> {
         x: Tensor<B, 3>,
         rotation: &Rotation<B>,
     ) -> Tensor<B, 3> {
-        let h = self.attn.forward(kernels, x.clone(), rotation) + x;
-        self.ff.forward(kernels, h.clone()) + h
+        self.forward_staged(kernels, x, rotation, DsaStage::Sparse, false)
+            .0
+    }
+
+    /// [`Self::forward`] with the stage and indexer loss of [`Attention::forward_staged`].
+    pub fn forward_staged(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+        stage: DsaStage,
+        indexer_loss: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
+        let (a, loss) = self
+            .attn
+            .forward_staged(kernels, x.clone(), rotation, stage, indexer_loss);
+        let h = a + x;
+        (self.ff.forward(kernels, h.clone()) + h, loss)
     }
 }
 
@@ -193,6 +239,14 @@ impl TransformerConfig {
                         self.dim_head,
                         self.heads,
                         self.kv_heads(),
+                        device,
+                    )),
+                    AttentionKind::Dsa => Attention::Dsa(DsaAttention::new(
+                        self.dim,
+                        self.dim_head,
+                        self.heads,
+                        self.kv_heads(),
+                        &self.dsa,
                         device,
                     )),
                 };
@@ -236,12 +290,29 @@ impl<B: Backend> Transformer<B> {
     }
 
     fn hidden_with(&self, kernels: &Kernels<B>, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.hidden_staged(kernels, ids, DsaStage::Sparse, false).0
+    }
+
+    /// [`Self::hidden`] with the DSA layers' global branch of `stage` and, when
+    /// `indexer_loss` is set, the sum of their indexer losses ([`crate::dsa::kl`]; `None`
+    /// without DSA layers).
+    pub fn hidden_staged(
+        &self,
+        kernels: &Kernels<B>,
+        ids: Tensor<B, 2, Int>,
+        stage: DsaStage,
+        indexer_loss: bool,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 1>>) {
         let rotation = self.rotation(0, ids.dims()[1], &ids.device());
         let mut x = self.token_emb.forward(ids);
+        let mut losses = Vec::new();
         for layer in &self.layers {
-            x = layer.forward(kernels, x, &rotation);
+            let (out, loss) = layer.forward_staged(kernels, x, &rotation, stage, indexer_loss);
+            losses.extend(loss);
+            x = out;
         }
-        self.norm.forward(x)
+        let loss = (!losses.is_empty()).then(|| Tensor::cat(losses, 0).sum());
+        (self.norm.forward(x), loss)
     }
 
     /// The rotary rotation of positions `start..start + n`, made once for all blocks (its
@@ -284,7 +355,7 @@ impl<B: Backend> Transformer<B> {
             .iter()
             .map(|layer| match &layer.attn {
                 Attention::Nsa(a) => Some(a),
-                Attention::Full(_) => None,
+                Attention::Full(_) | Attention::Dsa(_) => None,
             })
             .collect();
         if let Some(sparse) = sparse.filter(|_| chunk > 0 && len > chunk) {

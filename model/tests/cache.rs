@@ -1,6 +1,7 @@
 //! Incremental decoding with the KV cache equals recomputing the whole sequence, for random
 //! configs and lengths that cross compression-stride, compression-block and selection-block
-//! boundaries, in both attention modes.
+//! boundaries, in every attention kind (NSA, dense, DSA with selections shorter and longer
+//! than the context, with and without its local window).
 
 mod common;
 
@@ -38,6 +39,11 @@ fn random_model(rng: &mut Rng, kind: AttentionKind) -> Transformer<B> {
     s.num_compressed_mem_kv = rng.pick(&[1, 2]);
     s.use_diff_topk = rng.pick(&[false, true]);
     s.query_heads_share_selected_kv = rng.pick(&[false, true]);
+    let d = &mut c.dsa;
+    d.index_heads = rng.pick(&[1, 2, 3]);
+    d.index_dim_head = rng.pick(&[None, Some(6)]);
+    d.top_k = rng.pick(&[1, 3, 7, 64]);
+    d.window = rng.pick(&[0, 2, 5]);
     c.init::<B>(&device).unwrap().map(&mut Randomise(device))
 }
 
@@ -49,11 +55,11 @@ fn host(t: Tensor<B, 2>) -> Vec<f32> {
 fn cached_decoding_equals_recompute() {
     let device = Default::default();
     let mut rng = Rng(0xC0FFEE);
-    for case in 0..16 {
-        let kind = if case % 4 == 3 {
-            AttentionKind::Full
-        } else {
-            AttentionKind::Nsa
+    for case in 0..20 {
+        let kind = match case % 5 {
+            3 => AttentionKind::Full,
+            4 => AttentionKind::Dsa,
+            _ => AttentionKind::Nsa,
         };
         let model = random_model(&mut rng, kind);
         let total = rng.range(20, 48);
@@ -87,8 +93,9 @@ fn cached_decoding_equals_recompute() {
             let err = diff(host(step), host(expect));
             assert!(
                 err <= 1e-4,
-                "case {case} ({kind}, {:?}): step at position {pos} differs by {err}",
-                model.config.sparse
+                "case {case} ({kind}, {:?}, {:?}): step at position {pos} differs by {err}",
+                model.config.sparse,
+                model.config.dsa
             );
         }
         assert_eq!(cache.len, total);
@@ -99,7 +106,7 @@ fn cached_decoding_equals_recompute() {
 fn greedy_generation_is_identical_with_and_without_cache() {
     let device = Default::default();
     let mut rng = Rng(99);
-    for kind in [AttentionKind::Nsa, AttentionKind::Full] {
+    for kind in [AttentionKind::Nsa, AttentionKind::Full, AttentionKind::Dsa] {
         let model = random_model(&mut rng, kind);
         let prompt: Vec<i64> = vec![3, 1, 4, 1, 5];
         let steps = 30;

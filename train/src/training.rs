@@ -136,7 +136,8 @@ pub enum UiMode {
     Quiet,
 }
 
-/// A new run or the continuation of one.
+/// A new run or the continuation of one (made once per run: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Start {
     /// Start from step 0 with this configuration (the run directory must not hold a run).

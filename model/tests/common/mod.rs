@@ -97,7 +97,7 @@ impl Fixture {
             .filter(|(k, _)| k != "input")
             .collect()
     }
-    fn prefixed(&self, prefix: &str) -> StateDict {
+    pub fn prefixed(&self, prefix: &str) -> StateDict {
         self.tensors
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))

@@ -1,0 +1,87 @@
+//! Which tokens the global branch of each query attends to.
+//!
+//! **Rule** (every implementation applies it): the query at position `t` selects at most
+//! `top_k` tokens of `0..=t`: its own token always, then the others by descending indexer
+//! score, of two equal scores the earlier position first. A prefix of at most `top_k` tokens is
+//! selected whole (so the first `top_k` positions attend densely). Future tokens are never
+//! selected.
+//!
+//! Dimensions: `b` batch, `n` queries, `m` keys.
+
+use burn::prelude::*;
+
+use crate::tensor_util::bool_tensor;
+
+/// The positions of `0..=position` the query selects (not in order), by `scores` of the keys
+/// `0..position` (the own token is added, not ranked).
+pub fn selected_positions(scores: &[f64], position: usize, top_k: usize) -> Vec<usize> {
+    let earlier = position.min(scores.len());
+    let others = top_k.saturating_sub(1);
+    let mut order: Vec<usize> = (0..earlier).collect();
+    if others < earlier {
+        // higher score first, then the lower position: a total order (f64 holds every float
+        // type exactly), the first `others` found in linear time
+        let before = |&i: &usize, &j: &usize| scores[j].total_cmp(&scores[i]).then(i.cmp(&j));
+        if others > 0 {
+            order.select_nth_unstable_by(others - 1, before);
+        }
+        order.truncate(others);
+    }
+    order.push(position);
+    order
+}
+
+/// The keys each query may not attend to in the global branch: `scores` `[b, n, m]` of the
+/// queries at positions `offset..offset + n` over the keys `0..m` → `[b, n, m]`, `true` = not
+/// selected (or in the future). Ranked on the host (the tensor-op path; a device kernel
+/// replaces it on GPUs).
+pub fn blocked<B: Backend>(
+    scores: Tensor<B, 3>,
+    offset: usize,
+    top_k: usize,
+) -> Tensor<B, 3, Bool> {
+    let [b, n, m] = scores.dims();
+    let device = scores.device();
+    let host = scores
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("f64 data after convert");
+    let mut blocked = vec![true; b * n * m];
+    for (row, (scores, out)) in host
+        .chunks_exact(m)
+        .zip(blocked.chunks_exact_mut(m))
+        .enumerate()
+    {
+        let position = offset + row % n;
+        for s in selected_positions(scores, position, top_k) {
+            if s < m {
+                out[s] = false;
+            }
+        }
+    }
+    bool_tensor(blocked, [b, n, m], &device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_token_then_the_highest_scores_then_the_earlier_of_ties() {
+        let scores = [0.5, 2.0, 0.5, 9.0, -1.0, 7.0];
+        let mut got = selected_positions(&scores, 4, 3);
+        got.sort();
+        // position 4 (own, its score ignored), then 3 (9.0); of the others 1 (2.0)
+        assert_eq!(got, vec![1, 3, 4]);
+        // ties: 0 and 2 score 0.5; the earlier one wins
+        let mut got = selected_positions(&scores, 3, 3);
+        got.sort();
+        assert_eq!(got, vec![0, 1, 3]);
+        // a short prefix is selected whole, the future never
+        let mut got = selected_positions(&scores, 2, 8);
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2]);
+        assert_eq!(selected_positions(&scores, 5, 1), vec![5]);
+    }
+}
