@@ -43,7 +43,7 @@ pub use compare::{CompareError, Comparison};
 pub use config::{
     AttentionKind, ConfigError, DsaSettings, NsaConfig, SparseSettings, TransformerConfig,
 };
-pub use dsa::{DsaAttention, DsaStage};
+pub use dsa::{DsaAttention, DsaStage, DsaTraining};
 pub use full::FullAttention;
 pub use generate::{GenerateError, Generated};
 pub use inspect::LayerSelection;

@@ -15,6 +15,10 @@
 //!    of `Σ block_i(x_i) · ∂loss/∂x_{i+1}` gives its parameters' gradients and `∂loss/∂x_i`;
 //! 4. the embedding's gradient from `Σ emb(ids) · ∂loss/∂x_0`.
 //!
+//! A DSA layer's indexer loss joins its block's backward in step 3 (the indexer reads the
+//! block's input detached: no gradient of it flows down); in a frozen warm-up step only those
+//! losses are differentiated.
+//!
 //! Memory: `L + 1` tensors `[b, n, d]` plus one block's graph (or the head's, whose logits are
 //! chunked); cost: one more forward pass of every block (about a third of a step's work). The
 //! gradients are those of the one-graph backward (the forward kernels of the first pass may
@@ -24,6 +28,7 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
+use crate::dsa::DsaTraining;
 use crate::head_loss;
 use crate::Transformer;
 
@@ -38,13 +43,34 @@ impl<B: AutodiffBackend> Transformer<B> {
         ids: Tensor<B, 2, Int>,
         max_logits_bytes: u64,
         scale: f64,
-        mut sink: impl FnMut(B::Gradients),
+        sink: impl FnMut(B::Gradients),
     ) -> Tensor<B::InnerBackend, 1> {
+        let training = DsaTraining::default();
+        self.loss_backward_recomputed_staged(ids, max_logits_bytes, scale, training, sink)
+            .0
+    }
+
+    /// [`Self::loss_backward_recomputed`] for a step of `training` (the DSA layers' stage;
+    /// without `lm_loss` only their indexer losses are differentiated): the gradients of
+    /// `scale × (loss + indexer loss)` go to `sink`; returns the loss and the indexer loss
+    /// (the sum over the DSA layers, `None` without them).
+    pub fn loss_backward_recomputed_staged(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        max_logits_bytes: u64,
+        scale: f64,
+        training: DsaTraining,
+        mut sink: impl FnMut(B::Gradients),
+    ) -> (
+        Tensor<B::InnerBackend, 1>,
+        Option<Tensor<B::InnerBackend, 1>>,
+    ) {
         let [b, n1] = ids.dims();
         let n = n1 - 1;
         let inputs = ids.clone().narrow(1, 0, n);
         let targets = ids.narrow(1, 1, n).reshape([b * n]);
         let kernels = self.kernels();
+        let stage = training.stage;
 
         // 1. the forward pass without a graph, keeping each block's input
         let plain = self.valid().with_kernel_options(self.kernel_options);
@@ -55,11 +81,13 @@ impl<B: AutodiffBackend> Transformer<B> {
         let mut saved = Vec::with_capacity(plain.layers.len());
         for layer in &plain.layers {
             saved.push(x.clone());
-            x = layer.forward(&plain_kernels, x, &plain_rotation);
+            x = layer
+                .forward_staged(&plain_kernels, x, &plain_rotation, stage, false)
+                .0;
         }
         drop(plain);
 
-        // 2. the head from x_L
+        // 2. the head from x_L (differentiated only where the LM loss trains the model)
         let h = Tensor::<B, 3>::from_inner(x).require_grad();
         let d = h.dims()[2];
         let rows = self.norm.forward(h.clone()).reshape([b * n, d]);
@@ -73,24 +101,46 @@ impl<B: AutodiffBackend> Transformer<B> {
             chunk,
         );
         let value = loss.clone().inner();
-        let mut grads = loss.mul_scalar(scale).backward();
-        let mut grad = leaf_grad(&h, &mut grads);
-        sink(grads);
+        let mut grad = None;
+        if training.lm_loss {
+            let mut grads = loss.mul_scalar(scale).backward();
+            grad = Some(leaf_grad(&h, &mut grads));
+            sink(grads);
+        }
 
-        // 3. each block again, from the last, with a graph
+        // 3. each block again, from the last, with a graph: the output against the gradient
+        // from above, and the block's indexer loss (which reads its input detached)
         let rotation = self.rotation(0, n, &device);
+        let mut indexer_losses = Vec::new();
         for (layer, x) in self.layers.iter().zip(saved).rev() {
             let x = Tensor::<B, 3>::from_inner(x).require_grad();
-            let out = layer.forward(&kernels, x.clone(), &rotation);
-            let mut grads = (out * Tensor::from_inner(grad)).sum().backward();
-            grad = leaf_grad(&x, &mut grads);
+            let (out, kl) = layer.forward_staged(&kernels, x.clone(), &rotation, stage, true);
+            let through = grad.take().map(|g| (out * Tensor::from_inner(g)).sum());
+            if let Some(kl) = &kl {
+                indexer_losses.push(kl.clone().inner());
+            }
+            let kl = kl.map(|kl| kl.mul_scalar(scale));
+            let objective = match (through, kl) {
+                (Some(t), Some(kl)) => t + kl,
+                (Some(t), None) => t,
+                (None, Some(kl)) => kl,
+                (None, None) => continue,
+            };
+            let mut grads = objective.backward();
+            if training.lm_loss {
+                grad = Some(leaf_grad(&x, &mut grads));
+            }
             sink(grads);
         }
 
         // 4. the embedding
-        let emb = self.token_emb.forward(inputs);
-        sink((emb * Tensor::from_inner(grad)).sum().backward());
-        value
+        if let Some(grad) = grad {
+            let emb = self.token_emb.forward(inputs);
+            sink((emb * Tensor::from_inner(grad)).sum().backward());
+        }
+        let indexer_loss =
+            (!indexer_losses.is_empty()).then(|| Tensor::cat(indexer_losses, 0).sum());
+        (value, indexer_loss)
     }
 }
 

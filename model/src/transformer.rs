@@ -451,10 +451,25 @@ impl<B: Backend> Transformer<B> {
     /// of `[tokens, num_tokens]` logits larger than `max_logits_bytes` (see [`head_loss`]):
     /// equal value and gradients, bounded memory, and within a device's limit for one buffer.
     pub fn chunked_loss(&self, ids: Tensor<B, 2, Int>, max_logits_bytes: u64) -> Tensor<B, 1> {
-        let (h, targets) = self.next_token_rows(ids);
+        self.chunked_loss_staged(ids, max_logits_bytes, DsaStage::Sparse, false)
+            .0
+    }
+
+    /// [`Transformer::chunked_loss`] with the DSA layers' global branch of `stage` and, when
+    /// `indexer_loss` is set, the sum of their indexer losses ([`Self::hidden_staged`]).
+    pub fn chunked_loss_staged(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        max_logits_bytes: u64,
+        stage: DsaStage,
+        indexer_loss: bool,
+    ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>) {
+        let (h, targets, kl) = self.next_token_rows(ids, stage, indexer_loss);
         let chunk = self.logits_chunk(h.dims()[0], max_logits_bytes);
         let bias = self.to_logits.bias.as_ref().map(|b| b.val());
-        head_loss::linear_cross_entropy(h, self.to_logits.weight.val(), bias, targets, chunk)
+        let loss =
+            head_loss::linear_cross_entropy(h, self.to_logits.weight.val(), bias, targets, chunk);
+        (loss, kl)
     }
 
     /// Natural log-probabilities `[batch * seq]` of the next tokens of `ids` `[batch, seq + 1]`
@@ -464,22 +479,28 @@ impl<B: Backend> Transformer<B> {
         ids: Tensor<B, 2, Int>,
         max_logits_bytes: u64,
     ) -> Tensor<B, 1> {
-        let (h, targets) = self.next_token_rows(ids);
+        let (h, targets, _) = self.next_token_rows(ids, DsaStage::Sparse, false);
         let chunk = self.logits_chunk(h.dims()[0], max_logits_bytes);
         let bias = self.to_logits.bias.as_ref().map(|b| b.val());
         head_loss::target_log_probs(h, self.to_logits.weight.val(), bias, targets, chunk)
     }
 
-    /// The final hidden rows `[batch * seq, dim]` of `ids[:, :-1]` and their targets
-    /// `ids[:, 1:]` flattened to `[batch * seq]`.
-    fn next_token_rows(&self, ids: Tensor<B, 2, Int>) -> (Tensor<B, 2>, Tensor<B, 1, Int>) {
+    /// The final hidden rows `[batch * seq, dim]` of `ids[:, :-1]`, their targets `ids[:, 1:]`
+    /// flattened to `[batch * seq]`, and the indexer loss ([`Self::hidden_staged`]).
+    #[allow(clippy::type_complexity)]
+    fn next_token_rows(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        stage: DsaStage,
+        indexer_loss: bool,
+    ) -> (Tensor<B, 2>, Tensor<B, 1, Int>, Option<Tensor<B, 1>>) {
         let [b, n1] = ids.dims();
         let n = n1 - 1;
         let inputs = ids.clone().narrow(1, 0, n);
         let targets = ids.narrow(1, 1, n).reshape([b * n]);
-        let h = self.hidden(inputs);
+        let (h, kl) = self.hidden_staged(&self.kernels(), inputs, stage, indexer_loss);
         let dim = h.dims()[2];
-        (h.reshape([b * n, dim]), targets)
+        (h.reshape([b * n, dim]), targets, kl)
     }
 
     /// Rows per chunk of logits for `rows` rows within `max_logits_bytes`.

@@ -41,6 +41,7 @@ fn main() {
             ids: t.clone(),
             micro_batches: 1,
             shard: 0,
+            step: 0,
         });
         let fb = s.elapsed().as_secs_f64();
         let s = Instant::now();

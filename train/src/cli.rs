@@ -75,7 +75,8 @@ pub struct Cli {
     /// Vocabulary size of a trained tokenizer
     #[arg(long, value_name = "N")]
     pub vocab_size: Option<usize>,
-    /// Attention of every layer: `nsa` (sparse) or `full` (the dense baseline)
+    /// Attention of every layer: `nsa` (sparse), `dsa` (DeepSeek sparse attention) or `full`
+    /// (the dense baseline)
     #[arg(long, value_name = "KIND")]
     pub attention: Option<AttentionKind>,
     /// Optimizer steps (with --resume: the new total, more than the steps done)

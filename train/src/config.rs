@@ -302,6 +302,39 @@ pub struct LoopConfig {
     /// Stop after this many consecutive skipped steps.
     #[serde(default = "default_max_non_finite")]
     pub max_non_finite: u64,
+    /// `[train.dsa]`: the two stages of a DSA model (no effect on the other kinds).
+    #[serde(default, skip_serializing_if = "DsaTrainConfig::is_default")]
+    pub dsa: DsaTrainConfig,
+}
+
+/// `[train.dsa]`: a DSA model trains dense first (the global branch sees every earlier token;
+/// the indexer learns to imitate the attention by its KL loss), then sparse (the global branch
+/// sees the indexer's top-k; the indexer keeps learning over them).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DsaTrainConfig {
+    /// Optimizer steps of the dense warm-up; absent: the first 20 % of `train.steps` (the
+    /// seed article's schedule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_steps: Option<u64>,
+    /// Only the indexer learns during the warm-up (DeepSeek's recipe for a trained dense
+    /// model); otherwise the model trains densely beside it (from scratch).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub freeze_model: bool,
+}
+
+impl DsaTrainConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl LoopConfig {
+    /// Optimizer steps of a DSA model's dense warm-up (`[train.dsa] warmup_steps`, or the
+    /// first 20 % of the steps).
+    pub fn dsa_warmup_steps(&self) -> u64 {
+        self.dsa.warmup_steps.unwrap_or(self.steps / 5)
+    }
 }
 
 fn is_false(b: &bool) -> bool {

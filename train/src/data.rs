@@ -124,6 +124,7 @@ impl<B: Backend> TrainBatches<B> {
             ids,
             micro_batches: self.grad_accum,
             shard: 0,
+            step,
         }
     }
 
@@ -271,6 +272,7 @@ impl<B: Backend> Iterator for ValidIter<'_, B> {
             ),
             micro_batches: 1,
             shard: 0,
+            step: 0,
         })
     }
 }

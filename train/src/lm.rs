@@ -11,7 +11,7 @@ use burn::train::metric::{Adaptor, LossInput};
 use burn::train::{InferenceStep, ItemLazy, TrainOutput, TrainStep};
 use nsa_model::head_loss::logits_budget;
 pub use nsa_model::head_loss::DEFAULT_LOGITS_BYTES;
-use nsa_model::Transformer;
+use nsa_model::{DsaTraining, Transformer};
 
 use crate::metrics::{GradNormInput, PerplexityInput, ThroughputInput};
 
@@ -28,6 +28,11 @@ pub struct LanguageModel<B: Backend> {
     /// Recompute each block in the backward pass ([`LanguageModel::with_recompute`]); not part
     /// of the record.
     pub recompute: bool,
+    /// Optimizer steps of a DSA model's dense warm-up ([`LanguageModel::with_dsa_schedule`]);
+    /// not part of the record.
+    pub dsa_warmup_steps: u64,
+    /// Whether only the indexer learns during the warm-up; not part of the record.
+    pub dsa_freeze_model: bool,
 }
 
 impl<B: Backend> LanguageModel<B> {
@@ -38,7 +43,23 @@ impl<B: Backend> LanguageModel<B> {
             grad_clip,
             max_logits_bytes: DEFAULT_LOGITS_BYTES,
             recompute: false,
+            dsa_warmup_steps: 0,
+            dsa_freeze_model: false,
         }
+    }
+
+    /// A DSA model's two stages: `warmup_steps` optimizer steps with the global branch dense
+    /// (the indexer learns to imitate the attention; only it when `freeze_model`), then sparse
+    /// ([`DsaTraining::at_step`]). No effect on the other attention kinds.
+    pub fn with_dsa_schedule(mut self, warmup_steps: u64, freeze_model: bool) -> Self {
+        self.dsa_warmup_steps = warmup_steps;
+        self.dsa_freeze_model = freeze_model;
+        self
+    }
+
+    /// What optimizer step `step` (from 0) optimises.
+    pub fn dsa_training(&self, step: u64) -> DsaTraining {
+        DsaTraining::at_step(step, self.dsa_warmup_steps, self.dsa_freeze_model)
     }
 
     /// Recomputes each block's activations in the backward pass instead of keeping them
@@ -68,6 +89,10 @@ pub struct TokenBatch<B: Backend> {
     /// Which shard of the optimizer step this is when the step is spread over several devices
     /// ([`crate::parallel`]); 0 otherwise.
     pub shard: usize,
+    /// The optimizer step (from 0) the batch belongs to: it picks a DSA model's stage
+    /// ([`LanguageModel::dsa_training`]); 0 in validation batches (validation runs the model
+    /// as inference does, sparse).
+    pub step: u64,
 }
 
 /// What one training step or validation batch reports (loss on the host and on the device,
@@ -88,6 +113,9 @@ pub struct LmOutput<B: Backend> {
     pub seconds: f64,
     /// The shard of the batch this output belongs to (see [`TokenBatch::shard`]).
     pub shard: usize,
+    /// A DSA model's indexer loss (the sum over its layers of the KL divergence from the
+    /// attention, [`nsa_model::dsa::kl`]), mean over the micro-batches; `None` otherwise.
+    pub indexer_loss: Option<f64>,
 }
 
 impl<B: Backend> LmOutput<B> {
@@ -107,6 +135,7 @@ impl<B: Backend> LmOutput<B> {
             non_finite,
             seconds: 0.0,
             shard: 0,
+            indexer_loss: None,
         }
     }
 }
@@ -179,28 +208,50 @@ impl<B: AutodiffBackend> LanguageModel<B> {
             "{rows} rows do not split into {micro} micro-batches"
         );
         let per = rows / micro;
+        let training = self.dsa_training(batch.step);
         let mut accumulator = GradientsAccumulator::<Self>::new();
         let mut single = None;
         let mut losses = Vec::with_capacity(micro);
+        let mut indexer_losses = Vec::new();
         for i in 0..micro {
             let ids = batch.ids.clone().narrow(0, i * per, per);
             if self.recompute {
                 let scale = 1.0 / micro as f64;
-                let loss = self.transformer.loss_backward_recomputed(
+                let (loss, kl) = self.transformer.loss_backward_recomputed_staged(
                     ids,
                     self.max_logits_bytes,
                     scale,
+                    training,
                     |g| accumulator.accumulate(self, GradientsParams::from_grads(g, self)),
                 );
                 losses.push(loss);
+                indexer_losses.extend(kl);
                 continue;
             }
-            let loss = lm_loss(&self.transformer, ids, self.max_logits_bytes);
+            let (loss, kl) = self.transformer.chunked_loss_staged(
+                ids,
+                self.max_logits_bytes,
+                training.stage,
+                true,
+            );
             losses.push(loss.clone().inner());
+            // the indexer loss trains the indexer alone, the LM loss everything else (their
+            // gradients do not overlap); in a frozen warm-up only the indexer learns
+            let objective = match (kl, training.lm_loss) {
+                (Some(kl), lm) => {
+                    indexer_losses.push(kl.clone().inner());
+                    if lm {
+                        loss + kl
+                    } else {
+                        kl
+                    }
+                }
+                (None, _) => loss,
+            };
             let scaled = if micro > 1 {
-                loss.div_scalar(micro as f64)
+                objective.div_scalar(micro as f64)
             } else {
-                loss
+                objective
             };
             let grads = GradientsParams::from_grads(scaled.backward(), self);
             if micro == 1 {
@@ -212,9 +263,17 @@ impl<B: AutodiffBackend> LanguageModel<B> {
         let grads = single.unwrap_or_else(|| accumulator.grads());
         let loss = Tensor::cat(losses, 0).mean();
         let loss_value = scalar(loss.clone());
-        let (grads, norm, non_finite) = self.finish_gradients(grads, 1, loss_value, false);
+        let indexer_loss =
+            (!indexer_losses.is_empty()).then(|| scalar(Tensor::cat(indexer_losses, 0).mean()));
+        let non_finite = indexer_loss.is_some_and(|v| !v.is_finite());
+        let (grads, norm, non_finite) = self.finish_gradients(grads, 1, loss_value, non_finite);
         let output = LmOutput::training(loss, loss_value, rows * (width - 1), norm, non_finite);
-        (grads, LmOutput { shard, ..output })
+        let output = LmOutput {
+            shard,
+            indexer_loss,
+            ..output
+        };
+        (grads, output)
     }
 
     /// The end of a training step, shared by one device and data parallelism: `grads` is the
@@ -270,6 +329,7 @@ impl<B: Backend> InferenceStep for LanguageModel<B> {
             non_finite: !loss_value.is_finite(),
             seconds: 0.0,
             shard,
+            indexer_loss: None,
         }
     }
 }

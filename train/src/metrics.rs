@@ -282,7 +282,7 @@ impl Numeric for GradNormMetric {
 
 /// Header of `metrics.csv`.
 pub const CSV_HEADER: &str =
-    "step,split,loss,perplexity,lr,grad_norm,tokens_per_s,tokens_seen,elapsed_s,non_finite";
+    "step,split,loss,perplexity,lr,grad_norm,tokens_per_s,tokens_seen,elapsed_s,non_finite,indexer_loss";
 
 /// One row of `metrics.csv`: a training step (`split = train`) or an evaluation
 /// (`split = valid`, after the step).
@@ -306,6 +306,8 @@ pub struct CsvRow {
     pub elapsed_s: f64,
     /// The step's loss or gradient was NaN/Inf and it was skipped.
     pub non_finite: bool,
+    /// A DSA model's indexer loss (training rows; [`crate::lm::LmOutput::indexer_loss`]).
+    pub indexer_loss: Option<f64>,
 }
 
 fn opt(v: Option<f64>) -> String {
@@ -316,7 +318,7 @@ impl CsvRow {
     /// The CSV line (without newline).
     pub fn to_line(&self) -> String {
         format!(
-            "{},{},{},{},{},{},{},{},{:.3},{}",
+            "{},{},{},{},{},{},{},{},{:.3},{},{}",
             self.step,
             self.split,
             self.loss,
@@ -326,14 +328,16 @@ impl CsvRow {
             opt(self.tokens_per_s),
             self.tokens_seen,
             self.elapsed_s,
-            self.non_finite as u8
+            self.non_finite as u8,
+            opt(self.indexer_loss)
         )
     }
 
-    /// Parses a line written by [`CsvRow::to_line`].
+    /// Parses a line written by [`CsvRow::to_line`] (or of a run from before the indexer
+    /// loss column: ten fields).
     pub fn parse(line: &str) -> Option<Self> {
         let f: Vec<&str> = line.split(',').collect();
-        if f.len() != 10 {
+        if f.len() != 10 && f.len() != 11 {
             return None;
         }
         let num = |s: &str| -> Option<Option<f64>> {
@@ -353,6 +357,10 @@ impl CsvRow {
             tokens_seen: f[7].parse().ok()?,
             elapsed_s: f[8].parse().ok()?,
             non_finite: f[9] == "1",
+            indexer_loss: match f.get(10) {
+                Some(v) => num(v)?,
+                None => None,
+            },
         })
     }
 }
@@ -426,6 +434,7 @@ mod tests {
             tokens_seen: step * 100,
             elapsed_s: step as f64,
             non_finite: false,
+            indexer_loss: (split == "train").then_some(0.25),
         };
         let mut log = CsvLog::open(&path, 0).unwrap();
         for s in 1..=6 {

@@ -99,6 +99,7 @@ impl ShardPlan {
             ids,
             micro_batches,
             shard,
+            step: batch.step,
         }
     }
 }
@@ -175,11 +176,13 @@ impl<B: AutodiffBackend> DataParallel<B> {
 
         let mut accumulator = GradientsAccumulator::<LanguageModel<B>>::new();
         let mut losses = Vec::with_capacity(n);
+        let mut indexer_losses = Vec::new();
         let mut non_finite = false;
         for out in outputs {
             let item = out.output.item;
             non_finite |= item.non_finite;
             losses.push(item.loss_value);
+            indexer_losses.extend(item.indexer_loss);
             let grads = out.output.grads.to_device(main, model);
             accumulator.accumulate(model, grads);
         }
@@ -190,7 +193,15 @@ impl<B: AutodiffBackend> DataParallel<B> {
         let inner = main.clone();
         let loss = Tensor::<B::InnerBackend, 1>::from_floats([loss_value as f32], &inner);
         let item = LmOutput::training(loss, loss_value, rows * (width - 1), norm, non_finite);
-        TrainOutput { grads, item }
+        let indexer_loss = (!indexer_losses.is_empty())
+            .then(|| indexer_losses.iter().sum::<f64>() / indexer_losses.len() as f64);
+        TrainOutput {
+            grads,
+            item: LmOutput {
+                indexer_loss,
+                ..item
+            },
+        }
     }
 }
 
@@ -208,6 +219,7 @@ mod tests {
             ids: Tensor::from_data(TensorData::new(data, [rows, 3]), &Default::default()),
             micro_batches: micro,
             shard: 0,
+            step: 0,
         }
     }
 

@@ -529,6 +529,7 @@ mod tests {
                     tokens_seen: s * 10,
                     elapsed_s: s as f64,
                     non_finite: false,
+                    indexer_loss: None,
                 }];
                 if s % 10 == 0 {
                     v.push(CsvRow {

@@ -455,7 +455,8 @@ impl OnAutodiffBackend for TrainWork {
         };
         let model = LanguageModel::new(transformer, config.optim.grad_clip)
             .with_logits_budget(choice.max_tensor_bytes)
-            .with_recompute(t.recompute);
+            .with_recompute(t.recompute)
+            .with_dsa_schedule(t.dsa_warmup_steps(), t.dsa.freeze_model);
         let o = &config.optim;
         let optim: Optim<B> = AdamWConfig::new()
             .with_beta_1(o.beta1 as f32)

@@ -48,6 +48,7 @@ fn batch(rows: usize, micro_batches: usize) -> TokenBatch<B> {
         ids: Tensor::from_data(TensorData::new(data, [rows, 33]), &Default::default()),
         micro_batches,
         shard: 0,
+        step: 0,
     }
 }
 
@@ -250,14 +251,32 @@ fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     max
 }
 
+/// A DSA model of the tiny preset's size that selects 8 of the 32 tokens (the default top-k
+/// is the whole window).
+fn dsa(c: &mut nsa_model::TransformerConfig) {
+    c.attention = AttentionKind::Dsa;
+    c.dsa.top_k = 8;
+    c.dsa.window = 4;
+}
+
 #[test]
 fn recomputed_blocks_give_the_gradients_of_one_graph() {
-    for attention in [AttentionKind::Nsa, AttentionKind::Full] {
+    // a DSA model in both stages: step 0 of a run with one warm-up step is dense
+    for (attention, warmup) in [
+        (AttentionKind::Nsa, 0),
+        (AttentionKind::Full, 0),
+        (AttentionKind::Dsa, 0),
+        (AttentionKind::Dsa, 1),
+    ] {
         // three blocks: the gradient flows through recomputed blocks into earlier ones
         let model = model_of(0.0, 5, |c| {
             c.depth = 3;
+            if attention == AttentionKind::Dsa {
+                dsa(c);
+            }
             c.attention = attention;
-        });
+        })
+        .with_dsa_schedule(warmup, false);
         let mut recomputing = None;
         for micro in [1, 2] {
             let (g, o) = model.gradients(batch(4, micro));
@@ -288,6 +307,66 @@ fn recomputed_blocks_give_the_gradients_of_one_graph() {
             let norm = o.grad_norm.unwrap();
             assert!(norm > 1e-3, "{norm}");
             assert!((or.grad_norm.unwrap() - norm).abs() < 1e-4 * norm);
+            // a DSA model reports its indexer loss, the same on both paths
+            match (o.indexer_loss, or.indexer_loss) {
+                (None, None) => assert_ne!(attention, AttentionKind::Dsa),
+                (Some(a), Some(b)) => {
+                    assert!(a.is_finite() && a > 0.0, "{a}");
+                    assert!((a - b).abs() < 1e-5 * a.max(1.0), "indexer loss {a} vs {b}");
+                }
+                other => panic!("{attention:?}: indexer losses {other:?}"),
+            }
         }
     }
+}
+
+/// The warm-up with the model frozen: an optimizer step changes the indexer's parameters and
+/// no other, and a few steps on one batch lower the indexer's KL loss. Past the warm-up the
+/// LM loss trains the model again.
+#[test]
+fn a_frozen_dsa_warm_up_trains_the_indexer_alone() {
+    let model = model_of(0.0, 11, dsa).with_dsa_schedule(6, true);
+    let before = model.transformer.reference_state();
+    let mut optim = AdamWConfig::new().init::<B, LanguageModel<B>>();
+    let mut model = model;
+    let mut kl = Vec::new();
+    for step in 0..6 {
+        let mut b = batch(4, 1);
+        b.step = step;
+        let (grads, out) = model.gradients(b);
+        assert!(!out.non_finite);
+        kl.push(
+            out.indexer_loss
+                .expect("a DSA model reports its indexer loss"),
+        );
+        model = optim.step(3e-3, model, grads);
+    }
+    let after = model.transformer.reference_state();
+    let mut changed = Vec::new();
+    for (name, b) in &before {
+        if after[name].values != b.values {
+            changed.push(name.as_str());
+        }
+    }
+    assert!(!changed.is_empty(), "no parameter changed");
+    assert!(
+        changed.iter().all(|n| n.contains(".indexer.")),
+        "the warm-up changed {changed:?}"
+    );
+    // to_q, to_k, k_norm (weight, bias), to_weights of every layer
+    assert_eq!(
+        changed.len(),
+        5 * model.transformer.layers.len(),
+        "every indexer parameter changes: {changed:?}"
+    );
+    assert!(
+        kl[5] < kl[0] * 0.9,
+        "the indexer loss does not decrease: {kl:?}"
+    );
+    // step 6 is sparse: the LM loss reaches the model
+    let mut b = batch(4, 1);
+    b.step = 6;
+    let (grads, _) = model.gradients(b);
+    let counted: usize = flat(&model, &grads).iter().map(Vec::len).sum();
+    assert_eq!(counted, model.num_params(), "gradients of every parameter");
 }

@@ -48,6 +48,43 @@ pub enum DsaStage {
     Sparse,
 }
 
+/// What a training step of a model with DSA layers optimises: the stage of the global branch
+/// and whether the language-model loss trains the model (`false`: only the indexer learns,
+/// DeepSeek's warm-up with the model frozen). The indexer loss always trains the indexer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DsaTraining {
+    /// The global branch.
+    pub stage: DsaStage,
+    /// The language-model loss is differentiated.
+    pub lm_loss: bool,
+}
+
+impl Default for DsaTraining {
+    /// Sparse, everything trained.
+    fn default() -> Self {
+        Self {
+            stage: DsaStage::Sparse,
+            lm_loss: true,
+        }
+    }
+}
+
+impl DsaTraining {
+    /// The stage of optimizer step `step` (from 0) of a run with `warmup_steps` dense steps,
+    /// the model frozen during them when `freeze_model` is set.
+    pub fn at_step(step: u64, warmup_steps: u64, freeze_model: bool) -> Self {
+        let dense = step < warmup_steps;
+        Self {
+            stage: if dense {
+                DsaStage::Dense
+            } else {
+                DsaStage::Sparse
+            },
+            lm_loss: !(dense && freeze_model),
+        }
+    }
+}
+
 /// One DSA layer.
 #[derive(Module, Debug)]
 pub struct DsaAttention<B: Backend> {

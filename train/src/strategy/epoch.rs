@@ -40,6 +40,8 @@ pub(super) struct Loop<'a, B: AutodiffBackend> {
     last_checkpoint: Option<u64>,
     /// Loss sum, count and non-finite count since the last log line.
     window: (f64, u64, u64),
+    /// Sum and count of the indexer losses since the last log line (DSA models).
+    indexer_window: (f64, u64),
     /// Seconds per step measured after the first steps of this session (for the ETA).
     per_step: Option<f64>,
     /// Where this session started.
@@ -74,6 +76,7 @@ struct StepNumbers {
     grad_norm: Option<f64>,
     seconds: f64,
     non_finite: bool,
+    indexer_loss: Option<f64>,
 }
 
 /// How the interrupter's stop is reported.
@@ -254,6 +257,7 @@ impl<'a, B: AutodiffBackend> Loop<'a, B> {
             samples: Vec::new(),
             last_checkpoint: None,
             window: (0.0, 0, 0),
+            indexer_window: (0.0, 0),
             per_step: None,
             start: SessionStart::default(),
             first_step_seconds: None,
@@ -364,6 +368,7 @@ impl<'a, B: AutodiffBackend> Loop<'a, B> {
                 grad_norm: item.grad_norm,
                 seconds: item.seconds,
                 non_finite: item.non_finite,
+                indexer_loss: item.indexer_loss,
             };
             self.record_step(state, &numbers);
             let progress = iter.progress();
@@ -421,6 +426,7 @@ impl<'a, B: AutodiffBackend> Loop<'a, B> {
             tokens_seen: state.tokens_seen,
             elapsed_s: state.train_seconds,
             non_finite: n.non_finite,
+            indexer_loss: n.indexer_loss,
         };
         if let Err(e) = self.cx.csv.append(&row) {
             self.log(format!(
@@ -433,9 +439,17 @@ impl<'a, B: AutodiffBackend> Loop<'a, B> {
         } else {
             self.window.0 += n.loss;
             self.window.1 += 1;
+            if let Some(kl) = n.indexer_loss {
+                self.indexer_window.0 += kl;
+                self.indexer_window.1 += 1;
+            }
         }
         if step.is_multiple_of(log_every) || step == total {
             let (sum, count, bad) = std::mem::take(&mut self.window);
+            let indexer = match std::mem::take(&mut self.indexer_window) {
+                (sum, count) if count > 0 => format!(" | indexer KL {:.4}", sum / count as f64),
+                _ => String::new(),
+            };
             let loss = if count > 0 {
                 sum / count as f64
             } else {
@@ -450,7 +464,7 @@ impl<'a, B: AutodiffBackend> Loop<'a, B> {
                 _ => String::new(),
             };
             self.log(format!(
-                "step {step:>w$}/{total} | loss {loss:.4} | ppl {:.1} | lr {:.2e} | grad {:.3} | {} tok/s | {}{eta}{}",
+                "step {step:>w$}/{total} | loss {loss:.4} | ppl {:.1}{indexer} | lr {:.2e} | grad {:.3} | {} tok/s | {}{eta}{}",
                 loss.exp(),
                 n.lr,
                 n.grad_norm.unwrap_or(f64::NAN),
@@ -564,6 +578,7 @@ impl<'a, B: AutodiffBackend> Loop<'a, B> {
             tokens_seen: state.tokens_seen,
             elapsed_s: state.train_seconds,
             non_finite: !v.is_finite(),
+            indexer_loss: None,
         };
         let _ = self.cx.csv.append(&row);
         let improved = v.is_finite() && state.best_val_loss.is_none_or(|b| v < b);

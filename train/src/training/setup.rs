@@ -379,6 +379,30 @@ pub(super) fn report_start(reporter: &Reporter, r: &StartReport<'_>) -> String {
         thousands(m.num_tokens as u64),
         seq_len
     ));
+    if m.attention == nsa_model::AttentionKind::Dsa {
+        let d = &m.dsa;
+        let t = &config.train;
+        let global = if d.top_k >= seq_len {
+            " (at least the context: the sparse stage is dense too)".to_string()
+        } else {
+            String::new()
+        };
+        reporter.line(format!(
+            "dsa: {} indexer heads x {}, top-k {} tokens{global}, local window {}; dense warm-up \
+             for {} of {} steps ({}), then sparse; the indexer's KL loss is logged as `indexer KL`",
+            d.index_heads,
+            d.index_dim_head(m.dim_head),
+            d.top_k,
+            d.window,
+            t.dsa_warmup_steps().min(t.steps),
+            t.steps,
+            if t.dsa.freeze_model {
+                "only the indexer learns"
+            } else {
+                "the model learns densely beside the indexer"
+            },
+        ));
+    }
     reporter.line(format!(
         "data: {} tokens ({} training, {} validation in {} windows); unigram entropy of the \
          training split {:.4} nats",
