@@ -208,8 +208,9 @@ impl<B: Backend> DsaAttention<B> {
     }
 
     /// Decodes one token `[b, 1, dim]` at position `cache.kv.len()`, rotated by `rotation`:
-    /// the indexer scores every cached key (`O(t)` cheap products), the attention reads
-    /// `top_k + window` of them.
+    /// the indexer scores every cached key (`O(t)` cheap products and a top-k on the host),
+    /// the attention reads the `top_k` gathered keys and the `window` last ones, whatever the
+    /// context.
     pub fn step(
         &self,
         kernels: &Kernels<B>,
@@ -223,21 +224,72 @@ impl<B: Backend> DsaAttention<B> {
         let kv = cache.kv.push(kernels, k, v);
         let key = self.indexer.keys(kernels, xn.clone(), rotation);
         let index_keys = Tensor::cat(vec![cache.index_keys, key], 1);
+        // 1. the indexer over every cached key, the selected positions [b, count]
         let queries = self.indexer.queries(kernels, xn.clone(), rotation);
+        let scores = self.indexer.scores(kernels, &queries, index_keys.clone());
+        let positions = select::gathered(scores, pos, self.top_k);
+        // 2. the global branch over the gathered keys (all of them causal: no mask)
         let (k, v) = kv.all();
-        let rows = Rows {
-            xn,
-            q,
-            queries,
-            offset: pos,
+        let [b, kvh, _, d] = k.dims();
+        let count = positions.dims()[1];
+        let rows = positions
+            .reshape([b, 1, count, 1])
+            .expand([b, kvh, count, d]);
+        let scale = (d as f64).powf(-0.5);
+        let grouped = self.group(q, kvh);
+        let over = |k: Tensor<B, 4>, v: Tensor<B, 4>| {
+            let out = attend(
+                kernels,
+                grouped.clone(),
+                k.unsqueeze_dim(2),
+                v.unsqueeze_dim(2),
+                None,
+                scale,
+            );
+            ungroup(out.out)
         };
-        let keys = Keys {
-            k,
-            v,
-            index: index_keys.clone(),
-        };
-        let out = self.attend_rows(kernels, rows, keys, DsaStage::Sparse, false, SCORE_LIMIT);
-        (out.out, DsaCache { kv, index_keys })
+        let global = over(k.clone().gather(2, rows.clone()), v.clone().gather(2, rows));
+        // 3. the local branch over the last `window` keys and itself
+        let first = pos.saturating_sub(self.window);
+        let local = self.to_gate.as_ref().map(|_| {
+            let n = pos + 1 - first;
+            over(k.narrow(2, first, n), v.narrow(2, first, n))
+        });
+        let out = self.mix(kernels, &xn, local, global);
+        let [_, h, _, _] = out.dims();
+        let out = out.swap_dims(1, 2).reshape([b, 1, h * d]);
+        (
+            linear(kernels, &self.attn.to_out, out),
+            DsaCache { kv, index_keys },
+        )
+    }
+
+    /// Queries `[b, h, n, d]` → `[b, kvh, g, n, d]` (head `i = gi * kvh + kv`, the dense
+    /// layer's pairing).
+    fn group(&self, q: Tensor<B, 4>, kvh: usize) -> Tensor<B, 5> {
+        let [b, h, n, d] = q.dims();
+        q.reshape([b, h / kvh, kvh, n, d]).swap_dims(1, 2)
+    }
+
+    /// `gate · local + (1 − gate) · global` with the gate of the normed input `xn` `[b, n,
+    /// dim]` (branches `[b, h, n, d]`); the global branch alone without a local one.
+    fn mix(
+        &self,
+        kernels: &Kernels<B>,
+        xn: &Tensor<B, 3>,
+        local: Option<Tensor<B, 4>>,
+        global: Tensor<B, 4>,
+    ) -> Tensor<B, 4> {
+        match (&self.to_gate, local) {
+            (Some(to_gate), Some(local)) => {
+                // [b, n, h] → [b, h, n, 1]
+                let gate = sigmoid(linear(kernels, to_gate, xn.clone()))
+                    .swap_dims(1, 2)
+                    .unsqueeze_dim(3);
+                local * gate.clone() + global * (gate.ones_like() - gate)
+            }
+            _ => global,
+        }
     }
 
     /// The attention of `rows` over the `keys` `0..m`, in chunks of queries of at most `limit`
@@ -285,9 +337,8 @@ impl<B: Backend> DsaAttention<B> {
         indexer_loss: bool,
     ) -> (Tensor<B, 4>, Option<Tensor<B, 1>>) {
         let Keys { k, v, index } = keys;
-        let [b, h, n, d] = rows.q.dims();
+        let [b, _, n, d] = rows.q.dims();
         let [_, kvh, m, _] = k.dims();
-        let g = h / kvh;
         let device = k.device();
         let positions: Vec<i64> = (0..n).map(|i| (rows.offset + i) as i64).collect();
         let columns: Vec<i64> = (0..m as i64).collect();
@@ -298,9 +349,8 @@ impl<B: Backend> DsaAttention<B> {
             DsaStage::Sparse => select::blocked(scores.clone(), rows.offset, self.top_k),
             DsaStage::Dense => future.clone().unsqueeze_dim::<3>(0).expand([b, n, m]),
         };
-        // 2. both branches through the one attention core; head i = gi * kvh + kv (the dense
-        // layer's pairing) → [b, kvh, g, n, d]
-        let grouped = rows.q.reshape([b, g, kvh, n, d]).swap_dims(1, 2);
+        // 2. both branches through the one attention core
+        let grouped = self.group(rows.q, kvh);
         let scale = (d as f64).powf(-0.5);
         let branch = |blocked: Tensor<B, 5, Bool>| {
             attend(
@@ -312,33 +362,28 @@ impl<B: Backend> DsaAttention<B> {
                 scale,
             )
         };
-        let heads = |t: Tensor<B, 5>| t.swap_dims(1, 2).reshape([b, h, n, d]);
         let Attended { out: global, sim } = branch(global_blocked.clone().reshape([b, 1, 1, n, m]));
         let loss = indexer_loss.then(|| kl::indexer_kl(sim, scores, global_blocked));
-        let global = heads(global);
-        let out = match &self.to_gate {
-            None => global,
-            Some(to_gate) => {
-                // 3. the local branch: itself and the `window` tokens before it
-                let before: Vec<i64> = positions
-                    .iter()
-                    .map(|&p| p - self.window as i64 - 1)
-                    .collect();
-                // key j is in the window when j > p - window - 1
-                let in_window = greater_mask::<B>(before, columns, &device);
-                let local_blocked = future
-                    .bool_or(in_window.bool_not())
-                    .reshape([1, 1, 1, n, m]);
-                let local = heads(branch(local_blocked).out);
-                // 4. the gate, [b, n, h] → [b, h, n, 1]
-                let gate = sigmoid(linear(kernels, to_gate, rows.xn))
-                    .swap_dims(1, 2)
-                    .unsqueeze_dim(3);
-                local * gate.clone() + global * (gate.ones_like() - gate)
-            }
-        };
+        // 3. the local branch: itself and the `window` tokens before it
+        let local = self.to_gate.as_ref().map(|_| {
+            let before: Vec<i64> = positions
+                .iter()
+                .map(|&p| p - self.window as i64 - 1)
+                .collect();
+            // key j is in the window when j > p - window - 1
+            let in_window = greater_mask::<B>(before, columns, &device);
+            let blocked = future.bool_or(in_window.bool_not());
+            ungroup(branch(blocked.reshape([1, 1, 1, n, m])).out)
+        });
+        let out = self.mix(kernels, &rows.xn, local, ungroup(global));
         (out, loss)
     }
+}
+
+/// `[b, kvh, g, n, d]` → `[b, h, n, d]` (the inverse of [`DsaAttention::group`]).
+fn ungroup<B: Backend>(x: Tensor<B, 5>) -> Tensor<B, 4> {
+    let [b, kvh, g, n, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, kvh * g, n, d])
 }
 
 /// The keys of one call at positions `0..m`: rotated keys and values `[b, kvh, m, d]`, the

@@ -10,7 +10,7 @@
 
 use burn::prelude::*;
 
-use crate::tensor_util::bool_tensor;
+use crate::tensor_util::{bool_tensor, int_tensor};
 
 /// The positions of `0..=position` the query selects (not in order), by `scores` of the keys
 /// `0..position` (the own token is added, not ranked).
@@ -61,6 +61,32 @@ pub fn blocked<B: Backend>(
         }
     }
     bool_tensor(blocked, [b, n, m], &device)
+}
+
+/// The positions one query per batch row selects: `scores` `[b, 1, m]` of the query at
+/// `position` over the keys `0..m` → `[b, count]`, ascending, `count = min(top_k, position +
+/// 1)` (the decode step gathers these keys).
+pub fn gathered<B: Backend>(
+    scores: Tensor<B, 3>,
+    position: usize,
+    top_k: usize,
+) -> Tensor<B, 2, Int> {
+    let [b, n, m] = scores.dims();
+    assert_eq!(n, 1, "one query per row");
+    let device = scores.device();
+    let host = scores
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("f64 data after convert");
+    let count = top_k.min(position + 1);
+    let mut positions = Vec::with_capacity(b * count);
+    for row in host.chunks_exact(m) {
+        let mut chosen = selected_positions(row, position, top_k);
+        chosen.sort_unstable();
+        positions.extend(chosen.into_iter().map(|p| p as i64));
+    }
+    int_tensor(positions, [b, count], &device)
 }
 
 #[cfg(test)]
