@@ -47,9 +47,11 @@ pub struct Cli {
     #[arg(long, value_delimiter = ',')]
     pub precisions: Vec<Precision>,
     /// Layer implementations: nsa (fused kernels where available), nsa-tensor (tensor ops
-    /// only), full (dense attention). The training rows run nsa and/or full from this list.
+    /// only), full (dense attention), dsa (DeepSeek sparse attention, tensor ops: no kernels
+    /// yet, quadratic; the default `[model.dsa]`). The training rows run nsa and/or full from
+    /// this list.
     #[arg(long, value_delimiter = ',', default_value = "nsa,nsa-tensor,full",
-          value_parser = ["nsa", "nsa-tensor", "full"])]
+          value_parser = ["nsa", "nsa-tensor", "full", "dsa"])]
     pub impls: Vec<String>,
     /// Passes: fwd, fwd+bwd.
     #[arg(long, value_delimiter = ',', default_value = "fwd,fwd+bwd",
@@ -113,8 +115,12 @@ pub struct DecodeArgs {
     #[arg(short, long)]
     pub model: Option<PathBuf>,
     /// Decode: dense attention for the random-weight model.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dsa")]
     pub full: bool,
+    /// Decode: DeepSeek sparse attention for the random-weight model (the default `[model.dsa]`:
+    /// 4 indexer heads, top-k 2048, window 64).
+    #[arg(long)]
+    pub dsa: bool,
     /// Decode: prompt tokens.
     #[arg(long, default_value_t = 64)]
     pub prompt_len: usize,

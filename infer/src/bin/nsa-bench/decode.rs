@@ -36,6 +36,9 @@ pub fn run(cli: &Cli, started: Instant) -> Result<()> {
             if args.full {
                 c.attention = AttentionKind::Full;
             }
+            if args.dsa {
+                c.attention = AttentionKind::Dsa;
+            }
             (c, None)
         }
     };

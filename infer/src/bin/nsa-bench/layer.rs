@@ -5,7 +5,7 @@ use anyhow::Result;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
-use nsa_model::FullAttention;
+use nsa_model::{DsaAttention, DsaSettings, FullAttention};
 
 use crate::measure::{flop_floor, time_row};
 use crate::rows::{row_of, Job, Row};
@@ -14,6 +14,7 @@ use crate::rows::{row_of, Job, Row};
 pub enum Layer<B: Backend> {
     Nsa(nsa_model::SparseAttention<B>),
     Full(FullAttention<B>),
+    Dsa(DsaAttention<B>),
 }
 
 impl<B: Backend> Layer<B> {
@@ -21,6 +22,7 @@ impl<B: Backend> Layer<B> {
         match self {
             Self::Nsa(a) => a.forward(x),
             Self::Full(a) => a.forward(x),
+            Self::Dsa(a) => a.forward(x),
         }
     }
 }
@@ -38,6 +40,11 @@ pub fn layer_setup<B: Backend>(job: &Job, device: &B::Device) -> Result<(Layer<B
         let mut full = FullAttention::new(l.dim, l.dim_head, l.heads, l.kv_heads, device);
         full.kernel_options = job.options;
         Layer::Full(full)
+    } else if job.imp == "dsa" {
+        let settings = DsaSettings::default();
+        let mut dsa = DsaAttention::new(l.dim, l.dim_head, l.heads, l.kv_heads, &settings, device);
+        dsa.kernel_options = job.options;
+        Layer::Dsa(dsa)
     } else {
         let mut nsa = l.nsa().init::<B>(device)?;
         nsa.kernel_options = job.options;

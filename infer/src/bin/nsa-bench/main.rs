@@ -207,7 +207,8 @@ fn layer_suite(plan: &Plan<'_>, rows: &mut Vec<Row>) {
     }
 }
 
-/// The train suite: per shape and precision, the attentions of `--impls` (nsa, full).
+/// The train suite: per shape and precision, the attentions of `--impls` (nsa, full, dsa).
+/// A DSA step is a sparse one (the dense warm-up is a dense step plus the indexer loss).
 fn train_suite(plan: &Plan<'_>, rows: &mut Vec<Row>) -> Result<()> {
     let cli = plan.cli;
     for shape in &cli.train_shapes {
@@ -215,7 +216,7 @@ fn train_suite(plan: &Plan<'_>, rows: &mut Vec<Row>) -> Result<()> {
         for &precision in &cli.train_precisions {
             // `--impls` picks the attention of the training rows too
             let wanted = |imp: &&str| cli.impls.iter().any(|i| i == imp);
-            for imp in ["nsa", "full"].into_iter().filter(wanted) {
+            for imp in ["nsa", "full", "dsa"].into_iter().filter(wanted) {
                 for mode in &cli.train_modes {
                     let pass = match mode.as_str() {
                         "plain" => "train-step".to_string(),

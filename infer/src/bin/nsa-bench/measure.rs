@@ -93,6 +93,15 @@ pub fn layer_flops(imp: &str, l: &LayerArgs, n: usize) -> f64 {
         // causal: half of the n×n scores, QK and PV
         return proj + 2.0 * 2.0 * h * n * n * dh / 2.0;
     }
+    if imp == "dsa" {
+        // the default [model.dsa]: the indexer over half of the n×n pairs (4 heads of dh, its
+        // own projections), then top-k and window attention
+        let d = nsa_model::DsaSettings::default();
+        let (j, e) = (d.index_heads as f64, dh);
+        let indexer = 2.0 * n * dim * (j * e + e + j) + 2.0 * j * n * n * e / 2.0;
+        let attention = 4.0 * h * n * (d.top_k as f64 + d.window as f64 + 1.0) * dh;
+        return proj + indexer + attention + 2.0 * n * dim * h;
+    }
     let blocks = n / l.stride as f64;
     let hidden = (l.compress_block * l.dim_head) as f64;
     let mlp = 2.0 * 2.0 * kvh * blocks * (hidden * hidden + hidden * dh);

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Row {
     pub suite: String,
-    /// nsa, nsa-tensor, full (ours); ref-nsa, ref-nsa-triton, sdpa (PyTorch)
+    /// nsa, nsa-tensor, full, dsa (ours); ref-nsa, ref-nsa-triton, sdpa (PyTorch)
     #[serde(rename = "impl")]
     pub imp: String,
     pub precision: String,

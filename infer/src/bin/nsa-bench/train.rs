@@ -10,7 +10,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::Distribution;
 use nsa_model::head_loss::DEFAULT_LOGITS_BYTES;
-use nsa_model::{kernels, Transformer, TransformerConfig};
+use nsa_model::{kernels, DsaStage, DsaTraining, Transformer, TransformerConfig};
 
 use crate::measure::{device_pool, stats, sync};
 use crate::rows::{row_of, Job, Row};
@@ -22,6 +22,9 @@ pub fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Ins
     let mut config = TransformerConfig::new(21128, 512, 6);
     if job.imp == "full" {
         config.attention = nsa_model::AttentionKind::Full;
+    }
+    if job.imp == "dsa" {
+        config.attention = nsa_model::AttentionKind::Dsa;
     }
     let mut model = match config.init::<B>(device) {
         Ok(m) => m.with_kernel_options(job.options),
@@ -69,24 +72,32 @@ pub fn train_row<B: AutodiffBackend>(job: &Job, device: &B::Device, started: Ins
     row
 }
 
-/// The gradients of one step's loss, computed as the row's pass says.
+/// The gradients of one step's loss, computed as the row's pass says (a DSA model's sparse
+/// step: the LM loss and the indexer loss, as nsa-train runs it).
 fn gradients<B: AutodiffBackend>(
     model: &Transformer<B>,
     ids: Tensor<B, 2, Int>,
     pass: &str,
 ) -> GradientsParams {
+    let dsa = model.config.attention == nsa_model::AttentionKind::Dsa;
+    // the LM loss with the logits chunked to `bytes`, plus the indexer loss
+    let objective = |bytes: u64| {
+        let (loss, kl) = model.chunked_loss_staged(ids.clone(), bytes, DsaStage::Sparse, true);
+        kl.map_or(loss.clone(), |kl| loss + kl)
+    };
     match pass {
         "train-step-chunked" => {
-            let loss = model.chunked_loss(ids, DEFAULT_LOGITS_BYTES);
-            GradientsParams::from_grads(loss.backward(), model)
+            GradientsParams::from_grads(objective(DEFAULT_LOGITS_BYTES).backward(), model)
         }
         "train-step-recompute" => {
             let mut accumulator = GradientsAccumulator::<Transformer<B>>::new();
-            model.loss_backward_recomputed(ids, DEFAULT_LOGITS_BYTES, 1.0, |g| {
+            let training = DsaTraining::default();
+            model.loss_backward_recomputed_staged(ids, DEFAULT_LOGITS_BYTES, 1.0, training, |g| {
                 accumulator.accumulate(model, GradientsParams::from_grads(g, model))
             });
             accumulator.grads()
         }
+        _ if dsa => GradientsParams::from_grads(objective(u64::MAX).backward(), model),
         _ => GradientsParams::from_grads(model.loss(ids).backward(), model),
     }
 }
