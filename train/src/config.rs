@@ -313,8 +313,9 @@ pub struct LoopConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DsaTrainConfig {
-    /// Optimizer steps of the dense warm-up; absent: the first 20 % of `train.steps` (the
-    /// seed article's schedule).
+    /// Optimizer steps of the dense warm-up; absent: the first 20 % of the planned steps
+    /// (`train.steps`, or `optim.schedule_steps` when a resumed run extended them; the seed
+    /// article's schedule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_steps: Option<u64>,
     /// Only the indexer learns during the warm-up (DeepSeek's recipe for a trained dense
@@ -331,9 +332,10 @@ impl DsaTrainConfig {
 
 impl LoopConfig {
     /// Optimizer steps of a DSA model's dense warm-up (`[train.dsa] warmup_steps`, or the
-    /// first 20 % of the steps).
-    pub fn dsa_warmup_steps(&self) -> u64 {
-        self.dsa.warmup_steps.unwrap_or(self.steps / 5)
+    /// first 20 % of the `planned` steps: the learning-rate schedule's length, which a resumed
+    /// run with more steps keeps, so that it does not go back to the dense stage).
+    pub fn dsa_warmup_steps(&self, planned: u64) -> u64 {
+        self.dsa.warmup_steps.unwrap_or(planned / 5)
     }
 }
 

@@ -57,8 +57,12 @@ impl<B: Backend> LanguageModel<B> {
         self
     }
 
-    /// What optimizer step `step` (from 0) optimises.
+    /// What optimizer step `step` (from 0) optimises (a model without DSA layers: always its
+    /// LM loss).
     pub fn dsa_training(&self, step: u64) -> DsaTraining {
+        if self.transformer.config.attention != nsa_model::AttentionKind::Dsa {
+            return DsaTraining::default();
+        }
         DsaTraining::at_step(step, self.dsa_warmup_steps, self.dsa_freeze_model)
     }
 
@@ -196,7 +200,9 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 
 impl<B: AutodiffBackend> LanguageModel<B> {
     /// Forward and backward passes over the micro-batches of `batch`: the gradient of the mean
-    /// loss (micro-batch gradients averaged), clipped to a global L2 norm of `grad_clip`. When
+    /// loss (micro-batch gradients averaged; a DSA model's indexer loss added, whose gradients
+    /// reach only the indexer), clipped to a global L2 norm of `grad_clip` (over both losses'
+    /// gradients). When
     /// the loss or the norm is not finite the gradients are empty (the optimizer then leaves
     /// every parameter unchanged) and `non_finite` is set.
     pub fn gradients(&self, batch: TokenBatch<B>) -> (GradientsParams, LmOutput<B::InnerBackend>) {

@@ -456,7 +456,10 @@ impl OnAutodiffBackend for TrainWork {
         let model = LanguageModel::new(transformer, config.optim.grad_clip)
             .with_logits_budget(choice.max_tensor_bytes)
             .with_recompute(t.recompute)
-            .with_dsa_schedule(t.dsa_warmup_steps(), t.dsa.freeze_model);
+            .with_dsa_schedule(
+                t.dsa_warmup_steps(config.optim.schedule_steps.unwrap_or(t.steps)),
+                t.dsa.freeze_model,
+            );
         let o = &config.optim;
         let optim: Optim<B> = AdamWConfig::new()
             .with_beta_1(o.beta1 as f32)

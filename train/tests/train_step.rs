@@ -369,4 +369,18 @@ fn a_frozen_dsa_warm_up_trains_the_indexer_alone() {
     let (grads, _) = model.gradients(b);
     let counted: usize = flat(&model, &grads).iter().map(Vec::len).sum();
     assert_eq!(counted, model.num_params(), "gradients of every parameter");
+    // the schedule does not touch a model without DSA layers (recomputed or not)
+    for recompute in [false, true] {
+        let nsa = model_of(0.0, 11, |_| {})
+            .with_dsa_schedule(6, true)
+            .with_recompute(recompute);
+        let (grads, out) = nsa.gradients(batch(4, 1));
+        assert_eq!(out.indexer_loss, None);
+        let counted: usize = flat(&nsa, &grads).iter().map(Vec::len).sum();
+        assert_eq!(
+            counted,
+            nsa.num_params(),
+            "recompute {recompute}: every parameter"
+        );
+    }
 }

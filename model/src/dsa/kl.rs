@@ -31,8 +31,13 @@ pub fn indexer_kl<B: Backend>(
         .reshape([b, n, m])
         .div_scalar((kvh * g) as f64);
     // 2. the indexer's log-probabilities over the same keys
-    let log_q = log_softmax(scores.mask_fill(blocked, MASK_VALUE), 2);
-    // 3. Σ_s p (log p − log q); p log p is 0 where p is (the clamp only keeps the log finite)
+    let log_q = log_softmax(scores.mask_fill(blocked.clone(), MASK_VALUE), 2);
+    // 3. Σ_s p (log p − log q) over the keys seen (p is 0 elsewhere; in f16 the mask value is
+    // −inf and 0 · ∞ would be NaN: those terms are zeroed, and the clamp keeps log p finite)
     let log_p = p.clone().clamp_min(1e-30).log();
-    (p * (log_p - log_q)).sum_dim(2).mean().reshape([1])
+    (p * (log_p - log_q))
+        .mask_fill(blocked, 0.0)
+        .sum_dim(2)
+        .mean()
+        .reshape([1])
 }

@@ -1,7 +1,7 @@
 //! DeepSeek sparse attention (DSA, DeepSeek-V3.2-Exp; the first seed article): a lightning
 //! indexer ([`indexer`]) scores every earlier token for each query, the query attends to its
-//! `top_k` tokens ([`select`]: the global branch), a sliding window of the last `window` tokens
-//! (the local branch) and a learned sigmoid gate per head mixes the two:
+//! `top_k` tokens ([`select`]: the global branch), a sliding window of itself and the `window`
+//! tokens before it (the local branch) and a learned sigmoid gate per head mixes the two:
 //! `out = gate · local + (1 − gate) · global`. The attention itself is that of the dense layer
 //! ([`FullAttention`]: pre-norm, q/k/v projections, rotary embedding, GQA pairing), over a
 //! subset of the keys; every query head shares its token's selection.

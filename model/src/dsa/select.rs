@@ -20,8 +20,16 @@ pub fn selected_positions(scores: &[f64], position: usize, top_k: usize) -> Vec<
     let mut order: Vec<usize> = (0..earlier).collect();
     if others < earlier {
         // higher score first, then the lower position: a total order (f64 holds every float
-        // type exactly), the first `others` found in linear time
-        let before = |&i: &usize, &j: &usize| scores[j].total_cmp(&scores[i]).then(i.cmp(&j));
+        // type exactly; −0 equals +0, NaN ranks last), the first `others` found in linear time
+        let key = |s: f64| {
+            if s.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                s + 0.0
+            }
+        };
+        let before =
+            |&i: &usize, &j: &usize| key(scores[j]).total_cmp(&key(scores[i])).then(i.cmp(&j));
         if others > 0 {
             order.select_nth_unstable_by(others - 1, before);
         }
@@ -33,8 +41,8 @@ pub fn selected_positions(scores: &[f64], position: usize, top_k: usize) -> Vec<
 
 /// The keys each query may not attend to in the global branch: `scores` `[b, n, m]` of the
 /// queries at positions `offset..offset + n` over the keys `0..m` → `[b, n, m]`, `true` = not
-/// selected (or in the future). Ranked on the host (the tensor-op path; a device kernel
-/// replaces it on GPUs).
+/// selected (or in the future). Ranked on the host (the tensor-op path; no device kernel
+/// yet).
 pub fn blocked<B: Backend>(
     scores: Tensor<B, 3>,
     offset: usize,
@@ -109,5 +117,12 @@ mod tests {
         got.sort();
         assert_eq!(got, vec![0, 1, 2]);
         assert_eq!(selected_positions(&scores, 5, 1), vec![5]);
+        // −0 ties with +0 (the earlier wins); NaN ranks last
+        let mut got = selected_positions(&[-0.0, 0.0, 5.0], 3, 3);
+        got.sort();
+        assert_eq!(got, vec![0, 2, 3]);
+        let mut got = selected_positions(&[f64::NAN, 1.0, 2.0], 3, 3);
+        got.sort();
+        assert_eq!(got, vec![1, 2, 3]);
     }
 }

@@ -394,7 +394,8 @@ pub(super) fn report_start(reporter: &Reporter, r: &StartReport<'_>) -> String {
             d.index_dim_head(m.dim_head),
             d.top_k,
             d.window,
-            t.dsa_warmup_steps().min(t.steps),
+            t.dsa_warmup_steps(config.optim.schedule_steps.unwrap_or(t.steps))
+                .min(t.steps),
             t.steps,
             if t.dsa.freeze_model {
                 "only the indexer learns"
