@@ -19,6 +19,8 @@ pub struct Attended<B: Backend> {
     pub out: Tensor<B, 5>,
     /// Scaled logits after masking, `[b, a, x, i, j]` (for importance scores).
     pub sim: Tensor<B, 5>,
+    /// The attention probabilities, softmax of `sim` (DSA's indexer loss reads them).
+    pub probs: Tensor<B, 5>,
 }
 
 /// Scaled dot-product attention with five dimensions: two batch-like (`b`, `a`: usually batch
@@ -41,9 +43,10 @@ pub fn attend<B: Backend>(
         let shape = sim.shape();
         sim = sim.mask_fill(mask.expand(shape), MASK_VALUE);
     }
-    let attn = softmax(sim.clone(), 4);
+    let probs = softmax(sim.clone(), 4);
     Attended {
-        out: matmul(kernels, attn, v),
+        out: matmul(kernels, probs.clone(), v),
         sim,
+        probs,
     }
 }

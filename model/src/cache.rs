@@ -29,13 +29,7 @@ pub fn cache_bytes(
     let tokens = tokens as u128;
     let s = &config.sparse;
     let rows = match config.attention {
-        AttentionKind::Full => tokens,
-        // the indexer keys, in units of one key/value row
-        AttentionKind::Dsa => {
-            let index = config.dsa.index_dim_head(config.dim_head) as u128;
-            let kv_row = (config.kv_heads() * config.dim_head) as u128;
-            tokens + (tokens * index).div_ceil(2 * kv_row.max(1))
-        }
+        AttentionKind::Full | AttentionKind::Dsa => tokens,
         AttentionKind::Nsa => {
             let sel = s.selection_block_size.max(1) as u128;
             let stride = s.compress_block_sliding_stride.max(1) as u128;
@@ -46,8 +40,16 @@ pub fn cache_bytes(
                 + s.compress_block_size as u128
         }
     };
+    // DSA: the indexer's key of every position
+    let index = match config.attention {
+        AttentionKind::Dsa => {
+            let width = config.dsa.index_dim_head(config.dim_head);
+            (batch * width * elem_bytes) as u128 * tokens
+        }
+        _ => 0,
+    };
     // keys and values
-    let bytes = 2 * row * rows * config.depth as u128;
+    let bytes = (2 * row * rows + index) * config.depth as u128;
     u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 

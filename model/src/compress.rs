@@ -362,7 +362,7 @@ impl<B: Backend> Compressor<B> {
                 .collect();
             greater_mask::<B>(rows, cols, &q.device()).reshape([1, 1, 1, n, slots])
         });
-        let Attended { out, sim } = attend(
+        let Attended { out, sim, .. } = attend(
             kernels,
             q.reshape([b, kvh, g, n, d]),
             ck.unsqueeze_dim(2),

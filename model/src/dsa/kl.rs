@@ -9,23 +9,24 @@
 //! keys.
 
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::log_softmax;
 
 use crate::attend::MASK_VALUE;
 
 /// `KL(p ‖ softmax(I))` per query, mean over the batch and queries → `[1]`.
 ///
-/// - `sim`: the global branch's scaled, masked logits `[b, kvh, g, n, m]`;
+/// - `probs`: the global branch's attention probabilities `[b, kvh, g, n, m]`;
 /// - `scores`: the indexer's `I` `[b, n, m]`;
 /// - `blocked`: the keys the global branch does not see, `[b, n, m]`.
 pub fn indexer_kl<B: Backend>(
-    sim: Tensor<B, 5>,
+    probs: Tensor<B, 5>,
     scores: Tensor<B, 3>,
     blocked: Tensor<B, 3, Bool>,
 ) -> Tensor<B, 1> {
-    let [b, kvh, g, n, m] = sim.dims();
+    let [b, kvh, g, n, m] = probs.dims();
     // 1. the target: attention probabilities, mean over the heads (blocked keys exactly 0)
-    let p = softmax(sim.detach(), 4)
+    let p = probs
+        .detach()
         .sum_dim(1)
         .sum_dim(2)
         .reshape([b, n, m])

@@ -160,20 +160,33 @@ impl<B: Backend> DsaAttention<B> {
         stage: DsaStage,
         indexer_loss: bool,
     ) -> DsaOutput<B> {
+        let (rows, keys) = self.inputs(kernels, x, rotation, 0);
+        self.attend_rows(kernels, rows, keys, stage, indexer_loss, SCORE_LIMIT)
+    }
+
+    /// The queries and keys of the input `x` `[b, n, dim]` at positions `offset..offset + n`
+    /// (`rotation`'s): the normed input, the rotated queries, keys and values, and the
+    /// indexer's queries and keys, which read the input detached (only their own loss trains
+    /// the indexer).
+    fn inputs(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+        offset: usize,
+    ) -> (Rows<B>, Keys<B>) {
         let xn = self.attn.norm.forward(x);
         let [q, k, v] = self.attn.project(kernels, xn.clone(), rotation);
-        // the indexer reads the input detached: only its own loss trains it
         let detached = xn.clone().detach();
-        let keys = self.indexer.keys(kernels, detached.clone(), rotation);
+        let index = self.indexer.keys(kernels, detached.clone(), rotation);
         let queries = self.indexer.queries(kernels, detached, rotation);
         let rows = Rows {
             xn,
             q,
             queries,
-            offset: 0,
+            offset,
         };
-        let keys = Keys { k, v, index: keys };
-        self.attend_rows(kernels, rows, keys, stage, indexer_loss, SCORE_LIMIT)
+        (rows, Keys { k, v, index })
     }
 
     /// Forward over a prompt that also returns the decode cache, with room for `extra` tokens.
@@ -184,26 +197,12 @@ impl<B: Backend> DsaAttention<B> {
         extra: usize,
     ) -> (Tensor<B, 3>, DsaCache<B>) {
         let rotation = Rotation::new(self.attn.dim_head, 0, x.dims()[1], &x.device());
-        let xn = self.attn.norm.forward(x);
-        let [q, k, v] = self.attn.project(kernels, xn.clone(), &rotation);
-        let keys = self.indexer.keys(kernels, xn.clone(), &rotation);
-        let queries = self.indexer.queries(kernels, xn.clone(), &rotation);
-        let rows = Rows {
-            xn,
-            q,
-            queries,
-            offset: 0,
-        };
-        let all = Keys {
-            k: k.clone(),
-            v: v.clone(),
-            index: keys.clone(),
-        };
-        let out = self.attend_rows(kernels, rows, all, DsaStage::Sparse, false, SCORE_LIMIT);
+        let (rows, keys) = self.inputs(kernels, x, &rotation, 0);
         let cache = DsaCache {
-            kv: KvBuffer::new(k, v, extra),
-            index_keys: keys,
+            kv: KvBuffer::new(keys.k.clone(), keys.v.clone(), extra),
+            index_keys: keys.index.clone(),
         };
+        let out = self.attend_rows(kernels, rows, keys, DsaStage::Sparse, false, SCORE_LIMIT);
         (out.out, cache)
     }
 
@@ -219,13 +218,11 @@ impl<B: Backend> DsaAttention<B> {
         rotation: &Rotation<B>,
     ) -> (Tensor<B, 3>, DsaCache<B>) {
         let pos = cache.kv.len();
-        let xn = self.attn.norm.forward(x);
-        let [q, k, v] = self.attn.project(kernels, xn.clone(), rotation);
-        let kv = cache.kv.push(kernels, k, v);
-        let key = self.indexer.keys(kernels, xn.clone(), rotation);
-        let index_keys = Tensor::cat(vec![cache.index_keys, key], 1);
+        let (rows, new) = self.inputs(kernels, x, rotation, pos);
+        let Rows { xn, q, queries, .. } = rows;
+        let kv = cache.kv.push(kernels, new.k, new.v);
+        let index_keys = Tensor::cat(vec![cache.index_keys, new.index], 1);
         // 1. the indexer over every cached key, the selected positions [b, count]
-        let queries = self.indexer.queries(kernels, xn.clone(), rotation);
         let scores = self.indexer.scores(kernels, &queries, index_keys.clone());
         let positions = select::gathered(scores, pos, self.top_k);
         // 2. the global branch over the gathered keys (all of them causal: no mask)
@@ -362,8 +359,11 @@ impl<B: Backend> DsaAttention<B> {
                 scale,
             )
         };
-        let Attended { out: global, sim } = branch(global_blocked.clone().reshape([b, 1, 1, n, m]));
-        let loss = indexer_loss.then(|| kl::indexer_kl(sim, scores, global_blocked));
+        let blocked = global_blocked.clone().reshape([b, 1, 1, n, m]);
+        let Attended {
+            out: global, probs, ..
+        } = branch(blocked);
+        let loss = indexer_loss.then(|| kl::indexer_kl(probs, scores, global_blocked));
         // 3. the local branch: itself and the `window` tokens before it
         let local = self.to_gate.as_ref().map(|_| {
             let before: Vec<i64> = positions

@@ -39,6 +39,15 @@ pub fn selected_positions(scores: &[f64], position: usize, top_k: usize) -> Vec<
     order
 }
 
+/// Scores `[b, n, m]` read back in f64 (which holds every float type exactly).
+fn on_host<B: Backend>(scores: Tensor<B, 3>) -> Vec<f64> {
+    scores
+        .into_data()
+        .convert::<f64>()
+        .into_vec::<f64>()
+        .expect("f64 data after convert")
+}
+
 /// The keys each query may not attend to in the global branch: `scores` `[b, n, m]` of the
 /// queries at positions `offset..offset + n` over the keys `0..m` → `[b, n, m]`, `true` = not
 /// selected (or in the future). Ranked on the host (the tensor-op path; no device kernel
@@ -50,11 +59,7 @@ pub fn blocked<B: Backend>(
 ) -> Tensor<B, 3, Bool> {
     let [b, n, m] = scores.dims();
     let device = scores.device();
-    let host = scores
-        .into_data()
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .expect("f64 data after convert");
+    let host = on_host(scores);
     let mut blocked = vec![true; b * n * m];
     for (row, (scores, out)) in host
         .chunks_exact(m)
@@ -82,11 +87,7 @@ pub fn gathered<B: Backend>(
     let [b, n, m] = scores.dims();
     assert_eq!(n, 1, "one query per row");
     let device = scores.device();
-    let host = scores
-        .into_data()
-        .convert::<f64>()
-        .into_vec::<f64>()
-        .expect("f64 data after convert");
+    let host = on_host(scores);
     let count = top_k.min(position + 1);
     let mut positions = Vec::with_capacity(b * count);
     for row in host.chunks_exact(m) {
