@@ -53,6 +53,9 @@
 #   evidence-check  the kernel checks (1k and 4k, bf16 and f32), one record per variant
 #   evidence-train  the published training-step table, as benchmark records
 #   evidence-decode the published decode table, as benchmark records, and the fixture checks
+#   quality dense, NSA and DSA trained the same way (seed model, bundled corpus, same seed, token
+#           stream and steps) at QL tokens (default 1024), DSA's top-k QTOPK (128); metrics back
+#           as quality-QL-ATTN-metrics.csv (issue 23)
 # Everything lands in $OUT/all.tgz; the caches come back beside it as cache.tgz.part-* (copy
 # them into .gpu/ for the next call).
 set -uo pipefail
@@ -504,6 +507,26 @@ for phase in "$@"; do
       run_peak lt-full 100 /tmp/bin/nsa-bench --backend cuda --suite train --impls full \
         --train-shapes 4096x1,16384x1,65536x1 --train-modes chunked --train-precisions f32 \
         --runs 2 --warmup 2 --row-timeout 45 --json "$(rec train-long-full)"
+      ;;
+    quality)
+      # issue 23: the three attention kinds on one token stream (the corpus, seed 42), one
+      # schedule; a run cut by its time limit (SIGTERM) keeps its metrics so far
+      ql=${QL:-1024} qsteps=${QSTEPS:-300} qbs=${QBS:-8} qtopk=${QTOPK:-128}
+      for attn in ${QATTN:-full nsa dsa}; do
+        q=/tmp/q-$ql-$attn
+        mkdir -p $q
+        dsa=()
+        [ "$attn" = dsa ] && dsa=('[model.dsa]' "top_k = $qtopk" 'window = 64')
+        printf '%s\n' 'preset = "seed"' '[model]' "attention = \"$attn\"" "${dsa[@]}" \
+          '[data]' "seq_len = $ql" 'eval_windows = 64' '[optim]' \
+          'lr = 1e-3' 'warmup_steps = 50' '[train]' "steps = $qsteps" "batch_size = $qbs" \
+          'grad_accum = 1' 'eval_every = 50' 'sample_every = 0' 'log_every = 25' >$q/train.toml
+        cp $q/train.toml "$OUT/quality-$ql-$attn.toml"
+        run_peak quality-$ql-$attn ${QT:-200} /tmp/bin/nsa-train --config $q/train.toml \
+          --backend cuda --no-tui --out $q/run
+        cp $q/run/metrics.csv "$OUT/quality-$ql-$attn-metrics.csv" 2>/dev/null
+        cp $q/run/train.log "$OUT/quality-$ql-$attn-train.log" 2>/dev/null
+      done
       ;;
     passkey)
       # issue 22: a passkey hidden in filler text (scripts/passkey.py): a small model (dim 256,

@@ -153,6 +153,19 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         None
     }
 
+    /// DSA's token selection ([`crate::rules::dsa_selected_tokens`]) without a host round
+    /// trip: the indexer's `scores` `[batch, seq, keys]` of the queries at positions
+    /// `offset..offset + seq` → `[batch, seq, keys]`, `true` where the query does not attend
+    /// the key (not selected, or in the future).
+    fn token_blocked(
+        &self,
+        _scores: &Tensor<B, 3>,
+        _offset: usize,
+        _top_k: usize,
+    ) -> Option<Tensor<B, 3, Bool>> {
+        None
+    }
+
     /// `buffer` `[batch, heads, capacity, dim]` with rows `start..start + n` replaced by `rows`
     /// `[batch, heads, n, dim]` (the decode cache's writes). The default is Burn's
     /// `slice_assign`; a backend whose `slice_assign` copies the whole buffer may write in place.

@@ -1,4 +1,4 @@
-//! The rules of NSA that every implementation shares: the tensor-op model (training and
+//! The rules of NSA (and of DSA's token selection) that every implementation shares: the tensor-op model (training and
 //! decode), the CubeCL kernels (training and decode) and the CPU decode step. Each rule is
 //! written here once, as a plain function on sizes (usable from host code, from tensor code and
 //! as a `#[comptime]` value of a CubeCL kernel), and every implementation calls it; the parity
@@ -7,6 +7,40 @@
 //! Legend: `t` a query's position, `p` a key's position, `w` the sliding window, `l` the
 //! compression block, `s` its stride, `l'` the selection block, `n` the selected-block count,
 //! `mem` the memory slots in front of the compressed keys.
+
+/// DSA's token selection: the positions of `0..=position` the query at `position` attends in
+/// the global branch (not in order), by the indexer's `scores` of the keys `0..position`.
+///
+/// **Rule** (the model's host path calls this; the CubeCL ranking implements it): at most
+/// `top_k` tokens of `0..=t`: the own token always, then the others by descending score, of two
+/// equal scores the earlier position first (−0 equals +0; NaN ranks with −inf, last). A prefix
+/// of at most `top_k` tokens is selected whole, so the first `top_k` positions attend densely;
+/// future tokens are never selected. `scores` may be longer than `position` (the later entries
+/// are ignored) or shorter (only its keys are ranked).
+pub fn dsa_selected_tokens(scores: &[f64], position: usize, top_k: usize) -> Vec<usize> {
+    let earlier = position.min(scores.len());
+    let others = top_k.saturating_sub(1);
+    let mut order: Vec<usize> = (0..earlier).collect();
+    if others < earlier {
+        // higher score first, then the lower position: a total order (f64 holds every float
+        // type exactly), the first `others` found in linear time
+        let key = |s: f64| {
+            if s.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                s + 0.0
+            }
+        };
+        let before =
+            |&i: &usize, &j: &usize| key(scores[j]).total_cmp(&key(scores[i])).then(i.cmp(&j));
+        if others > 0 {
+            order.select_nth_unstable_by(others - 1, before);
+        }
+        order.truncate(others);
+    }
+    order.push(position);
+    order
+}
 
 /// The constant logit appended to every row of the selection softmax (as the reference does):
 /// a block whose importance is far below it gets a probability of about zero.

@@ -14,6 +14,7 @@ mod mma;
 mod ops;
 mod plain;
 mod problems;
+mod rank;
 mod reduce;
 mod rows;
 mod sample;

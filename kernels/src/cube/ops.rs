@@ -10,7 +10,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 
 use super::launch::{
-    self, BlockLayout, BlockProblem, BlockTensors, DecodeProblem, Problem, RowProblem,
+    self, BlockLayout, BlockProblem, BlockTensors, DecodeProblem, Problem, RankProblem, RowProblem,
     SampleProblem, WriteProblem,
 };
 use super::{KernelBackend, KernelForward, KernelGrads};
@@ -295,6 +295,26 @@ impl CubeOp for Sample {
     }
 }
 
+/// The DSA token ranking ([`launch::rank_tokens`]): scores `[b, n, m]` → the blocked mask
+/// (integers, 1: not attended).
+struct RankTokens {
+    p: RankProblem,
+}
+
+impl CubeOp for RankTokens {
+    const NAME: &'static str = "nsa_rank_tokens";
+
+    fn outputs(&self, _: &[Spec], int: DType) -> Vec<Spec> {
+        let p = &self.p;
+        vec![Spec::int(vec![p.b, p.n, p.m], int)]
+    }
+
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>, int: DType) -> Vec<CubeTensor<R>> {
+        let scores = next(&mut inputs.into_iter());
+        vec![launch::rank_tokens(scores, &self.p, int)]
+    }
+}
+
 /// A whole decode step of an NSA block ([`launch::decode_block`]): the flattened
 /// [`BlockTensors`] → the block's output and the four buffers written.
 struct DecodeBlock {
@@ -442,6 +462,12 @@ pub fn decode_write<B: KernelBackend>(
 pub fn sample<B: KernelBackend>(logits: FloatTensor<B>, p: &SampleProblem) -> IntTensor<B> {
     let op = Sample { p: p.clone() };
     next(&mut B::launch(op, vec![Arg::Float(logits)]).into_iter()).int()
+}
+
+/// The blocked mask of DSA's token selection for `scores` `[b, n, m]` (1: not attended).
+pub fn rank_tokens<B: KernelBackend>(scores: FloatTensor<B>, p: &RankProblem) -> IntTensor<B> {
+    let op = RankTokens { p: p.clone() };
+    next(&mut B::launch(op, vec![Arg::Float(scores)]).into_iter()).int()
 }
 
 /// One decode step of an NSA block: the block's output and the written buffers.

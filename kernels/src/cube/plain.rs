@@ -4,7 +4,9 @@
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 
-use super::launch::{self, BlockTensors, FfTensors, RowProblem, RunChoices, SampleProblem};
+use super::launch::{
+    self, BlockTensors, FfTensors, RankProblem, RowProblem, RunChoices, SampleProblem,
+};
 use super::problems::{
     block_problem, compressed_problem, decode_problem, float3, float_of, is_float,
     selected_problem, selection_of, selection_parts, sliding_problem, write_problem, CompressedOut,
@@ -19,6 +21,30 @@ impl<B> CubeKernels<B> {
     /// The options of the attention launches.
     pub(super) fn run(&self) -> RunChoices {
         RunChoices::from(&self.options)
+    }
+
+    /// [`NsaKernels::token_blocked`] on the backend's own tensors (the autodiff backend ranks
+    /// the inner tensor: the selection passes no gradient).
+    pub(super) fn rank<K: KernelBackend>(
+        &self,
+        scores: &Tensor<K, 3>,
+        offset: usize,
+        top_k: usize,
+    ) -> Option<Tensor<K, 3, Bool>> {
+        let [b, n, m] = scores.dims();
+        if !is_float(scores.dtype()) || top_k == 0 || m >= u32::MAX as usize / 2 {
+            return None;
+        }
+        let p = RankProblem {
+            b,
+            n,
+            m,
+            offset,
+            top_k,
+            grid_limit: self.options.grid_limit,
+        };
+        let blocked = ops::rank_tokens::<K>(float3(scores), &p);
+        Some(Tensor::<K, 3, Int>::from_primitive(blocked).equal_elem(1))
     }
 }
 
@@ -70,6 +96,15 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
             Tensor::from_primitive(TensorPrimitive::Float(values)),
             Tensor::from_primitive(indices),
         ))
+    }
+
+    fn token_blocked(
+        &self,
+        scores: &Tensor<B, 3>,
+        offset: usize,
+        top_k: usize,
+    ) -> Option<Tensor<B, 3, Bool>> {
+        self.rank(scores, offset, top_k)
     }
 
     fn row_linear(&self, x: &Tensor<B, 3>, spec: &RowLinear<'_, B>) -> Option<Tensor<B, 3>> {

@@ -123,3 +123,18 @@ pub fn cube_argmax(
     sync_cube();
     (m, mi)
 }
+
+/// The bits of `x` mapped so that unsigned order is float order (`-0` below `+0`); NaN maps to
+/// `-inf`'s key, `0x007F_FFFF`, so no key is 0 (a bisection's floor lies below every key).
+#[cube]
+pub fn order_key(x: f32) -> u32 {
+    let bits = u32::reinterpret(x);
+    let mut key = bits | 0x8000_0000u32;
+    if bits >= 0x8000_0000u32 {
+        key = !bits;
+    }
+    if (bits & 0x7FFF_FFFFu32) > 0x7F80_0000u32 {
+        key = 0x007F_FFFFu32;
+    }
+    key
+}

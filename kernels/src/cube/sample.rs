@@ -17,7 +17,7 @@
 
 use cubecl::prelude::*;
 
-use super::reduce::{cube_argmax, cube_sum};
+use super::reduce::{cube_argmax, cube_sum, order_key};
 
 /// Below every score (start of an arg-max).
 const LOWEST: f32 = -3.0e38;
@@ -35,20 +35,6 @@ pub struct SampleTiling {
     /// Logits per unit held in registers during the threshold search (`v <= per · group²`),
     /// 0: every pass reads the logits again.
     pub per: usize,
-}
-
-/// The logit's bits mapped so that unsigned order is float order; NaN maps to `-inf`'s key.
-#[cube]
-fn order_key(x: f32) -> u32 {
-    let bits = u32::reinterpret(x);
-    let mut key = bits | 0x8000_0000u32;
-    if bits >= 0x8000_0000u32 {
-        key = !bits;
-    }
-    if (bits & 0x7FFF_FFFFu32) > 0x7F80_0000u32 {
-        key = 0x007F_FFFFu32;
-    }
-    key
 }
 
 /// Murmur3's 32-bit finaliser.

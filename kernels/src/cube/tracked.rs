@@ -229,4 +229,14 @@ where
         let p = compressed_problem(&inner(q), &inner(ck), 0, num_mem, sizes, scale, run)?;
         Some(tracked_attention(q, ck, cv, None, None, p))
     }
+
+    fn token_blocked(
+        &self,
+        scores: &Tensor<Autodiff<B, C>, 3>,
+        offset: usize,
+        top_k: usize,
+    ) -> Option<Tensor<Autodiff<B, C>, 3, Bool>> {
+        let blocked = self.rank(&scores.clone().inner(), offset, top_k)?;
+        Some(Tensor::from_primitive(blocked.into_primitive()))
+    }
 }

@@ -343,7 +343,7 @@ impl<B: Backend> DsaAttention<B> {
         let scores = self.indexer.scores(kernels, &rows.queries, index);
         let future = greater_mask::<B>(positions.clone(), columns.clone(), &device);
         let global_blocked = match stage {
-            DsaStage::Sparse => select::blocked(scores.clone(), rows.offset, self.top_k),
+            DsaStage::Sparse => select::blocked(kernels, scores.clone(), rows.offset, self.top_k),
             DsaStage::Dense => future.clone().unsqueeze_dim::<3>(0).expand([b, n, m]),
         };
         // 2. both branches through the one attention core

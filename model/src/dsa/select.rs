@@ -1,43 +1,16 @@
 //! Which tokens the global branch of each query attends to.
 //!
-//! **Rule** (every implementation applies it): the query at position `t` selects at most
-//! `top_k` tokens of `0..=t`: its own token always, then the others by descending indexer
-//! score, of two equal scores the earlier position first. A prefix of at most `top_k` tokens is
-//! selected whole (so the first `top_k` positions attend densely). Future tokens are never
-//! selected.
+//! The rule is [`crate::kernels::rules::dsa_selected_tokens`] (one place for the host path and
+//! the device ranking); `selected_positions` is its name here.
 //!
 //! Dimensions: `b` batch, `n` queries, `m` keys.
 
 use burn::prelude::*;
 
+use crate::kernels::Kernels;
 use crate::tensor_util::{bool_tensor, int_tensor};
 
-/// The positions of `0..=position` the query selects (not in order), by `scores` of the keys
-/// `0..position` (the own token is added, not ranked).
-pub fn selected_positions(scores: &[f64], position: usize, top_k: usize) -> Vec<usize> {
-    let earlier = position.min(scores.len());
-    let others = top_k.saturating_sub(1);
-    let mut order: Vec<usize> = (0..earlier).collect();
-    if others < earlier {
-        // higher score first, then the lower position: a total order (f64 holds every float
-        // type exactly; −0 equals +0, NaN ranks last), the first `others` found in linear time
-        let key = |s: f64| {
-            if s.is_nan() {
-                f64::NEG_INFINITY
-            } else {
-                s + 0.0
-            }
-        };
-        let before =
-            |&i: &usize, &j: &usize| key(scores[j]).total_cmp(&key(scores[i])).then(i.cmp(&j));
-        if others > 0 {
-            order.select_nth_unstable_by(others - 1, before);
-        }
-        order.truncate(others);
-    }
-    order.push(position);
-    order
-}
+pub use crate::kernels::rules::dsa_selected_tokens as selected_positions;
 
 /// Scores `[b, n, m]` read back in f64 (which holds every float type exactly).
 fn on_host<B: Backend>(scores: Tensor<B, 3>) -> Vec<f64> {
@@ -50,13 +23,19 @@ fn on_host<B: Backend>(scores: Tensor<B, 3>) -> Vec<f64> {
 
 /// The keys each query may not attend to in the global branch: `scores` `[b, n, m]` of the
 /// queries at positions `offset..offset + n` over the keys `0..m` → `[b, n, m]`, `true` = not
-/// selected (or in the future). Ranked on the host (the tensor-op path; no device kernel
-/// yet).
+/// selected (or in the future). Ranked by the fused kernels where `kernels` has them (no host
+/// round trip), else on the host.
 pub fn blocked<B: Backend>(
+    kernels: &Kernels<B>,
     scores: Tensor<B, 3>,
     offset: usize,
     top_k: usize,
 ) -> Tensor<B, 3, Bool> {
+    if let Some(fused) = kernels.fused() {
+        if let Some(blocked) = fused.token_blocked(&scores, offset, top_k) {
+            return blocked;
+        }
+    }
     let [b, n, m] = scores.dims();
     let device = scores.device();
     let host = on_host(scores);

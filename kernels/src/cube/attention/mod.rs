@@ -68,6 +68,7 @@ pub use self::bwd_dq::{attn_bwd_dq, attn_delta};
 pub use self::csr::{csr_count, csr_fill, csr_scan, fill_zero};
 pub use self::fwd::attn_fwd;
 pub use self::fwd_blocks::{attn_fwd_blocks, merge_parts};
+pub use self::shared::grid_x;
 pub use self::tiling::Tiling;
 pub use self::topk::top_k;
 

@@ -17,12 +17,14 @@ mod attention;
 mod block;
 mod by_block;
 mod decode;
+mod rank;
 mod rows;
 mod sample;
 
 pub use attention::*;
 pub use block::*;
 pub use decode::*;
+pub use rank::*;
 pub use rows::*;
 pub use sample::*;
 

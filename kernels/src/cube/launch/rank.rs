@@ -1,0 +1,60 @@
+//! Launch of the DSA token ranking ([`crate::cube::rank::rank_tokens`]).
+
+use super::*;
+
+/// A token ranking: queries at `offset..offset + n` of `b` rows over `m` keys, `top_k` kept.
+#[derive(Clone, Debug)]
+pub struct RankProblem {
+    pub b: usize,
+    pub n: usize,
+    pub m: usize,
+    pub offset: usize,
+    pub top_k: usize,
+    /// Cubes along one grid dimension at most (`0`: the device's limit).
+    pub grid_limit: u32,
+}
+
+/// Most keys a ranking unit holds in registers (beyond that every pass reads the scores again).
+pub const RANK_REGISTERS: usize = 32;
+
+/// The blocked mask of `scores` `[b, n, m]` → `[b, n, m]` in `int_dtype` (1: not attended).
+pub fn rank_tokens<R: CubeRuntime>(
+    scores: CubeTensor<R>,
+    p: &RankProblem,
+    int_dtype: DType,
+) -> CubeTensor<R> {
+    let scores = into_contiguous(scores);
+    let dtype = scores.dtype;
+    let out = empty(&scores, vec![p.b, p.n, p.m], int_dtype);
+    let big = scores.client.properties().hardware.max_units_per_cube >= 1024;
+    let group = if big { 32 } else { 16 };
+    let per = p.m.div_ceil(group * group);
+    let tiling = crate::cube::rank::RankTiling {
+        group,
+        per: if per <= RANK_REGISTERS { per } else { 0 },
+    };
+    let rows = p.b * p.n;
+    let bits = usize::BITS - p.m.leading_zeros();
+    let others = p.top_k.saturating_sub(1).min(u32::MAX as usize) as u32;
+    let client = scores.client.clone();
+    // SAFETY: one cube per row (padding cubes of a folded grid end at once), every index
+    // `< m` of its row; each entry of a row written by one unit.
+    unsafe {
+        crate::cube::rank::rank_tokens::launch_unchecked::<R>(
+            &client,
+            grid(&client, rows, 1, p.grid_limit),
+            CubeDim::new_1d((group * group) as u32),
+            scores.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rows,
+            p.n,
+            p.m,
+            p.offset,
+            others,
+            bits,
+            tiling,
+            [dtype.into(), int_dtype.into()],
+        );
+    }
+    out
+}

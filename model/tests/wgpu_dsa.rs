@@ -1,0 +1,139 @@
+//! DSA with the fused kernels on wgpu (software Vulkan in CI): the device token ranking against
+//! the host rule (`rules::dsa_selected_tokens`), on rows made of ties, zeros of both signs, NaN
+//! and infinities, through both of its passes (keys in registers, scores read again), and the
+//! reference fixtures through the whole model with the ranking on the device.
+//!
+//! `cargo test -p nsa-model --features wgpu,kernels --test wgpu_dsa`
+#![cfg(all(feature = "wgpu", feature = "kernels"))]
+
+mod common;
+
+use burn::backend::wgpu::{Wgpu, WgpuDevice, WgpuRuntime};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use common::*;
+use nsa_model::kernels::{self, KernelOptions, Kernels};
+use nsa_model::rules::dsa_selected_tokens;
+
+type Plain = burn::backend::wgpu::CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+fn register() {
+    kernels::register_cube::<WgpuRuntime, f32, i32, u32>();
+}
+
+/// Deterministic values drawn from a small set (so that rows hold many exact ties), with zeros
+/// of both signs, NaN and infinities among them.
+struct Draw(u64);
+impl Draw {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let r = (self.0 >> 33) as u32;
+        match r % 23 {
+            0 => 0.0,
+            1 => -0.0,
+            2 => f32::NAN,
+            3 => f32::NEG_INFINITY,
+            4 => f32::INFINITY,
+            5..=10 => (r % 7) as f32 * 0.25 - 0.75,
+            _ => ((r >> 5) % 100_000) as f32 / 1000.0 - 50.0,
+        }
+    }
+}
+
+/// The host rule's blocked mask of `scores` `[b, n, m]` (row-major) for queries at
+/// `offset..offset + n`.
+fn host_blocked(scores: &[f32], [b, n, m]: [usize; 3], offset: usize, top_k: usize) -> Vec<bool> {
+    let mut blocked = vec![true; b * n * m];
+    for (row, (s, out)) in scores
+        .chunks_exact(m)
+        .zip(blocked.chunks_exact_mut(m))
+        .enumerate()
+    {
+        let s: Vec<f64> = s.iter().map(|&x| x as f64).collect();
+        for p in dsa_selected_tokens(&s, offset + row % n, top_k) {
+            if p < m {
+                out[p] = false;
+            }
+        }
+    }
+    blocked
+}
+
+fn check_ranking<B: Backend>(kernels: &Kernels<B>, device: &B::Device, seed: u64) {
+    let fused = kernels.fused().expect("kernels registered for the backend");
+    let mut draw = Draw(seed);
+    // (shape, offset, top_k): prefixes shorter than top_k, top_k 1 and 2, offsets past the
+    // keys (a chunk of a prompt), rows long enough that the keys no longer fit in registers
+    let cases = [
+        ([2, 9, 9], 0, 4),
+        ([1, 6, 40], 34, 1),
+        ([1, 5, 40], 30, 2),
+        ([3, 4, 17], 13, 100),
+        ([1, 7, 300], 293, 37),
+        ([2, 3, 1000], 997, 64),
+        ([1, 2, 40_000], 39_998, 700),
+    ];
+    for ([b, n, m], offset, top_k) in cases {
+        let values: Vec<f32> = (0..b * n * m).map(|_| draw.next()).collect();
+        let want = host_blocked(&values, [b, n, m], offset, top_k);
+        let scores = Tensor::<B, 3>::from_data(TensorData::new(values, [b, n, m]), device);
+        let got = fused
+            .token_blocked(&scores, offset, top_k)
+            .expect("the kernel covers the case");
+        let got: Vec<bool> = got
+            .int()
+            .into_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x != 0)
+            .collect();
+        let wrong = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+        assert_eq!(
+            wrong,
+            0,
+            "shape {:?}, offset {offset}, top_k {top_k}: {wrong} entries differ",
+            [b, n, m]
+        );
+        // every row keeps min(top_k, position + 1) tokens (each case's positions are < m)
+        let kept = got.iter().filter(|&&x| !x).count();
+        let expect: usize = (0..b * n)
+            .map(|r| top_k.min(offset + r % n + 1).min(m))
+            .sum();
+        assert_eq!(kept, expect, "shape {:?}: tokens kept", [b, n, m]);
+    }
+}
+
+#[test]
+fn device_token_ranking_equals_the_host_rule() {
+    register();
+    let device = WgpuDevice::default();
+    let options = KernelOptions::default();
+    check_ranking(&Kernels::<Wgpu>::new(&options), &device, 3);
+    check_ranking(&Kernels::<Plain>::new(&options), &device, 5);
+    // the autodiff backend ranks the inner tensor; a folded grid (2 cubes per dimension)
+    let folded = KernelOptions {
+        grid_limit: 2,
+        ..options
+    };
+    check_ranking(&Kernels::<Autodiff<Wgpu>>::new(&folded), &device, 7);
+}
+
+#[test]
+fn dsa_fixtures_match_the_reference_with_device_ranking() {
+    register();
+    let device = WgpuDevice::default();
+    assert!(kernels::registered::<Autodiff<Wgpu>>());
+    for name in ["dsa_gqa_window_seq40", "dsa_nowindow_seq30"] {
+        let e = transformer_errors::<Autodiff<Wgpu>>(name, &device);
+        println!(
+            "wgpu kernels {name:24} logits {:.2e}  loss {:.2e}  grad(params) {:.2e} ({})",
+            e.logits, e.loss, e.grads.0, e.grads.1
+        );
+        assert!(e.within(WGPU_TOLERANCE), "{name}: {e:?}");
+    }
+}
