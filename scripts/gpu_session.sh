@@ -56,6 +56,9 @@
 #   quality dense, NSA and DSA trained the same way (seed model, bundled corpus, same seed, token
 #           stream and steps) at QL tokens (default 1024), DSA's top-k QTOPK (128); metrics back
 #           as quality-QL-ATTN-metrics.csv (issue 23)
+#   dsa     issue 23: DSA decode (seed model, top-k 2048, window 64) at 4k-64k tokens of context
+#           beside the dense model and NSA at 64k, device memory by nvidia-smi; one DSA layer
+#           (dim 1024, 16 q / 4 kv heads x 64, bf16, fwd+bwd) beside PyTorch SDPA
 # Everything lands in $OUT/all.tgz; the caches come back beside it as cache.tgz.part-* (copy
 # them into .gpu/ for the next call).
 set -uo pipefail
@@ -518,7 +521,7 @@ for phase in "$@"; do
         dsa=()
         [ "$attn" = dsa ] && dsa=('[model.dsa]' "top_k = $qtopk" 'window = 64')
         printf '%s\n' 'preset = "seed"' '[model]' "attention = \"$attn\"" "${dsa[@]}" \
-          '[data]' "seq_len = $ql" 'eval_windows = 64' '[optim]' \
+          '[data]' "seq_len = $ql" 'val_fraction = 0.05' 'eval_windows = 64' '[optim]' \
           'lr = 1e-3' 'warmup_steps = 50' '[train]' "steps = $qsteps" "batch_size = $qbs" \
           'grad_accum = 1' 'eval_every = 50' 'sample_every = 0' 'log_every = 25' >$q/train.toml
         cp $q/train.toml "$OUT/quality-$ql-$attn.toml"
@@ -527,6 +530,24 @@ for phase in "$@"; do
         cp $q/run/metrics.csv "$OUT/quality-$ql-$attn-metrics.csv" 2>/dev/null
         cp $q/run/train.log "$OUT/quality-$ql-$attn-train.log" 2>/dev/null
       done
+      ;;
+    dsa)
+      # issue 23: the decode step at 64k against the dense one (the target: >= 5x), same call
+      run_peak dd-full-65536 110 /tmp/bin/nsa-bench --suite decode --backend cuda --full \
+        --prompt-len 65536 -n 64 --runs 2 --json "$(rec decode-dsa-base-full-65536)"
+      for n in ${DD_LENGTHS:-65536 16384 4096}; do
+        run_peak "dd-dsa-$n" 150 /tmp/bin/nsa-bench --suite decode --backend cuda --dsa \
+          --prompt-len $n -n 128 --runs 2 --json "$(rec "decode-dsa-$n")"
+      done
+      run_peak dd-nsa-65536 90 /tmp/bin/nsa-bench --suite decode --backend cuda \
+        --prompt-len 65536 -n 128 --runs 2 --json "$(rec decode-dsa-base-nsa-65536)"
+      # the layer: the tensor-op global branch (quadratic) with the device ranking, and SDPA
+      run_peak dl-dsa 150 /tmp/bin/nsa-bench --backend cuda --suite layer --impls dsa \
+        --lengths ${DL_LENGTHS:-4k,16k} --precisions bf16 --passes fwd+bwd --runs 3 --warmup 1 \
+        --row-timeout 70 --json "$(rec layer-dsa)"
+      run dl-sdpa 100 python3 scripts/bench_reference.py --suite layer --impls sdpa \
+        --lengths ${DL_LENGTHS:-4k,16k},64k --precisions bf16 --passes fwd+bwd --runs 3 \
+        --warmup 1 --commit "$COMMIT" --json "$(rec layer-dsa-sdpa)"
       ;;
     passkey)
       # issue 22: a passkey hidden in filler text (scripts/passkey.py): a small model (dim 256,

@@ -251,3 +251,99 @@ fn compare_fails_on_nan() {
     assert_eq!(o.status.code(), Some(1), "{out}{err}");
     assert!(out.contains("non-finite logit"), "{out}{err}");
 }
+
+/// A DSA checkpoint (the fixture of `scripts/dsa_reference.py`: its parameters as a state dict,
+/// its settings as `dsa_kwargs`) imports to the fixture's logits, and export writes the same
+/// tensors and arguments back.
+#[test]
+fn dsa_checkpoints_import_and_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = small_vocab(tmp.path());
+    let name = "dsa_gqa_window_seq40";
+    let bytes = std::fs::read(fixtures().join(format!("{name}.safetensors"))).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut dict = nsa_model::interop::StateDict::new();
+    for (key, t) in st.tensors() {
+        if let Some(param) = key.strip_prefix("param.") {
+            let values = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            dict.insert(
+                param.to_string(),
+                HostTensor {
+                    shape: t.shape().to_vec(),
+                    values,
+                },
+            );
+        }
+    }
+    let weights = tmp.path().join("dsa.safetensors");
+    std::fs::write(
+        &weights,
+        nsa_runtime::reference::state_dict_bytes(&dict, None).unwrap(),
+    )
+    .unwrap();
+    let args = tmp.path().join("args.json");
+    let text = r#"{"num_tokens": 64, "dim": 32, "depth": 2, "dim_head": 8, "heads": 4,
+        "kv_heads": 2, "dsa_kwargs": {"index_heads": 3, "index_dim_head": 12, "top_k": 6,
+        "window": 4}}"#;
+    std::fs::write(&args, text).unwrap();
+    let dir = tmp.path().join("model");
+    import(&weights, &args, &dir, &vocab);
+    let model = Bundle::read(&dir)
+        .unwrap()
+        .model::<B>(&Default::default())
+        .unwrap();
+    let (ids, expected) = fixture_io(name);
+    let n = ids.dims()[1];
+    let logits = model.forward(ids.narrow(1, 0, n - 1));
+    let err = max_diff(&HostTensor::from_tensor(logits), &expected);
+    println!("{name}: max |logits - reference| = {err:.2e}");
+    assert!(err <= 1e-4, "{name}: logits differ by {err}");
+
+    let out = tmp.path().join("exported");
+    let o = bin()
+        .args(["export", "--model"])
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        read_state_dict(&out.join("model.safetensors")).unwrap(),
+        dict
+    );
+    let back: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("args.json")).unwrap()).unwrap();
+    let given: serde_json::Value = serde_json::from_str(text).unwrap();
+    assert_eq!(back["dsa_kwargs"], given["dsa_kwargs"]);
+    assert_eq!(back["use_sparse_attn"], false);
+
+    // both kinds at once is refused in one line
+    let both = tmp.path().join("both.json");
+    std::fs::write(
+        &both,
+        text.replace(
+            "\"dsa_kwargs\"",
+            "\"use_sparse_attn\": true, \"dsa_kwargs\"",
+        ),
+    )
+    .unwrap();
+    let o = bin()
+        .args(["import", "--weights"])
+        .arg(&weights)
+        .arg("--args")
+        .arg(&both)
+        .arg("--tokenizer")
+        .arg(&vocab)
+        .arg("--out")
+        .arg(tmp.path().join("refused"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("two attention kinds"), "{err}");
+}

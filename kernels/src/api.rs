@@ -166,6 +166,19 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         None
     }
 
+    /// The tokens a DSA decode step attends in the global branch, without a host round trip:
+    /// the indexer's `scores` `[batch, 1, keys]` of the query at `position < keys` →
+    /// `[batch, min(top_k, position + 1)]`, ascending (the rule of
+    /// [`crate::rules::dsa_selected_tokens`]).
+    fn token_positions(
+        &self,
+        _scores: &Tensor<B, 3>,
+        _position: usize,
+        _top_k: usize,
+    ) -> Option<Tensor<B, 2, Int>> {
+        None
+    }
+
     /// `buffer` `[batch, heads, capacity, dim]` with rows `start..start + n` replaced by `rows`
     /// `[batch, heads, n, dim]` (the decode cache's writes). The default is Burn's
     /// `slice_assign`; a backend whose `slice_assign` copies the whole buffer may write in place.

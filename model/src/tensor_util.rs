@@ -270,6 +270,19 @@ pub fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
 }
 
+/// Per-position values `x` `[b, n, h]` as `[b, h, n, 1]` (one per head, broadcast over a head's
+/// features). With one position (a decode step) a reshape, which is the same layout: Burn
+/// 0.21's fused wgpu kernels read a swap of a length-1 axis followed by a reshape or an
+/// unsqueeze with another batch row's values (found by `model/tests/wgpu_dsa.rs`).
+pub fn heads_first<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 4> {
+    let [b, n, h] = x.dims();
+    if n == 1 {
+        x.reshape([b, h, 1, 1])
+    } else {
+        x.swap_dims(1, 2).reshape([b, h, n, 1])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

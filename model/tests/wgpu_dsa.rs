@@ -137,3 +137,75 @@ fn dsa_fixtures_match_the_reference_with_device_ranking() {
         assert!(e.within(WGPU_TOLERANCE), "{name}: {e:?}");
     }
 }
+
+/// The decode step's ranking (`token_positions`: one query per row at the last key) keeps the
+/// host rule's positions, ascending.
+#[test]
+fn device_token_positions_equal_the_host_rule() {
+    register();
+    let device = WgpuDevice::default();
+    let kernels = Kernels::<Wgpu>::new(&KernelOptions::default());
+    let fused = kernels.fused().expect("kernels registered");
+    let mut draw = Draw(13);
+    for (b, m, top_k) in [
+        (2, 9, 4),
+        (1, 40, 1),
+        (3, 40, 2),
+        (2, 17, 100),
+        (1, 300, 37),
+        (2, 2000, 64),
+        (1, 40_000, 700),
+    ] {
+        let position = m - 1;
+        let values: Vec<f32> = (0..b * m).map(|_| draw.next()).collect();
+        let count = top_k.min(position + 1);
+        let mut want = Vec::new();
+        for row in values.chunks_exact(m) {
+            let s: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+            let mut kept = dsa_selected_tokens(&s, position, top_k);
+            kept.sort_unstable();
+            want.extend(kept.into_iter().map(|p| p as i64));
+        }
+        let scores = Tensor::<Wgpu, 3>::from_data(TensorData::new(values, [b, 1, m]), &device);
+        let got = fused
+            .token_positions(&scores, position, top_k)
+            .expect("the kernel covers the case");
+        assert_eq!(got.dims(), [b, count]);
+        let got: Vec<i64> = got.into_data().convert::<i64>().to_vec().unwrap();
+        assert_eq!(got, want, "b {b}, m {m}, top_k {top_k}");
+    }
+}
+
+/// Cached decoding of a DSA model with the device ranking equals the full forward (wgpu, the
+/// inference backend without autodiff).
+#[test]
+fn dsa_cached_decoding_with_device_ranking_equals_recompute() {
+    register();
+    let device = WgpuDevice::default();
+    let f = load("dsa_gqa_window_seq40");
+    let model = f
+        .transformer_config()
+        .init::<Wgpu>(&device)
+        .unwrap()
+        .load_reference(f.params())
+        .unwrap();
+    let ids = f.ids::<Wgpu>(&device);
+    let [batch, total] = ids.dims();
+    let vocab = f.transformer_config().num_tokens;
+    let full = model.forward(ids.clone());
+    let prompt = 5;
+    let (_, mut cache) = model.prefill(ids.clone().narrow(1, 0, prompt), total - prompt);
+    for pos in prompt..total {
+        let token = ids.clone().narrow(1, pos, 1).reshape([batch]);
+        let (step, next) = model.step(token, cache);
+        cache = next;
+        let expect = full.clone().narrow(1, pos, 1).reshape([batch, vocab]);
+        let err = nsa_model::Comparison::of(
+            &step.into_data().to_vec::<f32>().unwrap(),
+            &expect.into_data().to_vec::<f32>().unwrap(),
+        )
+        .expect("same length")
+        .max_abs;
+        assert!(err <= 1e-4, "step at position {pos} differs by {err}");
+    }
+}

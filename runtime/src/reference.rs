@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::Backend;
 use nsa_model::interop::{HostTensor, StateDict};
-use nsa_model::{AttentionKind, ConfigError, SparseSettings, Transformer, TransformerConfig};
+use nsa_model::{
+    AttentionKind, ConfigError, DsaSettings, SparseSettings, Transformer, TransformerConfig,
+};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +54,9 @@ pub enum ReferenceError {
     /// `use_sparse_attn` without its settings.
     #[error("use_sparse_attn = true needs sparse_attn_kwargs")]
     MissingSparseKwargs,
+    /// Both `use_sparse_attn` and `dsa_kwargs`.
+    #[error("use_sparse_attn = true and dsa_kwargs are two attention kinds: give one")]
+    TwoKinds,
     /// `sparse_attn_kwargs.norm = false`.
     #[error("sparse_attn_kwargs.norm = false is not supported by the transformer import")]
     NoNorm,
@@ -165,6 +170,11 @@ pub struct ReferenceArgs {
     /// Sparse settings (required when `use_sparse_attn`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparse_attn_kwargs: Option<SparseKwargs>,
+    /// DSA layers (ours, not the reference's: `scripts/dsa_reference.py` builds that model from
+    /// the other arguments and these settings, `index_heads`, `index_dim_head`, `top_k`,
+    /// `window`); with `use_sparse_attn = false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dsa_kwargs: Option<DsaSettings>,
 }
 
 impl ReferenceArgs {
@@ -178,7 +188,13 @@ impl ReferenceArgs {
         c.heads = self.heads;
         c.kv_heads = self.kv_heads;
         c.ff_expansion_factor = self.ff_expansion_factor;
-        if self.use_sparse_attn {
+        if let Some(dsa) = &self.dsa_kwargs {
+            if self.use_sparse_attn {
+                return Err(ReferenceError::TwoKinds);
+            }
+            c.attention = AttentionKind::Dsa;
+            c.dsa = dsa.clone();
+        } else if self.use_sparse_attn {
             let k = self
                 .sparse_attn_kwargs
                 .as_ref()
@@ -234,6 +250,7 @@ impl ReferenceArgs {
                 norm: true,
                 use_triton_kernel: false,
             }),
+            dsa_kwargs: (c.attention == AttentionKind::Dsa).then(|| c.dsa.clone()),
         }
     }
 

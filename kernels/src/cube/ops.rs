@@ -315,6 +315,26 @@ impl CubeOp for RankTokens {
     }
 }
 
+/// The DSA decode step's token selection ([`launch::token_positions`]): scores `[b, 1, m]` →
+/// the kept positions `[b, count]`, ascending.
+struct TokenPositions {
+    p: RankProblem,
+}
+
+impl CubeOp for TokenPositions {
+    const NAME: &'static str = "nsa_token_positions";
+
+    fn outputs(&self, _: &[Spec], int: DType) -> Vec<Spec> {
+        let p = &self.p;
+        vec![Spec::int(vec![p.b, p.top_k.min(p.offset + 1)], int)]
+    }
+
+    fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>, int: DType) -> Vec<CubeTensor<R>> {
+        let scores = next(&mut inputs.into_iter());
+        vec![launch::token_positions(scores, &self.p, int)]
+    }
+}
+
 /// A whole decode step of an NSA block ([`launch::decode_block`]): the flattened
 /// [`BlockTensors`] → the block's output and the four buffers written.
 struct DecodeBlock {
@@ -467,6 +487,12 @@ pub fn sample<B: KernelBackend>(logits: FloatTensor<B>, p: &SampleProblem) -> In
 /// The blocked mask of DSA's token selection for `scores` `[b, n, m]` (1: not attended).
 pub fn rank_tokens<B: KernelBackend>(scores: FloatTensor<B>, p: &RankProblem) -> IntTensor<B> {
     let op = RankTokens { p: p.clone() };
+    next(&mut B::launch(op, vec![Arg::Float(scores)]).into_iter()).int()
+}
+
+/// The positions DSA's decode step keeps of `scores` `[b, 1, m]` (ascending, `[b, count]`).
+pub fn token_positions<B: KernelBackend>(scores: FloatTensor<B>, p: &RankProblem) -> IntTensor<B> {
+    let op = TokenPositions { p: p.clone() };
     next(&mut B::launch(op, vec![Arg::Float(scores)]).into_iter()).int()
 }
 

@@ -46,6 +46,34 @@ impl<B> CubeKernels<B> {
         let blocked = ops::rank_tokens::<K>(float3(scores), &p);
         Some(Tensor::<K, 3, Int>::from_primitive(blocked).equal_elem(1))
     }
+
+    /// [`NsaKernels::token_positions`] on the backend's own tensors.
+    pub(super) fn positions<K: KernelBackend>(
+        &self,
+        scores: &Tensor<K, 3>,
+        position: usize,
+        top_k: usize,
+    ) -> Option<Tensor<K, 2, Int>> {
+        let [b, n, m] = scores.dims();
+        if !is_float(scores.dtype()) || top_k == 0 || n != 1 || position >= m {
+            return None;
+        }
+        if m >= u32::MAX as usize / 2 {
+            return None;
+        }
+        let p = RankProblem {
+            b,
+            n,
+            m,
+            offset: position,
+            top_k,
+            grid_limit: self.options.grid_limit,
+        };
+        Some(Tensor::from_primitive(ops::token_positions::<K>(
+            float3(scores),
+            &p,
+        )))
+    }
 }
 
 impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
@@ -105,6 +133,15 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         top_k: usize,
     ) -> Option<Tensor<B, 3, Bool>> {
         self.rank(scores, offset, top_k)
+    }
+
+    fn token_positions(
+        &self,
+        scores: &Tensor<B, 3>,
+        position: usize,
+        top_k: usize,
+    ) -> Option<Tensor<B, 2, Int>> {
+        self.positions(scores, position, top_k)
     }
 
     fn row_linear(&self, x: &Tensor<B, 3>, spec: &RowLinear<'_, B>) -> Option<Tensor<B, 3>> {

@@ -15,7 +15,8 @@
 //! Legend: `b` batch, `n` query rows, `m` keys, `others = top_k - 1`, `len = min(t, m)` the
 //! earlier tokens a row ranks.
 
-#![allow(unused_assignments, clippy::manual_div_ceil)]
+// nested `if`s guard reads (a `#[cube]` `&&` need not short-circuit)
+#![allow(unused_assignments, clippy::manual_div_ceil, clippy::collapsible_if)]
 
 use cubecl::prelude::*;
 
@@ -43,38 +44,24 @@ fn token_key(x: f32) -> u32 {
     key
 }
 
-/// `blocked` `[b, n, m]`: 0 where the query of the row selects the key, 1 elsewhere (not
-/// selected, or in the future). `bits`: position bisection steps (`m < 2^bits`).
-#[cube(launch_unchecked)]
+/// The boundary of the row at `base` (`len` ranked scores, `others` to keep): `(thr, cut)`,
+/// the token at `i < len` kept when its key is above `thr`, or equal to it and `i < cut` (a
+/// prefix no longer than `others`: every key is above 0, all kept). Every unit must call it
+/// (it holds barriers); `red` has a word per unit.
+#[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn rank_tokens<F: Float, I: Int>(
+fn boundary<F: Float>(
     scores: &Tensor<F>,
-    blocked: &mut Tensor<I>,
-    rows: usize,
-    n: usize,
-    m: usize,
-    offset: usize,
+    red: &mut SharedMemory<u32>,
+    base: usize,
+    len: usize,
     others: u32,
     bits: u32,
     #[comptime] t: RankTiling,
-    #[define(F, I)] _dtypes: [StorageType; 2],
-) {
-    let row = grid_x();
-    if row >= rows {
-        terminate!();
-    }
+) -> (u32, usize) {
     let tid = UNIT_POS as usize;
     let group = t.group;
     let nt = comptime!(t.group * t.group);
-    let base = row * m;
-    let pos = offset + row % n;
-    // 1. the earlier tokens this row ranks
-    let mut len = m;
-    if pos < m {
-        len = pos;
-    }
-    let mut red = SharedMemory::<u32>::new(comptime!(t.group * t.group));
-
     // the row's keys in registers when they fit (`per` each; 0 past `len`, below every key)
     let per = comptime!(t.per.max(1));
     let mut keys = Array::<u32>::new(per);
@@ -89,8 +76,6 @@ pub fn rank_tokens<F: Float, I: Int>(
             keys[k] = key;
         }
     }
-
-    // 2. kept: key > thr, or key == thr and position < cut (a short prefix: every key > 0)
     let mut thr = 0u32;
     let mut cut = len;
     if len > others as usize {
@@ -114,7 +99,7 @@ pub fn rank_tokens<F: Float, I: Int>(
                     i += nt;
                 }
             }
-            if cube_sum(&mut red, c, nt, group) >= others {
+            if cube_sum(red, c, nt, group) >= others {
                 thr = cand;
             }
         }
@@ -143,9 +128,9 @@ pub fn rank_tokens<F: Float, I: Int>(
                 i += nt;
             }
         }
-        let need = others - cube_sum(&mut red, gt, nt, group);
-        let ties = cube_sum(&mut red, eq, nt, group);
-        // 3. the smallest `cut` with `need` ties before it (no search when every tie is kept)
+        let need = others - cube_sum(red, gt, nt, group);
+        let ties = cube_sum(red, eq, nt, group);
+        // the smallest `cut` with `need` ties before it (no search when every tie is kept)
         let mut steps = 0u32;
         if ties > need {
             steps = bits;
@@ -171,7 +156,7 @@ pub fn rank_tokens<F: Float, I: Int>(
                     i += nt;
                 }
             }
-            if cube_sum(&mut red, c, nt, group) >= need {
+            if cube_sum(red, c, nt, group) >= need {
                 hi = mid;
             } else {
                 lo = mid;
@@ -184,20 +169,138 @@ pub fn rank_tokens<F: Float, I: Int>(
             cut = 0;
         }
     }
+    (thr, cut)
+}
 
-    // 4. the mask: the kept earlier tokens and the own token
-    let mut i = tid;
+/// Whether the query at `pos` keeps token `i` (`len` ranked, boundary `(thr, cut)`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn kept<F: Float>(
+    scores: &Tensor<F>,
+    base: usize,
+    i: usize,
+    pos: usize,
+    len: usize,
+    thr: u32,
+    cut: usize,
+) -> bool {
+    let mut keep = i == pos;
+    if i < len {
+        let key = token_key(f32::cast_from(scores[base + i]));
+        keep = key > thr || (key == thr && i < cut);
+    }
+    keep
+}
+
+/// `blocked` `[b, n, m]`: 0 where the query of the row selects the key, 1 elsewhere (not
+/// selected, or in the future). `bits`: position bisection steps (`m < 2^bits`).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn rank_tokens<F: Float, I: Int>(
+    scores: &Tensor<F>,
+    blocked: &mut Tensor<I>,
+    rows: usize,
+    n: usize,
+    m: usize,
+    offset: usize,
+    others: u32,
+    bits: u32,
+    #[comptime] t: RankTiling,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = grid_x();
+    if row >= rows {
+        terminate!();
+    }
+    let nt = comptime!(t.group * t.group);
+    let base = row * m;
+    let pos = offset + row % n;
+    let mut len = m;
+    if pos < m {
+        len = pos;
+    }
+    let mut red = SharedMemory::<u32>::new(comptime!(t.group * t.group));
+    let (thr, cut) = boundary(scores, &mut red, base, len, others, bits, t);
+    let mut i = UNIT_POS as usize;
     while i < m {
-        let mut keep = i == pos;
-        if i < len {
-            let key = token_key(f32::cast_from(scores[base + i]));
-            keep = key > thr || (key == thr && i < cut);
-        }
         let mut out = I::cast_from(1u32);
-        if keep {
+        if kept(scores, base, i, pos, len, thr, cut) {
             out = I::cast_from(0u32);
         }
         blocked[base + i] = out;
         i += nt;
+    }
+}
+
+/// `positions` `[rows, count]`: the tokens the query at `pos` keeps of its row of `scores`
+/// `[rows, m]` (one query per row, every row at `pos < m`, `count = min(others + 1, pos + 1)`),
+/// ascending. Each unit takes a contiguous segment of the row; an exclusive scan of the
+/// segments' counts places them.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn token_positions<F: Float, I: Int>(
+    scores: &Tensor<F>,
+    positions: &mut Tensor<I>,
+    rows: usize,
+    m: usize,
+    pos: usize,
+    count: usize,
+    others: u32,
+    bits: u32,
+    #[comptime] t: RankTiling,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = grid_x();
+    if row >= rows {
+        terminate!();
+    }
+    let tid = UNIT_POS as usize;
+    let nt = comptime!(t.group * t.group);
+    let base = row * m;
+    let mut len = m;
+    if pos < m {
+        len = pos;
+    }
+    let mut red = SharedMemory::<u32>::new(comptime!(t.group * t.group));
+    let (thr, cut) = boundary(scores, &mut red, base, len, others, bits, t);
+    // 1. the kept tokens of this unit's segment
+    let seg = (m + nt - 1) / nt;
+    let lo = tid * seg;
+    let mut c = 0u32;
+    for j in 0..seg {
+        let i = lo + j;
+        if i < m {
+            if kept(scores, base, i, pos, len, thr, cut) {
+                c += 1;
+            }
+        }
+    }
+    // 2. inclusive scan of the counts over the units (Hillis-Steele)
+    red[tid] = c;
+    sync_cube();
+    let steps = comptime!(usize::BITS - (t.group * t.group - 1).leading_zeros());
+    let mut off = 1usize;
+    for _ in 0..steps {
+        let mut v = red[tid];
+        if tid >= off {
+            v += red[tid - off];
+        }
+        sync_cube();
+        red[tid] = v;
+        sync_cube();
+        off *= 2;
+    }
+    // 3. the segment's tokens in order from its exclusive offset
+    let mut at = usize::cast_from(red[tid] - c);
+    for j in 0..seg {
+        let i = lo + j;
+        if i < m {
+            if kept(scores, base, i, pos, len, thr, cut) {
+                if at < count {
+                    positions[row * count + at] = I::cast_from(i as u32);
+                }
+                at += 1;
+            }
+        }
     }
 }

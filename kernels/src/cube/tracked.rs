@@ -239,4 +239,14 @@ where
         let blocked = self.rank(&scores.clone().inner(), offset, top_k)?;
         Some(Tensor::from_primitive(blocked.into_primitive()))
     }
+
+    fn token_positions(
+        &self,
+        scores: &Tensor<Autodiff<B, C>, 3>,
+        position: usize,
+        top_k: usize,
+    ) -> Option<Tensor<Autodiff<B, C>, 2, Int>> {
+        let positions = self.positions(&scores.clone().inner(), position, top_k)?;
+        Some(Tensor::from_primitive(positions.into_primitive()))
+    }
 }

@@ -20,7 +20,7 @@ use burn::tensor::activation::relu;
 
 use crate::kernels::Kernels;
 use crate::rope::Rotation;
-use crate::tensor_util::{linear, matmul};
+use crate::tensor_util::{heads_first, linear, matmul};
 
 /// The indexer's parameters.
 #[derive(Module, Debug)]
@@ -112,11 +112,7 @@ impl<B: Backend> Indexer<B> {
             keys.swap_dims(1, 2),
         );
         // 2. ReLU, weighted by the query's weight of the head, summed over the heads
-        let w = queries
-            .weights
-            .clone()
-            .swap_dims(1, 2)
-            .reshape([b, j, n, 1]);
+        let w = heads_first(queries.weights.clone());
         (relu(dots.reshape([b, j, n, m])) * w)
             .sum_dim(1)
             .reshape([b, n, m])

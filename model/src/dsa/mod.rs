@@ -31,7 +31,7 @@ use crate::config::DsaSettings;
 use crate::full::FullAttention;
 use crate::kernels::{KernelOptions, Kernels};
 use crate::rope::Rotation;
-use crate::tensor_util::{greater_mask, linear};
+use crate::tensor_util::{greater_mask, heads_first, linear};
 use indexer::{IndexQueries, Indexer};
 
 /// The most attention scores one chunk of queries holds (per branch): 2^23 values, 32 MiB of
@@ -207,7 +207,8 @@ impl<B: Backend> DsaAttention<B> {
     }
 
     /// Decodes one token `[b, 1, dim]` at position `cache.kv.len()`, rotated by `rotation`:
-    /// the indexer scores every cached key (`O(t)` cheap products and a top-k on the host),
+    /// the indexer scores every cached key (`O(t)` cheap products and a top-k, on the device
+    /// where the kernels rank),
     /// the attention reads the `top_k` gathered keys and the `window` last ones, whatever the
     /// context.
     pub fn step(
@@ -224,7 +225,7 @@ impl<B: Backend> DsaAttention<B> {
         let index_keys = Tensor::cat(vec![cache.index_keys, new.index], 1);
         // 1. the indexer over every cached key, the selected positions [b, count]
         let scores = self.indexer.scores(kernels, &queries, index_keys.clone());
-        let positions = select::gathered(scores, pos, self.top_k);
+        let positions = select::gathered(kernels, scores, pos, self.top_k);
         // 2. the global branch over the gathered keys (all of them causal: no mask)
         let (k, v) = kv.all();
         let [b, kvh, _, d] = k.dims();
@@ -280,9 +281,7 @@ impl<B: Backend> DsaAttention<B> {
         match (&self.to_gate, local) {
             (Some(to_gate), Some(local)) => {
                 // [b, n, h] → [b, h, n, 1]
-                let gate = sigmoid(linear(kernels, to_gate, xn.clone()))
-                    .swap_dims(1, 2)
-                    .unsqueeze_dim(3);
+                let gate = heads_first(sigmoid(linear(kernels, to_gate, xn.clone())));
                 local * gate.clone() + global * (gate.ones_like() - gate)
             }
             _ => global,
@@ -349,12 +348,12 @@ impl<B: Backend> DsaAttention<B> {
         // 2. both branches through the one attention core
         let grouped = self.group(rows.q, kvh);
         let scale = (d as f64).powf(-0.5);
-        let branch = |blocked: Tensor<B, 5, Bool>| {
+        let branch = |k: Tensor<B, 4>, v: Tensor<B, 4>, blocked: Tensor<B, 5, Bool>| {
             attend(
                 kernels,
                 grouped.clone(),
-                k.clone().unsqueeze_dim(2),
-                v.clone().unsqueeze_dim(2),
+                k.unsqueeze_dim(2),
+                v.unsqueeze_dim(2),
                 Some(blocked),
                 scale,
             )
@@ -362,18 +361,28 @@ impl<B: Backend> DsaAttention<B> {
         let blocked = global_blocked.clone().reshape([b, 1, 1, n, m]);
         let Attended {
             out: global, probs, ..
-        } = branch(blocked);
+        } = branch(k.clone(), v.clone(), blocked);
         let loss = indexer_loss.then(|| kl::indexer_kl(probs, scores, global_blocked));
-        // 3. the local branch: itself and the `window` tokens before it
+        // 3. the local branch: itself and the `window` tokens before it, over the keys
+        // `first..m` that some window of the chunk reaches
         let local = self.to_gate.as_ref().map(|_| {
+            let first = rows.offset.saturating_sub(self.window).min(m);
+            let width = m - first;
+            let keys: Vec<i64> = (first as i64..m as i64).collect();
             let before: Vec<i64> = positions
                 .iter()
                 .map(|&p| p - self.window as i64 - 1)
                 .collect();
-            // key j is in the window when j > p - window - 1
-            let in_window = greater_mask::<B>(before, columns, &device);
+            // key j is in the window when p - window - 1 < j <= p
+            let future = greater_mask::<B>(positions.clone(), keys.clone(), &device);
+            let in_window = greater_mask::<B>(before, keys, &device);
             let blocked = future.bool_or(in_window.bool_not());
-            ungroup(branch(blocked.reshape([1, 1, 1, n, m])).out)
+            let out = branch(
+                k.narrow(2, first, width),
+                v.narrow(2, first, width),
+                blocked.reshape([1, 1, 1, n, width]),
+            );
+            ungroup(out.out)
         });
         let out = self.mix(kernels, &rows.xn, local, ungroup(global));
         (out, loss)

@@ -57,12 +57,19 @@ pub fn blocked<B: Backend>(
 
 /// The positions one query per batch row selects: `scores` `[b, 1, m]` of the query at
 /// `position` over the keys `0..m` → `[b, count]`, ascending, `count = min(top_k, position +
-/// 1)` (the decode step gathers these keys).
+/// 1)` (the decode step gathers these keys). Ranked by the fused kernels where `kernels` has
+/// them, else on the host.
 pub fn gathered<B: Backend>(
+    kernels: &Kernels<B>,
     scores: Tensor<B, 3>,
     position: usize,
     top_k: usize,
 ) -> Tensor<B, 2, Int> {
+    if let Some(fused) = kernels.fused() {
+        if let Some(positions) = fused.token_positions(&scores, position, top_k) {
+            return positions;
+        }
+    }
     let [b, n, m] = scores.dims();
     assert_eq!(n, 1, "one query per row");
     let device = scores.device();

@@ -26,13 +26,7 @@ pub fn rank_tokens<R: CubeRuntime>(
     let scores = into_contiguous(scores);
     let dtype = scores.dtype;
     let out = empty(&scores, vec![p.b, p.n, p.m], int_dtype);
-    let big = scores.client.properties().hardware.max_units_per_cube >= 1024;
-    let group = if big { 32 } else { 16 };
-    let per = p.m.div_ceil(group * group);
-    let tiling = crate::cube::rank::RankTiling {
-        group,
-        per: if per <= RANK_REGISTERS { per } else { 0 },
-    };
+    let (group, tiling) = rank_tiling(&scores, p.m);
     let rows = p.b * p.n;
     let bits = usize::BITS - p.m.leading_zeros();
     let others = p.top_k.saturating_sub(1).min(u32::MAX as usize) as u32;
@@ -57,4 +51,57 @@ pub fn rank_tokens<R: CubeRuntime>(
         );
     }
     out
+}
+
+/// The positions one query per row keeps of `scores` `[rows, 1, m]`, the query at `position <
+/// m` (`offset` of `p`; `n` 1) → `[rows, min(top_k, position + 1)]` ascending, in `int_dtype`.
+pub fn token_positions<R: CubeRuntime>(
+    scores: CubeTensor<R>,
+    p: &RankProblem,
+    int_dtype: DType,
+) -> CubeTensor<R> {
+    let scores = into_contiguous(scores);
+    let dtype = scores.dtype;
+    let count = p.top_k.min(p.offset + 1);
+    let out = empty(&scores, vec![p.b, count], int_dtype);
+    let (group, tiling) = rank_tiling(&scores, p.m);
+    let bits = usize::BITS - p.m.leading_zeros();
+    let others = (p.top_k - 1).min(u32::MAX as usize) as u32;
+    let client = scores.client.clone();
+    // SAFETY: one cube per row (padding cubes end at once), every index `< m` of its row;
+    // each of a row's `count` entries written by the unit whose segment holds that token.
+    unsafe {
+        crate::cube::rank::token_positions::launch_unchecked::<R>(
+            &client,
+            grid(&client, p.b, 1, p.grid_limit),
+            CubeDim::new_1d((group * group) as u32),
+            scores.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            p.b,
+            p.m,
+            p.offset,
+            count,
+            others,
+            bits,
+            tiling,
+            [dtype.into(), int_dtype.into()],
+        );
+    }
+    out
+}
+
+/// The cube's side (`group²` units: 1,024 where the device allows) and the tiling for rows of
+/// `m` scores.
+fn rank_tiling<R: CubeRuntime>(
+    like: &CubeTensor<R>,
+    m: usize,
+) -> (usize, crate::cube::rank::RankTiling) {
+    let big = like.client.properties().hardware.max_units_per_cube >= 1024;
+    let group = if big { 32 } else { 16 };
+    let per = m.div_ceil(group * group);
+    let tiling = crate::cube::rank::RankTiling {
+        group,
+        per: if per <= RANK_REGISTERS { per } else { 0 },
+    };
+    (group, tiling)
 }
