@@ -6,6 +6,7 @@ mod common;
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Autodiff;
+use burn::prelude::*;
 use common::*;
 
 type B = Autodiff<Wgpu>;
@@ -43,5 +44,48 @@ fn transformer_fixtures_match_the_reference_on_wgpu() {
             e.logits, e.loss, e.grads.0, e.grads.1
         );
         assert!(e.within(WGPU_TOLERANCE), "{name}: {e:?}");
+    }
+}
+
+/// Cached decoding through the tensor ops on wgpu (no kernels registered in this binary) equals
+/// the full forward, for every attention kind (a step has one position: layouts of length-1 axes
+/// that Burn's fused wgpu kernels misread once made DSA's steps wrong).
+#[test]
+fn cached_decoding_on_wgpu_equals_recompute() {
+    let device = WgpuDevice::default();
+    for name in [
+        "transformer_nsa",
+        "transformer_full",
+        "dsa_gqa_window_seq40",
+    ] {
+        let f = load(name);
+        let model = f
+            .transformer_config()
+            .init::<Wgpu>(&device)
+            .unwrap()
+            .load_reference(f.params())
+            .unwrap();
+        let ids = f.ids::<Wgpu>(&device);
+        let [batch, total] = ids.dims();
+        let vocab = f.transformer_config().num_tokens;
+        let full = model.forward(ids.clone());
+        let prompt = 5;
+        let (_, mut cache) = model.prefill(ids.clone().narrow(1, 0, prompt), total - prompt);
+        let mut worst = 0.0f64;
+        for pos in prompt..total {
+            let token = ids.clone().narrow(1, pos, 1).reshape([batch]);
+            let (step, next) = model.step(token, cache);
+            cache = next;
+            let expect = full.clone().narrow(1, pos, 1).reshape([batch, vocab]);
+            let err = nsa_model::Comparison::of(
+                &step.into_data().to_vec::<f32>().unwrap(),
+                &expect.into_data().to_vec::<f32>().unwrap(),
+            )
+            .expect("same length")
+            .max_abs;
+            worst = worst.max(err);
+        }
+        println!("wgpu {name:28} steps vs forward {worst:.2e}");
+        assert!(worst <= 1e-4, "{name}: a step differs by {worst}");
     }
 }
