@@ -6,7 +6,6 @@ mod common;
 
 use burn::backend::wgpu::{Wgpu, WgpuDevice};
 use burn::backend::Autodiff;
-use burn::prelude::*;
 use common::*;
 
 type B = Autodiff<Wgpu>;
