@@ -4,8 +4,8 @@
 //! (ties: the earlier position), without reading the indexer's scores back to the host.
 //!
 //! One cube per query row of `scores` `[b, n, m]` (row `r` is the query at `offset + r % n`).
-//! As the device sampler ([`super::sample`]) does for its top-k filter: the boundary score is
-//! found by a bisection over the scores' order-preserving `u32` keys (32 counting passes, over
+//! The boundary ([`boundary`], shared with the device sampler's top-k filter,
+//! [`super::sample`]): the boundary score is found by a bisection over the scores' order-preserving `u32` keys (32 counting passes, over
 //! keys held in registers where they fit), the tie boundary by a bisection over the position
 //! when the ties at the boundary are not all kept; every pass is a strided count and one
 //! cube-wide sum. A prefix no longer than `top_k - 1` is kept whole (no search). All loops with
@@ -34,23 +34,25 @@ pub struct RankTiling {
     pub per: usize,
 }
 
-/// [`order_key`] with `-0` mapped to `+0`'s key: the rule ranks the two zeros as equal.
+/// [`order_key`], with `-0` mapped to `+0`'s key where `zeros_equal` (DSA's rule ranks the two
+/// zeros as equal; the sampler's host rule orders them).
 #[cube]
-fn token_key(x: f32) -> u32 {
+fn rank_key(x: f32, #[comptime] zeros_equal: bool) -> u32 {
     let mut key = order_key(x);
-    if key == 0x7FFF_FFFFu32 {
+    if zeros_equal && key == 0x7FFF_FFFFu32 {
         key = 0x8000_0000u32;
     }
     key
 }
 
-/// The boundary of the row at `base` (`len` ranked scores, `others` to keep): `(thr, cut)`,
-/// the token at `i < len` kept when its key is above `thr`, or equal to it and `i < cut` (a
-/// prefix no longer than `others`: every key is above 0, all kept). Every unit must call it
-/// (it holds barriers); `red` has a word per unit.
+/// The boundary of the row at `base` (`len` ranked scores, `others` to keep, ties to the lower
+/// index): `(thr, cut)`, the entry `i < len` kept when its key ([`rank_key`]) is above `thr`, or
+/// equal to it and `i < cut` (a prefix no longer than `others`: every key is above 0, all
+/// kept). Shared with the device sampler's top-k filter. Every unit must call it (it holds
+/// barriers); `red` has a word per unit.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn boundary<F: Float>(
+pub fn boundary<F: Float>(
     scores: &Tensor<F>,
     red: &mut SharedMemory<u32>,
     base: usize,
@@ -58,6 +60,7 @@ fn boundary<F: Float>(
     others: u32,
     bits: u32,
     #[comptime] t: RankTiling,
+    #[comptime] zeros_equal: bool,
 ) -> (u32, usize) {
     let tid = UNIT_POS as usize;
     let group = t.group;
@@ -71,7 +74,7 @@ fn boundary<F: Float>(
             let i = tid + k * nt;
             let mut key = 0u32;
             if i < len {
-                key = token_key(f32::cast_from(scores[base + i]));
+                key = rank_key(f32::cast_from(scores[base + i]), zeros_equal);
             }
             keys[k] = key;
         }
@@ -93,7 +96,7 @@ fn boundary<F: Float>(
             } else {
                 let mut i = tid;
                 while i < len {
-                    if token_key(f32::cast_from(scores[base + i])) >= cand {
+                    if rank_key(f32::cast_from(scores[base + i]), zeros_equal) >= cand {
                         c += 1;
                     }
                     i += nt;
@@ -118,7 +121,7 @@ fn boundary<F: Float>(
         } else {
             let mut i = tid;
             while i < len {
-                let key = token_key(f32::cast_from(scores[base + i]));
+                let key = rank_key(f32::cast_from(scores[base + i]), zeros_equal);
                 if key > thr {
                     gt += 1;
                 }
@@ -150,7 +153,7 @@ fn boundary<F: Float>(
             } else {
                 let mut i = tid;
                 while i < mid {
-                    if token_key(f32::cast_from(scores[base + i])) == thr {
+                    if rank_key(f32::cast_from(scores[base + i]), zeros_equal) == thr {
                         c += 1;
                     }
                     i += nt;
@@ -186,7 +189,7 @@ fn kept<F: Float>(
 ) -> bool {
     let mut keep = i == pos;
     if i < len {
-        let key = token_key(f32::cast_from(scores[base + i]));
+        let key = rank_key(f32::cast_from(scores[base + i]), true);
         keep = key > thr || (key == thr && i < cut);
     }
     keep
@@ -220,7 +223,7 @@ pub fn rank_tokens<F: Float, I: Int>(
         len = pos;
     }
     let mut red = SharedMemory::<u32>::new(comptime!(t.group * t.group));
-    let (thr, cut) = boundary(scores, &mut red, base, len, others, bits, t);
+    let (thr, cut) = boundary(scores, &mut red, base, len, others, bits, t, true);
     let mut i = UNIT_POS as usize;
     while i < m {
         let mut out = I::cast_from(1u32);
@@ -262,7 +265,7 @@ pub fn token_positions<F: Float, I: Int>(
         len = pos;
     }
     let mut red = SharedMemory::<u32>::new(comptime!(t.group * t.group));
-    let (thr, cut) = boundary(scores, &mut red, base, len, others, bits, t);
+    let (thr, cut) = boundary(scores, &mut red, base, len, others, bits, t, true);
     // 1. the kept tokens of this unit's segment
     let seg = (m + nt - 1) / nt;
     let lo = tid * seg;

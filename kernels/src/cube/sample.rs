@@ -17,7 +17,8 @@
 
 use cubecl::prelude::*;
 
-use super::reduce::{cube_argmax, cube_sum, order_key};
+use super::rank::{boundary, RankTiling};
+use super::reduce::{cube_argmax, order_key};
 
 /// Below every score (start of an arg-max).
 const LOWEST: f32 = -3.0e38;
@@ -35,6 +36,16 @@ pub struct SampleTiling {
     /// Logits per unit held in registers during the threshold search (`v <= per · group²`),
     /// 0: every pass reads the logits again.
     pub per: usize,
+}
+
+impl SampleTiling {
+    /// The threshold search's shape ([`boundary`]).
+    pub fn rank(&self) -> RankTiling {
+        RankTiling {
+            group: self.group,
+            per: self.per,
+        }
+    }
 }
 
 /// Murmur3's 32-bit finaliser.
@@ -84,111 +95,14 @@ pub fn sample_rows<F: Float, I: Int>(
     let mut bv = SharedMemory::<f32>::new(comptime!(t.group * t.group));
     let mut bi = SharedMemory::<u32>::new(comptime!(t.group * t.group));
 
-    // the row's keys in registers when they fit (`per` each): the passes then read no memory
-    let per = comptime!(t.per.max(1));
-    let mut keys = Array::<u32>::new(per);
-    if t.per > 0 {
-        #[unroll]
-        for k in 0..per {
-            let i = tid + k * nt;
-            let mut key = 0u32;
-            if i < v {
-                key = order_key(f32::cast_from(logits[base + i]));
-            }
-            keys[k] = key;
-        }
-    }
-
-    // kept: key > thr, or key == thr and index < cut
+    // kept: key > thr, or key == thr and index < cut (the search shared with DSA's ranking)
     let mut thr = 0u32;
     let mut cut = v;
     if t.filter {
-        // the largest threshold with at least `kept` keys at or above it (the padding keys 0
-        // are below every candidate)
-        for b in 0..32u32 {
-            let cand = thr | (0x8000_0000u32 >> b);
-            let mut c = 0u32;
-            if t.per > 0 {
-                #[unroll]
-                for k in 0..per {
-                    if keys[k] >= cand {
-                        c += 1;
-                    }
-                }
-            } else {
-                let mut i = tid;
-                while i < v {
-                    if order_key(f32::cast_from(logits[base + i])) >= cand {
-                        c += 1;
-                    }
-                    i += nt;
-                }
-            }
-            if cube_sum(&mut red, c, nt, group) >= kept {
-                thr = cand;
-            }
-        }
-        let mut gt = 0u32;
-        let mut eq = 0u32;
-        if t.per > 0 {
-            #[unroll]
-            for k in 0..per {
-                if keys[k] > thr {
-                    gt += 1;
-                }
-                if keys[k] == thr && tid + k * nt < v {
-                    eq += 1;
-                }
-            }
-        } else {
-            let mut i = tid;
-            while i < v {
-                let key = order_key(f32::cast_from(logits[base + i]));
-                if key > thr {
-                    gt += 1;
-                }
-                if key == thr {
-                    eq += 1;
-                }
-                i += nt;
-            }
-        }
-        let need = kept - cube_sum(&mut red, gt, nt, group);
-        let ties = cube_sum(&mut red, eq, nt, group);
-        // the smallest `cut` with `need` keys equal to `thr` below it; when every tie is kept
-        // (`need == ties`, the usual case) no search (the bound is the same on every unit)
-        let mut steps = 0u32;
-        if ties > need {
-            steps = bits;
-        }
-        let mut lo = 0usize;
-        let mut hi = v;
-        for _ in 0..steps {
-            let mid = (lo + hi) / 2;
-            let mut c = 0u32;
-            if t.per > 0 {
-                #[unroll]
-                for k in 0..per {
-                    if keys[k] == thr && tid + k * nt < mid {
-                        c += 1;
-                    }
-                }
-            } else {
-                let mut i = tid;
-                while i < mid {
-                    if order_key(f32::cast_from(logits[base + i])) == thr {
-                        c += 1;
-                    }
-                    i += nt;
-                }
-            }
-            if cube_sum(&mut red, c, nt, group) >= need {
-                hi = mid;
-            } else {
-                lo = mid;
-            }
-        }
-        cut = hi;
+        let rank = comptime!(t.rank());
+        let (at, below) = boundary(logits, &mut red, base, v, kept, bits, rank, false);
+        thr = at;
+        cut = below;
     }
 
     let mut best = LOWEST.runtime();
