@@ -69,6 +69,17 @@ fn import(weights: &Path, args: &Path, out: &Path, vocab: &Path) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+fn export(model: &Path, out: &Path) {
+    let o = bin()
+        .args(["export", "--model"])
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn imported_reference_checkpoints_give_the_reference_logits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -107,14 +118,7 @@ fn export_writes_the_reference_tensors_back() {
         &vocab,
     );
     let out = tmp.path().join("exported");
-    let o = bin()
-        .args(["export", "--model"])
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    export(&dir, &out);
     assert_eq!(
         read_state_dict(&out.join("model.safetensors")).unwrap(),
         read_state_dict(&original).unwrap()
@@ -304,14 +308,7 @@ fn dsa_checkpoints_import_and_export() {
     assert!(err <= 1e-4, "{name}: logits differ by {err}");
 
     let out = tmp.path().join("exported");
-    let o = bin()
-        .args(["export", "--model"])
-        .arg(&dir)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    export(&dir, &out);
     assert_eq!(
         read_state_dict(&out.join("model.safetensors")).unwrap(),
         dict

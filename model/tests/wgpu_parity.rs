@@ -57,33 +57,7 @@ fn cached_decoding_on_wgpu_equals_recompute() {
         "transformer_full",
         "dsa_gqa_window_seq40",
     ] {
-        let f = load(name);
-        let model = f
-            .transformer_config()
-            .init::<Wgpu>(&device)
-            .unwrap()
-            .load_reference(f.params())
-            .unwrap();
-        let ids = f.ids::<Wgpu>(&device);
-        let [batch, total] = ids.dims();
-        let vocab = f.transformer_config().num_tokens;
-        let full = model.forward(ids.clone());
-        let prompt = 5;
-        let (_, mut cache) = model.prefill(ids.clone().narrow(1, 0, prompt), total - prompt);
-        let mut worst = 0.0f64;
-        for pos in prompt..total {
-            let token = ids.clone().narrow(1, pos, 1).reshape([batch]);
-            let (step, next) = model.step(token, cache);
-            cache = next;
-            let expect = full.clone().narrow(1, pos, 1).reshape([batch, vocab]);
-            let err = nsa_model::Comparison::of(
-                &step.into_data().to_vec::<f32>().unwrap(),
-                &expect.into_data().to_vec::<f32>().unwrap(),
-            )
-            .expect("same length")
-            .max_abs;
-            worst = worst.max(err);
-        }
+        let worst = cached_decoding_error::<Wgpu>(name, 5, &device);
         println!("wgpu {name:28} steps vs forward {worst:.2e}");
         assert!(worst <= 1e-4, "{name}: a step differs by {worst}");
     }

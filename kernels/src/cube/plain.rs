@@ -23,6 +23,25 @@ impl<B> CubeKernels<B> {
         RunChoices::from(&self.options)
     }
 
+    /// The ranking of `scores` `[b, n, m]` for queries from `offset`, when the kernels take it.
+    fn rank_problem<K: KernelBackend>(
+        &self,
+        scores: &Tensor<K, 3>,
+        offset: usize,
+        top_k: usize,
+    ) -> Option<RankProblem> {
+        let [b, n, m] = scores.dims();
+        let covered = is_float(scores.dtype()) && top_k > 0 && m < u32::MAX as usize / 2;
+        covered.then_some(RankProblem {
+            b,
+            n,
+            m,
+            offset,
+            top_k,
+            grid_limit: self.options.grid_limit,
+        })
+    }
+
     /// [`NsaKernels::token_blocked`] on the backend's own tensors (the autodiff backend ranks
     /// the inner tensor: the selection passes no gradient).
     pub(super) fn rank<K: KernelBackend>(
@@ -31,48 +50,24 @@ impl<B> CubeKernels<B> {
         offset: usize,
         top_k: usize,
     ) -> Option<Tensor<K, 3, Bool>> {
-        let [b, n, m] = scores.dims();
-        if !is_float(scores.dtype()) || top_k == 0 || m >= u32::MAX as usize / 2 {
-            return None;
-        }
-        let p = RankProblem {
-            b,
-            n,
-            m,
-            offset,
-            top_k,
-            grid_limit: self.options.grid_limit,
-        };
+        let p = self.rank_problem(scores, offset, top_k)?;
         let blocked = ops::rank_tokens::<K>(float3(scores), &p);
         Some(Tensor::<K, 3, Int>::from_primitive(blocked).equal_elem(1))
     }
 
-    /// [`NsaKernels::token_positions`] on the backend's own tensors.
+    /// [`NsaKernels::token_positions`] on the backend's own tensors (one query per row).
     pub(super) fn positions<K: KernelBackend>(
         &self,
         scores: &Tensor<K, 3>,
         position: usize,
         top_k: usize,
     ) -> Option<Tensor<K, 2, Int>> {
-        let [b, n, m] = scores.dims();
-        if !is_float(scores.dtype()) || top_k == 0 || n != 1 || position >= m {
+        let p = self.rank_problem(scores, position, top_k)?;
+        if p.n != 1 || position >= p.m {
             return None;
         }
-        if m >= u32::MAX as usize / 2 {
-            return None;
-        }
-        let p = RankProblem {
-            b,
-            n,
-            m,
-            offset: position,
-            top_k,
-            grid_limit: self.options.grid_limit,
-        };
-        Some(Tensor::from_primitive(ops::token_positions::<K>(
-            float3(scores),
-            &p,
-        )))
+        let positions = ops::token_positions::<K>(float3(scores), &p);
+        Some(Tensor::from_primitive(positions))
     }
 }
 

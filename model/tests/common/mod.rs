@@ -275,3 +275,37 @@ pub fn transformer_errors<B: AutodiffBackend>(name: &str, device: &B::Device) ->
         grads,
     }
 }
+
+/// The largest difference between cached decoding of fixture `name` (a prefill of its first
+/// `prompt` tokens, then one step per token) and the full forward's logits at the same
+/// positions, on backend `B` with the model's default kernel options. Infinite when either side
+/// has a NaN or infinity (`nsa_model::Comparison`).
+pub fn cached_decoding_error<B: Backend>(name: &str, prompt: usize, device: &B::Device) -> f64 {
+    let f = load(name);
+    let model = f
+        .transformer_config()
+        .init::<B>(device)
+        .unwrap()
+        .load_reference(f.params())
+        .unwrap();
+    let ids = f.ids::<B>(device);
+    let [batch, total] = ids.dims();
+    let vocab = f.transformer_config().num_tokens;
+    let full = model.forward(ids.clone());
+    let (_, mut cache) = model.prefill(ids.clone().narrow(1, 0, prompt), total - prompt);
+    let mut worst = 0.0f64;
+    for pos in prompt..total {
+        let token = ids.clone().narrow(1, pos, 1).reshape([batch]);
+        let (step, next) = model.step(token, cache);
+        cache = next;
+        let expect = full.clone().narrow(1, pos, 1).reshape([batch, vocab]);
+        let err = nsa_model::Comparison::of(
+            &step.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+            &expect.into_data().convert::<f32>().to_vec::<f32>().unwrap(),
+        )
+        .expect("same length")
+        .max_abs;
+        worst = worst.max(err);
+    }
+    worst
+}

@@ -14,6 +14,15 @@ pub struct RankProblem {
     pub grid_limit: u32,
 }
 
+impl RankProblem {
+    /// The search's scalars: tokens kept besides the own one, and the position bisection's
+    /// steps (`m < 2^bits`).
+    fn search(&self) -> (u32, u32) {
+        let others = self.top_k.saturating_sub(1).min(u32::MAX as usize) as u32;
+        (others, usize::BITS - self.m.leading_zeros())
+    }
+}
+
 /// Most keys a ranking unit holds in registers (beyond that every pass reads the scores again).
 pub const RANK_REGISTERS: usize = 32;
 
@@ -28,8 +37,7 @@ pub fn rank_tokens<R: CubeRuntime>(
     let out = empty(&scores, vec![p.b, p.n, p.m], int_dtype);
     let (group, tiling) = rank_tiling(&scores, p.m);
     let rows = p.b * p.n;
-    let bits = usize::BITS - p.m.leading_zeros();
-    let others = p.top_k.saturating_sub(1).min(u32::MAX as usize) as u32;
+    let (others, bits) = p.search();
     let client = scores.client.clone();
     // SAFETY: one cube per row (padding cubes of a folded grid end at once), every index
     // `< m` of its row; each entry of a row written by one unit.
@@ -65,8 +73,7 @@ pub fn token_positions<R: CubeRuntime>(
     let count = p.top_k.min(p.offset + 1);
     let out = empty(&scores, vec![p.b, count], int_dtype);
     let (group, tiling) = rank_tiling(&scores, p.m);
-    let bits = usize::BITS - p.m.leading_zeros();
-    let others = (p.top_k - 1).min(u32::MAX as usize) as u32;
+    let (others, bits) = p.search();
     let client = scores.client.clone();
     // SAFETY: one cube per row (padding cubes end at once), every index `< m` of its row;
     // each of a row's `count` entries written by the unit whose segment holds that token.
