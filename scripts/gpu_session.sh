@@ -57,8 +57,8 @@
 #           stream and steps) at QL tokens (default 1024), DSA's top-k QTOPK (128); metrics back
 #           as quality-QL-ATTN-metrics.csv (issue 23)
 #   dsa     issue 23: DSA decode (seed model, top-k 2048, window 64) at 4k-64k tokens of context
-#           beside the dense model and NSA at 64k, device memory by nvidia-smi; one DSA layer
-#           (dim 1024, 16 q / 4 kv heads x 64, bf16, fwd+bwd) beside PyTorch SDPA
+#           beside the dense model and NSA at 64k, device memory by nvidia-smi
+#   dsa-layer  one DSA layer (dim 1024, 16 q / 4 kv heads x 64, bf16, fwd+bwd) beside PyTorch SDPA
 # Everything lands in $OUT/all.tgz; the caches come back beside it as cache.tgz.part-* (copy
 # them into .gpu/ for the next call).
 set -uo pipefail
@@ -541,6 +541,8 @@ for phase in "$@"; do
       done
       run_peak dd-nsa-65536 90 /tmp/bin/nsa-bench --suite decode --backend cuda \
         --prompt-len 65536 -n 128 --runs 2 --json "$(rec decode-dsa-base-nsa-65536)"
+      ;;
+    dsa-layer)
       # the layer: the tensor-op global branch (quadratic) with the device ranking, and SDPA
       run_peak dl-dsa 150 /tmp/bin/nsa-bench --backend cuda --suite layer --impls dsa \
         --lengths ${DL_LENGTHS:-4k,16k} --precisions bf16 --passes fwd+bwd --runs 3 --warmup 1 \

@@ -179,6 +179,20 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
         None
     }
 
+    /// DSA's selection as positions, without a host round trip: the indexer's `scores`
+    /// `[batch, seq, keys]` of the queries at positions `offset..offset + seq` (`offset + seq <=
+    /// keys`) → `[batch, seq, top_k - 1]`, the tokens each query keeps besides its own
+    /// ([`crate::rules::dsa_selected_tokens`] without the query's position), ascending, `-1`
+    /// after the last (a query with fewer earlier tokens). `top_k >= 2`.
+    fn token_others(
+        &self,
+        _scores: &Tensor<B, 3>,
+        _offset: usize,
+        _top_k: usize,
+    ) -> Option<Tensor<B, 3, Int>> {
+        None
+    }
+
     /// `buffer` `[batch, heads, capacity, dim]` with rows `start..start + n` replaced by `rows`
     /// `[batch, heads, n, dim]` (the decode cache's writes). The default is Burn's
     /// `slice_assign`; a backend whose `slice_assign` copies the whole buffer may write in place.

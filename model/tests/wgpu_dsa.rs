@@ -185,3 +185,135 @@ fn dsa_cached_decoding_with_device_ranking_equals_recompute() {
     println!("wgpu kernels: DSA steps vs forward {err:.2e}");
     assert!(err <= 1e-4, "a step differs by {err}");
 }
+
+/// The selection as positions (`token_others`: every query of a chunk, the own token left to
+/// the selected attention's own block) keeps the host rule's others, ascending, `-1` after.
+#[test]
+fn device_token_others_equal_the_host_rule() {
+    register();
+    let device = WgpuDevice::default();
+    let kernels = Kernels::<Wgpu>::new(&KernelOptions::default());
+    let fused = kernels.fused().expect("kernels registered");
+    let mut draw = Draw(17);
+    // (shape, offset, top_k): short prefixes (padding), top_k 2, a chunk at an offset, rows
+    // whose keys no longer fit in registers
+    for ([b, n, m], offset, top_k) in [
+        ([2, 9, 9], 0, 4),
+        ([1, 6, 40], 34, 2),
+        ([3, 4, 17], 13, 100),
+        ([1, 7, 300], 293, 37),
+        ([2, 3, 2000], 1997, 64),
+        ([1, 2, 40_000], 39_998, 700),
+    ] {
+        let values: Vec<f32> = (0..b * n * m).map(|_| draw.next()).collect();
+        let count = top_k - 1;
+        let mut want = Vec::new();
+        for (r, row) in values.chunks_exact(m).enumerate() {
+            let position = offset + r % n;
+            let s: Vec<f64> = row.iter().map(|&x| x as f64).collect();
+            let mut kept: Vec<i64> = dsa_selected_tokens(&s, position, top_k)
+                .into_iter()
+                .filter(|&p| p != position)
+                .map(|p| p as i64)
+                .collect();
+            kept.sort_unstable();
+            kept.resize(count, -1);
+            want.extend(kept);
+        }
+        let scores = Tensor::<Wgpu, 3>::from_data(TensorData::new(values, [b, n, m]), &device);
+        let got = fused
+            .token_others(&scores, offset, top_k)
+            .expect("the kernel covers the case");
+        assert_eq!(got.dims(), [b, n, count]);
+        let got: Vec<i64> = got.into_data().convert::<i64>().to_vec().unwrap();
+        assert_eq!(
+            got,
+            want,
+            "shape {:?}, offset {offset}, top_k {top_k}",
+            [b, n, m]
+        );
+    }
+}
+
+/// Every float parameter drawn from N(0, 0.5²) now.
+struct Normal;
+impl<B: Backend> burn::module::ModuleMapper<B> for Normal {
+    fn map_float<const D: usize>(
+        &mut self,
+        p: burn::module::Param<Tensor<B, D>>,
+    ) -> burn::module::Param<Tensor<B, D>> {
+        let shape = p.dims();
+        p.map(|t| {
+            Tensor::random(
+                shape,
+                burn::tensor::Distribution::Normal(0.0, 0.5),
+                &t.device(),
+            )
+            .require_grad()
+        })
+    }
+}
+
+/// The sparse stage through the fused kernels (selection as positions, the global branch as
+/// selected attention over one-token blocks, the local branch as the sliding kernel) equals
+/// the tensor ops' masked attention: output and the input's gradient, with and without the
+/// local branch, `top_k` below and above the sequence, GQA.
+#[test]
+fn fused_sparse_stage_equals_tensor_ops() {
+    use burn::tensor::Distribution;
+    use nsa_model::rope::Rotation;
+    use nsa_model::{DsaAttention, DsaSettings};
+    type A = Autodiff<Wgpu>;
+    register();
+    let device = WgpuDevice::default();
+    for (top_k, window, n) in [(5, 3, 37), (9, 0, 23), (64, 4, 40), (2, 2, 19), (64, 0, 40)] {
+        A::seed(&device, 11);
+        let settings = DsaSettings {
+            index_heads: 2,
+            index_dim_head: Some(16),
+            top_k,
+            window,
+        };
+        // parameters drawn now (a clone of a lazily initialised parameter draws its own)
+        let fused = DsaAttention::<A>::new(32, 16, 4, 2, &settings, &device).map(&mut Normal);
+        assert!(Kernels::<A>::new(&fused.kernel_options).fused().is_some());
+        let mut ops = fused.clone();
+        ops.kernel_options = KernelOptions::tensor_ops();
+        let x = Tensor::<A, 3>::random([2, n, 32], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<A, 3>::random([2, n, 32], Distribution::Normal(0.0, 1.0), &device);
+        let rotation = Rotation::new(16, 0, n, &device);
+        let run = |layer: &DsaAttention<A>, fused: bool| {
+            let x = x.clone().require_grad();
+            let out = if fused {
+                layer
+                    .forward_fused(&layer.kernels(), x.clone(), &rotation)
+                    .expect("the fused kernels take the case")
+            } else {
+                layer.forward(x.clone())
+            };
+            let grads = (out.clone() * w.clone()).sum().backward();
+            let dx = x.grad(&grads).expect("input gradient");
+            let dq = layer.attn.to_q.weight.grad(&grads).expect("to_q gradient");
+            (out.inner(), dx, dq)
+        };
+        let (o1, dx1, dq1) = run(&fused, true);
+        let (o2, dx2, dq2) = run(&ops, false);
+        let diff = |a: Tensor<Wgpu, 3>, b: Tensor<Wgpu, 3>| -> f32 {
+            let scale: f32 = b.clone().abs().max().into_scalar();
+            let d: f32 = (a - b).abs().max().into_scalar();
+            d / scale.max(1e-6)
+        };
+        let e_out = diff(o1, o2);
+        let e_dx = diff(dx1, dx2);
+        let e_dq = diff(dq1.unsqueeze(), dq2.unsqueeze());
+        println!(
+            "top_k {top_k} window {window} n {n}: out {e_out:.2e} dx {e_dx:.2e} dq {e_dq:.2e}"
+        );
+        for (what, e) in [("output", e_out), ("dx", e_dx), ("d to_q", e_dq)] {
+            assert!(
+                e.is_finite() && e <= 1e-4,
+                "top_k {top_k}, window {window}: {what} {e}"
+            );
+        }
+    }
+}

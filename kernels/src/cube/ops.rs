@@ -315,8 +315,8 @@ impl CubeOp for RankTokens {
     }
 }
 
-/// The DSA decode step's token selection ([`launch::token_positions`]): scores `[b, 1, m]` →
-/// the kept positions `[b, count]`, ascending.
+/// DSA's token selection as positions ([`launch::token_positions`]): scores `[b, n, m]` →
+/// the kept positions `[b, n, count]`, ascending, `-1` after the last.
 struct TokenPositions {
     p: RankProblem,
 }
@@ -326,7 +326,7 @@ impl CubeOp for TokenPositions {
 
     fn outputs(&self, _: &[Spec], int: DType) -> Vec<Spec> {
         let p = &self.p;
-        vec![Spec::int(vec![p.b, p.top_k.min(p.offset + 1)], int)]
+        vec![Spec::int(vec![p.b, p.n, p.count()], int)]
     }
 
     fn run<R: CubeRuntime>(&self, inputs: Vec<CubeTensor<R>>, int: DType) -> Vec<CubeTensor<R>> {
@@ -490,7 +490,7 @@ pub fn rank_tokens<B: KernelBackend>(scores: FloatTensor<B>, p: &RankProblem) ->
     next(&mut B::launch(op, vec![Arg::Float(scores)]).into_iter()).int()
 }
 
-/// The positions DSA's decode step keeps of `scores` `[b, 1, m]` (ascending, `[b, count]`).
+/// The positions DSA's selection keeps of `scores` `[b, n, m]` (ascending, `[b, n, count]`).
 pub fn token_positions<B: KernelBackend>(scores: FloatTensor<B>, p: &RankProblem) -> IntTensor<B> {
     let op = TokenPositions { p: p.clone() };
     next(&mut B::launch(op, vec![Arg::Float(scores)]).into_iter()).int()

@@ -38,6 +38,7 @@ impl<B> CubeKernels<B> {
             m,
             offset,
             top_k,
+            own: true,
             grid_limit: self.options.grid_limit,
         })
     }
@@ -67,7 +68,27 @@ impl<B> CubeKernels<B> {
             return None;
         }
         let positions = ops::token_positions::<K>(float3(scores), &p);
-        Some(Tensor::from_primitive(positions))
+        Some(Tensor::<K, 3, Int>::from_primitive(positions).reshape([p.b, p.count()]))
+    }
+
+    /// [`NsaKernels::token_others`] on the backend's own tensors.
+    pub(super) fn others<K: KernelBackend>(
+        &self,
+        scores: &Tensor<K, 3>,
+        offset: usize,
+        top_k: usize,
+    ) -> Option<Tensor<K, 3, Int>> {
+        let p = RankProblem {
+            own: false,
+            ..self.rank_problem(scores, offset, top_k)?
+        };
+        if top_k < 2 || offset + p.n > p.m {
+            return None;
+        }
+        Some(Tensor::from_primitive(ops::token_positions::<K>(
+            float3(scores),
+            &p,
+        )))
     }
 }
 
@@ -137,6 +158,15 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         top_k: usize,
     ) -> Option<Tensor<B, 2, Int>> {
         self.positions(scores, position, top_k)
+    }
+
+    fn token_others(
+        &self,
+        scores: &Tensor<B, 3>,
+        offset: usize,
+        top_k: usize,
+    ) -> Option<Tensor<B, 3, Int>> {
+        self.others(scores, offset, top_k)
     }
 
     fn row_linear(&self, x: &Tensor<B, 3>, spec: &RowLinear<'_, B>) -> Option<Tensor<B, 3>> {

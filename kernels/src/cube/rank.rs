@@ -175,7 +175,8 @@ pub fn boundary<F: Float>(
     (thr, cut)
 }
 
-/// Whether the query at `pos` keeps token `i` (`len` ranked, boundary `(thr, cut)`).
+/// Whether the query at `pos` keeps token `i` (`len` ranked, boundary `(thr, cut)`; its own
+/// token where `own`).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn kept<F: Float>(
@@ -186,8 +187,9 @@ fn kept<F: Float>(
     len: usize,
     thr: u32,
     cut: usize,
+    own: bool,
 ) -> bool {
-    let mut keep = i == pos;
+    let mut keep = own && i == pos;
     if i < len {
         let key = rank_key(f32::cast_from(scores[base + i]), true);
         keep = key > thr || (key == thr && i < cut);
@@ -227,7 +229,7 @@ pub fn rank_tokens<F: Float, I: Int>(
     let mut i = UNIT_POS as usize;
     while i < m {
         let mut out = I::cast_from(1u32);
-        if kept(scores, base, i, pos, len, thr, cut) {
+        if kept(scores, base, i, pos, len, thr, cut, true) {
             out = I::cast_from(0u32);
         }
         blocked[base + i] = out;
@@ -235,19 +237,21 @@ pub fn rank_tokens<F: Float, I: Int>(
     }
 }
 
-/// `positions` `[rows, count]`: the tokens the query at `pos` keeps of its row of `scores`
-/// `[rows, m]` (one query per row, every row at `pos < m`, `count = min(others + 1, pos + 1)`),
-/// ascending. Each unit takes a contiguous segment of the row; an exclusive scan of the
-/// segments' counts places them.
+/// `positions` `[rows, count]`: the tokens the query of each row of `scores` `[rows, m]` keeps
+/// (row `r` is the query at `pos = offset + r % n < m`), ascending; its own token too where
+/// `own` is 1, and `-1` after the last kept token. Each unit takes a contiguous segment of the
+/// row; an exclusive scan of the segments' counts places them.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn token_positions<F: Float, I: Int>(
     scores: &Tensor<F>,
     positions: &mut Tensor<I>,
     rows: usize,
+    n: usize,
     m: usize,
-    pos: usize,
+    offset: usize,
     count: usize,
+    own: u32,
     others: u32,
     bits: u32,
     #[comptime] t: RankTiling,
@@ -260,6 +264,8 @@ pub fn token_positions<F: Float, I: Int>(
     let tid = UNIT_POS as usize;
     let nt = comptime!(t.group * t.group);
     let base = row * m;
+    let pos = offset + row % n;
+    let with_own = own == 1;
     let mut len = m;
     if pos < m {
         len = pos;
@@ -273,7 +279,7 @@ pub fn token_positions<F: Float, I: Int>(
     for j in 0..seg {
         let i = lo + j;
         if i < m {
-            if kept(scores, base, i, pos, len, thr, cut) {
+            if kept(scores, base, i, pos, len, thr, cut, with_own) {
                 c += 1;
             }
         }
@@ -293,17 +299,23 @@ pub fn token_positions<F: Float, I: Int>(
         sync_cube();
         off *= 2;
     }
-    // 3. the segment's tokens in order from its exclusive offset
+    // 3. the segment's tokens in order from its exclusive offset, then -1 after the last
+    let total = usize::cast_from(red[nt - 1]);
     let mut at = usize::cast_from(red[tid] - c);
     for j in 0..seg {
         let i = lo + j;
         if i < m {
-            if kept(scores, base, i, pos, len, thr, cut) {
+            if kept(scores, base, i, pos, len, thr, cut, with_own) {
                 if at < count {
                     positions[row * count + at] = I::cast_from(i as u32);
                 }
                 at += 1;
             }
         }
+    }
+    let mut at = total + tid;
+    while at < count {
+        positions[row * count + at] = I::cast_from(-1i32);
+        at += nt;
     }
 }

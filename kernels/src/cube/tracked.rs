@@ -249,4 +249,14 @@ where
         let positions = self.positions(&scores.clone().inner(), position, top_k)?;
         Some(Tensor::from_primitive(positions.into_primitive()))
     }
+
+    fn token_others(
+        &self,
+        scores: &Tensor<Autodiff<B, C>, 3>,
+        offset: usize,
+        top_k: usize,
+    ) -> Option<Tensor<Autodiff<B, C>, 3, Int>> {
+        let others = self.others(&scores.clone().inner(), offset, top_k)?;
+        Some(Tensor::from_primitive(others.into_primitive()))
+    }
 }

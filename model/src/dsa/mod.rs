@@ -12,7 +12,9 @@
 //! trains it alone, and the selection passes no gradient.
 //!
 //! This file is the tensor-op path (every backend; the oracle): it materialises the scores of
-//! a chunk of queries against all keys, at most [`SCORE_LIMIT`] at once.
+//! a chunk of queries against all keys, at most [`SCORE_LIMIT`] at once. The sparse stage runs
+//! through the fused kernels where a backend has them ([`sparse`]; the indexer loss, which needs
+//! the attention probabilities, still takes the tensor ops).
 //!
 //! Dimensions: `b` batch, `n` queries, `m` keys, `h` query heads, `kvh` key/value heads,
 //! `g = h / kvh`, `d` head width.
@@ -20,6 +22,7 @@
 pub mod indexer;
 pub mod kl;
 pub mod select;
+mod sparse;
 
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -164,6 +167,22 @@ impl<B: Backend> DsaAttention<B> {
         self.attend_rows(kernels, rows, keys, stage, indexer_loss, SCORE_LIMIT)
     }
 
+    /// The sparse causal forward through the fused kernels of `kernels` only ([`sparse`]):
+    /// `[b, n, dim]` → `[b, n, dim]`, or `None` where they do not take the case (what
+    /// [`Self::forward_rotated`] then computes with tensor ops).
+    pub fn forward_fused(
+        &self,
+        kernels: &Kernels<B>,
+        x: Tensor<B, 3>,
+        rotation: &Rotation<B>,
+    ) -> Option<Tensor<B, 3>> {
+        let (rows, keys) = self.inputs(kernels, x, rotation, 0);
+        let [b, h, n, d] = rows.q.dims();
+        let out = sparse::attend(self, kernels, &rows, &keys, SCORE_LIMIT)?;
+        let out = out.swap_dims(1, 2).reshape([b, n, h * d]);
+        Some(linear(kernels, &self.attn.to_out, out))
+    }
+
     /// The queries and keys of the input `x` `[b, n, dim]` at positions `offset..offset + n`
     /// (`rotation`'s): the normed input, the rotated queries, keys and values, and the
     /// indexer's queries and keys, which read the input detached (only their own loss trains
@@ -302,6 +321,19 @@ impl<B: Backend> DsaAttention<B> {
     ) -> DsaOutput<B> {
         let [b, h, n, d] = rows.q.dims();
         let m = keys.k.dims()[2];
+        let project = |out: Tensor<B, 4>| {
+            let out = out.swap_dims(1, 2).reshape([b, n, h * d]);
+            linear(kernels, &self.attn.to_out, out)
+        };
+        if stage == DsaStage::Sparse && !indexer_loss {
+            // the fused kernels where they take the case: no `[n, m]` attention scores
+            if let Some(out) = sparse::attend(self, kernels, &rows, &keys, limit) {
+                return DsaOutput {
+                    out: project(out),
+                    indexer_loss: None,
+                };
+            }
+        }
         let chunk = (limit / (b * h * m).max(1)).clamp(1, n.max(1));
         let mut outs = Vec::with_capacity(n.div_ceil(chunk));
         let mut losses = Vec::new();
@@ -316,9 +348,8 @@ impl<B: Backend> DsaAttention<B> {
                 losses.push(loss.mul_scalar(c as f64 / n as f64));
             }
         }
-        let out = Tensor::cat(outs, 2).swap_dims(1, 2).reshape([b, n, h * d]);
         DsaOutput {
-            out: linear(kernels, &self.attn.to_out, out),
+            out: project(Tensor::cat(outs, 2)),
             indexer_loss: (!losses.is_empty()).then(|| Tensor::cat(losses, 0).sum()),
         }
     }

@@ -10,6 +10,9 @@ pub struct RankProblem {
     pub m: usize,
     pub offset: usize,
     pub top_k: usize,
+    /// [`token_positions`] lists the query's own token too (the decode step's gather), else only
+    /// the others (the selected attention's blocks; the own token is its own block).
+    pub own: bool,
     /// Cubes along one grid dimension at most (`0`: the device's limit).
     pub grid_limit: u32,
 }
@@ -20,6 +23,16 @@ impl RankProblem {
     fn search(&self) -> (u32, u32) {
         let others = self.top_k.saturating_sub(1).min(u32::MAX as usize) as u32;
         (others, usize::BITS - self.m.leading_zeros())
+    }
+
+    /// Entries per row of [`token_positions`]: `min(top_k, offset + 1)` with the own token (one
+    /// query per row: every one kept), else `top_k - 1` (`-1` past the kept ones).
+    pub fn count(&self) -> usize {
+        if self.own {
+            self.top_k.min(self.offset + 1)
+        } else {
+            self.top_k.saturating_sub(1)
+        }
     }
 }
 
@@ -61,8 +74,9 @@ pub fn rank_tokens<R: CubeRuntime>(
     out
 }
 
-/// The positions one query per row keeps of `scores` `[rows, 1, m]`, the query at `position <
-/// m` (`offset` of `p`; `n` 1) → `[rows, min(top_k, position + 1)]` ascending, in `int_dtype`.
+/// The positions each query keeps of `scores` `[b, n, m]` (queries at `offset..offset + n`,
+/// all `< m`) → `[b, n, count]` ([`RankProblem::count`]) ascending, `-1` after the last kept
+/// one, in `int_dtype`.
 pub fn token_positions<R: CubeRuntime>(
     scores: CubeTensor<R>,
     p: &RankProblem,
@@ -70,24 +84,28 @@ pub fn token_positions<R: CubeRuntime>(
 ) -> CubeTensor<R> {
     let scores = into_contiguous(scores);
     let dtype = scores.dtype;
-    let count = p.top_k.min(p.offset + 1);
-    let out = empty(&scores, vec![p.b, count], int_dtype);
+    let count = p.count();
+    let out = empty(&scores, vec![p.b, p.n, count], int_dtype);
     let (group, tiling) = rank_tiling(&scores, p.m);
     let (others, bits) = p.search();
+    let rows = p.b * p.n;
     let client = scores.client.clone();
     // SAFETY: one cube per row (padding cubes end at once), every index `< m` of its row;
-    // each of a row's `count` entries written by the unit whose segment holds that token.
+    // each of a row's `count` entries written by one unit (the one whose segment holds that
+    // token, or the one of its `-1`).
     unsafe {
         crate::cube::rank::token_positions::launch_unchecked::<R>(
             &client,
-            grid(&client, p.b, 1, p.grid_limit),
+            grid(&client, rows, 1, p.grid_limit),
             CubeDim::new_1d((group * group) as u32),
             scores.into_tensor_arg(),
             out.clone().into_tensor_arg(),
-            p.b,
+            rows,
+            p.n,
             p.m,
             p.offset,
             count,
+            u32::from(p.own),
             others,
             bits,
             tiling,
