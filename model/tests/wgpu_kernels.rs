@@ -14,6 +14,7 @@ use burn::tensor::backend::AutodiffBackend;
 use common::*;
 use nsa_model::compress::Compressor;
 use nsa_model::interop::HostTensor;
+use nsa_model::kernels::cube::PACK_BELOW;
 use nsa_model::kernels::{KernelOptions, Kernels, Projection, SelectedOrder};
 use nsa_model::select::{selected_attention, Selection};
 use nsa_model::sliding::sliding_attention;
@@ -245,6 +246,11 @@ fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>(
         (4, 2, 41, 8, 8, 2, false, true),
         (2, 1, 20, 8, 16, 2, true, false),
         (4, 2, 19, 8, 8, 0, true, false),
+        // blocks packed several to a chunk (DSA's one-token blocks): two chunks, one padded
+        (4, 2, 70, 8, 1, 40, true, false),
+        (2, 2, 33, 8, 2, 20, false, false),
+        // short gated blocks stay one to a chunk
+        (4, 2, 27, 8, 2, 5, true, true),
     ];
     for (i, &(h, kvh, n, d, sel, count, share, diff)) in cases.iter().enumerate() {
         let b = if i % 2 == 0 { 1 } else { 2 };
@@ -289,7 +295,8 @@ fn selected_cases<G: AutodiffBackend<Device = WgpuDevice>>(
         if let (Some(a), Some(r)) = (&ours.dscores, &reference.dscores) {
             check(&name, "dgates", a, r, 1e-4);
         }
-        let forward = share || kvh == h;
+        // by block where a selection is a kv head's and the blocks are not packed
+        let forward = (share || kvh == h) && sel >= PACK_BELOW;
         outs.push(ByBlockCase {
             forward,
             dq: forward && count > 0 && !diff,

@@ -29,6 +29,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::prelude::ComputeClient;
 
+pub use self::launch::PACK_BELOW;
 pub use self::ops::{Arg, CubeOp, Kind, Spec};
 use self::problems::int_dtype;
 use crate::api::NsaKernels;

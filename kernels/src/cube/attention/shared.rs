@@ -111,21 +111,117 @@ pub fn visible(
 
 /// Whether row `r` of a query-centric cube (query row `t0 + r / group_heads`, at position
 /// `q0` further) sees key `j` of chunk `c`.
+/// Packed selected chunks ([`Tiling::pack`] `> 1`): the key's position staged in `kpos`
+/// ([`gather_keys`]; [`NO_KEY`] where it is not seen).
 #[cube]
-pub fn sees(r: usize, j: usize, t0: usize, c: &Chunk, ks: &Keys, #[comptime] t: Tiling) -> bool {
+#[allow(clippy::too_many_arguments)]
+pub fn sees(
+    r: usize,
+    j: usize,
+    t0: usize,
+    c: &Chunk,
+    ks: &Keys,
+    kpos: &SharedMemory<u32>,
+    #[comptime] t: Tiling,
+) -> bool {
     let tt = t0 + r / t.group_heads;
-    tt < ks.n
-        && visible(
-            c.kstart + j,
-            ks.q0 + tt,
-            ks.nk,
-            ks.span,
-            ks.mem,
-            c.own,
-            c.slot_ok,
-            j < c.left,
-            t.mode,
-        )
+    if t.pack > 1 {
+        tt < ks.n && kpos[j] != NO_KEY
+    } else {
+        tt < ks.n
+            && visible(
+                c.kstart + j,
+                ks.q0 + tt,
+                ks.nk,
+                ks.span,
+                ks.mem,
+                c.own,
+                c.slot_ok,
+                j < c.left,
+                t.mode,
+            )
+    }
+}
+
+/// The position of a key a packed chunk does not see.
+pub const NO_KEY: u32 = u32::MAX;
+
+/// Packed selected chunks ([`Tiling::pack`] `> 1`: blocks of `sel` keys, `pack` of them to a
+/// chunk, one query position per cube at `pos`): stages the position of every key of chunk
+/// `ci` in `kpos` — slot `ci · pack + j / sel`, key `j mod sel` of its block: a selected block
+/// from `idx` (row `sel_row`), slot `count` the query's own block (keys up to `pos`), later
+/// slots and invalid blocks [`NO_KEY`]. The caller syncs before reading.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn gather_keys<I: Int>(
+    kpos: &mut SharedMemory<u32>,
+    ci: usize,
+    sel_row: usize,
+    idx: &Tensor<I>,
+    count: usize,
+    pos: usize,
+    nk: usize,
+    #[comptime] t: Tiling,
+) {
+    let sel = t.sel;
+    let mut j = UNIT_POS as usize;
+    while j < t.kc {
+        let slot = ci * t.pack + j / sel;
+        let within = j % sel;
+        let mut p = NO_KEY.runtime();
+        if slot < count {
+            let blk = i32::cast_from(idx[sel_row * count + slot]);
+            if blk >= 0 {
+                p = u32::cast_from(blk) * sel as u32 + within as u32;
+            }
+        } else if slot == count {
+            let own = (pos / sel) * sel + within;
+            if own <= pos {
+                p = own as u32;
+            }
+        }
+        if p != NO_KEY && p as usize >= nk {
+            p = NO_KEY;
+        }
+        kpos[j] = p;
+        j += t.threads;
+    }
+}
+
+/// [`load_kv`] for a packed chunk: key `j` from the position staged in `kpos`, zeros where it
+/// is [`NO_KEY`].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_kv_gathered<F: Float, H: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    k_s: &mut SharedMemory<f32>,
+    v_s: &mut SharedMemory<f32>,
+    k_h: &mut SharedMemory<H>,
+    v_h: &mut SharedMemory<H>,
+    kpos: &SharedMemory<u32>,
+    bkv: usize,
+    nk: usize,
+    #[comptime] t: Tiling,
+) {
+    let d = t.d;
+    let kc = t.kc;
+    let nt = t.threads;
+    let mut e = UNIT_POS as usize;
+    while e < kc * d {
+        let j = e / d;
+        let p = kpos[j];
+        let mut kv = 0.0f32;
+        let mut vv = 0.0f32;
+        if p != NO_KEY {
+            let off = (bkv * nk + p as usize) * d + e % d;
+            kv = f32::cast_from(k[off]);
+            vv = f32::cast_from(v[off]);
+        }
+        put::<H>(k_s, k_h, j, e % d, kv, t);
+        put::<H>(v_s, v_h, j, e % d, vv, t);
+        e += nt;
+    }
 }
 
 /// First key position a sliding/compressed cube whose first query is at position `t0` visits.
@@ -150,8 +246,12 @@ pub fn chunk_count(t0: usize, count: usize, ks: &Keys, #[comptime] t: Tiling) ->
     last = last - 1 + ks.q0;
     let mut chunks = 0usize;
     if t.mode == SELECTED {
-        let subs = comptime!(t.sel.div_ceil(t.kc));
-        chunks = (count + 1) * subs;
+        if t.pack > 1 {
+            chunks = (count + 1 + t.pack - 1) / t.pack;
+        } else {
+            let subs = comptime!(t.sel.div_ceil(t.kc));
+            chunks = (count + 1) * subs;
+        }
     } else if t.mode == SLIDING {
         let lo = first_key(ks.q0 + t0, ks.span, t.mode);
         chunks = (last + 1 - lo + kc - 1) / kc;
@@ -187,7 +287,10 @@ pub fn chunk_at<F: Float, I: Int>(
     let mut gate = 1.0f32;
     let mut left = kc.runtime();
     let mut slot = 0usize;
-    if t.mode == SELECTED {
+    if t.mode == SELECTED && t.pack > 1 {
+        // the keys' positions come from `gather_keys`
+        slot = ci * t.pack;
+    } else if t.mode == SELECTED {
         let sel = t.sel;
         let subs = comptime!(t.sel.div_ceil(t.kc));
         slot = ci / subs;

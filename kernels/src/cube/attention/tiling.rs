@@ -46,6 +46,10 @@ pub struct Tiling {
     pub mma: bool,
     /// Bytes of a tensor-core tile element `H`: 2 (bf16 / f16 storage), 4 (tf32 for f32).
     pub tile_bytes: usize,
+    /// [`super::SELECTED`] forward and dq: selection blocks per chunk (`kc / sel`, blocks
+    /// shorter than a chunk; each key's position staged by [`super::shared::gather_keys`]), or
+    /// 1 (a chunk within one block).
+    pub pack: usize,
 }
 
 /// Largest `(a, b)` with `a` from `a_max` down and `b` from `b_max` down (powers of two,

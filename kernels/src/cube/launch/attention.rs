@@ -153,6 +153,19 @@ fn mma_for<R: CubeRuntime>(
     mma_elem(client, dtype, p.run.exact).filter(|_| wanted)
 }
 
+/// Selection blocks shorter than this are packed several to a chunk of the query-centric
+/// forward and dq ([`Tiling::pack`]; DSA's one-token blocks): a chunk per block would hold one
+/// key. By-block runs ([`super::by_block`]) take only longer blocks.
+pub const PACK_BELOW: usize = 8;
+
+/// Keys per packed chunk.
+const PACKED_CHUNK: usize = 32;
+
+/// Whether selection blocks of `sel` keys are packed ([`PACK_BELOW`]).
+pub fn packs(sel: usize) -> bool {
+    sel < PACK_BELOW
+}
+
 /// The largest tiles that fit the shared-memory budget; `mma`: the bytes of the tensor-core
 /// tile element where the device has one ([`mma_for`]), used where the shapes are multiples
 /// of the fragment (all but the selected forward and dq, which have one query position per
@@ -165,7 +178,10 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
         (_, Some(s)) => s.sel,
         _ => 1,
     };
+    // short blocks (forward and dq, ungated): several to a chunk
+    let packed = p.mode == SELECTED && !matches!(pass, Pass::Dkdv) && !p.gated && packs(p.sel);
     let mut kc = match (p.mode, select) {
+        (SELECTED, _) if packed => PACKED_CHUNK,
         (SELECTED, _) => p.sel.min(64),
         // chunks of whole selection blocks
         (_, Some(s)) => s.per_block * (32 / s.per_block).max(1),
@@ -200,6 +216,11 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
             units_per_row: 1,
             mma: false,
             tile_bytes: mma.unwrap_or(2),
+            pack: if packed && kc > sel && kc.is_multiple_of(sel) {
+                kc / sel
+            } else {
+                1
+            },
         };
         let frag = crate::cube::mma::FRAG;
         let t = Tiling {

@@ -3,7 +3,7 @@
 //! query by query, and the backward's dq comes from per-slot partials that the dk/dv kernel
 //! writes ([`dq_by_block`], [`sum_dq_parts`]) instead of the query-centric dq kernel.
 
-use super::attention::{csr, Forward, Problem};
+use super::attention::{csr, packs, Forward, Problem};
 use super::*;
 
 use crate::cube::attention::{self as attn, Tiling, SELECTED};
@@ -21,7 +21,10 @@ pub const AUTO_BLOCK_FROM: usize = 8192;
 /// ask for it, or for [`SelectedOrder::Auto`] with half-precision storage from
 /// [`AUTO_BLOCK_FROM`] positions on (f32 is not timed by block yet).
 pub(super) fn by_block(p: &Problem, dtype: DType) -> bool {
+    // blocks packed several to a chunk (DSA's one-token blocks) stay by query: their partials
+    // would hold `count + 1` rows per query and head
     p.mode == SELECTED
+        && !packs(p.sel)
         && match p.run.selected_order {
             SelectedOrder::ByBlock => true,
             SelectedOrder::ByQuery => false,
@@ -76,6 +79,7 @@ fn tiling(p: &Problem, budget: usize, mma: Option<usize>) -> Option<Tiling> {
             units_per_row: 1,
             mma: false,
             tile_bytes: mma.unwrap_or(2),
+            pack: 1,
         };
         let t = Tiling {
             mma: mma.is_some()
