@@ -256,13 +256,14 @@ impl<B: Backend> burn::module::ModuleMapper<B> for Normal {
 
 /// The sparse stage through the fused kernels (selection as positions, the global branch as
 /// selected attention over one-token blocks, the local branch as the sliding kernel) equals
-/// the tensor ops' masked attention: output and the input's gradient, with and without the
-/// local branch, `top_k` below and above the sequence, GQA.
+/// the tensor ops' masked attention: output, the input's gradient, the indexer loss over the
+/// selected tokens and its gradient, with and without the local branch, `top_k` below and
+/// above the sequence, GQA.
 #[test]
 fn fused_sparse_stage_equals_tensor_ops() {
     use burn::tensor::Distribution;
     use nsa_model::rope::Rotation;
-    use nsa_model::{DsaAttention, DsaSettings};
+    use nsa_model::{DsaAttention, DsaSettings, DsaStage};
     type A = Autodiff<Wgpu>;
     register();
     let device = WgpuDevice::default();
@@ -282,22 +283,38 @@ fn fused_sparse_stage_equals_tensor_ops() {
         let x = Tensor::<A, 3>::random([2, n, 32], Distribution::Normal(0.0, 1.0), &device);
         let w = Tensor::<A, 3>::random([2, n, 32], Distribution::Normal(0.0, 1.0), &device);
         let rotation = Rotation::new(16, 0, n, &device);
+        // the output times `w` plus the indexer loss: gradients of the layer (dx, to_q) and of
+        // the indexer (its query projection, through the loss alone)
         let run = |layer: &DsaAttention<A>, fused: bool| {
             let x = x.clone().require_grad();
             let out = if fused {
                 layer
-                    .forward_fused(&layer.kernels(), x.clone(), &rotation)
+                    .forward_fused(&layer.kernels(), x.clone(), &rotation, true)
                     .expect("the fused kernels take the case")
             } else {
-                layer.forward(x.clone())
+                layer.forward_rotated(
+                    &layer.kernels(),
+                    x.clone(),
+                    &rotation,
+                    DsaStage::Sparse,
+                    true,
+                )
             };
-            let grads = (out.clone() * w.clone()).sum().backward();
+            let loss = out.indexer_loss.expect("indexer loss");
+            let grads = ((out.out.clone() * w.clone()).sum() + loss.clone()).backward();
             let dx = x.grad(&grads).expect("input gradient");
             let dq = layer.attn.to_q.weight.grad(&grads).expect("to_q gradient");
-            (out.inner(), dx, dq)
+            let di = layer
+                .indexer
+                .to_q
+                .weight
+                .grad(&grads)
+                .expect("indexer gradient");
+            let loss: f32 = loss.inner().into_scalar();
+            (out.out.inner(), dx, dq, di, loss)
         };
-        let (o1, dx1, dq1) = run(&fused, true);
-        let (o2, dx2, dq2) = run(&ops, false);
+        let (o1, dx1, dq1, di1, l1) = run(&fused, true);
+        let (o2, dx2, dq2, di2, l2) = run(&ops, false);
         let diff = |a: Tensor<Wgpu, 3>, b: Tensor<Wgpu, 3>| -> f32 {
             let scale: f32 = b.clone().abs().max().into_scalar();
             let d: f32 = (a - b).abs().max().into_scalar();
@@ -306,10 +323,23 @@ fn fused_sparse_stage_equals_tensor_ops() {
         let e_out = diff(o1, o2);
         let e_dx = diff(dx1, dx2);
         let e_dq = diff(dq1.unsqueeze(), dq2.unsqueeze());
+        let e_di = diff(di1.unsqueeze(), di2.unsqueeze());
+        let e_loss = (l1 - l2).abs() / l2.abs().max(1e-6);
         println!(
-            "top_k {top_k} window {window} n {n}: out {e_out:.2e} dx {e_dx:.2e} dq {e_dq:.2e}"
+            "top_k {top_k} window {window} n {n}: out {e_out:.2e} dx {e_dx:.2e} dq {e_dq:.2e} \
+             indexer loss {l2:.4} ({e_loss:.2e}) grad {e_di:.2e}"
         );
-        for (what, e) in [("output", e_out), ("dx", e_dx), ("d to_q", e_dq)] {
+        assert!(
+            l2 > 0.0 || top_k >= n,
+            "a loss of zero with a real selection: {l2}"
+        );
+        for (what, e) in [
+            ("output", e_out),
+            ("dx", e_dx),
+            ("d to_q", e_dq),
+            ("indexer loss", e_loss),
+            ("d indexer to_q", e_di),
+        ] {
             assert!(
                 e.is_finite() && e <= 1e-4,
                 "top_k {top_k}, window {window}: {what} {e}"

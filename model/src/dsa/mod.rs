@@ -13,8 +13,8 @@
 //!
 //! This file is the tensor-op path (every backend; the oracle): it materialises the scores of
 //! a chunk of queries against all keys, at most [`SCORE_LIMIT`] at once. The sparse stage runs
-//! through the fused kernels where a backend has them ([`sparse`]; the indexer loss, which needs
-//! the attention probabilities, still takes the tensor ops).
+//! through the fused kernels where a backend has them ([`sparse`]: no `[n, m]` attention
+//! scores; the indexer loss over the gathered selected tokens).
 //!
 //! Dimensions: `b` batch, `n` queries, `m` keys, `h` query heads, `kvh` key/value heads,
 //! `g = h / kvh`, `d` head width.
@@ -167,20 +167,24 @@ impl<B: Backend> DsaAttention<B> {
         self.attend_rows(kernels, rows, keys, stage, indexer_loss, SCORE_LIMIT)
     }
 
-    /// The sparse causal forward through the fused kernels of `kernels` only ([`sparse`]):
-    /// `[b, n, dim]` → `[b, n, dim]`, or `None` where they do not take the case (what
-    /// [`Self::forward_rotated`] then computes with tensor ops).
+    /// The sparse causal forward through the fused kernels of `kernels` only ([`sparse`]),
+    /// with the indexer loss when `indexer_loss` is set, or `None` where they do not take the
+    /// case (what [`Self::forward_rotated`] then computes with tensor ops).
     pub fn forward_fused(
         &self,
         kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         rotation: &Rotation<B>,
-    ) -> Option<Tensor<B, 3>> {
+        indexer_loss: bool,
+    ) -> Option<DsaOutput<B>> {
         let (rows, keys) = self.inputs(kernels, x, rotation, 0);
         let [b, h, n, d] = rows.q.dims();
-        let out = sparse::attend(self, kernels, &rows, &keys, SCORE_LIMIT)?;
+        let (out, loss) = sparse::attend(self, kernels, &rows, &keys, SCORE_LIMIT, indexer_loss)?;
         let out = out.swap_dims(1, 2).reshape([b, n, h * d]);
-        Some(linear(kernels, &self.attn.to_out, out))
+        Some(DsaOutput {
+            out: linear(kernels, &self.attn.to_out, out),
+            indexer_loss: loss,
+        })
     }
 
     /// The queries and keys of the input `x` `[b, n, dim]` at positions `offset..offset + n`
@@ -325,12 +329,14 @@ impl<B: Backend> DsaAttention<B> {
             let out = out.swap_dims(1, 2).reshape([b, n, h * d]);
             linear(kernels, &self.attn.to_out, out)
         };
-        if stage == DsaStage::Sparse && !indexer_loss {
+        if stage == DsaStage::Sparse {
             // the fused kernels where they take the case: no `[n, m]` attention scores
-            if let Some(out) = sparse::attend(self, kernels, &rows, &keys, limit) {
+            if let Some((out, loss)) =
+                sparse::attend(self, kernels, &rows, &keys, limit, indexer_loss)
+            {
                 return DsaOutput {
                     out: project(out),
-                    indexer_loss: None,
+                    indexer_loss: loss,
                 };
             }
         }
