@@ -543,12 +543,13 @@ for phase in "$@"; do
         --prompt-len 65536 -n 128 --runs 2 --json "$(rec decode-dsa-base-nsa-65536)"
       ;;
     dsa-layer)
-      # the layer: the tensor-op global branch (quadratic) with the device ranking, and SDPA
-      run_peak dl-dsa 150 /tmp/bin/nsa-bench --backend cuda --suite layer --impls dsa \
-        --lengths ${DL_LENGTHS:-4k,16k} --precisions bf16 --passes fwd+bwd --runs 3 --warmup 1 \
-        --row-timeout 70 --json "$(rec layer-dsa)"
+      # the layer (the sparse stage through the fused kernels: positions ranked on the device,
+      # selected attention over one-token blocks, the sliding kernel), and SDPA
+      run_peak dl-dsa 240 /tmp/bin/nsa-bench --backend cuda --suite layer --impls dsa \
+        --lengths ${DL_LENGTHS:-4k,16k,64k,128k} --precisions bf16 --passes fwd+bwd --runs 3 \
+        --warmup 1 --row-timeout 100 --json "$(rec layer-dsa)"
       run dl-sdpa 100 python3 scripts/bench_reference.py --suite layer --impls sdpa \
-        --lengths ${DL_LENGTHS:-4k,16k},64k --precisions bf16 --passes fwd+bwd --runs 3 \
+        --lengths ${DL_LENGTHS:-4k,16k,64k,128k} --precisions bf16 --passes fwd+bwd --runs 3 \
         --warmup 1 --commit "$COMMIT" --json "$(rec layer-dsa-sdpa)"
       ;;
     passkey)

@@ -97,7 +97,9 @@ pub trait NsaKernels<B: Backend>: Send + Sync {
     /// heads, seq, dim_head]` at positions `start..start + seq`, rotated `k` and `v` `[batch,
     /// kv_heads, keys, dim_head]` at positions `0..keys` (`keys >= start + seq`: a chunk of a
     /// prompt's queries over all its keys; `start` 0 and `keys == seq` for a whole sequence),
-    /// the selected blocks → `[batch, heads, seq, dim_head]`.
+    /// the selected blocks → `[batch, heads, seq, dim_head]`. The selection has
+    /// `sizes.selection_heads()` heads, or one shared by every head (DSA's; with
+    /// `share_selection`, ungated).
     #[allow(clippy::too_many_arguments)]
     fn selected_attention(
         &self,

@@ -104,9 +104,18 @@ impl<B: KernelBackend> NsaKernels<B> for CubeKernels<B> {
         scale: f64,
     ) -> Option<Tensor<B, 4>> {
         let (idx, gates) = selection_parts(selection, sizes);
-        let count = idx.as_ref().map_or(0, |i| i.dims()[3]);
+        let [_, sel_heads, _, count] = idx.as_ref().map_or([0; 4], |i| i.dims());
         let run = self.run();
-        let p = selected_problem(q, k, start, count, gates.is_some(), sizes, scale, run)?;
+        let p = selected_problem(
+            q,
+            k,
+            start,
+            [sel_heads, count],
+            gates.is_some(),
+            sizes,
+            scale,
+            run,
+        )?;
         let f = ops::attn_forward::<B>(
             [float_of(q), float_of(k), float_of(v)],
             idx.map(|i| i.into_primitive()),

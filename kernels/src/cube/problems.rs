@@ -36,7 +36,7 @@ pub(super) fn selected_problem<B: KernelBackend>(
     q: &Tensor<B, 4>,
     k: &Tensor<B, 4>,
     start: usize,
-    count: usize,
+    [sel_heads, count]: [usize; 2],
     gated: bool,
     sizes: &SparseSizes,
     scale: f64,
@@ -49,6 +49,11 @@ pub(super) fn selected_problem<B: KernelBackend>(
     }
     let nk = key_rows(q, k, start)?;
     let hs = if sizes.share_selection { kvh } else { h };
+    // a selection of one head for a layer of several: every head's (DSA), in groups of a kv head
+    let shared_all = count > 0 && sel_heads == 1 && hs > 1;
+    if count > 0 && sel_heads != hs && !(shared_all && sizes.share_selection && !gated) {
+        return None;
+    }
     let p = Problem {
         mode: SELECTED,
         b,
@@ -64,6 +69,7 @@ pub(super) fn selected_problem<B: KernelBackend>(
         mem: 0,
         sel: sizes.selection_block,
         gated,
+        shared_all,
         scale,
         select: None,
         run,
@@ -101,6 +107,7 @@ pub(super) fn sliding_problem<B: KernelBackend>(
         mem: 0,
         sel: 1,
         gated: false,
+        shared_all: false,
         scale,
         select: None,
         run,
@@ -157,6 +164,7 @@ pub(super) fn compressed_problem<B: KernelBackend>(
         mem: num_mem,
         sel: 1,
         gated: false,
+        shared_all: false,
         scale,
         select: selects.then_some(SelectSpec {
             topk,

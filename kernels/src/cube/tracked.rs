@@ -181,13 +181,13 @@ where
             return None;
         }
         let (idx, gates) = selection_parts(selection, sizes);
-        let count = idx.as_ref().map_or(0, |i| i.dims()[3]);
+        let [_, sel_heads, _, count] = idx.as_ref().map_or([0; 4], |i| i.dims());
         let (q0, k0) = (inner(q), inner(k));
         let p = selected_problem(
             &q0,
             &k0,
             0,
-            count,
+            [sel_heads, count],
             gates.is_some(),
             sizes,
             scale,

@@ -52,13 +52,13 @@ pub(super) fn attend<B: Backend>(
     let others = Tensor::cat(parts, 1);
     let s = others.dims()[2];
     let loss = indexer_loss.then(|| selected_kl(layer, kernels, rows, keys, others.clone(), limit));
-    // 2. the selection of every kv head (one for all heads of the token)
-    let indices = others.reshape([b, 1, n, s]).expand([b, kvh, n, s]);
+    // 2. one selection for every head (a selection head of 1: the kernels' shared case)
+    let indices = others.reshape([b, 1, n, s]);
     let selection = Selection {
         valid: indices.clone().greater_equal_elem(0),
         indices: indices.clamp_min(0),
         // not read: no gating (diff_topk off)
-        scores: Tensor::<B, 4>::zeros([1, 1, 1, 1], &rows.q.device()).expand([b, kvh, n, s]),
+        scores: Tensor::<B, 4>::zeros([1, 1, 1, 1], &rows.q.device()).expand([b, 1, n, s]),
     };
     let sizes = SparseSizes {
         heads: h,

@@ -165,7 +165,11 @@ pub fn attn_bwd_dkdv<F: Float, H: Float>(
     let mut end = 0usize;
     if t.mode == SELECTED {
         let nb = (nk + t.sel - 1) / t.sel;
-        let seg = bkv * nb + block;
+        let mut seg = bkv * nb + block;
+        if t.shared_all {
+            // one list per batch for every kv head
+            seg = b * nb + block;
+        }
         let first = offsets[seg] as usize;
         let last = offsets[seg + 1] as usize;
         let share = (last - first + splits - 1) / splits;
@@ -402,7 +406,11 @@ pub(super) fn batch_row(
             slot = ent % count;
             tt = (ent / count) % n;
             hsel = ent / (count * n);
-            row = (b * h + hsel * t.group_heads + r % t.group_heads) * n + tt;
+            if t.shared_all {
+                row = (b * h + kvhead * t.gk + r % t.gk) * n + tt;
+            } else {
+                row = (b * h + hsel * t.group_heads + r % t.group_heads) * n + tt;
+            }
         }
     }
     (live, tt, row, slot, hsel)

@@ -50,7 +50,8 @@ pub struct QueryCube {
     pub bh0: usize,
     /// Row `(b * kvh + kv head)` of `[b, kvh, ..]` tensors.
     pub bkv: usize,
-    /// Row `(b * groups + group) * n + t0` of the selection tensors `[b, hs, n, count]`.
+    /// Row `(b * groups + group) * n + t0` of the selection tensors `[b, hs, n, count]` (`b * n
+    /// + t0` with [`Tiling::shared_all`]).
     pub sel_row: usize,
 }
 
@@ -71,11 +72,15 @@ pub fn query_cube(h: usize, kvh: usize, n: usize, #[comptime] t: Tiling) -> Quer
     let b = CUBE_POS_Y as usize / groups;
     let hg = CUBE_POS_Y as usize % groups;
     let kvhead = (hg * group_heads) / t.gk;
+    let mut sel_row = (b * groups + hg) * n + t0;
+    if t.shared_all {
+        sel_row = b * n + t0;
+    }
     QueryCube {
         t0,
         bh0: b * h + hg * group_heads,
         bkv: b * kvh + kvhead,
-        sel_row: (b * groups + hg) * n + t0,
+        sel_row,
     }
 }
 

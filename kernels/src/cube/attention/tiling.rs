@@ -20,6 +20,9 @@ pub struct Tiling {
     pub gk: usize,
     /// Selection block size ([`super::SELECTED`]).
     pub sel: usize,
+    /// [`super::SELECTED`]: one selection for every head (`[b, 1, n, count]`; a cube's rows are
+    /// still one kv head's `group_heads` heads).
+    pub shared_all: bool,
     /// Keys are gated per selected block ([`super::SELECTED`]).
     pub gated: bool,
     /// Units per cube.

@@ -34,6 +34,9 @@ pub struct Problem {
     pub sel: usize,
     /// Gated keys (selected with differentiable top-k).
     pub gated: bool,
+    /// Selected mode: one selection for every head (`idx` `[b, 1, n, count]`, DSA's), while a
+    /// cube's rows are the `group_heads` heads of one kv head.
+    pub shared_all: bool,
     pub scale: f64,
     /// Compressed mode: rank the selection blocks too.
     pub select: Option<SelectSpec>,
@@ -90,6 +93,25 @@ impl Problem {
 
     fn groups(&self) -> usize {
         self.h / self.group_heads
+    }
+
+    /// Heads of the selection tensors `[b, hs, n, count]`.
+    pub(super) fn selection_heads(&self) -> usize {
+        if self.shared_all {
+            1
+        } else {
+            self.groups()
+        }
+    }
+
+    /// Key/value heads with lists of their own in the key-centric backward (one list for all
+    /// with [`Problem::shared_all`]).
+    fn list_heads(&self) -> usize {
+        if self.shared_all {
+            1
+        } else {
+            self.kvh
+        }
     }
 }
 
@@ -203,6 +225,7 @@ fn tiling(p: &Problem, pass: Pass, budget: usize, mma: Option<usize>) -> Option<
             group_heads: p.group_heads,
             gk,
             sel,
+            shared_all: p.shared_all,
             gated: p.gated,
             threads: THREADS,
             select: select.is_some(),
@@ -598,8 +621,8 @@ pub(super) fn csr<R: CubeRuntime>(
     nb: usize,
 ) -> (CubeTensor<R>, CubeTensor<R>) {
     let client = idx.client.clone();
-    let segments = p.b * p.kvh * nb;
-    let total = p.b * p.groups() * p.n * p.count;
+    let segments = p.b * p.list_heads() * nb;
+    let total = p.b * p.selection_heads() * p.n * p.count;
     let limit = p.run.grid_limit;
     let counts = zeros_u32(idx, segments, limit);
     let cursor = zeros_u32(idx, segments, limit);
@@ -617,8 +640,8 @@ pub(super) fn csr<R: CubeRuntime>(
             counts.clone().into_tensor_arg(),
             total,
             p.n,
-            p.groups(),
-            p.kvh,
+            p.selection_heads(),
+            p.list_heads(),
             p.count,
             nb,
             p.group_heads,
@@ -644,8 +667,8 @@ pub(super) fn csr<R: CubeRuntime>(
             entries.clone().into_tensor_arg(),
             total,
             p.n,
-            p.groups(),
-            p.kvh,
+            p.selection_heads(),
+            p.list_heads(),
             p.count,
             nb,
             p.group_heads,

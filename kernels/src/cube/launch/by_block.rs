@@ -25,6 +25,7 @@ pub(super) fn by_block(p: &Problem, dtype: DType) -> bool {
     // would hold `count + 1` rows per query and head
     p.mode == SELECTED
         && !packs(p.sel)
+        && !p.shared_all
         && match p.run.selected_order {
             SelectedOrder::ByBlock => true,
             SelectedOrder::ByQuery => false,
@@ -66,6 +67,7 @@ fn tiling(p: &Problem, budget: usize, mma: Option<usize>) -> Option<Tiling> {
             group_heads: p.group_heads,
             gk,
             sel: p.sel,
+            shared_all: false,
             gated: p.gated,
             threads: THREADS,
             select: false,
@@ -278,6 +280,7 @@ mod tests {
             mem: 0,
             sel: 64,
             gated: false,
+            shared_all: false,
             scale: 0.125,
             select: None,
             run: RunChoices::from(&KernelOptions {
