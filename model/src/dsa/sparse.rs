@@ -51,7 +51,7 @@ pub(super) fn attend<B: Backend>(
     }
     let others = Tensor::cat(parts, 1);
     let s = others.dims()[2];
-    let loss = indexer_loss.then(|| selected_kl(layer, kernels, rows, keys, others.clone(), limit));
+    let loss = indexer_loss.then(|| selected_kl(kernels, rows, keys, others.clone(), limit));
     // 2. one selection for every head (a selection head of 1: the kernels' shared case)
     let indices = others.reshape([b, 1, n, s]);
     let selection = Selection {
@@ -101,7 +101,6 @@ pub(super) fn attend<B: Backend>(
 /// (at most `limit` gathered values), the attention probabilities recomputed over them (the
 /// global branch's, exactly: the same keys and scale) → `[1]`, mean over the queries.
 fn selected_kl<B: Backend>(
-    layer: &DsaAttention<B>,
     kernels: &Kernels<B>,
     rows: &Rows<B>,
     keys: &Keys<B>,
