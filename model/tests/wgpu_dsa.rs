@@ -285,11 +285,12 @@ fn fused_sparse_stage_equals_tensor_ops() {
         let rotation = Rotation::new(16, 0, n, &device);
         // the output times `w` plus the indexer loss: gradients of the layer (dx, to_q) and of
         // the indexer (its query projection, through the loss alone)
-        let run = |layer: &DsaAttention<A>, fused: bool| {
+        // `limit`: the fused path in one chunk of queries, or in chunks of 3 queries
+        let run = |layer: &DsaAttention<A>, limit: Option<usize>| {
             let x = x.clone().require_grad();
-            let out = if fused {
+            let out = if let Some(limit) = limit {
                 layer
-                    .forward_fused(&layer.kernels(), x.clone(), &rotation, true)
+                    .forward_fused(&layer.kernels(), x.clone(), &rotation, true, limit)
                     .expect("the fused kernels take the case")
             } else {
                 layer.forward_rotated(
@@ -313,37 +314,41 @@ fn fused_sparse_stage_equals_tensor_ops() {
             let loss: f32 = loss.inner().into_scalar();
             (out.out.inner(), dx, dq, di, loss)
         };
-        let (o1, dx1, dq1, di1, l1) = run(&fused, true);
-        let (o2, dx2, dq2, di2, l2) = run(&ops, false);
-        let diff = |a: Tensor<Wgpu, 3>, b: Tensor<Wgpu, 3>| -> f32 {
-            let scale: f32 = b.clone().abs().max().into_scalar();
-            let d: f32 = (a - b).abs().max().into_scalar();
-            d / scale.max(1e-6)
-        };
-        let e_out = diff(o1, o2);
-        let e_dx = diff(dx1, dx2);
-        let e_dq = diff(dq1.unsqueeze(), dq2.unsqueeze());
-        let e_di = diff(di1.unsqueeze(), di2.unsqueeze());
-        let e_loss = (l1 - l2).abs() / l2.abs().max(1e-6);
-        println!(
-            "top_k {top_k} window {window} n {n}: out {e_out:.2e} dx {e_dx:.2e} dq {e_dq:.2e} \
+        let (o2, dx2, dq2, di2, l2) = run(&ops, None);
+        // 3 queries of the indexer's products [2, 2, 3, n] or of the gathered keys
+        let per_query = top_k * (2 * 16 + 16 + 4 + 2);
+        for limit in [usize::MAX, 2 * 2 * 3 * n, 2 * 3 * per_query] {
+            let (o1, dx1, dq1, di1, l1) = run(&fused, Some(limit));
+            let diff = |a: Tensor<Wgpu, 3>, b: Tensor<Wgpu, 3>| -> f32 {
+                let scale: f32 = b.clone().abs().max().into_scalar();
+                let d: f32 = (a - b).abs().max().into_scalar();
+                d / scale.max(1e-6)
+            };
+            let e_out = diff(o1, o2.clone());
+            let e_dx = diff(dx1, dx2.clone());
+            let e_dq = diff(dq1.unsqueeze(), dq2.clone().unsqueeze());
+            let e_di = diff(di1.unsqueeze(), di2.clone().unsqueeze());
+            let e_loss = (l1 - l2).abs() / l2.abs().max(1e-6);
+            println!(
+                "top_k {top_k} window {window} n {n} limit {limit}: out {e_out:.2e} dx {e_dx:.2e} dq {e_dq:.2e} \
              indexer loss {l2:.4} ({e_loss:.2e}) grad {e_di:.2e}"
-        );
-        assert!(
-            l2 > 0.0 || top_k >= n,
-            "a loss of zero with a real selection: {l2}"
-        );
-        for (what, e) in [
-            ("output", e_out),
-            ("dx", e_dx),
-            ("d to_q", e_dq),
-            ("indexer loss", e_loss),
-            ("d indexer to_q", e_di),
-        ] {
-            assert!(
-                e.is_finite() && e <= 1e-4,
-                "top_k {top_k}, window {window}: {what} {e}"
             );
+            assert!(
+                l2 > 0.0 || top_k >= n,
+                "a loss of zero with a real selection: {l2}"
+            );
+            for (what, e) in [
+                ("output", e_out),
+                ("dx", e_dx),
+                ("d to_q", e_dq),
+                ("indexer loss", e_loss),
+                ("d indexer to_q", e_di),
+            ] {
+                assert!(
+                    e.is_finite() && e <= 1e-4,
+                    "top_k {top_k}, window {window}, limit {limit}: {what} {e}"
+                );
+            }
         }
     }
 }

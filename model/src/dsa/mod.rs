@@ -24,6 +24,8 @@ pub mod kl;
 pub mod select;
 mod sparse;
 
+pub use sparse::SPARSE_LIMIT;
+
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
@@ -168,18 +170,21 @@ impl<B: Backend> DsaAttention<B> {
     }
 
     /// The sparse causal forward through the fused kernels of `kernels` only ([`sparse`]),
-    /// with the indexer loss when `indexer_loss` is set, or `None` where they do not take the
-    /// case (what [`Self::forward_rotated`] then computes with tensor ops).
+    /// with the indexer loss when `indexer_loss` is set, in chunks of queries holding at most
+    /// `limit` values ([`SPARSE_LIMIT`] in [`Self::forward_rotated`]; any chunking gives the
+    /// same result), or `None` where the kernels do not take the case (what
+    /// [`Self::forward_rotated`] then computes with tensor ops).
     pub fn forward_fused(
         &self,
         kernels: &Kernels<B>,
         x: Tensor<B, 3>,
         rotation: &Rotation<B>,
         indexer_loss: bool,
+        limit: usize,
     ) -> Option<DsaOutput<B>> {
         let (rows, keys) = self.inputs(kernels, x, rotation, 0);
         let [b, h, n, d] = rows.q.dims();
-        let (out, loss) = sparse::attend(self, kernels, &rows, &keys, SCORE_LIMIT, indexer_loss)?;
+        let (out, loss) = sparse::attend(self, kernels, &rows, &keys, limit, indexer_loss)?;
         let out = out.swap_dims(1, 2).reshape([b, n, h * d]);
         Some(DsaOutput {
             out: linear(kernels, &self.attn.to_out, out),
@@ -332,7 +337,7 @@ impl<B: Backend> DsaAttention<B> {
         if stage == DsaStage::Sparse {
             // the fused kernels where they take the case: no `[n, m]` attention scores
             if let Some((out, loss)) =
-                sparse::attend(self, kernels, &rows, &keys, limit, indexer_loss)
+                sparse::attend(self, kernels, &rows, &keys, SPARSE_LIMIT, indexer_loss)
             {
                 return DsaOutput {
                     out: project(out),

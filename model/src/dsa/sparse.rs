@@ -14,6 +14,12 @@
 
 use burn::prelude::*;
 
+/// The most values one chunk of queries of the fused path holds (indexer products `[b, j, c,
+/// m]`, gathered keys of the indexer loss): 2^26, 256 MiB of f32. Larger than the tensor ops'
+/// [`super::SCORE_LIMIT`] (the chunks hold no attention scores): at 64k tokens and 4 indexer
+/// heads a chunk is 256 queries, 256 chunks of a few launches each.
+pub const SPARSE_LIMIT: usize = 1 << 26;
+
 use super::{kl, ungroup, DsaAttention, Keys, Rows};
 use crate::kernels::rules::SparseSizes;
 use crate::kernels::{Kernels, Selection};

@@ -117,6 +117,7 @@ pub fn run(cli: &Cli, started: Instant) -> Result<()> {
                 "exact_matmul": args.exact_matmul,
                 "model": args.model.as_ref().map(|m| m.display().to_string()),
                 "full": args.full,
+                "dsa": args.dsa,
                 "runs": runs,
             }),
             serde_json::to_value(&r)?,
