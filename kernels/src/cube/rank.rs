@@ -5,10 +5,11 @@
 //!
 //! One cube per query row of `scores` `[b, n, m]` (row `r` is the query at `offset + r % n`).
 //! The boundary ([`boundary`], shared with the device sampler's top-k filter,
-//! [`super::sample`]): the boundary score is found by a bisection over the scores' order-preserving `u32` keys (32 counting passes, over
-//! keys held in registers where they fit), the tie boundary by a bisection over the position
-//! when the ties at the boundary are not all kept; every pass is a strided count and one
-//! cube-wide sum. A prefix no longer than `top_k - 1` is kept whole (no search). All loops with
+//! [`super::sample`]): the boundary score is found over the scores' order-preserving `u32` keys,
+//! by a bisection (32 counting passes) over keys held in registers where they fit, else by a
+//! radix select (4 passes of 8 bits, shared histograms) over keys read again; the tie boundary
+//! by a bisection over the position when the ties at the boundary are not all kept; every pass
+//! is a strided count and one cube-wide sum (or histogram). A prefix no longer than `top_k - 1` is kept whole (no search). All loops with
 //! barriers have bounds from scalars or comptime values (uniform control flow, as WGSL
 //! requires).
 //!
@@ -82,29 +83,25 @@ pub fn boundary<F: Float>(
     let mut thr = 0u32;
     let mut cut = len;
     if len > others as usize {
-        // the largest threshold with at least `others` keys at or above it
-        for b in 0..32u32 {
-            let cand = thr | (0x8000_0000u32 >> b);
-            let mut c = 0u32;
-            if t.per > 0 {
+        // the largest threshold with at least `others` keys at or above it: a bisection over
+        // the keys in registers, or a radix select over keys read again (4 reads of the row
+        // instead of 32)
+        if t.per > 0 {
+            for b in 0..32u32 {
+                let cand = thr | (0x8000_0000u32 >> b);
+                let mut c = 0u32;
                 #[unroll]
                 for k in 0..per {
                     if keys[k] >= cand {
                         c += 1;
                     }
                 }
-            } else {
-                let mut i = tid;
-                while i < len {
-                    if rank_key(f32::cast_from(scores[base + i]), zeros_equal) >= cand {
-                        c += 1;
-                    }
-                    i += nt;
+                if cube_sum(red, c, nt, group) >= others {
+                    thr = cand;
                 }
             }
-            if cube_sum(red, c, nt, group) >= others {
-                thr = cand;
-            }
+        } else {
+            thr = radix_threshold(scores, base, len, others, t, zeros_equal);
         }
         let mut gt = 0u32;
         let mut eq = 0u32;
@@ -173,6 +170,77 @@ pub fn boundary<F: Float>(
         }
     }
     (thr, cut)
+}
+
+/// The `others`-th largest key ([`rank_key`]) of the `len > others` scores at `base`: a radix
+/// select, 8 bits a pass from the top: each pass counts, in a shared histogram, the next digit
+/// of the keys that share the digits found so far, then takes the digit at which the count from
+/// the top (with the keys above the prefix) reaches `others`. Every unit must call it.
+#[cube]
+fn radix_threshold<F: Float>(
+    scores: &Tensor<F>,
+    base: usize,
+    len: usize,
+    others: u32,
+    #[comptime] t: RankTiling,
+    #[comptime] zeros_equal: bool,
+) -> u32 {
+    let tid = UNIT_POS as usize;
+    let nt = comptime!(t.group * t.group);
+    let hist = SharedMemory::<Atomic<u32>>::new(256usize);
+    let mut found = SharedMemory::<u32>::new(2usize);
+    let mut prefix = 0u32;
+    // keys above the prefix's range
+    let mut above = 0u32;
+    #[unroll]
+    for pass in 0..4u32 {
+        let shift = comptime!(24u32 - 8 * pass);
+        // the bits the keys must share with `prefix` (none in the first pass)
+        let high = comptime!(if pass == 0 {
+            0u32
+        } else {
+            0xFFFF_FFFFu32 << (shift + 8)
+        });
+        let mut i = tid;
+        while i < 256 {
+            hist[i].store(0u32);
+            i += nt;
+        }
+        sync_cube();
+        let mut i = tid;
+        while i < len {
+            let key = rank_key(f32::cast_from(scores[base + i]), zeros_equal);
+            if (key & high) == prefix {
+                hist[((key >> shift) & 255u32) as usize].fetch_add(1u32);
+            }
+            i += nt;
+        }
+        sync_cube();
+        if tid == 0 {
+            let mut cum = above;
+            let mut digit = 0u32;
+            let mut done = false;
+            for j in 0..256u32 {
+                let d = 255u32 - j;
+                if !done {
+                    let c = hist[d as usize].load();
+                    if cum + c >= others {
+                        digit = d;
+                        done = true;
+                    } else {
+                        cum += c;
+                    }
+                }
+            }
+            found[0] = digit;
+            found[1] = cum;
+        }
+        sync_cube();
+        prefix |= found[0] << shift;
+        above = found[1];
+        sync_cube();
+    }
+    prefix
 }
 
 /// Whether the query at `pos` keeps token `i` (`len` ranked, boundary `(thr, cut)`; its own
