@@ -5,8 +5,8 @@ use cubecl::prelude::*;
 
 use super::super::mma::{acc_stride, depth, mma_tiles, tile_stride};
 use super::shared::{
-    add_product, add_tiles, chunk_at, chunk_count, gather_keys, grad_pair, load_kv,
-    load_kv_gathered, load_rows, query_cube, score_tile, sees, store_rows, Keys,
+    add_product, add_tiles, chunk_at, chunk_count, grad_pair, load_chunk, load_rows, query_cube,
+    score_tile, sees, store_rows, Keys,
 };
 use super::tiling::Tiling;
 use super::SELECTED;
@@ -151,18 +151,10 @@ pub fn attn_bwd_dq<F: Float, I: Int, H: Float>(
     for ci in 0..chunks {
         let c = chunk_at::<F, I>(ci, t0, qc.sel_row, idx, gates, count, &ks, t);
         let gate = c.gate;
-        if t.pack > 1 {
-            gather_keys::<I>(&mut kpos, ci, qc.sel_row, idx, count, ks.q0 + t0, nk, t);
-            sync_cube();
-            load_kv_gathered::<F, H>(
-                k, v, &mut k_s, &mut v_s, &mut k_h, &mut v_h, &kpos, qc.bkv, nk, t,
-            );
-        } else {
-            load_kv::<F, H>(
-                k, v, &mut k_s, &mut v_s, &mut k_h, &mut v_h, qc.bkv, c.kstart, nk, c.slot_ok,
-                c.left, t,
-            );
-        }
+        load_chunk::<F, I, H>(
+            k, v, idx, &mut k_s, &mut v_s, &mut k_h, &mut v_h, &mut kpos, ci, &c, &qc, count, &ks,
+            t,
+        );
         sync_cube();
 
         if t.mma {

@@ -116,6 +116,7 @@ pub fn visible(
 
 /// Whether row `r` of a query-centric cube (query row `t0 + r / group_heads`, at position
 /// `q0` further) sees key `j` of chunk `c`.
+///
 /// Packed selected chunks ([`Tiling::pack`] `> 1`): the key's position staged in `kpos`
 /// ([`gather_keys`]; [`NO_KEY`] where it is not seen).
 #[cube]
@@ -209,23 +210,53 @@ pub fn load_kv_gathered<F: Float, H: Float>(
     nk: usize,
     #[comptime] t: Tiling,
 ) {
-    let d = t.d;
-    let kc = t.kc;
-    let nt = t.threads;
     let mut e = UNIT_POS as usize;
-    while e < kc * d {
-        let j = e / d;
-        let p = kpos[j];
-        let mut kv = 0.0f32;
-        let mut vv = 0.0f32;
-        if p != NO_KEY {
-            let off = (bkv * nk + p as usize) * d + e % d;
-            kv = f32::cast_from(k[off]);
-            vv = f32::cast_from(v[off]);
-        }
-        put::<H>(k_s, k_h, j, e % d, kv, t);
-        put::<H>(v_s, v_h, j, e % d, vv, t);
-        e += nt;
+    while e < t.kc * t.d {
+        let p = kpos[e / t.d];
+        put_pair::<F, H>(
+            k,
+            v,
+            k_s,
+            v_s,
+            k_h,
+            v_h,
+            e,
+            bkv * nk + p as usize,
+            p != NO_KEY,
+            t,
+        );
+        e += t.threads;
+    }
+}
+
+/// The keys and values of chunk `ci` (`c`) of a query-centric cube into their tiles: a packed
+/// chunk stages its keys' positions first ([`gather_keys`]). The caller syncs before reading.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_chunk<F: Float, I: Int, H: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    idx: &Tensor<I>,
+    k_s: &mut SharedMemory<f32>,
+    v_s: &mut SharedMemory<f32>,
+    k_h: &mut SharedMemory<H>,
+    v_h: &mut SharedMemory<H>,
+    kpos: &mut SharedMemory<u32>,
+    ci: usize,
+    c: &Chunk,
+    qc: &QueryCube,
+    count: usize,
+    ks: &Keys,
+    #[comptime] t: Tiling,
+) {
+    if t.pack > 1 {
+        gather_keys::<I>(kpos, ci, qc.sel_row, idx, count, ks.q0 + qc.t0, ks.nk, t);
+        sync_cube();
+        load_kv_gathered::<F, H>(k, v, k_s, v_s, k_h, v_h, kpos, qc.bkv, ks.nk, t);
+    } else {
+        load_kv::<F, H>(
+            k, v, k_s, v_s, k_h, v_h, qc.bkv, c.kstart, ks.nk, c.slot_ok, c.left, t,
+        );
     }
 }
 
@@ -378,24 +409,52 @@ pub fn load_kv<F: Float, H: Float>(
     left: usize,
     #[comptime] t: Tiling,
 ) {
-    let d = t.d;
-    let kc = t.kc;
-    let nt = t.threads;
     let mut e = UNIT_POS as usize;
-    while e < kc * d {
-        let j = e / d;
+    while e < t.kc * t.d {
+        let j = e / t.d;
         let p = kstart + j;
-        let mut kv = 0.0f32;
-        let mut vv = 0.0f32;
-        if p < nk && ok && j < left {
-            let off = (bkv * nk + p) * d + e % d;
-            kv = f32::cast_from(k[off]);
-            vv = f32::cast_from(v[off]);
-        }
-        put::<H>(k_s, k_h, j, e % d, kv, t);
-        put::<H>(v_s, v_h, j, e % d, vv, t);
-        e += nt;
+        put_pair::<F, H>(
+            k,
+            v,
+            k_s,
+            v_s,
+            k_h,
+            v_h,
+            e,
+            bkv * nk + p,
+            p < nk && ok && j < left,
+            t,
+        );
+        e += t.threads;
     }
+}
+
+/// Element `e` (key `e / d`, feature `e mod d`) of the key and value tiles: from row `row` of
+/// `k`, `v` (`[.., d]`) where `ok`, else zero.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn put_pair<F: Float, H: Float>(
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    k_s: &mut SharedMemory<f32>,
+    v_s: &mut SharedMemory<f32>,
+    k_h: &mut SharedMemory<H>,
+    v_h: &mut SharedMemory<H>,
+    e: usize,
+    row: usize,
+    ok: bool,
+    #[comptime] t: Tiling,
+) {
+    let d = t.d;
+    let mut kv = 0.0f32;
+    let mut vv = 0.0f32;
+    if ok {
+        let off = row * d + e % d;
+        kv = f32::cast_from(k[off]);
+        vv = f32::cast_from(v[off]);
+    }
+    put::<H>(k_s, k_h, e / d, e % d, kv, t);
+    put::<H>(v_s, v_h, e / d, e % d, vv, t);
 }
 
 /// Loads the rows of a query-centric cube from `src` `[b, h, n, d]` into a tile ([`put`]):
